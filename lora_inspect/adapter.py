@@ -1,0 +1,199 @@
+"""The in-memory model of an adapter, the same for every layout.
+
+A :class:`Module` is one low-rank update ΔW = scale · B @ A in *linear orientation*:
+
+- ``B`` is (out, r) and ``A`` is (r, in), so ``shape == (out, in)``;
+- a k×k convolution is flattened: A is (r, in·kh·kw) and ΔW is (out, in·kh·kw);
+- an embedding's ΔW has the embedding weight's orientation (num_embeddings, dim): PEFT stores
+  ``lora_embedding_A`` (r, vocab) and ``lora_embedding_B`` (dim, r) and applies s·(B@A)ᵀ, so here
+  B = Aᵀ_stored and A = Bᵀ_stored;
+- GPT-2 ``Conv1D`` (``fan_in_fan_out``) keeps PEFT's (r, in) / (out, r) factors; the base weight is
+  stored (in, out) and receives ΔWᵀ, which does not change the spectrum;
+- mlx-lm stores ``lora_a`` (in, r) and ``lora_b`` (r, out): both are transposed here;
+- AdaLoRA's ``lora_E`` (r, 1) is folded into A (``A ⊙ E``).
+
+Tensor data stays on disk until :meth:`Module.factors` is called; everything else (names, shapes,
+dtypes, sizes) comes from the file header.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .formats.tensors import TensorInfo, TensorSource
+
+__all__ = ["Module", "Adapter", "module_type", "module_layer"]
+
+# How the stored factors map onto linear orientation (see the module docstring).
+ORIENT_PEFT = "peft"  # A (r, in[, kh, kw]), B (out, r[, 1, 1])
+ORIENT_EMBEDDING = "embedding"  # A_stored (r, vocab), B_stored (dim, r)
+ORIENT_MLX = "mlx"  # lora_a (in, r), lora_b (r, out)
+
+
+@dataclass
+class Module:
+    """One adapted module: ΔW = scale · B @ A, B (out, r), A (r, in)."""
+
+    name: str
+    kind: str  # "linear" | "conv" | "embedding"
+    shape: tuple[int, int]  # ΔW (out, in), conv flattened to in·kh·kw
+    rank: int
+    alpha: float
+    scale: float
+    a_key: str
+    b_key: str
+    source: "TensorSource" = field(repr=False)
+    orient: str = ORIENT_PEFT
+    kernel: tuple[int, int] | None = None  # (kh, kw) for conv
+    e_key: str | None = None  # AdaLoRA lora_E
+    magnitude_key: str | None = None  # DoRA lora_magnitude_vector / mlx ".m"
+    bias_key: str | None = None  # lora_B.bias (lora_bias=True)
+    alpha_key: str | None = None  # kohya/diffusers per-module ".alpha" tensor
+    dtype: str = "F32"
+
+    @property
+    def params(self) -> int:
+        """Parameters in the factors: r·(out + in)."""
+        return self.rank * (self.shape[0] + self.shape[1])
+
+    @property
+    def keys(self) -> list[str]:
+        """Every tensor key that belongs to this module."""
+        return [k for k in (self.a_key, self.b_key, self.e_key, self.magnitude_key, self.bias_key, self.alpha_key) if k]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this module's tensors as stored."""
+        return sum(self.source.info(k).nbytes for k in self.keys)
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude_key is not None
+
+    def factors(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read (B, A) in linear orientation, *unscaled*: ΔW = self.scale · B @ A."""
+        a = self.source.get(self.a_key).to(dtype)
+        b = self.source.get(self.b_key).to(dtype)
+        if self.orient == ORIENT_EMBEDDING:
+            a, b = b.T, a.T
+        elif self.orient == ORIENT_MLX:
+            a, b = a.T, b.T
+        a = a.reshape(a.shape[0], -1)
+        b = b.reshape(b.shape[0], -1)
+        if self.e_key is not None:
+            a = a * self.source.get(self.e_key).to(dtype).reshape(-1, 1)
+        return b, a
+
+    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense ΔW (out, in) — for tests and small models only."""
+        b, a = self.factors(dtype)
+        return self.scale * (b @ a)
+
+    def magnitude(self) -> torch.Tensor | None:
+        if self.magnitude_key is None:
+            return None
+        return self.source.get(self.magnitude_key).to(torch.float64).reshape(-1)
+
+    def bias(self) -> torch.Tensor | None:
+        if self.bias_key is None:
+            return None
+        return self.source.get(self.bias_key).to(torch.float64)
+
+
+@dataclass
+class Adapter:
+    """A whole adapter: its layout, global settings, low-rank modules and full tensors."""
+
+    path: Path  # what the user named (directory or file)
+    format: str  # "peft" | "peft-safetensors" | "peft-bin" | "kohya" | "diffusers" | "mlx"
+    weights_path: Path
+    source: "TensorSource" = field(repr=False)
+    modules: list[Module] = field(default_factory=list)
+    extras: list[str] = field(default_factory=list)  # keys of full (non-low-rank) tensors
+    config: dict[str, Any] | None = None  # adapter_config.json as read
+    config_path: Path | None = None
+    peft_type: str | None = None
+    r: int | None = None  # global rank (config), else the most common module rank
+    alpha: float | None = None  # global alpha, None when unknown
+    use_rslora: bool = False
+    use_dora: bool = False
+    base_model: str | None = None
+    target_modules: Any = None
+    notes: list[str] = field(default_factory=list)  # things the user should know (assumptions made)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.source.metadata
+
+    @property
+    def tensors(self) -> dict[str, "TensorInfo"]:
+        return self.source.tensors
+
+    @property
+    def params(self) -> int:
+        return sum(m.params for m in self.modules)
+
+    @property
+    def extra_params(self) -> int:
+        return sum(self.source.info(k).numel for k in self.extras)
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(self.source.info(k).nbytes for k in self.extras)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.source.tensors.values())
+
+    @property
+    def file_bytes(self) -> int:
+        return self.weights_path.stat().st_size
+
+    def module(self, name: str) -> Module:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def dtypes(self) -> dict[str, int]:
+        """Number of tensors per stored dtype."""
+        out: dict[str, int] = {}
+        for t in self.source.tensors.values():
+            out[t.dtype] = out.get(t.dtype, 0) + 1
+        return dict(sorted(out.items()))
+
+
+_NUM = re.compile(r"^\d+$")
+
+
+def module_type(name: str) -> str:
+    """The module's type for breakdowns: ``q_proj``, ``to_out.0``, ``attn1_to_q`` …
+
+    PEFT names: the last path component (two when the last is an index, as in ``to_out.0``).
+    kohya names (underscores only): the tokens after the last numeric token.
+    """
+    if "." in name:
+        parts = name.split(".")
+        if _NUM.match(parts[-1]) and len(parts) > 1:
+            return ".".join(parts[-2:])
+        return parts[-1]
+    toks = name.split("_")
+    idx = [i for i, t in enumerate(toks) if _NUM.match(t)]
+    if idx and idx[-1] < len(toks) - 1:
+        return "_".join(toks[idx[-1] + 1 :])
+    return name
+
+
+def module_layer(name: str) -> str:
+    """The container a module lives in, for per-layer breakdowns (``model.layers.3``)."""
+    t = module_type(name)
+    rest = name[: len(name) - len(t)].rstrip("._")
+    # for decoder LMs keep only "...layers.N" (drop self_attn / mlp)
+    m = re.match(r"^(.*?(?:layers|h|blocks|layer)[._]\d+)", rest)
+    return m.group(1) if m else (rest or "(root)")

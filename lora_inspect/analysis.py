@@ -1,0 +1,222 @@
+"""Per-module spectra and the summary a user acts on (``lora-inspect rank``).
+
+Reads each module's factors once (memory-mapped), batches same-shaped modules into one QR call,
+and turns singular values into metrics (:mod:`lora_inspect.spectrum`). Returns plain data; the
+rendering lives in :mod:`lora_inspect.render`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from .adapter import Adapter, Module, module_layer, module_type
+from .errors import InspectError
+from .formats.tensors import DTYPE_SIZES
+from .spectrum import batched_singular_values, retained_energy, spectrum_stats
+
+__all__ = ["ModuleResult", "RankReport", "analyse", "DEFAULT_ENERGY", "uniform_rank", "compute_spectra"]
+
+DEFAULT_ENERGY = 0.95  # fraction of Σσ² a recommendation keeps (the τ of --energy)
+_BATCH_BYTES = 256 * 1024 * 1024  # at most this much converted factor data in flight per batch
+FLAG_NON_FINITE = "non_finite"
+FLAG_ZERO_B = "zero_b"
+FLAG_SPIKE = "spike"
+
+
+@dataclass
+class ModuleResult:
+    module: Module
+    singular_values: np.ndarray | None  # None when the factors hold NaN/inf
+    flags: list[str]
+    energy_rank: int | None = None
+    stable_rank: float | None = None
+    entropy_rank: float | None = None
+    recommended_rank: int | None = None
+    retained_energy: float | None = None
+    relative_error: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.module.name
+
+
+@dataclass
+class RankReport:
+    adapter: Adapter
+    energy: float
+    modules: list[ModuleResult]
+    summary: dict = field(default_factory=dict)
+
+
+def _compute_dtype(modules: Iterable[Module], precision: str) -> torch.dtype:
+    if precision == "fp64":
+        return torch.float64
+    if precision == "fp32":
+        return torch.float32
+    # auto: 16-bit data carries 8–11 significant bits; an fp32 QR is exact far beyond that.
+    return torch.float32 if all(DTYPE_SIZES.get(m.dtype, 4) <= 2 for m in modules) else torch.float64
+
+
+def compute_spectra(
+    modules: list[Module],
+    *,
+    precision: str = "auto",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, tuple[np.ndarray | None, list[str]]]:
+    """Singular values and integrity flags per module name, batching modules of the same shape."""
+    groups: dict[tuple, list[Module]] = defaultdict(list)
+    for m in modules:
+        groups[(m.shape, m.rank, m.dtype)].append(m)
+    out: dict[str, tuple[np.ndarray | None, list[str]]] = {}
+    for (shape, r, _), mods in groups.items():
+        dtype = _compute_dtype(mods, precision)
+        per = (shape[0] + shape[1]) * r * (8 if dtype == torch.float64 else 4)
+        step = max(1, _BATCH_BYTES // max(per, 1))
+        for i in range(0, len(mods), step):
+            chunk = mods[i : i + step]
+            b_buf = torch.empty(len(chunk), shape[0], r, dtype=dtype)
+            a_buf = torch.empty(len(chunk), r, shape[1], dtype=dtype)
+            scales = torch.empty(len(chunk), dtype=torch.float64)
+            flags: list[list[str]] = []
+            for j, m in enumerate(chunk):
+                b, a = m.factors(dtype)
+                b_buf[j].copy_(b)
+                a_buf[j].copy_(a)
+                scales[j] = m.scale
+                f = []
+                if r and not (torch.isfinite(b_buf[j]).all() and torch.isfinite(a_buf[j]).all()):
+                    f.append(FLAG_NON_FINITE)
+                    b_buf[j].zero_()
+                    a_buf[j].zero_()
+                elif not b_buf[j].any():
+                    f.append(FLAG_ZERO_B)
+                flags.append(f)
+            if r == 0:
+                sv = np.zeros((len(chunk), 0))
+            else:
+                sv = batched_singular_values(b_buf, a_buf, scales)
+            for j, m in enumerate(chunk):
+                out[m.name] = (None if FLAG_NON_FINITE in flags[j] else sv[j], flags[j])
+                if progress:
+                    progress(1)
+    return out
+
+
+def uniform_rank(ranks: Iterable[int], cap: int) -> int:
+    """Smallest power of two ≥ every module's rank, but never above the adapter's own largest r."""
+    k = max(list(ranks) or [0])
+    if k <= 0:
+        return 1
+    p = 1
+    while p < k:
+        p *= 2
+    return min(p, max(cap, 1))
+
+
+def _params_at(modules: list[Module], ranks: dict[str, int]) -> tuple[int, int]:
+    params = nbytes = 0
+    for m in modules:
+        k = ranks.get(m.name, m.rank)
+        p = k * (m.shape[0] + m.shape[1])
+        params += p
+        nbytes += p * DTYPE_SIZES.get(m.dtype, 4)
+    return params, nbytes
+
+
+def analyse(
+    adapter: Adapter,
+    energy: float = DEFAULT_ENERGY,
+    *,
+    module_regex: str | None = None,
+    precision: str = "auto",
+    progress: Callable[[int], None] | None = None,
+) -> RankReport:
+    if not 0 < energy <= 1:
+        raise InspectError(f"--energy must be in (0, 1], got {energy}")
+    modules = adapter.modules
+    if module_regex:
+        try:
+            rx = re.compile(module_regex)
+        except re.error as e:
+            raise InspectError(f"--module {module_regex!r} is not a valid regular expression ({e})") from e
+        modules = [m for m in modules if rx.search(m.name)]
+        if not modules:
+            raise InspectError(f"--module {module_regex!r} matches none of the {len(adapter.modules)} modules")
+    spectra = compute_spectra(modules, precision=precision, progress=progress)
+    results = []
+    for m in modules:
+        sv, flags = spectra[m.name]
+        res = ModuleResult(module=m, singular_values=sv, flags=list(flags))
+        if sv is not None:
+            st = spectrum_stats(sv, energy)
+            if st.spike and FLAG_ZERO_B not in flags:
+                res.flags.append(FLAG_SPIKE)
+            res.energy_rank = st.energy_rank
+            res.stable_rank = st.stable_rank
+            res.entropy_rank = st.entropy_rank
+            res.recommended_rank = st.recommended_rank
+            res.retained_energy = st.retained_energy
+            res.relative_error = st.relative_error
+        results.append(res)
+    report = RankReport(adapter=adapter, energy=energy, modules=results)
+    report.summary = summarise(results, energy)
+    return report
+
+
+def _group_stats(results: list[ModuleResult]) -> dict:
+    ok = [r for r in results if r.energy_rank is not None]
+    return {
+        "modules": len(results),
+        "rank": sorted({r.module.rank for r in results}),
+        "params": sum(r.module.params for r in results),
+        "max_energy_rank": max((r.energy_rank for r in ok), default=None),
+        "mean_energy_rank": (sum(r.energy_rank for r in ok) / len(ok)) if ok else None,
+        "mean_stable_rank": (sum(r.stable_rank for r in ok) / len(ok)) if ok else None,
+        "recommended_rank": max((r.recommended_rank for r in ok), default=None),
+        "max_sigma1": max((float(r.singular_values[0]) for r in ok if len(r.singular_values)), default=None),
+    }
+
+
+def summarise(results: list[ModuleResult], energy: float) -> dict:
+    mods = [r.module for r in results]
+    ok = [r for r in results if r.energy_rank is not None]
+    max_r = max((m.rank for m in mods), default=0)
+    uni = uniform_rank((r.energy_rank for r in ok), max_r)
+    pattern = {r.name: r.energy_rank for r in ok}
+    # modules we could not analyse keep their rank in every estimate
+    params_now, bytes_now = _params_at(mods, {})
+    params_uni, bytes_uni = _params_at(mods, {r.name: min(uni, r.module.rank) for r in ok})
+    params_pat, bytes_pat = _params_at(mods, pattern)
+    by_type: dict[str, list[ModuleResult]] = defaultdict(list)
+    by_layer: dict[str, list[ModuleResult]] = defaultdict(list)
+    for r in results:
+        by_type[module_type(r.name)].append(r)
+        by_layer[module_layer(r.name)].append(r)
+    flags: dict[str, int] = defaultdict(int)
+    for r in results:
+        for f in r.flags:
+            flags[f] += 1
+    min_kept = min((_retained(r, uni) for r in ok), default=1.0)
+    return {
+        "modules": len(results),
+        "analysed": len(ok),
+        "max_rank": max_r,
+        "uniform_rank": uni,
+        "uniform_min_retained_energy": min_kept,
+        "rank_pattern": pattern,
+        "params": {"now": params_now, "uniform": params_uni, "pattern": params_pat},
+        "bytes": {"now": bytes_now, "uniform": bytes_uni, "pattern": bytes_pat},
+        "by_type": {k: _group_stats(v) for k, v in sorted(by_type.items())},
+        "by_layer": {k: _group_stats(v) for k, v in by_layer.items()},
+        "flags": dict(sorted(flags.items())),
+    }
+
+
+def _retained(r: ModuleResult, k: int) -> float:
+    return retained_energy(r.singular_values, min(k, len(r.singular_values)))

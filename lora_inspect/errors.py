@@ -1,0 +1,28 @@
+"""Errors the tool knows how to report.
+
+Every failure a user can cause (a missing file, a truncated header, an unpaired factor, a bad option)
+is raised as :class:`InspectError` with one line that names the culprit and, where there is one, the fix.
+The CLI turns it into that line on stderr and exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["InspectError", "EXIT_OK", "EXIT_RULE_FAILED", "EXIT_BAD_INPUT"]
+
+EXIT_OK = 0
+EXIT_RULE_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class InspectError(Exception):
+    """Bad input or usage: one line for the user, exit code 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message} ({hint})")
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message} ({self.hint})"

@@ -1,0 +1,90 @@
+"""Readers for every adapter layout, behind one function: :func:`load_adapter`.
+
+The layout is detected from what is there — a config file, the weight file's name, the key names —
+and only the header is read; tensor data stays memory-mapped until a module's factors are asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..adapter import Adapter
+from ..errors import InspectError
+from .mlx import looks_like_mlx, read_mlx
+from .peft import looks_like_peft, read_config, read_peft
+from .sd import looks_like_diffusers, looks_like_kohya, read_diffusers, read_kohya
+from .tensors import TensorSource, open_tensors
+
+__all__ = ["load_adapter", "detect_format"]
+
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _from_file(path: Path, *, shown: Path, config: dict | None = None, config_path: Path | None = None) -> Adapter:
+    source = open_tensors(path)
+    keys = source.keys()
+    if not keys:
+        raise InspectError(f"{path}: the file holds no tensors")
+    fmt = detect_format(source)
+    if fmt == "mlx":
+        return read_mlx(source, shown, config, config_path)
+    if fmt == "kohya":
+        return read_kohya(source, shown)
+    if fmt == "diffusers" and config is None:
+        return read_diffusers(source, shown)
+    if fmt in ("peft", "diffusers"):
+        sub = "peft" if shown.is_dir() else ("peft-bin" if path.suffix != ".safetensors" else "peft-safetensors")
+        return read_peft(source, path=shown, config=config, config_path=config_path, fmt=sub)
+    sample = ", ".join(repr(k) for k in keys[:3])
+    raise InspectError(
+        f"{path}: no LoRA layout recognised from its keys ({sample}…): expected PEFT (lora_A/lora_B), kohya "
+        "(lora_down/lora_up), diffusers or mlx-lm (lora_a/lora_b) names"
+    )
+
+
+def detect_format(source: TensorSource) -> str | None:
+    keys = source.keys()
+    if looks_like_kohya(keys):
+        return "kohya"
+    if looks_like_mlx(keys):
+        return "mlx"
+    if looks_like_diffusers(keys):
+        return "diffusers"
+    if looks_like_peft(keys):
+        return "peft"
+    return None
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read an adapter directory or file (header only; tensors are read lazily)."""
+    p = Path(path)
+    if not p.exists():
+        raise InspectError(f"{p}: no such file or directory")
+    if p.is_file() and p.name in ("adapter_config.json",):
+        p = p.parent
+    if p.is_dir():
+        cfg_path = p / "adapter_config.json"
+        if (p / "adapters.safetensors").is_file():  # mlx-lm
+            cfg = read_config(cfg_path) if cfg_path.is_file() else None
+            return _from_file(p / "adapters.safetensors", shown=p, config=cfg, config_path=cfg_path if cfg else None)
+        for name in PEFT_WEIGHTS:
+            if (p / name).is_file():
+                if not cfg_path.is_file():
+                    raise InspectError(f"{p}: has {name} but no adapter_config.json (copy it from the training run)")
+                cfg = read_config(cfg_path)
+                return _from_file(p / name, shown=p, config=cfg, config_path=cfg_path)
+        if cfg_path.is_file():
+            raise InspectError(f"{p}: has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
+        weights = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+        if len(weights) == 1:
+            return _from_file(weights[0], shown=weights[0])
+        if not weights:
+            raise InspectError(f"{p}: no adapter here (no adapter_config.json, adapters.safetensors or .safetensors file)")
+        raise InspectError(f"{p}: {len(weights)} weight files here; name the one to read")
+    if p.suffix not in WEIGHT_SUFFIXES:
+        raise InspectError(f"{p}: not an adapter file (expected .safetensors or .bin, or a directory)")
+    side = p.parent / "adapter_config.json"
+    if side.is_file():
+        return _from_file(p, shown=p, config=read_config(side), config_path=side)
+    return _from_file(p, shown=p)

@@ -1,0 +1,180 @@
+"""Documents and tables for ``info`` and ``rank`` (versioned JSON schemas live here)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from .adapter import Adapter
+from .analysis import RankReport
+from .render import Table, View, fmt_bytes, fmt_count, fmt_float, sparkline
+
+__all__ = ["info_view", "rank_view", "adapter_summary", "INFO_SCHEMA", "RANK_SCHEMA"]
+
+INFO_SCHEMA = "lora-inspect/info/1"
+RANK_SCHEMA = "lora-inspect/rank/1"
+
+
+def adapter_summary(ad: Adapter) -> dict:
+    """The adapter block shared by every JSON document."""
+    return {
+        "path": str(ad.path),
+        "format": ad.format,
+        "peft_type": ad.peft_type,
+        "base_model": ad.base_model,
+        "r": ad.r,
+        "alpha": ad.alpha,
+        "use_rslora": ad.use_rslora,
+        "use_dora": ad.use_dora,
+    }
+
+
+def _target_list(t) -> str:
+    if t is None:
+        return "-"
+    if isinstance(t, str):
+        return t
+    return ", ".join(sorted(t))
+
+
+def info_view(ad: Adapter) -> View:
+    kinds = Counter(m.kind for m in ad.modules)
+    ranks = Counter(m.rank for m in ad.modules)
+    alphas = Counter(m.alpha for m in ad.modules)
+    extras = [
+        {"key": k, "shape": list(ad.source.info(k).shape), "dtype": ad.source.info(k).dtype,
+         "params": ad.source.info(k).numel, "bytes": ad.source.info(k).nbytes}
+        for k in ad.extras
+    ]
+    data = {
+        "schema": INFO_SCHEMA,
+        "adapter": adapter_summary(ad),
+        "target_modules": sorted(ad.target_modules) if isinstance(ad.target_modules, (list, set)) else ad.target_modules,
+        "modules": len(ad.modules),
+        "kinds": dict(sorted(kinds.items())),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
+        "params": ad.params,
+        "extra_params": ad.extra_params,
+        "lora_bytes": sum(m.nbytes for m in ad.modules),
+        "extra_bytes": ad.extra_bytes,
+        "tensor_bytes": ad.tensor_bytes,
+        "file_bytes": ad.file_bytes,
+        "dtypes": ad.dtypes(),
+        "extras": extras,
+        "notes": list(ad.notes),
+    }
+    rank_txt = ", ".join(f"r={k} ×{v}" for k, v in sorted(ranks.items()))
+    alpha_txt = ", ".join(f"{k:g} ×{v}" for k, v in sorted(alphas.items()))
+    rows = [
+        ("path", str(ad.path)),
+        ("format", ad.format + (f" ({ad.peft_type})" if ad.peft_type else "")),
+        ("base model", ad.base_model or "-"),
+        ("rank", rank_txt or "-"),
+        ("alpha", (f"{ad.alpha:g}" if ad.alpha is not None else "unknown") + (f"  (per module: {alpha_txt})" if len(alphas) > 1 else "")),
+        ("scale", "α/√r (rsLoRA)" if ad.use_rslora else ("absolute (mlx-lm)" if ad.format == "mlx" else "α/r")),
+        ("DoRA", "yes" if ad.use_dora else "no"),
+        ("targets", _target_list(ad.target_modules)),
+        ("modules", f"{len(ad.modules)} (" + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")"),
+        ("LoRA params", f"{ad.params:,} ({fmt_count(ad.params)})"),
+        ("full-tensor params", f"{ad.extra_params:,} in {len(ad.extras)} tensors ({fmt_bytes(ad.extra_bytes)})"),
+        ("tensor bytes", fmt_bytes(ad.tensor_bytes)),
+        ("file size", fmt_bytes(ad.file_bytes)),
+        ("dtypes", ", ".join(f"{k} ×{v}" for k, v in ad.dtypes().items())),
+    ]
+    tables = [Table(None, ["field", "value"], rows, justify=["left", "left"])]
+    if extras:
+        tables.append(Table("full tensors (not low rank)", ["key", "shape", "dtype", "params", "bytes"],
+                            [(e["key"], "×".join(map(str, e["shape"])), e["dtype"], fmt_count(e["params"]), fmt_bytes(e["bytes"])) for e in extras]))
+    footer = [f"note: {n}" for n in ad.notes]
+    return View(data, tables, footer=footer)
+
+
+def _module_doc(r) -> dict:
+    m = r.module
+    return {
+        "name": m.name,
+        "kind": m.kind,
+        "shape": list(m.shape),
+        "rank": m.rank,
+        "alpha": m.alpha,
+        "scale": m.scale,
+        "dtype": m.dtype,
+        "singular_values": None if r.singular_values is None else [float(x) for x in r.singular_values],
+        "energy_rank": r.energy_rank,
+        "stable_rank": r.stable_rank,
+        "entropy_rank": r.entropy_rank,
+        "recommended_rank": r.recommended_rank,
+        "retained_energy": r.retained_energy,
+        "relative_error": r.relative_error,
+        "flags": list(r.flags),
+    }
+
+
+def action_line(report: RankReport) -> str:
+    s = report.summary
+    pct = f"{report.energy * 100:g}%"
+    now, uni, pat = s["params"]["now"], s["params"]["uniform"], s["params"]["pattern"]
+    if s["analysed"] == 0:
+        return "no module could be analysed (non-finite weights): nothing to recommend"
+    if s["uniform_rank"] < s["max_rank"]:
+        return (
+            f"truncate --rank {s['uniform_rank']} keeps ≥ {pct} energy in every module: "
+            f"{fmt_count(now)} → {fmt_count(uni)} parameters"
+            + (f" (per module, truncate --energy {report.energy:g}: {fmt_count(pat)})" if pat < uni else "")
+        )
+    if pat < now:
+        return (
+            f"r={s['max_rank']} is already the smallest power of two keeping ≥ {pct} in every module; "
+            f"per-module ranks (truncate --energy {report.energy:g}) would give {fmt_count(now)} → {fmt_count(pat)} parameters"
+        )
+    return f"every module needs its full rank to keep {pct} energy: nothing to truncate"
+
+
+def rank_view(report: RankReport, max_rows: int | None = 40) -> View:
+    s = report.summary
+    data = {
+        "schema": RANK_SCHEMA,
+        "adapter": adapter_summary(report.adapter),
+        "energy": report.energy,
+        "modules": [_module_doc(r) for r in report.modules],
+        "summary": s,
+        "notes": list(report.adapter.notes),
+    }
+    rows = []
+    shown = report.modules if max_rows is None else report.modules[:max_rows]
+    for r in shown:
+        m = r.module
+        sv = r.singular_values
+        rows.append((
+            m.name, "×".join(map(str, m.shape)), m.rank, fmt_float(m.scale),
+            fmt_float(float(sv[0])) if sv is not None and len(sv) else "-",
+            r.energy_rank if r.energy_rank is not None else "-",
+            fmt_float(r.stable_rank), fmt_float(r.entropy_rank),
+            r.recommended_rank if r.recommended_rank is not None else "-",
+            sparkline(sv) if sv is not None else "",
+            ",".join(r.flags),
+        ))
+    pct = f"{report.energy * 100:g}%"
+    tables = [Table(
+        f"{len(report.modules)} modules, energy τ = {report.energy:g}" + (f" (first {max_rows}; --all for every module)" if max_rows is not None and len(report.modules) > max_rows else ""),
+        ["module", "shape", "r", "scale", "σ₁", f"rank@{pct}", "stable", "entropy", "rec r", "spectrum (log)", "flags"],
+        rows,
+        justify=["left", "right", "right", "right", "right", "right", "right", "right", "right", "left", "left"],
+    )]
+    trow = []
+    for t, g in s["by_type"].items():
+        trow.append((t, g["modules"], ",".join(map(str, g["rank"])), fmt_count(g["params"]),
+                     g["max_energy_rank"] if g["max_energy_rank"] is not None else "-",
+                     fmt_float(g["mean_energy_rank"]), fmt_float(g["mean_stable_rank"]),
+                     fmt_float(g["max_sigma1"])))
+    tables.append(Table("by module type", ["type", "modules", "r", "params", f"max rank@{pct}", "mean rank", "mean stable", "max σ₁"], trow))
+    footer = []
+    for f, n in s["flags"].items():
+        footer.append({
+            "non_finite": f"! {n} modules hold NaN/inf values: their spectra are unknown",
+            "zero_b": f"! {n} modules have an all-zero B: they change nothing (untrained?)",
+            "spike": f"· {n} modules are dominated by one direction (σ₁ ≥ 10·σ₂)",
+        }.get(f, f"· {n} modules flagged {f}"))
+    footer += [f"note: {n}" for n in report.adapter.notes]
+    footer.append(action_line(report))
+    return View(data, tables, footer=footer)
