@@ -1,0 +1,227 @@
+"""Adapters built for tests: real PEFT on tiny transformers models (no downloads), and hand-built
+kohya / diffusers / mlx-lm files from the key conventions in ../shared/docs/formats.md.
+
+Shared by every test module: add builders here (append; keep existing signatures stable).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def tiny_llama(seed: int = 0, vocab: int = 96, hidden: int = 32, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2 - 8, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab: int = 80, hidden: int = 32, layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@dataclass
+class PeftBuild:
+    path: Path  # the saved adapter directory
+    model: object  # the PeftModel (unmerged)
+    base_state: dict[str, torch.Tensor]  # base weights before the adapter, float64 copies
+    merged_state: dict[str, torch.Tensor]  # PEFT's merge_and_unload() weights, float64
+
+    def delta(self, module: str) -> torch.Tensor:
+        """PEFT's own change to `<module>.weight` (merged − base), float64, in the base weight's layout."""
+        key = module + ".weight"
+        return self.merged_state[key] - self.base_state[key]
+
+
+def build_peft(
+    tmp: Path,
+    *,
+    arch: str = "llama",
+    seed: int = 0,
+    std: float = 0.3,
+    safe_serialization: bool = True,
+    planted: dict[str, int] | None = None,
+    adalora: bool = False,
+    model=None,
+    **lora_kwargs,
+) -> PeftBuild:
+    """Wrap a tiny model with PEFT, fill every adapter tensor with seeded noise, save it, merge it.
+
+    ``planted``: {module-name regex: k} makes the matching modules' B@A exactly rank k (B's columns
+    past k zeroed), for planted-structure tests.
+    """
+    import re
+
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    if model is None:
+        model = tiny_llama(seed) if arch == "llama" else tiny_gpt2(seed)
+    base_state = {k: v.detach().to(torch.float64).clone() for k, v in model.state_dict().items()}
+    if adalora:
+        cfg = AdaLoraConfig(total_step=10, **lora_kwargs)
+    else:
+        cfg = LoraConfig(**lora_kwargs)
+    pm = get_peft_model(model, cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                if "magnitude" in name:
+                    p.copy_(p.abs() * (1 + 0.1 * torch.rand(p.shape, generator=g)))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+        if planted:
+            for name, mod in pm.named_modules():
+                for rx, k in planted.items():
+                    if re.search(rx, name) and hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_B", {}):
+                        mod.lora_B["default"].weight[:, k:] = 0
+            for name, mod in pm.named_modules():
+                for rx, k in planted.items():
+                    if re.search(rx, name) and hasattr(mod, "lora_embedding_B") and "default" in mod.lora_embedding_B:
+                        mod.lora_embedding_A["default"][k:, :] = 0
+    out = tmp / f"adapter-{arch}-{seed}"
+    pm.save_pretrained(str(out), safe_serialization=safe_serialization)
+    import copy
+
+    merged = copy.deepcopy(pm).merge_and_unload()
+    merged_state = {k: v.detach().to(torch.float64).clone() for k, v in merged.state_dict().items()}
+    return PeftBuild(out, pm, base_state, merged_state)
+
+
+def svdvals64(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(x.to(torch.float64))
+
+
+def planted_factors(out_dim: int, in_dim: int, r: int, k: int, seed: int, std: float = 1.0):
+    """Random B (out, r), A (r, in) whose product has rank exactly k (B columns past k are zero)."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randn(out_dim, r, generator=g) * std
+    a = torch.randn(r, in_dim, generator=g) * std
+    b[:, k:] = 0
+    return b, a
+
+
+def write_kohya(path: Path, modules: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]],
+                metadata: dict[str, str] | None = None, dtype=torch.float32) -> Path:
+    """modules: {prefix (e.g. 'lora_unet_..._proj_in'): (down (r, in[,kh,kw]), up (out, r[,1,1]), alpha or None)}."""
+    sd = {}
+    for name, (down, up, alpha) in modules.items():
+        sd[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
+        sd[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
+        if alpha is not None:
+            sd[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    save_file(sd, str(path), metadata=metadata or {"ss_network_dim": "8", "ss_network_alpha": "4"})
+    return path
+
+
+def kohya_delta(down: torch.Tensor, up: torch.Tensor, alpha: float | None) -> torch.Tensor:
+    """kohya: ΔW = (α/r)·up@down, conv flattened to (out, in·kh·kw); α missing/0 → r."""
+    r = down.shape[0]
+    a = float(alpha) if alpha else float(r)
+    return (a / r) * (up.reshape(up.shape[0], r).double() @ down.reshape(r, -1).double())
+
+
+def write_mlx(dirpath: Path, modules: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float = 20.0,
+              rank: int | None = None) -> Path:
+    """modules: {path: (B (out, r), A (r, in))} in PEFT orientation; stored transposed as mlx-lm does."""
+    dirpath.mkdir(parents=True, exist_ok=True)
+    sd = {}
+    for name, (b, a) in modules.items():
+        sd[f"{name}.lora_a"] = a.T.contiguous().float()
+        sd[f"{name}.lora_b"] = b.T.contiguous().float()
+        rank = rank or a.shape[0]
+    save_file(sd, str(dirpath / "adapters.safetensors"))
+    cfg = {"fine_tune_type": "lora", "num_layers": 2,
+           "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}
+    (dirpath / "adapter_config.json").write_text(json.dumps(cfg))
+    return dirpath
+
+
+def run_cli(*args: str):
+    """Run the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from lora_inspect.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def rel_close(a, b, tol: float) -> bool:
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max()) <= tol * max(float(b.abs().max()), 1e-300)
+
+
+__all__ = [
+    "tiny_llama", "tiny_gpt2", "build_peft", "PeftBuild", "svdvals64", "planted_factors", "write_kohya",
+    "kohya_delta", "write_mlx", "run_cli", "rel_close", "math",
+]
+
+
+# --- helpers shared by the test modules (appended) -------------------------------------------------
+
+
+def cli_json(*args: str) -> dict:
+    """Run a command with ``--json``; assert it succeeded quietly and return the parsed document."""
+    res = run_cli(*args, "--json")
+    assert res.exit_code == 0, (res.exit_code, res.stderr, res.stdout)
+    assert res.stderr == "", res.stderr
+    return json.loads(res.stdout)
+
+
+def peft_lora_layers(peft_model) -> dict:
+    """{module name without ``base_model.model.``: PEFT LoraLayer} for every adapted module."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, LoraLayer) and "default" in mod.r:
+            out[name.removeprefix("base_model.model.")] = mod
+    return out
+
+
+def read_st(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, float64 (an independent read, no lora_inspect code)."""
+    from safetensors.torch import load_file
+
+    return {k: v.to(torch.float64) for k, v in load_file(str(path)).items()}
+
+
+def sv_close(ours, ref, tol: float = 1e-5) -> None:
+    """Assert two descending spectra agree to tol·σ₁ (shorter one zero-padded)."""
+    ours = torch.as_tensor(list(ours), dtype=torch.float64)
+    ref = torch.as_tensor(ref, dtype=torch.float64).flatten()
+    n = max(len(ours), len(ref))
+    a = torch.zeros(n, dtype=torch.float64)
+    b = torch.zeros(n, dtype=torch.float64)
+    a[: len(ours)] = ours
+    b[: len(ref)] = torch.sort(ref, descending=True).values
+    s1 = float(b.abs().max())
+    err = float((a - b).abs().max())
+    assert err <= tol * max(s1, 1e-300), f"spectra differ by {err:.3g} (σ₁ = {s1:.6g}): {a.tolist()} vs {b.tolist()}"
+
+
+def write_safetensors_raw(path: Path, header: dict, data: bytes = b"", *, header_len: int | None = None) -> Path:
+    """A safetensors file written byte by byte (for corrupt-file tests): 8-byte length, JSON, data."""
+    import struct
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data)
+    return path
+
+
+__all__ += ["cli_json", "peft_lora_layers", "read_st", "sv_close", "write_safetensors_raw"]
