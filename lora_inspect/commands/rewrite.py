@@ -1,0 +1,111 @@
+"""``truncate`` and ``rescale``: rewrite an adapter into a new one in the same layout (wiring only;
+the work lives in :mod:`lora_inspect.rewrite`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import InspectError
+from ..formats import load_adapter
+from ..render import emit, progress, warn
+from ..rewrite import TruncateSpec, parse_size, rescale_view, truncate_view
+from ..rewrite import rescale as do_rescale
+from ..rewrite import truncate as do_truncate
+from ..views import adapter_summary
+from ._options import output_options
+
+__all__ = ["truncate_cmd", "rescale_cmd", "truncate", "rescale"]
+
+
+def _size(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value, what="--max-size")
+    except InspectError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def _count(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value, what="--max-params")
+    except InspectError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+@click.command(
+    "truncate",
+    epilog="""\b
+Examples:
+  lora-inspect truncate ./my-adapter -o ./my-adapter-r16 --rank 16
+  lora-inspect truncate ./my-adapter -o ./small --energy 0.95
+  lora-inspect truncate ./my-adapter -o ./small --energy 0.95 --uniform   # one r (vLLM, mlx-lm)
+  lora-inspect truncate lora.safetensors -o lora-20M.safetensors --max-params 20M
+  lora-inspect truncate ./my-adapter -o ./small --max-size 512MiB --json
+""",
+)
+@click.argument("adapter", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the new adapter (same layout).")
+@click.option("--rank", type=int, default=None, help="Every module to min(K, its r).")
+@click.option("--energy", type=float, default=None, help="Each module to its energy rank at τ (keeps ≥ τ of Σσ²).")
+@click.option("--max-params", callback=_count, default=None, help="Budget of LoRA factor parameters (20M, 1.5B …).")
+@click.option("--max-size", callback=_size, default=None,
+              help="Budget for the weight file (20MB, 1.5GB, 512MiB; SI = powers of 10, IEC = of 2).")
+@click.option("--uniform", is_flag=True, help="With --energy or a budget: one rank for every module (zero-padded).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
+@output_options
+def truncate_cmd(adapter, out, rank, energy, max_params, max_size, uniform, force, show_all, fmt):
+    """Write the best rank-k approximation of every module of ADAPTER to OUT.
+
+    Each ΔW is replaced by its Eckart–Young truncation (QR of the factors + an r×r SVD), split
+    evenly between the new factors with the scale baked in. OUT keeps ADAPTER's layout and dtype;
+    it is written atomically, re-read and checked before it appears.
+    """
+    ad = load_adapter(adapter)
+    spec = TruncateSpec(rank=rank, energy=energy, max_params=max_params, max_bytes=max_size, uniform=uniform)
+    with progress(len(ad.modules), "truncating", enabled=fmt == "table") as advance:
+        res = do_truncate(ad, Path(out), spec, force=force, progress=advance)
+    for w in res.warnings:
+        warn(w)
+    emit(truncate_view(res, adapter_summary(ad), max_rows=None if show_all or fmt != "table" else 40), fmt)
+
+
+@click.command(
+    "rescale",
+    epilog="""\b
+Examples:
+  lora-inspect rescale ./my-adapter -o ./half --factor 0.5
+  lora-inspect rescale ./my-adapter -o ./a32 --alpha 32
+  lora-inspect rescale lora.safetensors -o strong.safetensors --factor 1.5 --bake
+""",
+)
+@click.argument("adapter", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the new adapter (same layout).")
+@click.option("--alpha", type=float, default=None, help="Set lora_alpha to A; alpha_pattern entries keep their ratio to it.")
+@click.option("--factor", type=float, default=None, help="Multiply every module's ΔW (its effective scale) by F.")
+@click.option("--bake", is_flag=True, help="Leave the config alone and multiply every B (and lora bias) instead.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
+@output_options
+def rescale_cmd(adapter, out, alpha, factor, bake, force, show_all, fmt):
+    """Write ADAPTER to OUT with every module's strength multiplied by F.
+
+    PEFT: lora_alpha and every alpha_pattern entry × F (rsLoRA's α/√r scales the same way);
+    kohya/diffusers: every .alpha tensor × F; mlx-lm: lora_parameters.scale × F. --bake multiplies
+    the B factors instead. OUT is written atomically, re-read and checked.
+    """
+    ad = load_adapter(adapter)
+    with progress(len(ad.modules), "spectra", enabled=fmt == "table") as advance:
+        res = do_rescale(ad, Path(out), factor=factor, alpha=alpha, bake=bake, force=force, progress=advance)
+    for w in res.warnings:
+        warn(w)
+    emit(rescale_view(res, adapter_summary(ad), max_rows=None if show_all or fmt != "table" else 40), fmt)
+
+
+truncate = truncate_cmd
+rescale = rescale_cmd
