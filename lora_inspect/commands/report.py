@@ -1,0 +1,146 @@
+"""``report`` (an HTML page or Markdown with PNGs for one or more adapters) and ``diff`` (two adapters,
+module by module). Wiring only: the maths lives in :mod:`lora_inspect.diff` / :mod:`lora_inspect.analysis`,
+the pages in :mod:`lora_inspect.report`."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+import click
+
+from ..analysis import DEFAULT_ENERGY, analyse
+from ..diff import diff_adapters
+from ..errors import InspectError
+from ..formats import load_adapter
+from ..render import emit, progress, stderr_console
+from ..report import build_report, diff_view, require_matplotlib
+from ._options import output_options
+
+__all__ = ["report", "diff"]
+
+
+def _inputs(adapters) -> list[Path]:
+    """Every path an adapter argument covers (its directory, or the file and a sidecar config)."""
+    return [Path(a).resolve() for a in adapters]
+
+
+def _check_target(path: Path, inputs: list[Path], force: bool) -> None:
+    rp = path.resolve()
+    for src in inputs:
+        if rp == src or (src.is_dir() and src in rp.parents):
+            raise InspectError(f"{path}: refusing to write into the input adapter {src}")
+    if path.exists() and not force:
+        raise InspectError(f"{path}: already exists", hint="use --force to overwrite")
+    if path.exists() and path.is_dir():
+        raise InspectError(f"{path}: is a directory")
+    if not path.parent.is_dir():
+        raise InspectError(f"{path.parent}: no such directory")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write beside the target and rename over it: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  lora-inspect report ./my-adapter -o report.html
+  lora-inspect report ./run-r8 ./run-r64 -o compare.html --energy 0.99
+  lora-inspect report ./my-adapter -o report.md      # Markdown + PNGs beside it (PR comment)
+"""
+)
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="The page to write (.html or .md).")
+@click.option(
+    "--format", "fmt", type=click.Choice(["html", "md"]), default=None,
+    help="html: one self-contained file (images inline); md: Markdown with PNG files beside it. "
+    "Default: from the --output suffix (.md → md), else html.",
+)
+@click.option(
+    "--energy", type=float, default=DEFAULT_ENERGY, show_default=True,
+    help="τ: keep this fraction of Σσ² when recommending a rank.",
+)
+@click.option(
+    "--precision", type=click.Choice(["auto", "fp32", "fp64"]), default="auto", show_default=True,
+    help="QR precision (as for `rank`).",
+)
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+def report(adapters: tuple[str, ...], output: str, fmt: str | None, energy: float, precision: str, force: bool) -> None:
+    """A report page for one or more ADAPTERS, side by side: the `info` summary, heatmaps of energy rank
+    and σ₁ (layers × module types), singular-value and cumulative-energy curves per module type, the
+    footprint now and at the recommendation, integrity flags, and the `truncate` command lines.
+
+    Needs matplotlib (pip install 'lora-inspect[plot]').
+    """
+    require_matplotlib()  # fail before any work
+    out = Path(output)
+    fmt = fmt or ("md" if out.suffix.lower() in (".md", ".markdown") else "html")
+    inputs = _inputs(adapters)
+    _check_target(out, inputs, force)
+    loaded = [load_adapter(a) for a in adapters]
+    total = sum(len(ad.modules) for ad in loaded)
+    reports = []
+    with progress(total, "spectra") as advance:
+        for ad in loaded:
+            reports.append(analyse(ad, energy, precision=precision, progress=advance))
+    command = "lora-inspect report " + " ".join(shlex.quote(a) for a in adapters) + f" -o {shlex.quote(out.name)}"
+    if energy != DEFAULT_ENERGY:
+        command += f" --energy {energy:g}"
+    result = build_report(reports, fmt, image_prefix=out.stem, command=command)
+    images = {out.parent / name: data for name, data in result.images.items()}
+    for p in images:
+        _check_target(p, inputs, force)
+    for p, data in images.items():
+        _write_atomic(p, data)
+    _write_atomic(out, result.text.encode("utf-8"))
+    extra = f" and {len(images)} images beside it" if images else ""
+    stderr_console().print(f"wrote {out} ({fmt}, {len(reports)} adapter{'s' if len(reports) > 1 else ''}){extra}",
+                           markup=False, highlight=False)
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  lora-inspect diff ./run-seed0 ./run-seed1
+  lora-inspect diff ./adapter ./adapter-r4 --top 4
+  lora-inspect diff ckpt-1000/ ckpt-2000/ --json | jq .summary.mean_cosine
+"""
+)
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option(
+    "--energy", type=float, default=DEFAULT_ENERGY, show_default=True,
+    help="τ for each side's energy rank; φ uses at most that many directions.",
+)
+@click.option(
+    "--top", type=int, default=1, show_default=True,
+    help="K: subspace similarity φ(i, i) over the top i = min(K, rank@τ of A, rank@τ of B) singular directions.",
+)
+@click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
+@output_options
+def diff(a: str, b: str, energy: float, top: int, show_all: bool, fmt: str) -> None:
+    """Compare adapters A and B module by module: relative distance ‖ΔW_A − ΔW_B‖_F / ‖ΔW_A‖_F,
+    cosine similarity, and subspace similarity φ of the top singular directions (LoRA paper §7).
+
+    Exact, from the factors' small cores — no dense ΔW is formed. Modules are paired by name (PEFT
+    with PEFT, kohya with kohya); modules on one side only, and shape mismatches, are listed.
+    """
+    res = diff_adapters(load_adapter(a), load_adapter(b), top=top, energy=energy)
+    emit(diff_view(res, max_rows=None if show_all or fmt != "table" else 40), fmt)
