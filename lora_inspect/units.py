@@ -1,0 +1,67 @@
+"""Parse the numbers people write in policies: ``20M``, ``4,194,304``, ``1.5GB``, ``512MiB``.
+
+Counts (``--max-params``): a number with an optional decimal suffix ``k`` (10³), ``M`` (10⁶), ``G`` or
+``B`` (10⁹, "billion"); thousands separators ``,`` and ``_`` are allowed. Sizes (``--max-size``): a number
+with ``B``, decimal ``KB``/``MB``/``GB``/``TB`` (SI, 10³ⁿ) or binary ``KiB``/``MiB``/``GiB``/``TiB``
+(IEC 80000-13, 2¹⁰ⁿ); a bare number is bytes. Anything else is an :class:`~lora_inspect.errors.InspectError`
+naming what was accepted. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .errors import InspectError
+
+__all__ = ["parse_count", "parse_size", "COUNT_SUFFIXES", "SIZE_SUFFIXES"]
+
+COUNT_SUFFIXES = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
+SIZE_SUFFIXES = {
+    "": 1, "B": 1,
+    "KB": 10**3, "kB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}
+_NUM = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def _split(text: str, what: str, example: str) -> tuple[float, str]:
+    if isinstance(text, bool):
+        raise InspectError(f"{what}: expected a number, got {text!r}")
+    if isinstance(text, (int, float)):
+        if not math.isfinite(text) or text < 0:
+            raise InspectError(f"{what}: {text!r} must be a non-negative finite number")
+        return float(text), ""
+    m = _NUM.match(str(text))
+    if not m:
+        raise InspectError(f"{what}: cannot read {text!r} as a number (examples: {example})")
+    digits, suffix = m.groups()
+    if "," in digits or "_" in digits:
+        groups = re.split(r"[,_]", digits.split(".")[0])
+        if any(len(g) != 3 for g in groups[1:]) or not groups[0]:
+            raise InspectError(f"{what}: {text!r} has misplaced thousands separators (write 4,194,304)")
+        digits = digits.replace(",", "").replace("_", "")
+    return float(digits), suffix
+
+
+def parse_count(text: str | int | float, what: str = "count") -> int:
+    """``"20M"`` → 20_000_000; ``"4,194,304"`` → 4194304; ``"1.5k"`` → 1500 (decimal suffixes only)."""
+    value, suffix = _split(text, what, "4194304, 4,194,304, 20M, 1.5B")
+    if suffix not in COUNT_SUFFIXES:
+        raise InspectError(
+            f"{what}: unknown suffix {suffix!r} in {text!r} (use k, M, G or B for 10³, 10⁶, 10⁹; sizes belong to --max-size)"
+        )
+    n = value * COUNT_SUFFIXES[suffix]
+    if abs(n - round(n)) > 1e-6 * max(1.0, n):
+        raise InspectError(f"{what}: {text!r} is not a whole number of parameters")
+    return int(round(n))
+
+
+def parse_size(text: str | int | float, what: str = "size") -> int:
+    """``"100MB"`` → 100_000_000; ``"512MiB"`` → 536_870_912; ``"1.5GB"`` → 1_500_000_000; ``"4096"`` → 4096."""
+    value, suffix = _split(text, what, "100MB, 1.5GB, 512MiB, 4096")
+    if suffix not in SIZE_SUFFIXES:  # "Mb", "gb" … are refused: bits or bytes is ambiguous
+        raise InspectError(
+            f"{what}: unknown unit {suffix!r} in {text!r} (use B, KB/MB/GB/TB for 10³ⁿ bytes or KiB/MiB/GiB/TiB for 2¹⁰ⁿ)"
+        )
+    return int(round(value * SIZE_SUFFIXES[suffix]))
