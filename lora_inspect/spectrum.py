@@ -22,6 +22,8 @@ import numpy as np
 import torch
 
 __all__ = [
+    "r_factor",
+    "core_singular_values",
     "singular_values",
     "batched_singular_values",
     "svd_factors",
@@ -39,9 +41,27 @@ __all__ = [
 SPIKE_RATIO = 10.0  # σ₁/σ₂ at or above this is flagged as a dominant spike
 
 
-def _r_factor(x: torch.Tensor) -> torch.Tensor:
-    """R of the reduced QR of x (…, m, n); only R is needed for singular values."""
+def r_factor(x: torch.Tensor) -> torch.Tensor:
+    """R of the reduced QR of x (…, m, n): (…, min(m, n), n). Only R is needed for singular values."""
     return torch.linalg.qr(x, mode="r")[1]
+
+
+def core_singular_values(
+    rbs: list[torch.Tensor], ras: list[torch.Tensor], scales: list[float], r: int
+) -> np.ndarray:
+    """Singular values of the cores s·R_b R_aᵀ for many modules of one rank r, in one batched float64 SVD.
+
+    R factors may have fewer than r rows (when out < r or in < r); they are zero-padded to r×r,
+    which adds zero singular values only. Returns (N, r) descending.
+    """
+    n = len(rbs)
+    pb = torch.zeros(n, r, r, dtype=torch.float64)
+    pa = torch.zeros(n, r, r, dtype=torch.float64)
+    for i, (rb, ra) in enumerate(zip(rbs, ras)):
+        pb[i, : rb.shape[0]] = rb
+        pa[i, : ra.shape[0]] = ra
+    core = (pb @ pa.transpose(-1, -2)) * torch.tensor(scales, dtype=torch.float64).reshape(-1, 1, 1)
+    return torch.linalg.svdvals(core).abs().numpy()
 
 
 def batched_singular_values(b: torch.Tensor, a: torch.Tensor, scale: torch.Tensor | float) -> np.ndarray:
@@ -50,8 +70,8 @@ def batched_singular_values(b: torch.Tensor, a: torch.Tensor, scale: torch.Tenso
     Returns (N, r) float64, descending, zero-padded to r when r > min(out, in).
     """
     n, _, r = b.shape
-    rb = _r_factor(b)  # (N, min(out, r), r)
-    ra = _r_factor(a.transpose(-1, -2))  # (N, min(in, r), r)
+    rb = r_factor(b)  # (N, min(out, r), r)
+    ra = r_factor(a.transpose(-1, -2))  # (N, min(in, r), r)
     core = rb.to(torch.float64) @ ra.to(torch.float64).transpose(-1, -2)
     s = torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1, 1) if not isinstance(scale, float) else scale
     core = core * s

@@ -225,3 +225,41 @@ def write_safetensors_raw(path: Path, header: dict, data: bytes = b"", *, header
 
 
 __all__ += ["cli_json", "peft_lora_layers", "read_st", "sv_close", "write_safetensors_raw"]
+
+
+# ---- builders for footprint / check tests (appended) ----
+def edit_peft_tensors(adapter_dir: Path, edit) -> Path:
+    """Rewrite a PEFT directory's adapter_model.safetensors in place: ``edit(state_dict) -> state_dict``."""
+    from safetensors.torch import load_file
+
+    f = Path(adapter_dir) / "adapter_model.safetensors"
+    sd = edit(dict(load_file(str(f))))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+    return Path(adapter_dir)
+
+
+def edit_peft_config(adapter_dir: Path, **changes) -> Path:
+    """Change fields of a PEFT directory's adapter_config.json (a value of None deletes the field)."""
+    p = Path(adapter_dir) / "adapter_config.json"
+    cfg = json.loads(p.read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    p.write_text(json.dumps(cfg, sort_keys=True))
+    return Path(adapter_dir)
+
+
+def meta_causal_lm(config_fields: dict):
+    """A transformers causal LM built on the meta device from config.json fields (no memory, no download)."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    fields = dict(config_fields)
+    cfg = CONFIG_MAPPING[fields.pop("model_type")](**fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return model
+
+
+__all__ += ["edit_peft_tensors", "edit_peft_config", "meta_causal_lm"]
