@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,7 +185,9 @@ class StateDictSource(TensorSource):
 def load_bin(path: Path) -> StateDictSource:
     """Read a pickled state dict without executing code (``weights_only=True``)."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not the user's concern, and not one line
+            warnings.simplefilter("ignore")
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:
         msg = str(e).strip().splitlines()
         first = next((line for line in msg if line.strip()), e.__class__.__name__)
