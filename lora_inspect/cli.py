@@ -42,6 +42,11 @@ class _Group(click.Group):
             if _debug_enabled(ctx):
                 raise
             _fail(str(e))
+        except click.UsageError as e:  # a bad option value, a missing argument: one line too, not click's usage block
+            if _debug_enabled(ctx):
+                raise
+            where = e.ctx.command_path if e.ctx is not None else ctx.command_path
+            _fail(f"{e.format_message()} (see '{where} --help')")
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, SystemExit):
             raise
         except KeyboardInterrupt:
