@@ -1,0 +1,221 @@
+"""The training loop: AdamW, warmup + cosine, gradient accumulation and clipping, DDP, eval, logs.
+
+- AdamW: Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization" (``fused=True`` on CUDA).
+- Learning rate: linear warmup, then cosine decay to ``min_lr_ratio · lr`` (Loshchilov & Hutter
+  2017, "SGDR"; the form nanoGPT's ``get_lr`` uses).
+- Gradient clipping by global norm (Pascanu et al. 2013).
+- bf16 autocast on CUDA only; the LoRA parameters and optimizer state stay float32.
+- Data parallel: run under ``torchrun`` (or any launcher that sets RANK/WORLD_SIZE) and the loop
+  wraps the model in DistributedDataParallel (NCCL on CUDA, gloo on CPU). Every optimizer step uses
+  the same *global* batch whatever the world size: rank k takes rows [k·b, (k+1)·b) of each
+  micro-batch, and DDP averages the gradients, so 1 process and N processes take the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..errors import InspectError
+from .model import logits_of
+from .tasks import Task
+
+__all__ = ["TrainConfig", "train", "evaluate", "resolve_device", "setup_distributed", "lr_at"]
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # sequences per optimizer step, over all processes and micro-steps
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 disables
+    eval_every: int = 50  # 0: only at the start and the end
+    eval_batch: int = 32
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise InspectError(f"--device {name!r}: use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InspectError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Joins the process group when launched with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        return rank, world, device
+    return 0, 1, device
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine from lr to min_lr_ratio·lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 → 0
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * coeff)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, device: torch.device, batch: int = 32) -> dict[str, float]:
+    """Task loss and cross-entropy on the held-out set (token-weighted means)."""
+    was_training = model.training
+    model.eval()
+    tot_loss = tot_ce = 0.0
+    n = 0
+    for i in range(0, len(task.heldout), batch):
+        b = task.heldout[i : i + batch].to(device)
+        with _autocast(device):
+            logits = logits_of(model, task.inputs(b))  # (b, T, V)
+        tgt = task.targets(b)
+        k = b.shape[0]
+        tot_loss += task.loss(logits, tgt).item() * k
+        tot_ce += task.cross_entropy(logits, tgt).item() * k
+        n += k
+    model.train(was_training)
+    return {"loss": tot_loss / n, "cross_entropy": tot_ce / n, "perplexity": math.exp(min(tot_ce / n, 700.0))}
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+class _Log:
+    """JSONL log (rank 0 only); one object per line, flushed as written."""
+
+    def __init__(self, path: Path | None):
+        self.f = open(path, "w", encoding="utf-8") if path is not None else None
+
+    def __call__(self, **rec) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def train(model: nn.Module, task: Task, cfg: TrainConfig, log_path: Path | None = None) -> dict:
+    """Train the trainable parameters of ``model`` (the LoRA factors) on ``task``.
+
+    Returns a summary: initial and final held-out metrics, tokens/s, steps. Works in a single
+    process or under torchrun (see the module docstring).
+    """
+    # -- setup: device, process group, seeds -------------------------------------------------
+    rank, world, device = setup_distributed(resolve_device(cfg.device))
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise InspectError(f"batch size {cfg.batch_size} is not divisible by world size × grad_accum = {world * cfg.grad_accum}")
+    micro = cfg.batch_size // (world * cfg.grad_accum)  # sequences per process per micro-step
+    torch.manual_seed(cfg.seed + rank)  # dropout masks; the data does not depend on this RNG
+    model.to(device)
+    task.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InspectError("nothing to train: the model has no trainable parameters")
+    ddp = world > 1
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    main = rank == 0
+    log = _Log(log_path if main else None)
+    log(event="config", **{**asdict(cfg), "world_size": world, "device": str(device), "n_trainable": sum(p.numel() for p in params)})
+
+    # -- initial eval (rank 0) ---------------------------------------------------------------
+    first = evaluate(model, task, device, cfg.eval_batch) if main else {}
+    log(event="eval", step=0, **first)
+    last = first
+
+    progress = _progress(cfg.progress and main, cfg.steps)
+    tokens_seen = 0
+    t0 = time.perf_counter()
+    loss_val = float("nan")
+    with progress as bar:
+        job = bar.add_task("train", total=cfg.steps, loss=float("nan"), tps=0.0) if bar else None
+        for step in range(cfg.steps):
+            # -- schedule ----------------------------------------------------------------------
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            # -- data: the global batch for this step, this rank's rows ------------------------
+            batch = task.train_batch(step, cfg.batch_size)  # (batch_size, L) on CPU
+            step_loss = torch.zeros((), device=device)
+            # -- forward/backward over micro-steps; DDP all-reduces only on the last -----------
+            for m in range(cfg.grad_accum):
+                lo = (m * world + rank) * micro
+                b = batch[lo : lo + micro].to(device, non_blocking=True)  # (micro, L)
+                sync = m == cfg.grad_accum - 1
+                with (net.no_sync() if ddp and not sync else nullcontext()), _autocast(device):
+                    logits = logits_of(net, task.inputs(b))  # (micro, T, V)
+                    loss = task.loss(logits, task.targets(b)) / cfg.grad_accum
+                loss.backward()
+                step_loss += loss.detach()
+                tokens_seen += task.inputs(b).numel() * world
+            # -- clip, step, zero ----------------------------------------------------------------
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            # -- log: mean loss over ranks, throughput ---------------------------------------
+            if ddp:
+                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+            loss_val = step_loss.item()
+            elapsed = time.perf_counter() - t0
+            tps = tokens_seen / max(elapsed, 1e-9)
+            log(event="train", step=step + 1, loss=loss_val, lr=lr, tokens=tokens_seen, tokens_per_s=tps, elapsed_s=elapsed)
+            if bar:
+                bar.update(job, advance=1, loss=loss_val, tps=tps)
+            # -- periodic eval (rank 0) --------------------------------------------------------
+            if main and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
+                last = evaluate(model, task, device, cfg.eval_batch)
+                log(event="eval", step=step + 1, **last)
+    elapsed = time.perf_counter() - t0
+    summary = {"steps": cfg.steps, "world_size": world, "tokens": tokens_seen, "elapsed_s": elapsed,
+               "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "train_loss": loss_val,
+               "initial": first, "final": last}
+    log(event="done", **summary)
+    log.close()
+    return summary
+
+
+def _progress(enabled: bool, total: int):
+    """A rich progress bar on stderr showing loss and tokens/s (or a no-op context)."""
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=False,
+    )

@@ -1,0 +1,127 @@
+"""One training run end to end: base → task → LoRA → loop → output directory.
+
+The output directory holds everything needed to re-evaluate the run:
+
+- ``adapter_config.json`` + ``adapter_model.safetensors`` — the adapter, PEFT layout, top level;
+- ``base/config.json`` + ``base/model.safetensors`` — our base model, or ``base.json`` with the
+  path of a local Hugging Face directory;
+- ``task.json`` — the task definition, training settings and result summary;
+- ``heldout.safetensors`` — the fixed held-out token ids; ``teacher_delta.safetensors`` (planted);
+- ``log.jsonl`` — one JSON object per step / eval.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import InspectError
+from .io import atomic_write_json
+from .lora import adapter_config, inject_lora, save_adapter
+from .loop import TrainConfig, train
+from .model import load_base, save_model
+from .tasks import PlantedTask, TextTask
+
+__all__ = ["run_training", "DEFAULT_TARGETS", "ALL_LINEAR", "check_out_dir"]
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InspectError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise InspectError(f"--out {out}: directory is not empty", hint="pass --force to overwrite")
+
+
+def run_training(
+    out: str | Path,
+    *,
+    task: str = "planted",
+    data: str | Path | None = None,
+    planted_rank: int = 4,
+    rank: int = 8,
+    alpha: float | None = None,
+    rslora: bool = False,
+    dropout: float = 0.0,
+    targets: list[str] | str | None = None,
+    model: str = "tiny",
+    seq_len: int = 64,
+    force: bool = False,
+    train_cfg: TrainConfig | None = None,
+) -> dict:
+    """Train one adapter and write the output directory; returns the loop's summary.
+
+    ``alpha`` defaults to ``rank`` (scale 1). Under torchrun only rank 0 writes files.
+    """
+    cfg = train_cfg or TrainConfig()
+    out = Path(out)
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    if is_main:
+        check_out_dir(out, force)
+    targets = list(DEFAULT_TARGETS) if targets is None else targets
+    alpha = float(rank if alpha is None else alpha)
+    if task not in ("planted", "text"):
+        raise InspectError(f"--task {task!r}: use planted or text")
+    if task == "planted" and data is not None:
+        raise InspectError("--data is for --task text only")
+    if task == "text" and data is None:
+        raise InspectError("--task text needs --data FILE")
+
+    # base model and task (the teacher is a copy of the base, made before LoRA goes in)
+    base, base_info = load_base(model, seed=cfg.seed)
+    base.eval()
+    base.requires_grad_(False)
+    base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    if task == "planted":
+        t = PlantedTask(base, targets, planted_rank, seed=cfg.seed, seq_len=seq_len)
+    else:
+        t = TextTask(data, seed=cfg.seed, seq_len=seq_len, vocab=int(base.config.vocab_size))
+
+    # LoRA factors: A from a seeded RNG (same on every rank), B = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 7919 + 1)
+        wrapped = inject_lora(base, targets, rank, alpha, dropout=dropout, rslora=rslora)
+    base.train()
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    summary = train(base, t, cfg, log_path=out / "log.jsonl" if is_main else None)
+
+    if is_main:
+        hf = base_info["kind"] == "hf"
+        acfg = adapter_config(r=rank, alpha=alpha, targets=targets, dropout=dropout, rslora=rslora,
+                              base_model_name_or_path=base_info["path"] if hf else "base",
+                              task_type="CAUSAL_LM" if hf else None)
+        save_adapter(base, out, acfg)
+        if hf:
+            atomic_write_json(base_info, out / "base.json")
+        else:
+            # the untouched base weights (before LoRA), in our model format
+            from .model import CausalLM
+
+            clean = CausalLM(base.config)
+            clean.load_state_dict(base_sd)
+            save_model(clean, out / "base")
+        t.save(out)
+        desc = t.describe()
+        desc.update(model=base_info, lora={"r": rank, "alpha": alpha, "rslora": rslora, "dropout": dropout,
+                                           "targets": targets, "modules": wrapped},
+                    train={k: v for k, v in asdict(cfg).items() if k not in ("progress",)}, result=summary)
+        atomic_write_json(desc, out / "task.json")
+    return summary
+
+
+def read_task_json(out: Path) -> dict:
+    p = out / "task.json"
+    if not p.is_file():
+        raise InspectError(f"{out}: not a training output directory (no task.json)")
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise InspectError(f"{p}: not valid JSON ({e})") from None
