@@ -89,11 +89,11 @@ def report(adapters: tuple[str, ...], output: str, fmt: str | None, energy: floa
 
     Needs matplotlib (pip install 'lora-inspect[plot]').
     """
-    require_matplotlib()  # fail before any work
     out = Path(output)
     fmt = fmt or ("md" if out.suffix.lower() in (".md", ".markdown") else "html")
     inputs = _inputs(adapters)
     _check_target(out, inputs, force)
+    require_matplotlib()  # before any work
     loaded = [load_adapter(a) for a in adapters]
     total = sum(len(ad.modules) for ad in loaded)
     reports = []
