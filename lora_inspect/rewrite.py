@@ -102,31 +102,53 @@ def _compute_dtype(m: Module) -> torch.dtype:
 # ----------------------------------------------------------------------------- maths
 
 
+# CholeskyQR is used when κ(factor) is at most this (per compute dtype): its R then carries a relative
+# error ≈ u_compute·κ² (Higham, "Accuracy and Stability of Numerical Algorithms", §19.8; Fukaya et al.
+# 2014), below the rounding of the stored result (bf16/fp16 → float32 compute: 6e-8·100² = 6e-4 < 2^-8·…;
+# fp32/fp64 → float64 compute: 1.1e-16·1e4² = 1e-8 < 2^-24). Otherwise Householder (geqrf) is used.
+_CHOL_MAX_COND = {torch.float32: 1e2, torch.float64: 1e4}
+
+
 @dataclass
 class Decomposition:
-    """ΔW = (Q_b U) diag(S) (Q_a V)ᵀ, with Q_b, Q_a held as Householder reflectors (geqrf)."""
+    """ΔW = s·B@A = (B M_b) diag(S) (N_a A) with B M_b = Q_b U and N_a A = Vᵀ Q_aᵀ orthonormal.
 
+    Two routes to the same R factors (B = Q_b R_b, Aᵀ = Q_a R_a): CholeskyQR (R = chol(BᵀB)ᵀ, then
+    Q_b = B R_b⁻¹ is never formed: only the small r×k product R_b⁻¹ U_k √S_k is) for well-conditioned
+    factors, or Householder reflectors (``geqrf``/``ormqr``) otherwise."""
+
+    b: torch.Tensor | None  # CholeskyQR route: the factors themselves
+    a: torch.Tensor | None
+    rb: torch.Tensor | None  # float64 upper-triangular R factors (Cholesky route)
+    ra: torch.Tensor | None
+    hb: torch.Tensor | None  # Householder route
+    tb: torch.Tensor | None
+    ha: torch.Tensor | None
+    ta: torch.Tensor | None
     out_dim: int
     in_dim: int
-    hb: torch.Tensor
-    tb: torch.Tensor
-    ha: torch.Tensor
-    ta: torch.Tensor
-    u: torch.Tensor  # (p, r') float64, p = min(out, r)
+    u: torch.Tensor  # (p, r') float64
     s: torch.Tensor  # (r',) float64, descending
-    vh: torch.Tensor  # (r', q) float64, q = min(in, r)
+    vh: torch.Tensor  # (r', q) float64
 
     @property
     def singular_values(self) -> np.ndarray:
         return self.s.numpy().copy()
 
     def factors(self, keep: int, stored: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B′ (out, stored), A′ (stored, in)) in the decomposition's dtype: B′@A′ is the best rank-``keep``
+        """(B′ (out, stored), A′ (stored, in)) in the compute dtype: B′@A′ is the best rank-``keep``
         approximation of ΔW (scale included); columns/rows past ``keep`` are zero."""
         stored = keep if stored is None else stored
         keep = min(keep, self.s.shape[0])
-        dt = self.hb.dtype
+        dt = (self.b if self.b is not None else self.hb).dtype
         root = self.s[:keep].sqrt()
+        if self.b is not None:
+            mb = torch.zeros(self.rb.shape[0], stored, dtype=torch.float64)
+            ma = torch.zeros(self.ra.shape[0], stored, dtype=torch.float64)
+            if keep:  # B′ = B R_b⁻¹ U_k √S_k, A′ = √S_k V_kᵀ R_a⁻ᵀ A
+                mb[:, :keep] = torch.linalg.solve_triangular(self.rb, self.u[:, :keep] * root, upper=True)
+                ma[:, :keep] = torch.linalg.solve_triangular(self.ra, self.vh[:keep].T * root, upper=True)
+            return self.b @ mb.to(dt), ma.T.to(dt) @ self.a
         cb = torch.zeros(self.out_dim, stored, dtype=dt)
         ca = torch.zeros(self.in_dim, stored, dtype=dt)
         if keep:
@@ -139,16 +161,39 @@ class Decomposition:
         return b, at.T
 
 
+def _chol_r(x: torch.Tensor, xt_first: bool) -> torch.Tensor | None:
+    """Upper R (float64) with RᵀR = XᵀX (X = x, or xᵀ when ``xt_first``), or None when X is too
+    ill-conditioned for CholeskyQR in x's dtype (or rank deficient)."""
+    g = ((x @ x.T) if xt_first else (x.T @ x)).to(torch.float64)
+    ev = torch.linalg.eigvalsh(g)  # κ(X)² = λmax/λmin of the Gram matrix
+    if not (torch.isfinite(ev).all() and ev[0] > 0 and float(ev[-1] / ev[0]) <= _CHOL_MAX_COND.get(x.dtype, 1e2) ** 2):
+        return None
+    l, info = torch.linalg.cholesky_ex(g)
+    return l.T if int(info) == 0 else None
+
+
 def decompose(b: torch.Tensor, a: torch.Tensor, scale: float) -> Decomposition:
-    """QR of B and Aᵀ (Householder, kept implicit) and the float64 SVD of the core s·R_b R_aᵀ."""
+    """R factors of B and Aᵀ (CholeskyQR when well conditioned, else Householder) and the float64 SVD of
+    the core s·R_b R_aᵀ. Raises ValueError when the factors hold NaN/inf (they always reach R)."""
     out_dim, r = b.shape
     in_dim = a.shape[1]
-    hb, tb = torch.geqrf(b)
-    ha, ta = torch.geqrf(a.T.contiguous())
-    rb = torch.triu(hb[: min(out_dim, r)]).to(torch.float64)
-    ra = torch.triu(ha[: min(in_dim, r)]).to(torch.float64)
+    rb = _chol_r(b, False) if out_dim >= r else None
+    ra = _chol_r(a, True) if rb is not None and in_dim >= r else None
+    if rb is not None and ra is not None:
+        hb = tb = ha = ta = None
+        keep_b, keep_a = b, a
+    else:
+        hb, tb = torch.geqrf(b)
+        ha, ta = torch.geqrf(a.T.contiguous())
+        rb = torch.triu(hb[: min(out_dim, r)]).to(torch.float64)
+        ra = torch.triu(ha[: min(in_dim, r)]).to(torch.float64)
+        keep_b = keep_a = None
+    if not (torch.isfinite(rb).all() and torch.isfinite(ra).all()):
+        raise ValueError("non-finite factors")
     u, s, vh = torch.linalg.svd(scale * (rb @ ra.T), full_matrices=False)
-    return Decomposition(out_dim, in_dim, hb, tb, ha, ta, u, s, vh)
+    if keep_b is not None:
+        return Decomposition(keep_b, keep_a, rb, ra, None, None, None, None, out_dim, in_dim, u, s, vh)
+    return Decomposition(None, None, None, None, hb, tb, ha, ta, out_dim, in_dim, u, s, vh)
 
 
 def greedy_budget_ranks(spectra: list[np.ndarray], costs: list[int], caps: list[int], budget: float) -> list[int]:
@@ -404,8 +449,6 @@ def _verify(
 
     ``expected``: {name: (singular values intended, stored rank, stored dtype)}. Returns the largest
     |σ′ − σ| relative to that module's tolerance."""
-    from .analysis import compute_spectra
-
     try:
         new = load_adapter(out_tmp)
     except InspectError as e:
@@ -419,15 +462,15 @@ def _verify(
         raise InspectError("self-check failed: the full tensors (modules_to_save …) were not carried over intact")
     if dropped & names:
         raise InspectError(f"self-check failed: dropped modules still present: {sorted(dropped & names)[:3]}")
-    spectra = compute_spectra(new.modules)
     worst = 0.0
     for m in new.modules:
         want, rank, st = expected[m.name]
         if m.rank != rank:
             raise InspectError(f"self-check failed: {m.name} stored rank {m.rank}, intended {rank}")
-        got, flags = spectra[m.name]
-        if got is None:
-            raise InspectError(f"self-check failed: {m.name} holds NaN/inf after writing")
+        try:
+            got = decompose(*m.factors(_compute_dtype(m)), m.scale).singular_values
+        except ValueError:
+            raise InspectError(f"self-check failed: {m.name} holds NaN/inf after writing") from None
         n = max(len(got), len(want))
         g = np.zeros(n)
         w = np.zeros(n)
@@ -536,8 +579,11 @@ def truncate(
     with _one_thread():
         for m in modules:
             b, a = m.factors(_compute_dtype(m))
-            _check_finite(ad, m.name, b, a)
-            d = decompose(b, a, m.scale)
+            try:
+                d = decompose(b, a, m.scale)
+            except ValueError:
+                _check_finite(ad, m.name, b, a)
+                raise
             del b, a
             sv = np.zeros(m.rank)
             sv[: d.s.shape[0]] = d.s.numpy()
@@ -656,7 +702,8 @@ def _write_checked(ad, out, out_fmt, tensors, metadata, config, expected, droppe
         write_adapter(atomic.tmp, fmt=out_fmt, input_weights=ad.weights_path if ad.format == "peft" else
                       Path("adapter_model" + ad.weights_path.suffix), tensors=tensors, metadata=metadata or None,
                       config=config, copy_files=copy_files)
-        max_err = _verify(atomic.tmp, expected, dropped, list(ad.extras), out_fmt)
+        with _one_thread():
+            max_err = _verify(atomic.tmp, expected, dropped, list(ad.extras), out_fmt)
         atomic.commit()
     if out.is_dir():
         w = next((p for p in (out / "adapter_model.safetensors", out / "adapter_model.bin", out / "adapters.safetensors")
