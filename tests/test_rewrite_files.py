@@ -223,3 +223,17 @@ def test_parse_size():
     for bad in ("", "12XB", "-3M", "0"):
         with pytest.raises(InspectError):
             parse_size(bad)
+
+
+def test_decomposition_ill_conditioned_falls_back_to_householder():
+    """κ(B) = 1e7 is beyond CholeskyQR's guard: the Householder route must still give Eckart–Young."""
+    g = torch.Generator().manual_seed(9)
+    q, _ = torch.linalg.qr(torch.randn(40, 6, generator=g, dtype=torch.float64))
+    b = q * torch.logspace(0, -7, 6, dtype=torch.float64)
+    a = torch.randn(6, 25, generator=g, dtype=torch.float64)
+    d = decompose(b, a, 1.3)
+    assert d.hb is not None  # took the Householder route
+    for k in (1, 4, 6):
+        b1, a1 = d.factors(k)
+        assert rel_close(b1 @ a1, dense_truncation(1.3 * b @ a, k), 1e-9)
+    assert decompose(torch.randn(40, 6, generator=g, dtype=torch.float64), a, 1.0).b is not None  # Cholesky route
