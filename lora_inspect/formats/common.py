@@ -143,9 +143,12 @@ def build_module(
         e_shape = source.info(roles["E"]).shape
         if math.prod(e_shape) != r:
             raise InspectError(f"module {name!r}: lora_E has shape {e_shape}, expected ({r}, 1)")
-    if "m" in roles and math.prod(source.info(roles["m"]).shape) != out_dim:
+    # DoRA normalises the weight's output features: for an embedding (ΔW (vocab, dim) here) PEFT's
+    # lora_magnitude_vector has one entry per embedding dim, i.e. per column
+    m_len = in_dim if orient == ORIENT_EMBEDDING else out_dim
+    if "m" in roles and math.prod(source.info(roles["m"]).shape) != m_len:
         raise InspectError(
-            f"module {name!r}: DoRA magnitude has shape {source.info(roles['m']).shape}, expected ({out_dim},)"
+            f"module {name!r}: DoRA magnitude has shape {source.info(roles['m']).shape}, expected ({m_len},)"
         )
     mod = Module(
         name=name,
