@@ -46,7 +46,7 @@ BUILDS = {
     "lora_bias": dict(arch="gpt2", target_modules=["c_attn"], r=4, lora_alpha=8, fan_in_fan_out=True, lora_bias=True),
     "modules_to_save": dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, modules_to_save=["lm_head"]),
     "bin": dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, safe_serialization=False),
-    "dora": dict(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, use_dora=True),
+    "dora": dict(target_modules=["q_proj", "v_proj", "embed_tokens"], r=4, lora_alpha=8, use_dora=True),
 }
 
 
@@ -151,16 +151,25 @@ def test_dora_low_rank_part_from_saved_tensors(builds):
     st = read_st(b.path / "adapter_model.safetensors")
     doc = cli_json("rank", b.path)
     assert doc["adapter"]["use_dora"] is True
-    names = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in st if k.endswith("lora_A.weight")}
+    names = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in st if ".lora_" in k}
     assert {m["name"] for m in doc["modules"]} == names
     for m in doc["modules"]:
         key = "base_model.model." + m["name"]
-        B, A = st[key + ".lora_B.weight"], st[key + ".lora_A.weight"]
-        assert st[key + ".lora_magnitude_vector"].shape == (B.shape[0],)
-        assert m["scale"] == pytest.approx(s) and m["shape"] == [B.shape[0], A.shape[1]]
-        sv_close(m["singular_values"], svdvals64(s * B @ A), 1e-5)
+        mag = st[key + ".lora_magnitude_vector"]
+        if key + ".lora_embedding_A" in st:  # embedding: ΔW (vocab, dim) = s·(B@A)ᵀ, magnitude per dim
+            B, A = st[key + ".lora_embedding_B"], st[key + ".lora_embedding_A"]
+            ref = (s * B @ A).T
+            assert m["kind"] == "embedding" and mag.shape == (ref.shape[1],)
+        else:
+            B, A = st[key + ".lora_B.weight"], st[key + ".lora_A.weight"]
+            ref = s * B @ A
+            assert m["kind"] == "linear" and mag.shape == (ref.shape[0],)
+        assert m["scale"] == pytest.approx(s) and m["shape"] == list(ref.shape)
+        sv_close(m["singular_values"], svdvals64(ref), 1e-5)
     ad = load_adapter(b.path)
-    assert all(mod.is_dora for mod in ad.modules) and ad.extras == []
+    assert all(mod.is_dora for mod in ad.modules)
+    assert torch.equal(ad.module("model.embed_tokens").magnitude(), st["base_model.model.model.embed_tokens.lora_magnitude_vector"])
+    assert ad.extras == ["base_model.model.model.embed_tokens.base_layer.weight"]
 
 
 def test_lora_bias_attached_and_merged(builds):
