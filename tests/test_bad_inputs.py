@@ -133,6 +133,13 @@ def test_header_not_an_object_and_bad_metadata(tmp_path):
     assert_bad("info", f, contains=("__metadata__",))
 
 
+@pytest.mark.parametrize("meta", ["[1, 2]", "{not json"])
+def test_bad_lora_adapter_metadata(tmp_path, meta):
+    f = tmp_path / "a.safetensors"
+    save_file(_peft_state(), str(f), metadata={"lora_adapter_metadata": meta})
+    assert_bad("info", f, contains=("lora_adapter_metadata",))
+
+
 # --- configs, paths, directories -----------------------------------------------------------------------
 
 

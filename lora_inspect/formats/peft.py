@@ -97,6 +97,8 @@ def read_peft(
                 notes.append("config read from the safetensors header (lora_adapter_metadata)")
             except json.JSONDecodeError as e:
                 raise InspectError(f"{path}: header entry lora_adapter_metadata is not valid JSON ({e.msg})") from e
+            if not isinstance(config, dict):
+                raise InspectError(f"{path}: header entry lora_adapter_metadata is not a JSON object")
     cfg = config or {}
     adalora = str(cfg.get("peft_type", "")).upper() == "ADALORA" or any(k.endswith(".lora_E") for k in source.keys())
     if adalora:
