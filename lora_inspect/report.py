@@ -214,6 +214,7 @@ def _png(fig) -> bytes:
 
 
 def _heatmap(report: RankReport, mpl) -> Figure | None:
+    """Two panels stacked (energy rank, σ₁); module types down, layers across (deep models stay wide)."""
     matplotlib, MplFigure = mpl
     from matplotlib.colors import LogNorm, Normalize
 
@@ -222,47 +223,48 @@ def _heatmap(report: RankReport, mpl) -> Figure | None:
         return None
     layers = sorted({module_layer(r.name) for r in report.modules}, key=_natural)
     types = sorted({module_type(r.name) for r in report.modules})
-    er = np.full((len(layers), len(types)), np.nan)
-    s1 = np.full((len(layers), len(types)), np.nan)
+    er = np.full((len(types), len(layers)), np.nan)
+    s1 = np.full((len(types), len(layers)), np.nan)
     for r in ok:
-        i, j = layers.index(module_layer(r.name)), types.index(module_type(r.name))
+        i, j = types.index(module_type(r.name)), layers.index(module_layer(r.name))
         er[i, j] = np.nanmax([er[i, j], r.energy_rank])
         sig = float(r.singular_values[0]) if len(r.singular_values) else 0.0
         s1[i, j] = np.nanmax([s1[i, j], sig])
-    ylabels, yname = _short_labels(layers)
-    nl, nt = len(layers), len(types)
-    cell_h = 0.3 if nl <= 40 else max(0.12, 12.0 / nl)
-    fig = MplFigure(figsize=(min(14.0, 3.0 + 2 * (0.62 * nt + 1.4)), min(22.0, max(3.2, 1.8 + cell_h * nl))), layout="constrained")
-    axes = fig.subplots(1, 2)
-    annotate = nl * nt <= 600
+    xlabels, xname = _short_labels(layers)
+    nt, nl = len(types), len(layers)
+    cell_w = 0.42 if nl <= 24 else max(0.12, 11.0 / nl)
+    width = min(13.0, max(6.4, 2.6 + cell_w * nl))
+    panel_h = 0.55 + 0.32 * min(nt, 24)
+    fig = MplFigure(figsize=(width, 2 * panel_h + 0.9), layout="constrained")
+    axes = fig.subplots(2, 1)
+    cell_in = (width - 2.6) / nl
     pos = s1[np.isfinite(s1) & (s1 > 0)]
     s1_norm = (LogNorm(vmin=pos.min(), vmax=pos.max()) if pos.size and pos.max() > 10 * pos.min()
                else Normalize(vmin=np.nanmin(s1), vmax=np.nanmax(s1)))
     panels = (
         (axes[0], er, Normalize(vmin=0, vmax=max(report.summary["max_rank"], 1)), "viridis",
-         f"energy rank at τ = {report.energy:g}", lambda v: f"{int(v)}"),
-        (axes[1], s1, s1_norm, "magma", r"$\sigma_1 = \Vert\Delta W\Vert_2$", lambda v: f"{v:.2g}"),
+         f"energy rank at τ = {report.energy:g}", lambda v: f"{int(v)}", cell_in >= 0.2),
+        (axes[1], s1, s1_norm, "magma", r"$\sigma_1 = \Vert\Delta W\Vert_2$", lambda v: f"{v:.2g}", cell_in >= 0.4),
     )
-    cmap_bad = "#eeeeee"
-    for ax, grid, norm, cmap_name, title, fmt in panels:
+    for ax, grid, norm, cmap_name, title, fmt, annotate in panels:
         cmap = matplotlib.colormaps[cmap_name].copy()
-        cmap.set_bad(cmap_bad)
+        cmap.set_bad("#eeeeee")
         im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
         ax.set_title(title, fontsize=10)
-        ax.set_xticks(range(nt), types, rotation=40, ha="right", fontsize=8)
-        step = max(1, nl // 40)
-        ax.set_yticks(range(0, nl, step), ylabels[::step], fontsize=7)
-        ax.set_ylabel(yname or "layer", fontsize=8)
-        fig.colorbar(im, ax=ax, shrink=0.9)
-        if annotate:
-            for i in range(nl):
-                for j in range(nt):
+        step = max(1, nl // 48)
+        ax.set_xticks(range(0, nl, step), xlabels[::step], fontsize=7, rotation=0 if max(map(len, xlabels)) <= 3 else 60)
+        ax.set_yticks(range(nt), types, fontsize=8)
+        ax.set_xlabel(xname or "layer", fontsize=8)
+        fig.colorbar(im, ax=ax, shrink=0.95, pad=0.01)
+        if annotate and nl * nt <= 1500:
+            for i in range(nt):
+                for j in range(nl):
                     v = grid[i, j]
                     if np.isfinite(v):
                         rgba = cmap(norm(v))
                         light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.55
                         ax.text(j, i, fmt(v), ha="center", va="center", fontsize=7, color="black" if light else "white")
-    fig.suptitle(f"layers × module types (max over modules in a cell; grey: not adapted)", fontsize=10)
+    fig.suptitle("module types × layers (max over the modules in a cell; grey: not adapted)", fontsize=10)
     return Figure("heatmap", "energy rank and σ₁ by layer × module type", _png(fig))
 
 
@@ -278,7 +280,7 @@ def _type_figure(report: RankReport, mtype: str, mpl) -> Figure:
     drawn = [r for r in res if r.singular_values is not None and len(r.singular_values) and r.singular_values[0] > 0]
     ranks = sorted({r.module.rank for r in res})
     k_type = max((r.energy_rank for r in drawn), default=None)
-    fig = MplFigure(figsize=(10.0, 3.6), layout="constrained")
+    fig = MplFigure(figsize=(9.0, 3.4), layout="constrained")
     ax_sv, ax_cum = fig.subplots(1, 2)
     cmap = matplotlib.colormaps["viridis"]
     norm = Normalize(vmin=0, vmax=max(len(res) - 1, 1))
@@ -355,8 +357,8 @@ def truncate_commands(report: RankReport) -> list[tuple[str, str]]:
     if s["uniform_rank"] < s["max_rank"]:
         k = s["uniform_rank"]
         out.append((
-            f"one rank for every module (keeps ≥ {report.energy:g} of Σσ² in each, min {s['uniform_min_retained_energy']:.4f}): "
-            f"{fmt_count(s['params']['now'])} → {fmt_count(s['params']['uniform'])} parameters",
+            f"one rank for all modules: {fmt_count(s['params']['now'])} → {fmt_count(s['params']['uniform'])} parameters, "
+            f"each keeps ≥ {s['uniform_min_retained_energy']:.4f} of its energy",
             f"lora-inspect truncate {shlex.quote(str(p))} -o {shlex.quote(_suggested_out(p, f'r{k}'))} --rank {k}",
         ))
     if s["params"]["pattern"] < s["params"]["now"]:
@@ -438,7 +440,8 @@ td.k{color:var(--muted);white-space:nowrap}
 img.plot{width:100%;height:auto;border:1px solid var(--line);border-radius:4px;background:#fff}
 .bar{height:10px;background:var(--acc);border-radius:2px;min-width:1px}
 .barbox{width:140px;background:var(--soft);border-radius:2px}
-pre{background:#0f1720;color:#e6edf3;padding:10px 12px;border-radius:6px;overflow-x:auto;font-size:12.5px}
+pre{background:#0f1720;color:#e6edf3;padding:10px 12px;border-radius:6px;white-space:pre-wrap;overflow-wrap:anywhere;font-size:12.5px}
+pre .c{color:#8b98a9}
 code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 ul.flags{margin:4px 0;padding-left:18px}.warn{color:var(--acc)}
 .empty{color:var(--muted);font-style:italic;padding:8px 0}
@@ -566,7 +569,7 @@ def page_html(reports: list[RankReport], figs: list[AdapterFigures], *, command:
         if not lines and not mods:
             return '<p class="empty">no flags: every module is finite, non-zero and not dominated by one direction</p>'
         out = "<ul class=\"flags\">" + "".join(
-            f'<li class="{"warn" if ln.startswith("!") else ""}">{_e(ln)}</li>' for ln in lines) + "</ul>"
+            f'<li class="{"warn" if ln.startswith("!") else ""}">{_e(ln.lstrip("!· "))}</li>' for ln in lines) + "</ul>"
         if mods:
             out += _html_table(Table(f"{len(mods)} flagged modules", ["module", "flags"], mods[:200],
                                      justify=["left", "left"]))
@@ -578,7 +581,7 @@ def page_html(reports: list[RankReport], figs: list[AdapterFigures], *, command:
         cmds = truncate_commands(r)
         out = f"<p>{_e(action_line(r))}</p>"
         if cmds:
-            out += "<pre><code>" + "\n".join(f"# {_e(c)}\n{_e(cmd)}" for c, cmd in cmds) + "</code></pre>"
+            out += "<pre><code>" + "\n".join(f'<span class="c"># {_e(c)}</span>\n{_e(cmd)}' for c, cmd in cmds) + "</code></pre>"
         return out
 
     section("apply", per_adapter(apply))
