@@ -116,7 +116,7 @@ def diff_view(res: DiffResult, max_rows: int | None = 40) -> View:
         rows.append((
             d.name, shape, d.rank_a, d.rank_b, _num(d.norm_a, 3), _num(d.rel_distance), _num(d.cosine),
             _num(d.phi), d.phi_dim if d.phi_dim is not None else "-",
-            "" if d.status == STATUS_OK else d.status,
+            d.status if d.status != STATUS_OK else ("zero ΔW" if d.notes else ""),
         ))
     title = f"{len(res.modules)} modules in both" + (
         f" (first {max_rows}; --all for every module)" if max_rows is not None and len(res.modules) > max_rows else ""
