@@ -350,6 +350,10 @@ def footprint(
     doc["serving"] = serving_memory(adapter, base, dtype=o["serving_dtype"], max_loras=o["max_loras"],
                                     max_lora_rank=o["max_lora_rank"])
     doc["base"] = base.summary() if base is not None else None
+    if base is not None:
+        doc["base"]["unmatched_modules"] = sum(
+            1 for m in adapter.modules
+            if m.name not in base.modules or (base.modules[m.name].out, base.modules[m.name].inp) != tuple(m.shape))
     doc["vram"] = None
     if base is not None:
         dropout = _dropout_of(adapter) if o["dropout"] is None else bool(o["dropout"])
@@ -369,7 +373,7 @@ def footprint(
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 10_000_000 else fmt_bytes(n)
 
 
 def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
@@ -413,6 +417,9 @@ def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
         )
     if not v["fits"]:
         footer.append(f"! the adapter's rank exceeds max_lora_rank={v['max_lora_rank']}: vLLM refuses it")
+    if doc["base"] and doc["base"]["unmatched_modules"]:
+        footer.append(f"! {doc['base']['unmatched_modules']} of {len(doc['by_type']) and sum(g['modules'] for g in doc['by_type'].values())} "
+                      f"modules do not match {doc['base']['name']} by name and shape (lora-inspect check --base tells which)")
     if doc["vram"]:
         tr, inf = doc["vram"]["training"], doc["vram"]["inference"]
         s = tr["settings"]

@@ -150,6 +150,8 @@ def test_footprint_document_uses_adapter_dropout(qvd):
     assert not no["vram"]["training"]["settings"]["dropout"]
     assert doc["vram"]["training"]["total_bytes"] > no["vram"]["training"]["total_bytes"]
     assert footprint(ad)["vram"] is None
+    assert doc["base"]["unmatched_modules"] == 0
+    assert footprint(ad, None, load_base("llama-2-7b"))["base"]["unmatched_modules"] == len(ad.modules)
 
 
 def test_cli_json(qvd):
