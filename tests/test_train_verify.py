@@ -1,0 +1,124 @@
+"""verify and the train/verify commands: text task, JSON schema, bad input as one-line InspectError."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from lora_inspect.errors import InspectError
+from lora_inspect.train import TrainConfig, run_training
+from lora_inspect.train.cli import train as train_cmd
+from lora_inspect.train.cli import verify as verify_cmd
+from lora_inspect.train.verify import verify
+
+TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. " * 3
+        + "The quick brown fox jumps over the lazy dog; the dog, unbothered, sleeps on. " * 4
+        + "Rain fell on the harbour all night and the boats knocked softly together. " * 4) * 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("text")
+    data = d / "corpus.txt"
+    data.write_text(TEXT, encoding="utf-8")
+    out = d / "run"
+    s = run_training(out, task="text", data=data, rank=8, targets=["q_proj", "v_proj", "up_proj"], seq_len=32,
+                     train_cfg=TrainConfig(steps=60, batch_size=8, lr=1e-2, eval_every=0, progress=False))
+    torch.set_num_threads(n)
+    return out, data, s
+
+
+def test_text_run_learns_and_verifies(text_run):
+    out, data, s = text_run
+    assert s["final"]["loss"] < s["initial"]["loss"] - 0.2
+    r = verify(out)
+    (own,) = r["results"]
+    assert own["loss"] == pytest.approx(s["final"]["loss"], rel=1e-4)
+    assert own["perplexity"] == pytest.approx(torch.tensor(own["loss"]).exp().item(), rel=1e-6)
+    assert r["base_loss"] > own["loss"]
+    assert not (out / "teacher_delta.safetensors").exists()
+    # --data: evaluate on another text
+    r2 = verify(out, data=data)
+    assert r2["results"][0]["loss"] != own["loss"]
+
+
+def test_cli_verify_json(text_run, tmp_path):
+    out, _, _ = text_run
+    # a "rewrite": the same adapter at half the scale (alpha halved) — a PEFT dir
+    half = tmp_path / "half"
+    half.mkdir()
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = cfg["lora_alpha"] / 2
+    (half / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(load_file(str(out / "adapter_model.safetensors")), str(half / "adapter_model.safetensors"), metadata={"format": "pt"})
+    res = CliRunner().invoke(verify_cmd, [str(out), str(half), "--json"])
+    assert res.exit_code == 0, res.output
+    js = json.loads(res.stdout)
+    assert js["schema"] == "lora-inspect/verify/1" and set(js) == {"schema", "base_loss", "results"}
+    a, b = js["results"]
+    assert set(a) == {"adapter", "loss", "perplexity", "kl_to_first", "top1_agreement"}
+    assert a["kl_to_first"] == 0.0 and a["top1_agreement"] == 1.0
+    assert b["kl_to_first"] > 1e-4 and b["loss"] > a["loss"]
+    table = CliRunner().invoke(verify_cmd, [str(out), str(half)])
+    assert table.exit_code == 0 and "top-1 agreement" in table.output
+
+
+def test_cli_train_and_refuse_non_empty(tmp_path):
+    out = tmp_path / "o"
+    args = ["--task", "planted", "--rank", "2", "--steps", "3", "--batch-size", "2", "--seq-len", "8",
+            "--targets", "q_proj", "--no-progress", "--out", str(out)]
+    res = CliRunner().invoke(train_cmd, args)
+    assert res.exit_code == 0, res.output
+    assert (out / "adapter_model.safetensors").is_file()
+    res = CliRunner().invoke(train_cmd, args)
+    assert isinstance(res.exception, InspectError) and "not empty" in str(res.exception)
+    assert CliRunner().invoke(train_cmd, args + ["--force"]).exit_code == 0
+    assert "Example" in CliRunner().invoke(train_cmd, ["--help"]).output
+    assert "Example" in CliRunner().invoke(verify_cmd, ["--help"]).output
+
+
+def test_bad_inputs(text_run, tmp_path):
+    out, _, _ = text_run
+    with pytest.raises(InspectError, match="no such directory"):
+        verify(tmp_path / "missing")
+    with pytest.raises(InspectError, match="task.json"):
+        verify(tmp_path)
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    cfg = (out / "adapter_config.json").read_text()
+    # unknown module name
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(cfg)
+    save_file({k.replace("layers.0", "layers.7"): v for k, v in sd.items()}, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(InspectError, match="not a module of the base model"):
+        verify(out, [bad])
+    # shape mismatch: a q_proj factor put on up_proj
+    shp = tmp_path / "shape"
+    shp.mkdir()
+    (shp / "adapter_config.json").write_text(cfg)
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    u = "base_model.model.model.layers.0.mlp.down_proj"
+    save_file({f"{u}.lora_A.weight": sd[f"{q}.lora_A.weight"], f"{u}.lora_B.weight": sd[f"{q}.lora_B.weight"]},
+              str(shp / "adapter_model.safetensors"))
+    with pytest.raises(InspectError, match="shape"):
+        verify(out, [shp])
+    with pytest.raises(InspectError):
+        verify(out, [tmp_path / "nothing-here"])
+    with pytest.raises(InspectError, match="--data"):
+        run_training(tmp_path / "x", task="text", rank=2, train_cfg=TrainConfig(steps=1, progress=False))
+    with pytest.raises(InspectError, match="neither a size"):
+        run_training(tmp_path / "y", task="planted", rank=2, model="huge", train_cfg=TrainConfig(steps=1, progress=False))
