@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from .formats.tensors import TensorInfo, TensorSource
+
+# torch is imported where tensor data is touched: header-only commands (info, check) stay light.
 
 __all__ = ["Module", "Adapter", "module_type", "module_layer"]
 
@@ -76,8 +78,11 @@ class Module:
     def is_dora(self) -> bool:
         return self.magnitude_key is not None
 
-    def factors(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read (B, A) in linear orientation, *unscaled*: ΔW = self.scale · B @ A."""
+    def factors(self, dtype: "torch.dtype | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read (B, A) in linear orientation, *unscaled*: ΔW = self.scale · B @ A (float64 by default)."""
+        import torch
+
+        dtype = dtype or torch.float64
         a = self.source.get(self.a_key).to(dtype)
         b = self.source.get(self.b_key).to(dtype)
         if self.orient == ORIENT_EMBEDDING:
@@ -90,7 +95,7 @@ class Module:
             a = a * self.source.get(self.e_key).to(dtype).reshape(-1, 1)
         return b, a
 
-    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def delta(self, dtype: "torch.dtype | None" = None) -> torch.Tensor:
         """The dense ΔW (out, in) — for tests and small models only."""
         b, a = self.factors(dtype)
         return self.scale * (b @ a)
@@ -98,12 +103,12 @@ class Module:
     def magnitude(self) -> torch.Tensor | None:
         if self.magnitude_key is None:
             return None
-        return self.source.get(self.magnitude_key).to(torch.float64).reshape(-1)
+        return self.source.get(self.magnitude_key).double().reshape(-1)
 
     def bias(self) -> torch.Tensor | None:
         if self.bias_key is None:
             return None
-        return self.source.get(self.bias_key).to(torch.float64)
+        return self.source.get(self.bias_key).double()
 
 
 @dataclass

@@ -33,7 +33,23 @@ def _fail(message: str) -> None:
 
 
 class _Group(click.Group):
-    """A click group that reports InspectError (and anything unexpected) as one line, exit 2."""
+    """A click group that imports commands when they are used and reports InspectError (and anything
+    unexpected) as one line, exit 2."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from .commands import COMMANDS
+
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        from importlib import import_module
+
+        from .commands import COMMANDS
+
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(import_module(module), attr)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -75,12 +91,3 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
-
-def _register() -> None:
-    from .commands import COMMANDS
-
-    for cmd in COMMANDS:
-        main.add_command(cmd)
-
-
-_register()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from .adapter import Adapter
-from .analysis import RankReport
 from .render import Table, View, fmt_bytes, fmt_count, fmt_float, sparkline
 
 __all__ = ["info_view", "rank_view", "adapter_summary", "INFO_SCHEMA", "RANK_SCHEMA"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .analysis import RankReport
 
 INFO_SCHEMA = "lora-inspect/info/1"
 RANK_SCHEMA = "lora-inspect/rank/1"

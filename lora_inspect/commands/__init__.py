@@ -1,29 +1,21 @@
-"""Click commands, one module per feature; wiring only (the work lives in the library modules)."""
+"""Click commands, one module per feature; wiring only (the work lives in the library modules).
+
+Commands are imported when invoked (``cli._Group`` resolves them lazily), so a header-only command
+such as ``info`` does not pay for importing torch.
+"""
 
 from __future__ import annotations
 
-from .inspect import info, rank
-
-COMMANDS = [info, rank]
-
-# Optional feature modules register themselves here when present.
-for _mod, _names in (
-    ("rewrite", ("truncate", "rescale")),
-    ("footprint", ("footprint",)),
-    ("check", ("check",)),
-    ("report", ("report", "diff")),
-):
-    try:
-        _m = __import__(f"{__name__}.{_mod}", fromlist=list(_names))
-    except ModuleNotFoundError as _e:  # not built yet
-        if _e.name and _e.name.endswith(_mod):
-            continue
-        raise
-    COMMANDS.extend(getattr(_m, n) for n in _names)
-try:
-    from ..train.cli import train, verify
-
-    COMMANDS.extend([train, verify])
-except ModuleNotFoundError as _e:  # the training core is optional until built
-    if not (_e.name or "").startswith("lora_inspect.train"):
-        raise
+# name → "module:attribute", in the order `lora-inspect --help` lists them
+COMMANDS: dict[str, str] = {
+    "info": "lora_inspect.commands.inspect:info",
+    "rank": "lora_inspect.commands.inspect:rank",
+    "truncate": "lora_inspect.commands.rewrite:truncate",
+    "rescale": "lora_inspect.commands.rewrite:rescale",
+    "footprint": "lora_inspect.commands.footprint:footprint",
+    "check": "lora_inspect.commands.check:check",
+    "diff": "lora_inspect.commands.report:diff",
+    "report": "lora_inspect.commands.report:report",
+    "train": "lora_inspect.train.cli:train",
+    "verify": "lora_inspect.train.cli:verify",
+}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
-from ..analysis import DEFAULT_ENERGY, analyse
 from ..formats import load_adapter
 from ..render import emit, progress
 from ..views import info_view, rank_view
 from ._options import output_options
+
+DEFAULT_ENERGY = 0.95  # == analysis.DEFAULT_ENERGY (kept here so `info` does not import torch)
 
 __all__ = ["info", "rank"]
 
@@ -56,6 +57,8 @@ def rank(adapter: str, energy: float, module_regex: str | None, precision: str, 
 
     Spectra come from QR factors of B and Aᵀ and an r×r SVD — never the dense out×in product.
     """
+    from ..analysis import analyse
+
     ad = load_adapter(adapter)
     n = len(ad.modules)
     with progress(n, "spectra", enabled=fmt == "table") as advance:

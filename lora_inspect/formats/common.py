@@ -124,10 +124,7 @@ def build_module(
     r = r_a
     known = alpha is not None
     if alpha is None and "alpha" in roles:
-        a_t = source.get(roles["alpha"])
-        if a_t.numel() != 1:
-            raise InspectError(f"module {name!r}: alpha tensor {roles['alpha']!r} must be a scalar, found {tuple(a_t.shape)}")
-        alpha = float(a_t.reshape(-1)[0])
+        alpha = source.scalar(roles["alpha"])
         known = True
         if not math.isfinite(alpha):
             raise InspectError(f"module {name!r}: alpha tensor {roles['alpha']!r} is {alpha}")

@@ -14,10 +14,12 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import InspectError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 __all__ = ["TensorInfo", "TensorSource", "SafetensorsSource", "StateDictSource", "open_tensors", "DTYPE_SIZES"]
 
@@ -28,11 +30,25 @@ DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }
-_TORCH_TO_ST = {
-    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
-    torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.int64: "I64", torch.float64: "F64",
+_TORCH_NAMES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "float16": "F16",
+    "bfloat16": "BF16", "int32": "I32", "float32": "F32", "int64": "I64", "float64": "F64",
 }
-ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
+# header-only work (info, check) never imports torch; the dtype maps are built on first use
+_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+
+
+def __getattr__(name: str):  # PEP 562: ST_TO_TORCH / TORCH_TO_ST without importing torch at module load
+    if name in ("ST_TO_TORCH", "TORCH_TO_ST"):
+        import torch
+
+        t2s = {getattr(torch, k): v for k, v in _TORCH_NAMES.items()}
+        globals()["TORCH_TO_ST"] = t2s
+        globals()["ST_TO_TORCH"] = {v: k for k, v in t2s.items()}
+        return globals()[name]
+    raise AttributeError(name)
+
+
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
@@ -42,6 +58,7 @@ class TensorInfo:
     dtype: str  # safetensors name: "F32", "BF16", …
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # start of the data, relative to the end of the header (safetensors only)
 
     @property
     def numel(self) -> int:
@@ -63,6 +80,13 @@ class TensorSource:
 
     def keys(self) -> list[str]:
         return list(self.tensors)
+
+    def scalar(self, key: str) -> float:
+        """The value of a one-element tensor (a kohya/diffusers ``.alpha``)."""
+        t = self.get(key)
+        if t.numel() != 1:
+            raise InspectError(f"{self.path}: tensor {key!r} must hold one value, found shape {tuple(t.shape)}")
+        return float(t.reshape(-1)[0])
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
@@ -121,7 +145,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raise InspectError(
                 f"{path}: tensor {key!r}: {offs[1] - offs[0]} bytes stored but {dtype} {shape} needs {nbytes}"
             )
-        tensors[key] = TensorInfo(key, dtype, tuple(shape), nbytes)
+        tensors[key] = TensorInfo(key, dtype, tuple(shape), nbytes, offs[0])
         spans.append((offs[0], offs[1], key))
     spans.sort()
     for (s0, e0, k0), (s1, e1, k1) in zip(spans, spans[1:]):
@@ -138,6 +162,24 @@ class SafetensorsSource(TensorSource):
         self.tensors, self.metadata, self.data_start = read_safetensors_header(path)
         self._handle = None
 
+    def scalar(self, key: str) -> float:
+        """Read a one-element tensor straight from the file (no torch), e.g. a kohya ``.alpha``."""
+        info = self.tensors.get(key)
+        if info is None:
+            raise InspectError(f"{self.path}: no tensor named {key!r}")
+        if info.numel != 1:
+            raise InspectError(f"{self.path}: tensor {key!r} must hold one value, found shape {info.shape}")
+        if info.dtype == "BF16":
+            fmt, pad = "<f", b"\0\0"  # bf16 is the high half of an f32
+        elif info.dtype in _SCALAR_FORMATS:
+            fmt, pad = _SCALAR_FORMATS[info.dtype], b""
+        else:
+            return super().scalar(key)
+        with self.path.open("rb") as f:
+            f.seek(self.data_start + info.offset)
+            raw = f.read(info.nbytes)
+        return float(struct.unpack(fmt, pad + raw)[0])
+
     def _open(self):
         if self._handle is None:
             from safetensors import safe_open
@@ -152,7 +194,7 @@ class SafetensorsSource(TensorSource):
         if key not in self.tensors:
             raise InspectError(f"{self.path}: no tensor named {key!r}")
         info = self.tensors[key]
-        if info.dtype not in ST_TO_TORCH:
+        if info.dtype not in _TORCH_NAMES.values():
             raise InspectError(f"{self.path}: tensor {key!r} has dtype {info.dtype}, which cannot be analysed")
         try:
             return self._open().get_tensor(key)
@@ -171,7 +213,7 @@ class StateDictSource(TensorSource):
         self.metadata = metadata or {}
         self.tensors = {}
         for k, t in state.items():
-            dt = _TORCH_TO_ST.get(t.dtype)
+            dt = _TORCH_NAMES.get(str(t.dtype).removeprefix("torch."))
             if dt is None:
                 raise InspectError(f"{path}: tensor {k!r} has unsupported dtype {t.dtype}")
             self.tensors[k] = TensorInfo(k, dt, tuple(t.shape), t.numel() * t.element_size())
@@ -184,6 +226,8 @@ class StateDictSource(TensorSource):
 
 def load_bin(path: Path) -> StateDictSource:
     """Read a pickled state dict without executing code (``weights_only=True``)."""
+    import torch
+
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not the user's concern, and not one line
             warnings.simplefilter("ignore")

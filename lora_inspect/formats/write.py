@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import InspectError
-from .tensors import _TORCH_TO_ST
+from .tensors import TORCH_TO_ST
 
 __all__ = [
     "write_safetensors",
@@ -51,7 +51,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     """Write a safetensors file deterministically; returns the bytes written."""
     items = []
     for key, t in tensors.items():
-        if t.dtype not in _TORCH_TO_ST:
+        if t.dtype not in TORCH_TO_ST:
             raise InspectError(f"{path}: cannot store tensor {key!r} of dtype {t.dtype}")
         items.append((key, t.detach().to("cpu").contiguous()))
     items.sort(key=lambda kv: (-kv[1].element_size(), kv[0]))
@@ -59,7 +59,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     offset = 0
     for key, t in items:
         n = t.numel() * t.element_size()
-        header[key] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[key] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
