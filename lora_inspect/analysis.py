@@ -11,7 +11,6 @@ import os
 import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -21,7 +20,7 @@ import torch
 from .adapter import Adapter, Module, module_layer, module_type
 from .errors import InspectError
 from .formats.tensors import DTYPE_SIZES
-from .spectrum import core_singular_values, r_factor, retained_energy, spectrum_stats
+from .spectrum import compute_dtype, core_singular_values, r_factor, retained_energy, single_threaded_torch, spectrum_stats
 
 __all__ = ["ModuleResult", "RankReport", "analyse", "DEFAULT_ENERGY", "uniform_rank", "compute_spectra"]
 
@@ -56,32 +55,11 @@ class RankReport:
     summary: dict = field(default_factory=dict)
 
 
-def _compute_dtype(modules: Iterable[Module], precision: str) -> torch.dtype:
-    if precision == "fp64":
-        return torch.float64
-    if precision == "fp32":
-        return torch.float32
-    # auto: 16-bit data carries 8–11 significant bits; an fp32 QR is exact far beyond that.
-    return torch.float32 if all(DTYPE_SIZES.get(m.dtype, 4) <= 2 for m in modules) else torch.float64
-
-
 def _workers() -> int:
     env = os.environ.get("LORA_INSPECT_THREADS")
     if env:
         return max(1, int(env))
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
-
-
-@contextmanager
-def _single_threaded_torch():
-    """One intra-op thread per worker: on a small shared machine, torch's own threading on these
-    tall-skinny QRs was erratic; parallelism across modules is steadier."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -109,7 +87,7 @@ def compute_spectra(
     workers = workers or _workers()
 
     def reduce(m: Module):
-        dtype = _compute_dtype([m], precision)
+        dtype = compute_dtype(m.dtype, precision)
         if m.rank == 0:
             return m, None, None, []
         b, a = m.factors(dtype)
@@ -119,7 +97,7 @@ def compute_spectra(
         return m, rb, r_factor(a.T), [] if rb.any() else [FLAG_ZERO_B]  # R_b = 0 exactly when B = 0
 
     reduced = []
-    with _single_threaded_torch():
+    with single_threaded_torch():
         if workers > 1 and len(modules) > 1:
             with ThreadPoolExecutor(workers) as pool:
                 for item in pool.map(reduce, modules):

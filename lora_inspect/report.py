@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 import os
 import re
 import shlex
@@ -538,9 +537,9 @@ def page_html(reports: list[RankReport], figs: list[AdapterFigures], *, command:
     section("heatmap", per_adapter(
         lambda r, f, lab: _img(f.heatmap, "heatmap", lab) if f.heatmap else '<p class="empty">nothing to plot</p>'))
     types = sorted({t for f in figs for t in f.types}, key=_natural)
-    body = [f'<p class="meta">Left: σᵢ of each module\'s ΔW on a log scale, one line per module coloured by layer, '
-            f"dots at each module's energy rank. Right: Σ_{{i≤k}} σᵢ² / Σ σᵢ², the fraction of ‖ΔW‖²_F a rank-k "
-            f"truncation keeps (Eckart–Young); dotted: τ; dashed: the type's recommended rank.</p>"]
+    body = ['<p class="meta">Left: σᵢ of each module\'s ΔW on a log scale, one line per module coloured by layer, '
+            "dots at each module's energy rank. Right: Σ_{i≤k} σᵢ² / Σ σᵢ², the fraction of ‖ΔW‖²_F a rank-k "
+            "truncation keeps (Eckart–Young); dotted: τ; dashed: the type's recommended rank.</p>"]
     for t in types:
         cells = [(_img(f.types[t], "spectrum", lab) if t in f.types else '<p class="empty">not adapted</p>')
                  for lab, f in zip(labels, figs)]

@@ -35,10 +35,9 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -46,154 +45,26 @@ import torch
 from .adapter import ORIENT_EMBEDDING, ORIENT_MLX, Adapter, Module, module_type
 from .errors import InspectError
 from .formats import load_adapter
-from .formats.common import scale_for
 from .formats.tensors import DTYPE_SIZES, ST_TO_TORCH
 from .formats.write import AtomicOutput, check_output_path, write_adapter
-from .spectrum import energy_rank, relative_error, retained_energy
+from .spectrum import Decomposition, compute_dtype, decompose, energy_rank, relative_error, retained_energy, single_threaded_torch
 
 __all__ = [
     "TruncateSpec",
     "ModuleChange",
     "TruncateResult",
     "RescaleResult",
-    "Decomposition",
-    "decompose",
     "greedy_budget_ranks",
     "choose_ranks",
     "truncate",
     "rescale",
-    "parse_size",
     "SCALE_RANGE",
 ]
 
 SCALE_RANGE = (0.5, 2.0)  # the usual α/r (α/√r for rsLoRA) range; outside it a warning is given
-_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
-          "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str, *, what: str = "size") -> int:
-    """'20M' → 20_000_000, '1.5GB' → 1_500_000_000, '512MiB' → 536_870_912 (SI: powers of 10; IEC: of 2)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).upper() if m else None
-    if not m or unit not in _UNITS:
-        raise InspectError(f"{what} {text!r} not understood (examples: 20M, 1.5GB, 512MiB)")
-    n = float(m.group(1)) * _UNITS[unit]
-    if not math.isfinite(n) or n <= 0:
-        raise InspectError(f"{what} {text!r} must be positive")
-    return int(n)
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """LAPACK QR on the thin factors runs best (and steadily) on one thread on this class of machine
-    (``../shared/docs/metrics.md``: two threads were erratic under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _compute_dtype(m: Module) -> torch.dtype:
-    return torch.float32 if DTYPE_SIZES.get(m.dtype, 4) <= 2 else torch.float64
 
 
 # ----------------------------------------------------------------------------- maths
-
-
-# CholeskyQR is used when κ(factor) is at most this (per compute dtype): its R then carries a relative
-# error ≈ u_compute·κ² (Higham, "Accuracy and Stability of Numerical Algorithms", §19.8; Fukaya et al.
-# 2014), below the rounding of the stored result (bf16/fp16 → float32 compute: 6e-8·100² = 6e-4 < 2^-8·…;
-# fp32/fp64 → float64 compute: 1.1e-16·1e4² = 1e-8 < 2^-24). Otherwise Householder (geqrf) is used.
-_CHOL_MAX_COND = {torch.float32: 1e2, torch.float64: 1e4}
-
-
-@dataclass
-class Decomposition:
-    """ΔW = s·B@A = (B M_b) diag(S) (N_a A) with B M_b = Q_b U and N_a A = Vᵀ Q_aᵀ orthonormal.
-
-    Two routes to the same R factors (B = Q_b R_b, Aᵀ = Q_a R_a): CholeskyQR (R = chol(BᵀB)ᵀ, then
-    Q_b = B R_b⁻¹ is never formed: only the small r×k product R_b⁻¹ U_k √S_k is) for well-conditioned
-    factors, or Householder reflectors (``geqrf``/``ormqr``) otherwise."""
-
-    b: torch.Tensor | None  # CholeskyQR route: the factors themselves
-    a: torch.Tensor | None
-    rb: torch.Tensor | None  # float64 upper-triangular R factors (Cholesky route)
-    ra: torch.Tensor | None
-    hb: torch.Tensor | None  # Householder route
-    tb: torch.Tensor | None
-    ha: torch.Tensor | None
-    ta: torch.Tensor | None
-    out_dim: int
-    in_dim: int
-    u: torch.Tensor  # (p, r') float64
-    s: torch.Tensor  # (r',) float64, descending
-    vh: torch.Tensor  # (r', q) float64
-
-    @property
-    def singular_values(self) -> np.ndarray:
-        return self.s.numpy().copy()
-
-    def factors(self, keep: int, stored: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B′ (out, stored), A′ (stored, in)) in the compute dtype: B′@A′ is the best rank-``keep``
-        approximation of ΔW (scale included); columns/rows past ``keep`` are zero."""
-        stored = keep if stored is None else stored
-        keep = min(keep, self.s.shape[0])
-        dt = (self.b if self.b is not None else self.hb).dtype
-        root = self.s[:keep].sqrt()
-        if self.b is not None:
-            mb = torch.zeros(self.rb.shape[0], stored, dtype=torch.float64)
-            ma = torch.zeros(self.ra.shape[0], stored, dtype=torch.float64)
-            if keep:  # B′ = B R_b⁻¹ U_k √S_k, A′ = √S_k V_kᵀ R_a⁻ᵀ A
-                mb[:, :keep] = torch.linalg.solve_triangular(self.rb, self.u[:, :keep] * root, upper=True)
-                ma[:, :keep] = torch.linalg.solve_triangular(self.ra, self.vh[:keep].T * root, upper=True)
-            return self.b @ mb.to(dt), ma.T.to(dt) @ self.a
-        cb = torch.zeros(self.out_dim, stored, dtype=dt)
-        ca = torch.zeros(self.in_dim, stored, dtype=dt)
-        if keep:
-            cb[: self.u.shape[0], :keep] = (self.u[:, :keep] * root).to(dt)
-            ca[: self.vh.shape[1], :keep] = (self.vh[:keep].T * root).to(dt)
-            b = torch.ormqr(self.hb, self.tb, cb)
-            at = torch.ormqr(self.ha, self.ta, ca)
-        else:
-            b, at = cb, ca
-        return b, at.T
-
-
-def _chol_r(x: torch.Tensor, xt_first: bool) -> torch.Tensor | None:
-    """Upper R (float64) with RᵀR = XᵀX (X = x, or xᵀ when ``xt_first``), or None when X is too
-    ill-conditioned for CholeskyQR in x's dtype (or rank deficient)."""
-    g = ((x @ x.T) if xt_first else (x.T @ x)).to(torch.float64)
-    ev = torch.linalg.eigvalsh(g)  # κ(X)² = λmax/λmin of the Gram matrix
-    if not (torch.isfinite(ev).all() and ev[0] > 0 and float(ev[-1] / ev[0]) <= _CHOL_MAX_COND.get(x.dtype, 1e2) ** 2):
-        return None
-    l, info = torch.linalg.cholesky_ex(g)
-    return l.T if int(info) == 0 else None
-
-
-def decompose(b: torch.Tensor, a: torch.Tensor, scale: float) -> Decomposition:
-    """R factors of B and Aᵀ (CholeskyQR when well conditioned, else Householder) and the float64 SVD of
-    the core s·R_b R_aᵀ. Raises ValueError when the factors hold NaN/inf (they always reach R)."""
-    out_dim, r = b.shape
-    in_dim = a.shape[1]
-    rb = _chol_r(b, False) if out_dim >= r else None
-    ra = _chol_r(a, True) if rb is not None and in_dim >= r else None
-    if rb is not None and ra is not None:
-        hb = tb = ha = ta = None
-        keep_b, keep_a = b, a
-    else:
-        hb, tb = torch.geqrf(b)
-        ha, ta = torch.geqrf(a.T.contiguous())
-        rb = torch.triu(hb[: min(out_dim, r)]).to(torch.float64)
-        ra = torch.triu(ha[: min(in_dim, r)]).to(torch.float64)
-        keep_b = keep_a = None
-    if not (torch.isfinite(rb).all() and torch.isfinite(ra).all()):
-        raise ValueError("non-finite factors")
-    u, s, vh = torch.linalg.svd(scale * (rb @ ra.T), full_matrices=False)
-    if keep_b is not None:
-        return Decomposition(keep_b, keep_a, rb, ra, None, None, None, None, out_dim, in_dim, u, s, vh)
-    return Decomposition(None, None, None, None, hb, tb, ha, ta, out_dim, in_dim, u, s, vh)
 
 
 def greedy_budget_ranks(spectra: list[np.ndarray], costs: list[int], caps: list[int], budget: float) -> list[int]:
@@ -468,7 +339,7 @@ def _verify(
         if m.rank != rank:
             raise InspectError(f"self-check failed: {m.name} stored rank {m.rank}, intended {rank}")
         try:
-            got = decompose(*m.factors(_compute_dtype(m)), m.scale).singular_values
+            got = decompose(*m.factors(compute_dtype(m.dtype)), m.scale).singular_values
         except ValueError:
             raise InspectError(f"self-check failed: {m.name} holds NaN/inf after writing") from None
         n = max(len(got), len(want))
@@ -576,9 +447,9 @@ def truncate(
     decomps: dict[str, Decomposition] = {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     spectra: list[np.ndarray] = []
-    with _one_thread():
+    with single_threaded_torch():
         for m in modules:
-            b, a = m.factors(_compute_dtype(m))
+            b, a = m.factors(compute_dtype(m.dtype))
             try:
                 d = decompose(b, a, m.scale)
             except ValueError:
@@ -702,7 +573,7 @@ def _write_checked(ad, out, out_fmt, tensors, metadata, config, expected, droppe
         write_adapter(atomic.tmp, fmt=out_fmt, input_weights=ad.weights_path if ad.format == "peft" else
                       Path("adapter_model" + ad.weights_path.suffix), tensors=tensors, metadata=metadata or None,
                       config=config, copy_files=copy_files)
-        with _one_thread():
+        with single_threaded_torch():
             max_err = _verify(atomic.tmp, expected, dropped, list(ad.extras), out_fmt)
         atomic.commit()
     if out.is_dir():
@@ -755,7 +626,7 @@ def rescale(
         warnings.append("DoRA: alpha is not a pure strength knob (rows are renormalised to the magnitude m); "
                         "the low-rank part scales by F, the merged change does not")
 
-    with _one_thread():
+    with single_threaded_torch():
         spectra = compute_spectra(ad.modules, progress=progress)
     for m in ad.modules:
         if spectra[m.name][0] is None:
@@ -940,7 +811,7 @@ def truncate_view(res: TruncateResult, adapter_block: dict, max_rows: int | None
     ranks = Counter(res.ranks.values())
     header = [f"wrote {res.output} ({res.output_format}, {fmt_bytes(res.file_bytes_after)}; "
               f"was {fmt_bytes(res.file_bytes_before)})"]
-    footer = [f"ranks chosen: " + ", ".join(f"k={k} ×{n}" for k, n in sorted(ranks.items())),
+    footer = ["ranks chosen: " + ", ".join(f"k={k} ×{n}" for k, n in sorted(ranks.items())),
               f"worst module: {w['name']} keeps {w['retained_energy']:.4f} of its energy "
               f"(relative error {fmt_float(w['relative_error'])})"]
     if "chosen" in res.choice:

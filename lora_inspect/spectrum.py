@@ -16,12 +16,18 @@ Rank metrics (σ₁ ≥ … ≥ σ_r ≥ 0):
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
 
 __all__ = [
+    "compute_dtype",
+    "single_threaded_torch",
+    "Decomposition",
+    "decompose",
     "r_factor",
     "core_singular_values",
     "singular_values",
@@ -39,6 +45,31 @@ __all__ = [
 ]
 
 SPIKE_RATIO = 10.0  # σ₁/σ₂ at or above this is flagged as a dominant spike
+
+
+def compute_dtype(stored: str, precision: str = "auto") -> torch.dtype:
+    """The dtype to decompose a factor stored as ``stored`` (safetensors name) in.
+
+    auto: 16-bit data carries 8–11 significant bits, so float32 arithmetic is exact far beyond it;
+    fp32/fp64 data is decomposed in float64. ``fp32``/``fp64`` force one."""
+    if precision == "fp64":
+        return torch.float64
+    if precision == "fp32":
+        return torch.float32
+    return torch.float32 if stored in ("BF16", "F16", "F8_E4M3", "F8_E5M2") else torch.float64
+
+
+@contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """One intra-op thread: LAPACK on thin factors ran best, and steadily, single-threaded on this class
+    of machine (``../shared/docs/metrics.md``: two threads were erratic under load); callers that want
+    parallelism run modules in worker threads instead."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def r_factor(x: torch.Tensor) -> torch.Tensor:
@@ -105,14 +136,101 @@ def truncate_factors(
     B' = Q_b U_k √S_k (out, k), A' = √S_k V_kᵀ Q_aᵀ (k, in), so B'@A' = the truncated ΔW. float64.
 
     k may exceed the numerical rank; the extra directions have σ = 0 (zero columns/rows)."""
-    u, s, vh = svd_factors(b, a, scale)
-    k_avail = min(k, s.shape[0])
-    root = s[:k_avail].sqrt()
-    bk = torch.zeros(u.shape[0], k, dtype=torch.float64)
-    ak = torch.zeros(k, vh.shape[1], dtype=torch.float64)
-    bk[:, :k_avail] = u[:, :k_avail] * root
-    ak[:k_avail] = root[:, None] * vh[:k_avail]
-    return bk, ak
+    return decompose(b.to(torch.float64), a.to(torch.float64), scale).factors(k)
+
+
+# CholeskyQR is used when κ(factor) is at most this (per compute dtype): its R then carries a relative
+# error ≈ u_compute·κ² (Higham, "Accuracy and Stability of Numerical Algorithms", §19.8; Fukaya et al.
+# 2014), below the rounding of the stored result (bf16/fp16 → float32 compute: 6e-8·100² = 6e-4 < 2^-8·…;
+# fp32/fp64 → float64 compute: 1.1e-16·1e4² = 1e-8 < 2^-24). Otherwise Householder (geqrf) is used.
+_CHOL_MAX_COND = {torch.float32: 1e2, torch.float64: 1e4}
+
+
+@dataclass
+class Decomposition:
+    """ΔW = s·B@A = (B M_b) diag(S) (N_a A) with B M_b = Q_b U and N_a A = Vᵀ Q_aᵀ orthonormal.
+
+    Two routes to the same R factors (B = Q_b R_b, Aᵀ = Q_a R_a): CholeskyQR (R = chol(BᵀB)ᵀ, then
+    Q_b = B R_b⁻¹ is never formed: only the small r×k product R_b⁻¹ U_k √S_k is) for well-conditioned
+    factors, or Householder reflectors (``geqrf``/``ormqr``) otherwise."""
+
+    b: torch.Tensor | None  # CholeskyQR route: the factors themselves
+    a: torch.Tensor | None
+    rb: torch.Tensor | None  # float64 upper-triangular R factors (Cholesky route)
+    ra: torch.Tensor | None
+    hb: torch.Tensor | None  # Householder route
+    tb: torch.Tensor | None
+    ha: torch.Tensor | None
+    ta: torch.Tensor | None
+    out_dim: int
+    in_dim: int
+    u: torch.Tensor  # (p, r') float64
+    s: torch.Tensor  # (r',) float64, descending
+    vh: torch.Tensor  # (r', q) float64
+
+    @property
+    def singular_values(self) -> np.ndarray:
+        return self.s.numpy().copy()
+
+    def factors(self, keep: int, stored: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B′ (out, stored), A′ (stored, in)) in the compute dtype: B′@A′ is the best rank-``keep``
+        approximation of ΔW (scale included); columns/rows past ``keep`` are zero."""
+        stored = keep if stored is None else stored
+        keep = min(keep, self.s.shape[0])
+        dt = (self.b if self.b is not None else self.hb).dtype
+        root = self.s[:keep].sqrt()
+        if self.b is not None:
+            mb = torch.zeros(self.rb.shape[0], stored, dtype=torch.float64)
+            ma = torch.zeros(self.ra.shape[0], stored, dtype=torch.float64)
+            if keep:  # B′ = B R_b⁻¹ U_k √S_k, A′ = √S_k V_kᵀ R_a⁻ᵀ A
+                mb[:, :keep] = torch.linalg.solve_triangular(self.rb, self.u[:, :keep] * root, upper=True)
+                ma[:, :keep] = torch.linalg.solve_triangular(self.ra, self.vh[:keep].T * root, upper=True)
+            return self.b @ mb.to(dt), ma.T.to(dt) @ self.a
+        cb = torch.zeros(self.out_dim, stored, dtype=dt)
+        ca = torch.zeros(self.in_dim, stored, dtype=dt)
+        if keep:
+            cb[: self.u.shape[0], :keep] = (self.u[:, :keep] * root).to(dt)
+            ca[: self.vh.shape[1], :keep] = (self.vh[:keep].T * root).to(dt)
+            b = torch.ormqr(self.hb, self.tb, cb)
+            at = torch.ormqr(self.ha, self.ta, ca)
+        else:
+            b, at = cb, ca
+        return b, at.T
+
+
+def _chol_r(x: torch.Tensor, xt_first: bool) -> torch.Tensor | None:
+    """Upper R (float64) with RᵀR = XᵀX (X = x, or xᵀ when ``xt_first``), or None when X is too
+    ill-conditioned for CholeskyQR in x's dtype (or rank deficient)."""
+    g = ((x @ x.T) if xt_first else (x.T @ x)).to(torch.float64)
+    ev = torch.linalg.eigvalsh(g)  # κ(X)² = λmax/λmin of the Gram matrix
+    if not (torch.isfinite(ev).all() and ev[0] > 0 and float(ev[-1] / ev[0]) <= _CHOL_MAX_COND.get(x.dtype, 1e2) ** 2):
+        return None
+    l, info = torch.linalg.cholesky_ex(g)
+    return l.T if int(info) == 0 else None
+
+
+def decompose(b: torch.Tensor, a: torch.Tensor, scale: float) -> Decomposition:
+    """R factors of B and Aᵀ (CholeskyQR when well conditioned, else Householder) and the float64 SVD of
+    the core s·R_b R_aᵀ. Raises ValueError when the factors hold NaN/inf (they always reach R)."""
+    out_dim, r = b.shape
+    in_dim = a.shape[1]
+    rb = _chol_r(b, False) if out_dim >= r else None
+    ra = _chol_r(a, True) if rb is not None and in_dim >= r else None
+    if rb is not None and ra is not None:
+        hb = tb = ha = ta = None
+        keep_b, keep_a = b, a
+    else:
+        hb, tb = torch.geqrf(b)
+        ha, ta = torch.geqrf(a.T.contiguous())
+        rb = torch.triu(hb[: min(out_dim, r)]).to(torch.float64)
+        ra = torch.triu(ha[: min(in_dim, r)]).to(torch.float64)
+        keep_b = keep_a = None
+    if not (torch.isfinite(rb).all() and torch.isfinite(ra).all()):
+        raise ValueError("non-finite factors")
+    u, s, vh = torch.linalg.svd(scale * (rb @ ra.T), full_matrices=False)
+    if keep_b is not None:
+        return Decomposition(keep_b, keep_a, rb, ra, None, None, None, None, out_dim, in_dim, u, s, vh)
+    return Decomposition(None, None, None, None, hb, tb, ha, ta, out_dim, in_dim, u, s, vh)
 
 
 def _energy(sv: np.ndarray) -> np.ndarray:

@@ -4,9 +4,8 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from builders import build_peft, edit_peft_config, edit_peft_tensors, run_cli
+from builders import build_peft, edit_peft_tensors, run_cli
 
 
 @pytest.fixture(autouse=True)

@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from builders import kohya_delta, rel_close, run_cli, write_kohya, write_mlx
 
-from lora_inspect.errors import InspectError
 from lora_inspect.formats import load_adapter
-from lora_inspect.rewrite import decompose, greedy_budget_ranks, parse_size
+from lora_inspect.rewrite import greedy_budget_ranks
+from lora_inspect.spectrum import decompose
 from lora_inspect.spectrum import truncate_factors
 
 TOL = 1e-5
@@ -213,16 +213,6 @@ def test_greedy_budget_never_worse_than_uniform_when_combined(mods, frac):
     ks = greedy_budget_ranks(spectra, costs, caps, budget)
     assert sum(k * c for k, c in zip(ks, costs)) <= budget
     assert all(0 <= k <= r for k, r in zip(ks, caps))
-
-
-def test_parse_size():
-    assert parse_size("20M") == 20_000_000
-    assert parse_size("1.5GB") == 1_500_000_000
-    assert parse_size("512MiB") == 512 * 2**20
-    assert parse_size("1000") == 1000
-    for bad in ("", "12XB", "-3M", "0"):
-        with pytest.raises(InspectError):
-            parse_size(bad)
 
 
 def test_decomposition_ill_conditioned_falls_back_to_householder():

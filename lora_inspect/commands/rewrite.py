@@ -10,7 +10,8 @@ import click
 from ..errors import InspectError
 from ..formats import load_adapter
 from ..render import emit, progress, warn
-from ..rewrite import TruncateSpec, parse_size, rescale_view, truncate_view
+from ..units import parse_count, parse_size
+from ..rewrite import TruncateSpec, rescale_view, truncate_view
 from ..rewrite import rescale as do_rescale
 from ..rewrite import truncate as do_truncate
 from ..views import adapter_summary
@@ -23,18 +24,24 @@ def _size(_ctx, _param, value):
     if value is None:
         return None
     try:
-        return parse_size(value, what="--max-size")
+        n = parse_size(value, "--max-size")
     except InspectError as e:
         raise click.BadParameter(str(e)) from e
+    if n <= 0:
+        raise click.BadParameter(f"must be positive, got {value!r}")
+    return n
 
 
 def _count(_ctx, _param, value):
     if value is None:
         return None
     try:
-        return parse_size(value, what="--max-params")
+        n = parse_count(value, "--max-params")
     except InspectError as e:
         raise click.BadParameter(str(e)) from e
+    if n <= 0:
+        raise click.BadParameter(f"must be positive, got {value!r}")
+    return n
 
 
 @click.command(
