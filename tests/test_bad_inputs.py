@@ -309,3 +309,21 @@ def test_subprocess_one_line_exit_2(tmp_path):
         assert p.stdout == ""
         lines = p.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("lora-inspect: error: "), p.stderr
+
+
+# --- a PeftModel.state_dict() saved instead of save_pretrained's output ---------------------------------
+
+
+@pytest.mark.parametrize("layout", ["file", "dir"])
+def test_state_dict_with_adapter_name_is_refused_clearly(tmp_path, layout):
+    """`model.state_dict()` of a PeftModel keeps the adapter name (`lora_A.default.weight`); PEFT would load
+    it as a no-op. It must be refused naming the cause, not with a generic "no LoRA layout" message."""
+    sd = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+          for k, v in _peft_state().items()}
+    if layout == "dir":
+        target = _peft_dir(tmp_path, sd)
+    else:
+        target = tmp_path / "model_state.safetensors"
+        save_file(sd, str(target))
+    line = assert_bad("info", target, contains=("adapter name", "save_pretrained"))
+    assert "lora_A.default.weight" in line

@@ -6,6 +6,7 @@ and only the header is read; tensor data stays memory-mapped until a module's fa
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..adapter import Adapter
@@ -19,6 +20,8 @@ __all__ = ["load_adapter", "detect_format"]
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# PeftModel.state_dict() keeps the adapter name: ….lora_A.default.weight, ….lora_embedding_A.default
+_ADAPTER_NAMED = re.compile(r"\.lora_(?:A|B)\.[^.]+\.weight$|\.lora_embedding_(?:A|B)\.[^.]+$")
 
 
 def _from_file(path: Path, *, shown: Path, config: dict | None = None, config_path: Path | None = None) -> Adapter:
@@ -36,6 +39,13 @@ def _from_file(path: Path, *, shown: Path, config: dict | None = None, config_pa
     if fmt in ("peft", "diffusers"):
         sub = "peft" if shown.is_dir() else ("peft-bin" if path.suffix != ".safetensors" else "peft-safetensors")
         return read_peft(source, path=shown, config=config, config_path=config_path, fmt=sub)
+    named = next((k for k in keys if _ADAPTER_NAMED.search(k)), None)
+    if named is not None:
+        raise InspectError(
+            f"{path}: keys carry a PEFT adapter name ({named!r}): this is PeftModel.state_dict(), not what "
+            "save_pretrained writes (PEFT would load it as a silent no-op); save the adapter with "
+            "model.save_pretrained(DIR) or peft.get_peft_model_state_dict(model)"
+        )
     sample = ", ".join(repr(k) for k in keys[:3])
     raise InspectError(
         f"{path}: no LoRA layout recognised from its keys ({sample}…): expected PEFT (lora_A/lora_B), kohya "
