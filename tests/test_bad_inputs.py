@@ -327,3 +327,11 @@ def test_state_dict_with_adapter_name_is_refused_clearly(tmp_path, layout):
         save_file(sd, str(target))
     line = assert_bad("info", target, contains=("adapter name", "save_pretrained"))
     assert "lora_A.default.weight" in line
+
+
+def test_directory_with_adapters_only_in_subfolders_names_them(tmp_path):
+    """save_pretrained(selected_adapters=["other"]) writes DIR/other/…: point the user at the subfolder."""
+    _peft_dir(tmp_path)
+    (tmp_path / "adapter").rename(tmp_path / "other")
+    assert_bad("info", tmp_path, contains=("subfolders", "other"))
+    assert run_cli("info", tmp_path / "other").exit_code == 0

@@ -90,6 +90,12 @@ def load_adapter(path: str | Path) -> Adapter:
         if len(weights) == 1:
             return _from_file(weights[0], shown=weights[0])
         if not weights:
+            subs = sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "adapter_config.json").is_file())
+            if subs:  # save_pretrained of a PeftModel with several adapters: one subfolder per named adapter
+                raise InspectError(
+                    f"{p}: no adapter at the top level, but adapters in subfolders: {', '.join(subs[:5])}"
+                    + (" …" if len(subs) > 5 else "") + f"; name one (e.g. {p / subs[0]})"
+                )
             raise InspectError(f"{p}: no adapter here (no adapter_config.json, adapters.safetensors or .safetensors file)")
         raise InspectError(f"{p}: {len(weights)} weight files here; name the one to read")
     if p.suffix not in WEIGHT_SUFFIXES:
