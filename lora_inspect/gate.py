@@ -304,9 +304,21 @@ def _profile(name: str, rank: int | None, ad: Adapter, base: "BaseModel | None")
                           "" if ok else "adapters with bias terms are refused"))
         scales = _scales(ad)
         ok = len(scales) <= 1
-        out.append(Result(f"{name}: one scale", ok, len(scales), 1,
-                          "" if ok else f"{len(scales)} different per-module scales (alpha_pattern/rank_pattern); vLLM applies "
-                          "one α/r to every module"))
+        msg = "" if ok else (f"{len(scales)} different per-module scales (alpha_pattern/rank_pattern); vLLM applies "
+                             "one α/r to every module")
+        # one shared scale is still wrong when it is not the config's global α/r (patterns covering every module);
+        # r is the config's, or the largest rank_pattern value (newer vLLM)
+        r_cfg, a_cfg = cfg.get("r"), cfg.get("lora_alpha")
+        if ok and scales and ad.peft_type == "LORA" and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (r_cfg, a_cfg)):
+            pats = [v for v in (cfg.get("rank_pattern") or {}).values() if isinstance(v, (int, float))]
+            root = math.sqrt if ad.use_rslora else (lambda x: x)
+            glob = [a_cfg / root(r) for r in {r_cfg, max([r_cfg, *pats])}]
+            if not any(math.isclose(scales[0], g, rel_tol=_SCALE_RTOL) for g in glob):
+                ok = False
+                msg = (f"every module's scale is {scales[0]:g} but vLLM applies the config's global "
+                       f"{'α/√r' if ad.use_rslora else 'α/r'} = {glob[0]:g} (rank_pattern/alpha_pattern cover every module)")
+        out.append(Result(f"{name}: one scale", ok, len(scales), 1, msg))
     elif name == "llamacpp":
         out.append(_dora_rule(name, ad))
         full = [k for k in ad.extras if module_type(_extra_module(k)) in EMBEDDING_TYPES]
@@ -328,7 +340,7 @@ def _profile(name: str, rank: int | None, ad: Adapter, base: "BaseModel | None")
         bad = pref + unprefixed
         out.append(Result(f"{name}: module names", not bad, len(bad), 0,
                           "" if not bad else f"prefixed or non-standard module names such as {bad[0]!r} are rejected"))
-        in_config = "lora_alpha" in cfg
+        in_config = "lora_alpha" in cfg and ad.config_path is not None  # not a config kept in the header
         mismatch = [m for m in ad.modules if not math.isclose(m.alpha, m.rank)]
         ok = in_config or not mismatch
         out.append(Result(f"{name}: alpha in config", ok, "config" if in_config else "header/unknown", "adapter_config.json",

@@ -307,3 +307,28 @@ def test_header_only_rules_read_no_tensor_data(plain, monkeypatch):
 def test_help():
     r = run_cli("check", "--help")
     assert r.exit_code == 0 and "lora-inspect check adapters/ --serving vllm:16 --max-size 100MB" in r.stdout
+
+
+# ---------------------------------------------------------------- review regressions
+def test_vllm_one_shared_scale_that_is_not_the_global_one_fails(root):
+    """alpha_pattern covering every module: all modules share α'/r, but vLLM applies the config's α/r."""
+    both = {"q_proj": 32, "v_proj": 32}
+    bad = _build(root, "all_alpha_pattern", target_modules=["q_proj", "v_proj"], r=8, lora_alpha=16, alpha_pattern=both)
+    res = _rules(check(bad, "--serving", "vllm", "--no-require-finite"))["vllm: one scale"]
+    assert not res["ok"] and "global" in res["message"]
+    # rank_pattern covering every module: the max over rank_pattern is vLLM's r (newer releases) → same scale
+    fine = _build(root, "all_rank_pattern", target_modules=["q_proj", "v_proj"], r=8, lora_alpha=32,
+                  rank_pattern={"q_proj": 16, "v_proj": 16})
+    assert _rules(check(fine, "--serving", "vllm:16", "--no-require-finite"))["vllm: one scale"]["ok"]
+
+
+def test_sglang_alpha_only_in_header_config_fails(variants, root):
+    """A PEFT config kept only in the safetensors header (lora_adapter_metadata) is not adapter_config.json."""
+    from safetensors.torch import load_file, save_file
+
+    src = variants["header"]
+    f = root / "meta" / "lora.safetensors"
+    f.parent.mkdir()
+    save_file(load_file(str(src)), str(f), metadata={"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 16})})
+    res = _rules(check(f, "--serving", "sglang", "--no-require-finite"))["sglang: alpha in config"]
+    assert not res["ok"] and "SGLang reads α = r" in res["message"]
