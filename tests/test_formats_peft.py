@@ -274,3 +274,22 @@ def test_config_rank_disagreeing_with_shapes_is_refused(builds, tmp_path):
     assert res.exit_code == 2 and res.stdout == ""
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "stored rank 4" in lines[0] and "r=8" in lines[0]
+
+
+def test_target_parameters_moe_adapter_is_not_called_unloadable(tmp_path):
+    """PEFT's target_parameters (MoE expert weights, ParamWrapper) stores lora_A (r·experts, in): a valid
+    adapter that PEFT loads. It must be refused as unsupported, not as "PEFT would refuse to load it"."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2))
+    pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                          target_parameters=["mlp.experts.down_proj"]))
+    pm.save_pretrained(str(tmp_path / "moe"))
+    res = run_cli("info", tmp_path / "moe")
+    assert res.exit_code == 2 and res.stdout == ""
+    line = res.stderr.strip()
+    assert "target_parameters" in line and "not supported" in line and "refuse to load" not in line

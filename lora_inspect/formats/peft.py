@@ -144,6 +144,13 @@ def read_peft(
         unknown_alpha |= not known
         if r_cfg is not None and not adalora:
             want = pattern_lookup(rank_pattern, name, r_cfg)
+            if want != mod.rank and cfg.get("target_parameters") and mod.rank % want == 0:
+                # peft ParamWrapper: lora_A (r·experts, in), lora_B (out, r·experts) — a valid adapter, not ours
+                raise InspectError(
+                    f"module {name!r}: stored rank {mod.rank} = r {want} × {mod.rank // want} experts — adapters on "
+                    f"target_parameters ({', '.join(map(str, cfg['target_parameters']))}: MoE expert weights) are "
+                    "not supported"
+                )
             if want != mod.rank:
                 raise InspectError(
                     f"module {name!r}: stored rank {mod.rank} but the config gives r={want}"
