@@ -293,3 +293,20 @@ def test_target_parameters_moe_adapter_is_not_called_unloadable(tmp_path):
     assert res.exit_code == 2 and res.stdout == ""
     line = res.stderr.strip()
     assert "target_parameters" in line and "not supported" in line and "refuse to load" not in line
+
+
+def test_config_without_lora_alpha_uses_peft_default(builds, tmp_path):
+    """A hand-written adapter_config.json without lora_alpha: PEFT's LoraConfig default (8) applies, not α = r."""
+    from peft import PeftConfig
+
+    b = builds("rslora")  # r=4, rsLoRA
+    d = tmp_path / "noalpha"
+    shutil.copytree(b.path, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = None
+    del cfg["lora_alpha"]
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    want_alpha = PeftConfig.from_pretrained(str(d)).lora_alpha
+    ad = load_adapter(d)
+    assert all(m.alpha == want_alpha and abs(m.scale - want_alpha / 2) < 1e-12 for m in ad.modules)  # α/√4
+    assert any("lora_alpha" in n for n in ad.notes)

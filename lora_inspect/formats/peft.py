@@ -34,6 +34,7 @@ PEFT_SUFFIXES = {
     ".lora_E": "E",
 }
 LOW_RANK_TYPES = {"LORA", "ADALORA"}
+PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig.lora_alpha (AdaLoraConfig inherits it)
 
 
 def looks_like_peft(keys: list[str]) -> bool:
@@ -108,6 +109,9 @@ def read_peft(
     if adalora:
         r_cfg = _num(cfg, "init_r", cfg_where, r_cfg)
     alpha_cfg = _num(cfg, "lora_alpha", cfg_where)
+    if alpha_cfg is None and config_path is not None:  # PEFT builds LoraConfig(**json): its default applies
+        alpha_cfg = PEFT_DEFAULT_ALPHA
+        notes.append(f"{config_path.name} has no lora_alpha: PEFT's default {PEFT_DEFAULT_ALPHA} applies")
     if alpha_cfg is None:
         for k in ("lora_alpha", "alpha"):
             if k in source.metadata:
