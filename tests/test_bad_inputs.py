@@ -335,3 +335,10 @@ def test_directory_with_adapters_only_in_subfolders_names_them(tmp_path):
     (tmp_path / "adapter").rename(tmp_path / "other")
     assert_bad("info", tmp_path, contains=("subfolders", "other"))
     assert run_cli("info", tmp_path / "other").exit_code == 0
+
+
+@pytest.mark.parametrize("shape", [(0,), (4, 0)])
+def test_zero3_empty_factors_name_the_cause(tmp_path, shape):
+    """A ZeRO-3 save without gathering leaves empty (or 1-D) lora_A / lora_B tensors: say so."""
+    sd = {k: torch.zeros(shape) for k in _peft_state()}
+    assert_bad("info", _peft_dir(tmp_path, sd), contains=("ZeRO-3",))

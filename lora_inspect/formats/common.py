@@ -94,6 +94,12 @@ def build_module(
         )
     a_info, b_info = source.info(roles["A"]), source.info(roles["B"])
     a_shape, b_shape = a_info.shape, b_info.shape
+    if len(a_shape) < 2 or len(b_shape) < 2 or 0 in a_shape or 0 in b_shape:
+        raise InspectError(
+            f"module {name!r}: empty or 1-D factors {a_shape} (A) and {b_shape} (B) — the sign of a DeepSpeed ZeRO-3 "
+            "/ FSDP save whose shards were not gathered (save inside deepspeed.zero.GatheredParameters or FSDP's "
+            "summon_full_params)"
+        )
     if orient == ORIENT_MLX:  # lora_a (in, r), lora_b (r, out)
         if len(a_shape) != 2 or len(b_shape) != 2:
             raise InspectError(f"module {name!r}: mlx factors must be 2-D, found {a_shape} and {b_shape}")
