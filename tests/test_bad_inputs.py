@@ -342,3 +342,12 @@ def test_zero3_empty_factors_name_the_cause(tmp_path, shape):
     """A ZeRO-3 save without gathering leaves empty (or 1-D) lora_A / lora_B tensors: say so."""
     sd = {k: torch.zeros(shape) for k in _peft_state()}
     assert_bad("info", _peft_dir(tmp_path, sd), contains=("ZeRO-3",))
+
+
+def test_top_level_adapter_with_named_adapters_in_subfolders_notes_them(tmp_path):
+    """save_pretrained with several adapters: "default" at the top, the others in subfolders; say so."""
+    top = _peft_dir(tmp_path)
+    sub = _peft_dir(top)
+    sub.rename(top / "other")
+    doc = cli_json("info", top)
+    assert any("other" in n and "subfolders" in n for n in doc["notes"]), doc["notes"]

@@ -66,6 +66,10 @@ def detect_format(source: TensorSource) -> str | None:
     return None
 
 
+def _named_adapter_dirs(p: Path) -> list[str]:
+    return sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "adapter_config.json").is_file())
+
+
 def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter directory or file (header only; tensors are read lazily)."""
     p = Path(path)
@@ -83,14 +87,19 @@ def load_adapter(path: str | Path) -> Adapter:
                 if not cfg_path.is_file():
                     raise InspectError(f"{p}: has {name} but no adapter_config.json (copy it from the training run)")
                 cfg = read_config(cfg_path)
-                return _from_file(p / name, shown=p, config=cfg, config_path=cfg_path)
+                ad = _from_file(p / name, shown=p, config=cfg, config_path=cfg_path)
+                subs = _named_adapter_dirs(p)
+                if subs:  # save_pretrained of several adapters: "default" here, the others in subfolders
+                    ad.notes.append(f"{len(subs)} more adapters in subfolders ({', '.join(subs[:5])}"
+                                    f"{' …' if len(subs) > 5 else ''}): only the top-level one is read here")
+                return ad
         if cfg_path.is_file():
             raise InspectError(f"{p}: has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
         weights = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
         if len(weights) == 1:
             return _from_file(weights[0], shown=weights[0])
         if not weights:
-            subs = sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "adapter_config.json").is_file())
+            subs = _named_adapter_dirs(p)
             if subs:  # save_pretrained of a PeftModel with several adapters: one subfolder per named adapter
                 raise InspectError(
                     f"{p}: no adapter at the top level, but adapters in subfolders: {', '.join(subs[:5])}"
