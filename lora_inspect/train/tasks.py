@@ -158,6 +158,7 @@ class PlantedTask(Task):
             "seed": self.seed,
             "seq_len": self.seq_len,
             "strength": self.strength,
+            "teacher": "W_teacher = W_base + delta_B @ delta_A per module (teacher_delta.safetensors)",
             "loss": "KL(teacher || student) nats/token; perplexity = exp(cross-entropy to the teacher)",
         }
 
@@ -167,7 +168,7 @@ class PlantedTask(Task):
         for n, (b, a) in self.deltas.items():
             t[f"{n}.delta_B"] = b.contiguous()
             t[f"{n}.delta_A"] = a.contiguous()
-        atomic_save_safetensors(t, out / "teacher_delta.safetensors", metadata={"format": "pt", "delta": "W_teacher = W_base + delta_B @ delta_A"})
+        atomic_save_safetensors(t, out / "teacher_delta.safetensors", metadata={"format": "pt"})  # one key: safetensors orders metadata unpredictably
 
 
 def _vocab(model: nn.Module) -> int:
