@@ -227,3 +227,15 @@ def test_decomposition_ill_conditioned_falls_back_to_householder():
         b1, a1 = d.factors(k)
         assert rel_close(b1 @ a1, dense_truncation(1.3 * b @ a, k), 1e-9)
     assert decompose(torch.randn(40, 6, generator=g, dtype=torch.float64), a, 1.0).b is not None  # Cholesky route
+
+
+def test_force_never_replaces_an_unrelated_directory(kohya, tmp_path):
+    """--force replaces an earlier output, not a folder of someone's files."""
+    path, _ = kohya
+    precious = tmp_path / "photos"
+    precious.mkdir()
+    (precious / "holiday.jpg").write_bytes(b"not an adapter")
+    res = run_cli("truncate", path, "-o", precious, "--rank", "1", "--force")
+    assert res.exit_code == 2
+    assert "not an adapter directory" in res.stderr
+    assert (precious / "holiday.jpg").read_bytes() == b"not an adapter"

@@ -124,6 +124,10 @@ def write_adapter(
         _write_weights(target, tensors, metadata)
 
 
+def _looks_like_adapter_dir(d: Path) -> bool:
+    return any((d / n).is_file() for n in ("adapter_config.json", "adapters.safetensors", "adapter_model.safetensors"))
+
+
 def check_output_path(inp: Path, weights: Path, out: Path, force: bool) -> None:
     """Refuse OUT when it is the input, lies inside it, contains it, or exists without ``--force``."""
     ri, rw, ro = inp.resolve(), weights.resolve(), out.resolve()
@@ -138,6 +142,9 @@ def check_output_path(inp: Path, weights: Path, out: Path, force: bool) -> None:
             raise InspectError(f"{out}: OUT is the input file (same file on disk); write to a new path")
         if not force:
             raise InspectError(f"{out}: already exists (pass --force to replace it)")
+        if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not _looks_like_adapter_dir(out):
+            # --force replaces an earlier output, never an unrelated folder full of someone's files
+            raise InspectError(f"{out}: exists and is not an adapter directory; --force only replaces adapters")
     if not out.parent.exists():
         raise InspectError(f"{out.parent}: no such directory for OUT")
 
