@@ -115,3 +115,40 @@ def test_kohya_copy_gives_the_same_model(run, tmp_path):
     a, b = r["results"]
     assert b["kl_to_first"] < 1e-9 and b["top1_agreement"] == 1.0
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_committed_sample_shows_rank_4():
+    """samples/planted (made by samples/make_samples.py): energy rank ≤ 5 at τ=0.95 in every module."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / "samples" / "planted"
+    deltas = _deltas(sample)
+    assert len(deltas) == 14
+    for name, d in deltas.items():
+        assert _energy_rank(torch.linalg.svdvals(d), 0.95) <= 5, name
+    r = verify(sample, [sample.parent / "planted-kohya.safetensors"])
+    own, kohya = r["results"]
+    assert own["loss"] < 0.01 * r["base_loss"]
+    assert kohya["kl_to_first"] < 1e-9 and kohya["top1_agreement"] == 1.0
+
+
+def test_project_rank_command_agrees_on_the_run(run):
+    """Cross-check with the project's `lora-inspect rank --json` when that command is available."""
+    try:
+        from lora_inspect.cli import main
+    except ImportError:
+        pytest.skip("lora_inspect.cli not available")
+    import click
+    from click.testing import CliRunner
+
+    if main.get_command(click.Context(main), "rank") is None:
+        pytest.skip("no rank command")
+
+    out, _ = run
+    res = CliRunner().invoke(main, ["rank", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    mods = json.loads(res.stdout)["modules"]
+    assert len(mods) == 2 * len(TARGETS)
+    ours = {n: _energy_rank(torch.linalg.svdvals(d), 0.95) for n, d in _deltas(out).items()}
+    for m in mods:
+        assert m["energy_rank"] == ours[m["name"]] <= K + 1, m["name"]

@@ -122,3 +122,18 @@ def test_bad_inputs(text_run, tmp_path):
         run_training(tmp_path / "x", task="text", rank=2, train_cfg=TrainConfig(steps=1, progress=False))
     with pytest.raises(InspectError, match="neither a size"):
         run_training(tmp_path / "y", task="planted", rank=2, model="huge", train_cfg=TrainConfig(steps=1, progress=False))
+
+
+def test_damaged_files_are_one_line_errors(text_run, tmp_path):
+    import shutil
+
+    out, _, _ = text_run
+    bad = tmp_path / "copy"
+    shutil.copytree(out, bad)
+    (bad / "heldout.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(InspectError, match="not a readable safetensors"):
+        verify(bad)
+    shutil.copy(out / "heldout.safetensors", bad / "heldout.safetensors")
+    (bad / "task.json").write_text("{")
+    with pytest.raises(InspectError, match="not valid JSON"):
+        verify(bad)

@@ -47,3 +47,18 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (no pickle); a missing or damaged file is an ``InspectError``."""
+    from safetensors.torch import load_file
+
+    from ..errors import InspectError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InspectError(f"{p}: no such file")
+    try:
+        return load_file(str(p))
+    except Exception as e:  # SafetensorError, OSError, …
+        raise InspectError(f"{p}: not a readable safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InspectError
-from .io import atomic_save_safetensors, atomic_write_json
+from .io import atomic_save_safetensors, atomic_write_json, load_safetensors
 
 __all__ = [
     "LoRALinear",
@@ -230,8 +230,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, config: dict) -> Path:
 
 def read_adapter_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, {module path: ΔW float64}) for a PEFT LoRA directory written by :func:`save_adapter`."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     cfg_p, w_p = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_p.is_file() or not w_p.is_file():
@@ -245,4 +243,4 @@ def read_adapter_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tenso
         raise InspectError(f"{cfg_p}: only plain LoRA adapters are supported here")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise InspectError(f"{cfg_p}: rank_pattern/alpha_pattern are not supported here")
-    return cfg, delta_weights(load_file(str(w_p)), lora_scale(r, alpha, bool(cfg.get("use_rslora"))))
+    return cfg, delta_weights(load_safetensors(w_p), lora_scale(r, alpha, bool(cfg.get("use_rslora"))))

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InspectError
-from .io import atomic_write_json, atomic_save_safetensors
+from .io import atomic_save_safetensors, atomic_write_json, load_safetensors
 
 __all__ = ["ModelConfig", "CausalLM", "PRESETS", "build_model", "save_model", "load_model", "load_base", "logits_of"]
 
@@ -238,8 +238,6 @@ def save_model(model: CausalLM, directory: str | Path) -> Path:
 
 def load_model(directory: str | Path) -> CausalLM:
     """Read a model written by :func:`save_model`."""
-    from safetensors.torch import load_file
-
     d = Path(directory)
     cfg_path, w_path = d / "config.json", d / "model.safetensors"
     if not cfg_path.is_file() or not w_path.is_file():
@@ -249,7 +247,7 @@ def load_model(directory: str | Path) -> CausalLM:
     except (ValueError, TypeError) as e:
         raise InspectError(f"{cfg_path}: bad model config ({e})") from None
     model = CausalLM(cfg)
-    sd = load_file(str(w_path))
+    sd = load_safetensors(w_path)
     if cfg.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(sd, strict=False)

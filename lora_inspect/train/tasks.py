@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InspectError
-from .io import atomic_save_safetensors
+from .io import atomic_save_safetensors, load_safetensors
 from .lora import merge, target_matches
 from .model import logits_of
 
@@ -248,18 +248,26 @@ class TextTask(Task):
 
 def load_task(out: Path, desc: dict, base: nn.Module) -> Task:
     """Rebuild the task recorded in ``out/task.json`` (``desc``) around ``base``."""
-    from safetensors.torch import load_file
-
     hp = out / "heldout.safetensors"
     if not hp.is_file():
         raise InspectError(f"{out}: missing heldout.safetensors")
-    heldout = load_file(str(hp))["input_ids"].long()
+    heldout = load_safetensors(hp).get("input_ids")
+    if heldout is None:
+        raise InspectError(f"{hp}: no input_ids tensor")
+    heldout = heldout.long()
     kind = desc.get("task")
+    try:
+        return _load_task(out, desc, base, kind, heldout)
+    except (KeyError, ValueError, TypeError) as e:
+        raise InspectError(f"{out}: task files are incomplete or inconsistent ({type(e).__name__}: {e})") from None
+
+
+def _load_task(out: Path, desc: dict, base: nn.Module, kind, heldout: torch.Tensor) -> Task:
     if kind == "planted":
         tp = out / "teacher_delta.safetensors"
         if not tp.is_file():
             raise InspectError(f"{out}: planted task without teacher_delta.safetensors")
-        t = load_file(str(tp))
+        t = load_safetensors(tp)
         deltas = {k[: -len(".delta_B")]: (v, t[k[: -len(".delta_B")] + ".delta_A"]) for k, v in t.items() if k.endswith(".delta_B")}
         return PlantedTask(base, desc["targets"], int(desc["planted_rank"]), seed=int(desc.get("seed", 0)),
                            seq_len=int(desc["seq_len"]), strength=float(desc.get("strength", 4.0)), deltas=deltas, heldout=heldout)
