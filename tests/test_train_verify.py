@@ -137,3 +137,15 @@ def test_damaged_files_are_one_line_errors(text_run, tmp_path):
     (bad / "task.json").write_text("{")
     with pytest.raises(InspectError, match="not valid JSON"):
         verify(bad)
+
+
+def test_force_leaves_no_stale_files(tmp_path, text_run):
+    _, data, _ = text_run
+    out = tmp_path / "o"
+    cfg = TrainConfig(steps=2, batch_size=2, eval_every=0, progress=False)
+    run_training(out, task="planted", rank=2, targets=["q_proj"], seq_len=8, train_cfg=cfg)
+    (out / "notes.txt").write_text("mine")
+    run_training(out, task="text", data=data, rank=2, targets=["q_proj"], seq_len=8, train_cfg=cfg, force=True)
+    assert not (out / "teacher_delta.safetensors").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # files a run does not write are left alone
+    assert verify(out)["task"] == "text"

@@ -91,6 +91,7 @@ def run_training(
 
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        _clear_previous(out)
     summary = train(base, t, cfg, log_path=out / "log.jsonl" if is_main else None)
 
     if is_main:
@@ -115,6 +116,20 @@ def run_training(
                     train={k: v for k, v in asdict(cfg).items() if k not in ("progress",)}, result=summary)
         atomic_write_json(desc, out / "task.json")
     return summary
+
+
+OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "base.json", "task.json",
+                "teacher_delta.safetensors", "heldout.safetensors", "log.jsonl")
+
+
+def _clear_previous(out: Path) -> None:
+    """With --force: remove an earlier run's files (only the names a run writes), so none is left stale."""
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        (out / "base" / name).unlink(missing_ok=True)
+    if (out / "base").is_dir() and not any((out / "base").iterdir()):
+        (out / "base").rmdir()
 
 
 def read_task_json(out: Path) -> dict:
