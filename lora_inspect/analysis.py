@@ -7,20 +7,17 @@ rendering lives in :mod:`lora_inspect.render`.
 
 from __future__ import annotations
 
-import os
 import re
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
-import torch
 
 from .adapter import Adapter, Module, module_layer, module_type
 from .errors import InspectError
 from .formats.tensors import DTYPE_SIZES
-from .spectrum import compute_dtype, core_singular_values, r_factor, retained_energy, single_threaded_torch, spectrum_stats
+from .spectrum import all_finite, compute_dtype, core_singular_values, parallel_map, r_factor, retained_energy, spectrum_stats
 
 __all__ = ["ModuleResult", "RankReport", "analyse", "DEFAULT_ENERGY", "uniform_rank", "compute_spectra"]
 
@@ -55,20 +52,6 @@ class RankReport:
     summary: dict = field(default_factory=dict)
 
 
-def _workers() -> int:
-    env = os.environ.get("LORA_INSPECT_THREADS")
-    if env:
-        return max(1, int(env))
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
-
-
-def _all_finite(x: torch.Tensor) -> bool:
-    """Exact, and cheap in the common case: a finite sum proves every element finite (NaN and ±inf
-    always reach the sum); only a non-finite sum — NaN/inf present, or a huge-value overflow — pays
-    for the elementwise check. 20× cheaper than ``isfinite(x).all()`` on a 14336×64 factor."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-
-
 def compute_spectra(
     modules: list[Module],
     *,
@@ -84,31 +67,17 @@ def compute_spectra(
     into one batched QR was 2.4× *slower* than per-module QRs (the stacking copy costs more than it
     saves), so batching happens at the core, where it pays.
     """
-    workers = workers or _workers()
-
     def reduce(m: Module):
         dtype = compute_dtype(m.dtype, precision)
         if m.rank == 0:
             return m, None, None, []
         b, a = m.factors(dtype)
-        if not (_all_finite(b) and _all_finite(a)):
+        if not (all_finite(b) and all_finite(a)):
             return m, None, None, [FLAG_NON_FINITE]
         rb = r_factor(b)
         return m, rb, r_factor(a.T), [] if rb.any() else [FLAG_ZERO_B]  # R_b = 0 exactly when B = 0
 
-    reduced = []
-    with single_threaded_torch():
-        if workers > 1 and len(modules) > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                for item in pool.map(reduce, modules):
-                    reduced.append(item)
-                    if progress:
-                        progress(1)
-        else:
-            for m in modules:
-                reduced.append(reduce(m))
-                if progress:
-                    progress(1)
+    reduced = parallel_map(reduce, modules, workers=workers, progress=progress)
     out: dict[str, tuple[np.ndarray | None, list[str]]] = {}
     by_rank: dict[int, list] = defaultdict(list)
     for m, rb, ra, flags in reduced:

@@ -47,7 +47,17 @@ from .errors import InspectError
 from .formats import load_adapter
 from .formats.tensors import DTYPE_SIZES, ST_TO_TORCH
 from .formats.write import AtomicOutput, check_output_path, write_adapter
-from .spectrum import Decomposition, compute_dtype, decompose, energy_rank, relative_error, retained_energy, single_threaded_torch
+from .analysis import compute_spectra
+from .spectrum import (
+    Decomposition,
+    compute_dtype,
+    decompose,
+    energy_rank,
+    parallel_map,
+    relative_error,
+    retained_energy,
+    single_threaded_torch,
+)
 
 __all__ = [
     "TruncateSpec",
@@ -335,13 +345,14 @@ def _verify(
         raise InspectError(f"self-check failed: dropped modules still present: {sorted(dropped & names)[:3]}")
     worst = 0.0
     for m in new.modules:
+        if m.rank != expected[m.name][1]:
+            raise InspectError(f"self-check failed: {m.name} stored rank {m.rank}, intended {expected[m.name][1]}")
+    spectra = compute_spectra(new.modules)  # the same QR route `rank` uses, in worker threads
+    for m in new.modules:
         want, rank, st = expected[m.name]
-        if m.rank != rank:
-            raise InspectError(f"self-check failed: {m.name} stored rank {m.rank}, intended {rank}")
-        try:
-            got = decompose(*m.factors(compute_dtype(m.dtype)), m.scale).singular_values
-        except ValueError:
-            raise InspectError(f"self-check failed: {m.name} holds NaN/inf after writing") from None
+        got, _ = spectra[m.name]
+        if got is None:
+            raise InspectError(f"self-check failed: {m.name} holds NaN/inf after writing")
         n = max(len(got), len(want))
         g = np.zeros(n)
         w = np.zeros(n)
@@ -447,25 +458,27 @@ def truncate(
     decomps: dict[str, Decomposition] = {}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     spectra: list[np.ndarray] = []
+    def work(m: Module):
+        b, a = m.factors(compute_dtype(m.dtype))
+        try:
+            d = decompose(b, a, m.scale)
+        except ValueError:
+            _check_finite(ad, m.name, b, a)
+            raise
+        del b, a
+        sv = np.zeros(m.rank)
+        sv[: d.s.shape[0]] = d.s.numpy()
+        if fixed_rank and not force_uniform:  # stream: no need to keep the decomposition
+            return sv, None, _to_stored(m, *d.factors(min(spec.rank, m.rank)), _torch_dtype(m.dtype))
+        return sv, d, None
+
+    for m, (sv, d, f) in zip(modules, parallel_map(work, modules, progress=progress)):
+        spectra.append(sv)
+        if d is None:
+            factors[m.name] = f
+        else:
+            decomps[m.name] = d
     with single_threaded_torch():
-        for m in modules:
-            b, a = m.factors(compute_dtype(m.dtype))
-            try:
-                d = decompose(b, a, m.scale)
-            except ValueError:
-                _check_finite(ad, m.name, b, a)
-                raise
-            del b, a
-            sv = np.zeros(m.rank)
-            sv[: d.s.shape[0]] = d.s.numpy()
-            spectra.append(sv)
-            if fixed_rank and not force_uniform:  # stream: no need to keep the decomposition
-                k = min(spec.rank, m.rank)
-                factors[m.name] = _to_stored(m, *d.factors(k), _torch_dtype(m.dtype))
-            else:
-                decomps[m.name] = d
-            if progress:
-                progress(1)
         extras = _extras_tensors(ad)
         fixed_bytes = sum(t.numel() * t.element_size() for t in extras.values())
         for m in modules:
