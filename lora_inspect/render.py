@@ -142,7 +142,11 @@ def emit(view: View, fmt: str = "table") -> None:
         rt = RichTable(title=t.title, title_justify="left", header_style="bold")
         just = t.justify or ["left"] + ["right"] * (len(t.columns) - 1)
         for i, (c, j) in enumerate(zip(t.columns, just)):
-            rt.add_column(str(c), justify=j, overflow="fold", no_wrap=i > 0)
+            width = max([len(str(c))] + [len(str(row[i])) for row in t.rows if i < len(row)])
+            # short cells (numbers, ranks) never wrap; long ones (names, paths) fold, but the first
+            # column, which names the row, keeps room to stay readable
+            rt.add_column(str(c), justify=j, overflow="fold", no_wrap=width <= 10,
+                          min_width=min(width, 20) if i == 0 else None)
         for row in t.rows:
             rt.add_row(*(str(c) for c in row))
         console.print(rt)
