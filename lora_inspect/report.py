@@ -246,8 +246,7 @@ def _heatmap(report: RankReport, mpl) -> Figure | None:
         (axes[1], s1, s1_norm, "magma", r"$\sigma_1 = \Vert\Delta W\Vert_2$", lambda v: f"{v:.2g}", cell_in >= 0.4),
     )
     for ax, grid, norm, cmap_name, title, fmt, annotate in panels:
-        cmap = matplotlib.colormaps[cmap_name].copy()
-        cmap.set_bad("#eeeeee")
+        cmap = matplotlib.colormaps[cmap_name].with_extremes(bad="#eeeeee")
         im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         step = max(1, nl // 48)

@@ -14,13 +14,9 @@ from lora_inspect.errors import InspectError
 from lora_inspect.train import LoRALinear, build_model, inject_lora, lora_scale, merge, save_adapter, target_matches
 from lora_inspect.train.lora import adapter_config, delta_weights, lora_modules, lora_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 @pytest.mark.parametrize("rslora", [False, True])

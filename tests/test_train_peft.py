@@ -11,15 +11,11 @@ from lora_inspect.train import TrainConfig, load_model, run_training
 from lora_inspect.train.lora import lora_modules, merge, read_adapter_dir
 from lora_inspect.train.model import load_base, logits_of
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _train(out, **kw):

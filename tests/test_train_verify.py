@@ -15,17 +15,13 @@ from lora_inspect.train.cli import train as train_cmd
 from lora_inspect.train.cli import verify as verify_cmd
 from lora_inspect.train.verify import verify
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TEXT = ("It was a bright cold day in April, and the clocks were striking thirteen. " * 3
         + "The quick brown fox jumps over the lazy dog; the dog, unbothered, sleeps on. " * 4
         + "Rain fell on the harbour all night and the boats knocked softly together. " * 4) * 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -20,28 +20,25 @@ from ._options import output_options
 __all__ = ["truncate_cmd", "rescale_cmd", "truncate", "rescale"]
 
 
-def _size(_ctx, _param, value):
-    if value is None:
-        return None
-    try:
-        n = parse_size(value, "--max-size")
-    except InspectError as e:
-        raise click.BadParameter(str(e)) from e
-    if n <= 0:
-        raise click.BadParameter(f"must be positive, got {value!r}")
-    return n
+def _positive(parse, what: str):
+    """A click callback parsing a budget with ``parse`` (units.parse_size / parse_count)."""
+
+    def callback(_ctx, _param, value):
+        if value is None:
+            return None
+        try:
+            n = parse(value, what)
+        except InspectError as e:
+            raise click.BadParameter(str(e)) from e
+        if n <= 0:
+            raise click.BadParameter(f"must be positive, got {value!r}")
+        return n
+
+    return callback
 
 
-def _count(_ctx, _param, value):
-    if value is None:
-        return None
-    try:
-        n = parse_count(value, "--max-params")
-    except InspectError as e:
-        raise click.BadParameter(str(e)) from e
-    if n <= 0:
-        raise click.BadParameter(f"must be positive, got {value!r}")
-    return n
+_size = _positive(parse_size, "--max-size")
+_count = _positive(parse_count, "--max-params")
 
 
 @click.command(
