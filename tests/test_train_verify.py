@@ -84,6 +84,9 @@ def test_cli_train_and_refuse_non_empty(tmp_path):
     assert isinstance(res.exception, InspectError) and "not empty" in str(res.exception)
     assert CliRunner().invoke(train_cmd, args + ["--force"]).exit_code == 0
     assert "Example" in CliRunner().invoke(train_cmd, ["--help"]).output
+    for bad in ("1.5", "-0.1", "1"):  # was an "unexpected ValueError" from nn.Dropout
+        res = CliRunner().invoke(train_cmd, args[:-2] + ["--dropout", bad, "--out", str(tmp_path / "d")])
+        assert isinstance(res.exception, InspectError) and "--dropout" in str(res.exception), res.output
     assert "Example" in CliRunner().invoke(verify_cmd, ["--help"]).output
 
 

@@ -63,6 +63,8 @@ def train(task, data, planted_rank, rank, alpha, rslora, dropout, targets, steps
 
     if steps <= 0 or batch_size <= 0 or grad_accum <= 0 or seq_len <= 0:
         raise InspectError("--steps, --batch-size, --grad-accum and --seq-len must be positive")
+    if not 0.0 <= dropout < 1.0:
+        raise InspectError(f"--dropout {dropout:g}: must be in [0, 1)")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                       warmup_steps=min(warmup, steps), eval_every=eval_every, seed=seed, device=device,
                       progress=not no_progress and sys.stderr.isatty())
