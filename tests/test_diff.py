@@ -179,6 +179,16 @@ def test_inner_product_formula_against_dense():
     assert factor_inner(b1, a1, 0.7, b2, a2, -1.3) == pytest.approx(dense, rel=1e-12)
 
 
+def test_phi_never_exceeds_one():
+    """φ ∈ [0, 1]: identical or opposite subspaces gave 1.0000000000000009 from rounding."""
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        b, a = torch.randn(4, 2, generator=g), torch.randn(2, 5, generator=g)
+        for b2 in (b, -b, 2 * b):
+            d = compare_factors("m", b, a, 1.0, b2, a, 1.0, top=2)
+            assert 0.0 <= d.phi <= 1.0, (seed, d.phi)
+
+
 def test_tiny_distance_has_no_cancellation():
     """‖X − Y‖ = 1e-9·‖X‖: the √(‖X‖²+‖Y‖²−2⟨X,Y⟩) route would return noise of ~1e-8; ours is exact."""
     g = torch.Generator().manual_seed(2)
