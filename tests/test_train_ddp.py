@@ -33,6 +33,39 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _torchrun_worker(rank: int, world: int, port: int, out: str) -> None:
+    """As under torchrun: only the environment says the rank; the loop joins the process group."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    import lora_inspect.train.run as run_mod
+
+    real = run_mod.save_adapter
+
+    def spy(*a, **k):
+        open(os.path.join(os.path.dirname(out), f"saved-by-{rank}"), "w").close()
+        return real(*a, **k)
+
+    run_mod.save_adapter = spy
+    try:
+        run_training(out, train_cfg=TrainConfig(**{**CFG, "steps": 2}), **RUN)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_torchrun_only_rank_0_writes(tmp_path):
+    """Under torchrun the process group does not exist yet when run_training starts: rank 1 used to
+    count as the main process and wrote adapter, base and a task.json without eval results."""
+    out = tmp_path / "ddp"
+    mp.spawn(_torchrun_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    assert (tmp_path / "saved-by-0").is_file()
+    assert not (tmp_path / "saved-by-1").exists()
+    import json
+
+    assert json.loads((out / "task.json").read_text())["result"]["final"]
+
+
 def test_two_process_ddp_equals_single_process(tmp_path):
     n = torch.get_num_threads()
     torch.set_num_threads(1)

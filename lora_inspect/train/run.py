@@ -13,6 +13,7 @@ The output directory holds everything needed to re-evaluate the run:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def run_training(
     """
     cfg = train_cfg or TrainConfig()
     out = Path(out)
-    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    # under torchrun the loop joins the process group later: until then RANK says who we are
+    is_main = dist.get_rank() == 0 if dist.is_initialized() else int(os.environ.get("RANK", "0")) == 0
     if is_main:
         check_out_dir(out, force)
     targets = list(DEFAULT_TARGETS) if targets is None else targets
