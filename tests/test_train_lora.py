@@ -111,3 +111,26 @@ def test_saved_layout_is_peft(tmp_path):
     deltas = delta_weights(lora_state_dict(model), 16 / 2)
     assert set(deltas) == set(lora_modules(model))
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_training_targets_are_computed_outside_autocast(monkeypatch):
+    """The planted teacher is the reference: under (CUDA) bf16 autocast the training targets were
+    computed in bf16 while evaluation computed them in float32. Simulated here with CPU autocast."""
+    from lora_inspect.train import loop
+    from lora_inspect.train.loop import TrainConfig, train
+    from lora_inspect.train.tasks import PlantedTask
+
+    model = build_model("tiny", seed=0)
+    task = PlantedTask(model, ["q_proj"], 2, seq_len=8, n_heldout=4)
+    inject_lora(model, ["q_proj"], r=2, alpha=2)
+    seen = []
+    real = task.targets
+
+    def spy(b):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(b)
+
+    monkeypatch.setattr(task, "targets", spy)
+    monkeypatch.setattr(loop, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    train(model, task, TrainConfig(steps=2, batch_size=2, eval_every=0, progress=False, device="cpu"))
+    assert seen and not any(seen)

@@ -174,9 +174,10 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, log_path: Path | None 
                 lo = (m * world + rank) * micro
                 b = batch[lo : lo + micro].to(device, non_blocking=True)  # (micro, L)
                 sync = m == cfg.grad_accum - 1
+                tgt = task.targets(b)  # outside autocast: the same float32 targets as evaluate()
                 with (net.no_sync() if ddp and not sync else nullcontext()), _autocast(device):
                     logits = logits_of(net, task.inputs(b))  # (micro, T, V)
-                    loss = task.loss(logits, task.targets(b)) / cfg.grad_accum
+                    loss = task.loss(logits, tgt) / cfg.grad_accum
                 loss.backward()
                 step_loss += loss.detach()
                 tokens_seen += task.inputs(b).numel() * world
