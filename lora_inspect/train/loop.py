@@ -77,7 +77,9 @@ def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from lr to min_lr_ratio·lr at the last step."""
+    """Linear warmup over ``warmup_steps``, then cosine from lr towards min_lr_ratio·lr, reaching it at
+    step ``steps`` (one past the last optimizer step, as nanoGPT's ``get_lr`` with lr_decay_iters = steps):
+    the last step runs slightly above the floor."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
