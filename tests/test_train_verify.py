@@ -148,3 +148,13 @@ def test_force_leaves_no_stale_files(tmp_path, text_run):
     assert not (out / "teacher_delta.safetensors").exists()
     assert (out / "notes.txt").read_text() == "mine"  # files a run does not write are left alone
     assert verify(out)["task"] == "text"
+
+
+def test_train_refuses_negative_schedule_options(tmp_path):
+    from builders import run_cli
+
+    for opt in ("--warmup", "--eval-every"):
+        res = run_cli("train", "--task", "planted", "--rank", "2", "--steps", "1", opt, "-1", "--out", tmp_path / "o")
+        assert res.exit_code == 2
+        assert opt in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
