@@ -452,10 +452,6 @@ def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) or bool(re.fullmatch(r"[-+]?[\d.,]+(e[-+]?\d+)?( ?[kMB])?", str(v)))
-
-
 def _html_table(t: Table, first_col_key: bool = False) -> str:
     just = list(t.justify) if t.justify else ["left"] + ["right"] * (len(t.columns) - 1)
     out = [f"<h4>{_e(t.title)}</h4>" if t.title else "", "<table><thead><tr>"]

@@ -173,5 +173,3 @@ def build_module(
     )
     return mod, known
 
-
-ORIENTS = (ORIENT_PEFT, ORIENT_EMBEDDING, ORIENT_MLX)
