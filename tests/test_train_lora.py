@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from lora_inspect.errors import InspectError
 from lora_inspect.train import LoRALinear, build_model, inject_lora, lora_scale, merge, save_adapter, target_matches
-from lora_inspect.train.lora import adapter_config, delta_weights, lora_modules, lora_state_dict
+from lora_inspect.formats import load_adapter
+from lora_inspect.train.lora import adapter_config, lora_modules, lora_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -108,8 +109,9 @@ def test_saved_layout_is_peft(tmp_path):
         assert f.get_tensor("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight").shape == (64, 4)
     assert keys == set(lora_state_dict(model))
     assert len(keys) == 2 * 2 * model.config.n_layers
-    deltas = delta_weights(lora_state_dict(model), 16 / 2)
-    assert set(deltas) == set(lora_modules(model))
+    ad = load_adapter(tmp_path)  # the project's reader sees every module with the saved scale α/√r
+    assert {m.name for m in ad.modules} == set(lora_modules(model))
+    assert all(m.scale == pytest.approx(16 / 2) for m in ad.modules)
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
 
 

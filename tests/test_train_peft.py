@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lora_inspect.train import TrainConfig, load_model, run_training
-from lora_inspect.train.lora import lora_modules, merge, read_adapter_dir
+from lora_inspect.formats import load_adapter
+from lora_inspect.train.lora import lora_modules, merge
 from lora_inspect.train.model import load_base, logits_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -23,13 +24,18 @@ def _train(out, **kw):
     return run_training(out, task="planted", planted_rank=2, seq_len=16, train_cfg=cfg, **kw)
 
 
+def _deltas(path):
+    """{module path: ΔW} through the project's own PEFT reader — the thing under test against PEFT."""
+    return {m.name: m.delta() for m in load_adapter(path).modules}
+
+
 @pytest.mark.parametrize("rslora,targets", [(False, ["q_proj", "v_proj"]), (True, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])])
 def test_peft_reproduces_logits(tmp_path, rslora, targets):
     _train(tmp_path, rank=4, alpha=8, rslora=rslora, targets=targets)
     ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(1))
     # ours: base + ΔW merged
     ours = load_model(tmp_path / "base")
-    _, deltas = read_adapter_dir(tmp_path)
+    deltas = _deltas(tmp_path)
     assert all(d.abs().max() > 0 for d in deltas.values())  # the adapter did train
     ours.load_state_dict(merge(ours.state_dict(), deltas))
     # PEFT: the same base, adapter loaded by PEFT itself
@@ -47,7 +53,7 @@ def test_peft_reproduces_logits(tmp_path, rslora, targets):
 def test_unmerged_lora_forward_matches_peft(tmp_path):
     """Our LoRALinear forward (not merged) equals PEFT's forward on the same factors."""
     _train(tmp_path, rank=3, alpha=6)
-    cfg, _ = read_adapter_dir(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     from safetensors.torch import load_file
 
     from lora_inspect.train import inject_lora
@@ -78,7 +84,7 @@ def test_hf_base_directory(tmp_path):
     assert acfg["task_type"] == "CAUSAL_LM"
     assert json.loads((out / "base.json").read_text())["kind"] == "hf"
     base, _ = load_base(hf_dir)
-    _, deltas = read_adapter_dir(out)
+    deltas = _deltas(out)
     base.load_state_dict(merge(base.state_dict(), deltas))
     base2, _ = load_base(hf_dir)
     pm = peft.PeftModel.from_pretrained(base2, str(out)).eval()

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InspectError
-from .io import atomic_save_safetensors, atomic_write_json, load_safetensors
+from .io import atomic_save_safetensors, atomic_write_json
 
 __all__ = [
     "LoRALinear",
@@ -37,10 +36,8 @@ __all__ = [
     "mark_only_lora_trainable",
     "lora_modules",
     "lora_state_dict",
-    "delta_weights",
     "merge",
     "save_adapter",
-    "read_adapter_dir",
     "PEFT_PREFIX",
 ]
 
@@ -145,22 +142,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def delta_weights(adapter_sd: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-    """PEFT-layout factors → {module path: ΔW = scale · B @ A (out, in)} in float64."""
-    out = {}
-    for k, a in adapter_sd.items():
-        if not k.endswith(".lora_A.weight"):
-            continue
-        path = k[: -len(".lora_A.weight")]
-        b = adapter_sd.get(path + ".lora_B.weight")
-        if b is None:
-            raise InspectError(f"adapter has {k} without its lora_B")
-        if path.startswith(PEFT_PREFIX):
-            path = path[len(PEFT_PREFIX) :]
-        out[path] = scale * (b.double() @ a.double())
-    return out
-
-
 def merge(base_sd: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A new state dict with ``W ← W + ΔW`` for every ``path`` in ``deltas`` (key ``path.weight``).
 
@@ -226,21 +207,3 @@ def save_adapter(model: nn.Module, out_dir: str | Path, config: dict) -> Path:
     atomic_save_safetensors(sd, d / "adapter_model.safetensors", metadata={"format": "pt"})
     atomic_write_json(config, d / "adapter_config.json")
     return d
-
-
-def read_adapter_dir(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, {module path: ΔW float64}) for a PEFT LoRA directory written by :func:`save_adapter`."""
-    d = Path(directory)
-    cfg_p, w_p = d / "adapter_config.json", d / "adapter_model.safetensors"
-    if not cfg_p.is_file() or not w_p.is_file():
-        raise InspectError(f"{d}: no adapter_config.json + adapter_model.safetensors")
-    try:
-        cfg = json.loads(cfg_p.read_text())
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise InspectError(f"{cfg_p}: bad adapter config ({e})") from None
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-        raise InspectError(f"{cfg_p}: only plain LoRA adapters are supported here")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise InspectError(f"{cfg_p}: rank_pattern/alpha_pattern are not supported here")
-    return cfg, delta_weights(load_safetensors(w_p), lora_scale(r, alpha, bool(cfg.get("use_rslora"))))

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InspectError
-from .lora import merge, read_adapter_dir
+from .lora import merge
 from .loop import resolve_device
 from .model import is_own_model_dir, load_base, load_model, logits_of
 from .run import read_task_json
@@ -130,8 +130,8 @@ def verify(directory: str | Path, adapters: list[str | Path] = (), data: str | P
 
     base_loss, _ = score(_run(base, task, dev, batch))
 
-    _, own = read_adapter_dir(out)
-    specs: list[tuple[str, dict[str, torch.Tensor]]] = [(str(out), own)]
+    # DIR's own adapter goes through the same reader as every other one
+    specs: list[tuple[str, dict[str, torch.Tensor]]] = [(str(out), adapter_deltas(out, weight_names))]
     for a in adapters:
         specs.append((str(a), adapter_deltas(a, weight_names)))
 
