@@ -7,7 +7,7 @@ The CLI turns it into that line on stderr and exit code 2; ``--debug`` shows the
 
 from __future__ import annotations
 
-__all__ = ["InspectError", "EXIT_OK", "EXIT_RULE_FAILED", "EXIT_BAD_INPUT"]
+__all__ = ["InspectError", "UnpairedFactorError", "EXIT_OK", "EXIT_RULE_FAILED", "EXIT_BAD_INPUT"]
 
 EXIT_OK = 0
 EXIT_RULE_FAILED = 1
@@ -26,3 +26,8 @@ class InspectError(Exception):
 
     def __str__(self) -> str:
         return self.message if self.hint is None else f"{self.message} ({self.hint})"
+
+
+class UnpairedFactorError(InspectError):
+    """An A without its B (or the reverse): unreadable, and also a `check` failure of its own
+    (no server can load such an adapter), so the gate reports it per adapter instead of stopping."""

@@ -184,16 +184,24 @@ def policy_from_table(table: dict[str, Any], where: str = "[tool.lora-inspect.ch
 
 
 # ---------------------------------------------------------------- tensor-data helpers
-def nonfinite_tensors(adapter: Adapter) -> list[str]:
-    """Keys of floating-point tensors holding NaN or ±inf (reads every tensor's data)."""
-    import torch
+def nonfinite_tensors(adapter: Adapter, report: "RankReport | None" = None) -> list[str]:
+    """Keys of floating-point tensors holding NaN or ±inf (reads tensor data).
 
-    bad = []
+    With a ``report`` from ``analysis.analyse``, the factors it already checked (its ``non_finite``
+    flags) are not read again; only the other tensors (full tensors, magnitudes, biases, alphas) are."""
+    from .spectrum import all_finite
+
+    bad: list[str] = []
+    done: set[str] = set()
+    if report is not None:  # flagged modules are read again below, to name the bad tensor exactly
+        done = {k for r in report.modules if "non_finite" not in r.flags for k in (r.module.a_key, r.module.b_key)}
     for key in adapter.source.keys():
+        if key in done:
+            continue
         t = adapter.source.get(key)
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.numel() and not all_finite(t):
             bad.append(key)
-    return bad
+    return sorted(bad)
 
 
 # ---------------------------------------------------------------- the rules

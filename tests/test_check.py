@@ -128,6 +128,27 @@ def test_extra_params_dora_finite_failures(variants):
     r = check(variants["nan"])
     assert r.exit_code == 1 and _rules(r)["finite"]["value"] == 1
     assert check(variants["nan"], "--no-require-finite").exit_code == 0
+    # with --min-energy the spectra have read the factors already: the finite rule must still name
+    # exactly the poisoned tensor (the lora_A), not its clean partner
+    rules = _rules(check(variants["nan"], "--min-energy", "0.5@2"))
+    assert rules["finite"]["value"] == 1 and "lora_A.weight" in rules["finite"]["message"]
+
+
+def test_nonfinite_full_tensor_found_with_spectra(variants, tmp_path):
+    """A NaN in a full tensor (modules_to_save) is outside every module the spectra read."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "saved-nan"
+    shutil.copytree(variants["saved"], d)
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    key = next(k for k in sorted(sd) if "lm_head" in k)
+    sd[key][3, 1] = float("inf")
+    save_file(sd, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    for extra in ((), ("--min-energy", "0.1@1")):
+        rules = _rules(check(d, *extra))
+        assert not rules["finite"]["ok"] and key in rules["finite"]["message"]
 
 
 def test_base_names_and_shapes(plain, variants, tmp_path):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from ..analysis import analyse
+from ..analysis import DEFAULT_ENERGY, analyse
 from ..basemodels import load_base
-from ..errors import EXIT_RULE_FAILED, InspectError
+from ..errors import EXIT_RULE_FAILED, InspectError, UnpairedFactorError
 from ..formats import load_adapter
 from ..gate import Policy, check_view, evaluate, nonfinite_tensors, parse_min_energy, parse_serving, policy_from_table, unreadable_results
 from ..render import emit, stderr_console
@@ -154,13 +154,12 @@ def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, m
     for p in paths:
         try:
             ad = load_adapter(p)
-        except InspectError as e:
-            if "unpaired factor" not in str(e):
-                raise
+        except UnpairedFactorError as e:
             entries.append((_shown(p), unreadable_results(str(e))))
             continue
-        report = analyse(ad, 0.95) if policy.needs_spectra else None
-        bad = nonfinite_tensors(ad) if policy.needs_values else None
+        report = analyse(ad, DEFAULT_ENERGY) if policy.needs_spectra else None
+        # the spectra already read every module's factors: only the other tensors are scanned again
+        bad = nonfinite_tensors(ad, report) if policy.needs_values else None
         entries.append((_shown(p), evaluate(ad, policy, base=bm, report=report, nonfinite=bad)))
 
     view = check_view(entries, policy, source)

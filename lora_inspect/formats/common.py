@@ -12,7 +12,7 @@ import re
 from typing import Iterable
 
 from ..adapter import ORIENT_EMBEDDING, ORIENT_MLX, ORIENT_PEFT, Module
-from ..errors import InspectError
+from ..errors import InspectError, UnpairedFactorError
 from .tensors import TensorSource
 
 __all__ = ["group_keys", "build_module", "pattern_lookup", "scale_for"]
@@ -88,7 +88,7 @@ def build_module(
     if "A" not in roles or "B" not in roles:
         have = "A" if "A" in roles else "B"
         missing = "B" if have == "A" else "A"
-        raise InspectError(
+        raise UnpairedFactorError(
             f"module {name!r}: unpaired factor — {roles[have]!r} has no matching {missing} tensor "
             "(incomplete save or renamed keys?)"
         )
