@@ -38,7 +38,6 @@ __all__ = [
     "r_factor",
     "core_singular_values",
     "singular_values",
-    "batched_singular_values",
     "svd_factors",
     "truncate_factors",
     "energy_rank",
@@ -144,26 +143,10 @@ def core_singular_values(
     return torch.linalg.svdvals(core).abs().numpy()
 
 
-def batched_singular_values(b: torch.Tensor, a: torch.Tensor, scale: torch.Tensor | float) -> np.ndarray:
-    """Singular values of s·B@A for a batch: b (N, out, r), a (N, r, in), scale scalar or (N,).
-
-    Returns (N, r) float64, descending, zero-padded to r when r > min(out, in).
-    """
-    n, _, r = b.shape
-    rb = r_factor(b)  # (N, min(out, r), r)
-    ra = r_factor(a.transpose(-1, -2))  # (N, min(in, r), r)
-    core = rb.to(torch.float64) @ ra.to(torch.float64).transpose(-1, -2)
-    s = torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1, 1) if not isinstance(scale, float) else scale
-    core = core * s
-    sv = torch.linalg.svdvals(core).abs()
-    out = np.zeros((n, r), dtype=np.float64)
-    out[:, : sv.shape[-1]] = sv.numpy()
-    return out
-
-
 def singular_values(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> np.ndarray:
-    """Singular values (length r, descending, float64) of s·B@A from the QR factors and an r×r SVD."""
-    return batched_singular_values(b.unsqueeze(0), a.unsqueeze(0), float(scale))[0]
+    """Singular values (length r, descending, float64) of s·B@A from the QR factors and an r×r SVD —
+    the same route ``analysis.compute_spectra`` takes for a whole adapter, for one module."""
+    return core_singular_values([r_factor(b)], [r_factor(a.T)], [float(scale)], b.shape[1])[0]
 
 
 def svd_factors(

@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora_inspect.spectrum import (
-    batched_singular_values,
+    core_singular_values,
+    r_factor,
     energy_rank,
     entropy_rank,
     relative_error,
@@ -88,14 +89,19 @@ def test_eight_decades_mixed_relative_to_sigma1(out, inn, r, seed):
     assert np.abs(sv32 - sigma).max() <= 1e-5
 
 
-def test_batched_equals_one_by_one():
+def test_batched_cores_equal_one_by_one():
+    """``compute_spectra`` decomposes the cores of same-rank modules in one batched SVD; the batch must
+    not mix modules up, including ones whose R is shorter than r (out < r or in < r)."""
     rng = np.random.default_rng(1)
-    b, a = rng.standard_normal((5, 12, 4)), rng.standard_normal((5, 4, 9))
-    scales = rng.uniform(0.1, 3, 5)
-    batch = batched_singular_values(torch.from_numpy(b), torch.from_numpy(a), torch.from_numpy(scales))
-    for i in range(5):
-        np.testing.assert_allclose(batch[i], singular_values(torch.from_numpy(b[i]), torch.from_numpy(a[i]), scales[i]),
-                                   rtol=0, atol=1e-12 * batch[i][0])
+    shapes = [(12, 9), (3, 9), (12, 2), (7, 7), (30, 5)]
+    facs = [(torch.from_numpy(rng.standard_normal((o, 4))), torch.from_numpy(rng.standard_normal((4, i))))
+            for o, i in shapes]
+    scales = rng.uniform(0.1, 3, len(shapes))
+    batch = core_singular_values([r_factor(b) for b, _ in facs], [r_factor(a.T) for _, a in facs], list(scales), 4)
+    for (b, a), s, got in zip(facs, scales, batch):
+        want = np.linalg.svd(s * (b.numpy() @ a.numpy()), compute_uv=False)
+        np.testing.assert_allclose(got[: len(want)], want[:4], rtol=0, atol=1e-12 * want[0])
+        assert np.all(got[len(want):] <= 1e-12 * want[0])
 
 
 # --- metrics against the textbook formulas ---------------------------------------------------------
