@@ -6,7 +6,8 @@
 2. Times, alternating runs in fresh processes:
    - floor: a process that only imports torch + safetensors and reads every tensor (safe_open/get_tensor);
    - ours:  `lora-inspect rank ADAPTER --json > /dev/null`.
-   The median ratio ours/floor is the headline (target ≤ 1.5× on the 2-core machine).
+   The median ratio ours/floor is the headline (target ≤ 1.5× on the 2-core machine);
+   - info:  `lora-inspect info ADAPTER --json`, which reads the header alone.
 3. Times a dense float64 SVD (svdvals of s·B@A formed densely) on a sample of modules and extrapolates
    to all 224 with the usual m·n·min(m, n) cost model — what a tool that forms ΔW would pay.
 4. Checks the QR route against that dense SVD on the sampled modules (max |Δσ|/σ₁).
@@ -49,13 +50,16 @@ def main() -> None:
     floor_py = ROOT / "bench-data" / "floor_read.py"
     floor_py.write_text(FLOOR)
     cli = [PY, "-c", "from lora_inspect.cli import main; main()", "rank", str(adapter), "--json"]
-    cmds = {"floor": [PY, str(floor_py), str(weights)], "rank": cli}
+    info = [PY, "-c", "from lora_inspect.cli import main; main()", "info", str(adapter), "--json"]
+    cmds = {"floor": [PY, str(floor_py), str(weights)], "rank": cli, "info": info}
     alternate({"floor": cmds["floor"]}, 1)  # warm the page cache
     times = alternate(cmds, args.runs)
     ratios = [o / f for o, f in zip(times["rank"], times["floor"])]
     med_floor, med_rank, med_ratio = median(times["floor"]), median(times["rank"]), median(ratios)
     print(f"floor (import torch + read {weights.stat().st_size / 1e6:.0f} MB): median {med_floor:.2f} s  {times['floor']}")
     print(f"lora-inspect rank --json:                median {med_rank:.2f} s  {times['rank']}")
+    med_info = median(times["info"])
+    print(f"lora-inspect info --json (header only):  median {med_info:.2f} s  {times['info']}")
     print(f"ratio rank/floor: median {med_ratio:.2f}x  (per run: {', '.join(f'{r:.2f}' for r in ratios)})")
 
     dense_rows = []
@@ -100,6 +104,7 @@ def main() -> None:
         "|---|---:|---:|",
         f"| floor: import torch + read every tensor | {med_floor:.2f} s | 1.00× |",
         f"| `lora-inspect rank --json` (exact spectra of all modules) | {med_rank:.2f} s | **{med_ratio:.2f}×** |",
+        f"| `lora-inspect info --json` (header only, no torch import) | {med_info:.2f} s | {med_info / med_floor:.2f}× |",
     ]
     if est_total is not None:
         lines.append(f"| dense float64 SVD of every ΔW (extrapolated from {len(dense_rows)} modules) | "
