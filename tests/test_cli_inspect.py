@@ -174,3 +174,35 @@ def test_module_filter(adapter):
 def test_json_and_markdown_contradict(adapter):
     res = run_cli("rank", adapter, "--json", "--format", "markdown")
     assert res.exit_code == 2 and res.stdout == "" and len(res.stderr.splitlines()) == 1
+
+
+def test_info_reads_the_header_only_without_torch(tmp_path):
+    """`info` must stay header-only: in a fresh interpreter it prints its document without importing
+    torch (kohya alphas included: they are read straight from the file)."""
+    import subprocess
+    import sys
+
+    from builders import write_kohya
+
+    g = torch.Generator().manual_seed(0)
+    path = write_kohya(tmp_path / "k.safetensors", {
+        "lora_unet_mid_block_attentions_0_proj_in": (torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g), 2.0),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": (torch.randn(4, 8, 3, 3, generator=g),
+                                                         torch.randn(5, 4, 1, 1, generator=g), None),
+    }, dtype=torch.bfloat16)
+    code = ("import sys, json; from lora_inspect.cli import main\n"
+            "try:\n    main(['info', sys.argv[1], '--json'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'info imported torch'\n")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["alphas"] == {"2": 1, "4": 1}  # α read from bf16 bytes; the missing one is α = r = 4
+    assert doc["params"] == 4 * (6 + 8) + 4 * (5 + 8 * 9)
+
+
+def test_rank_default_energy_is_the_library_default():
+    """commands.inspect keeps its own copy of the default τ so that `info` need not import torch."""
+    from lora_inspect import analysis
+    from lora_inspect.commands import inspect as cmd
+
+    assert cmd.DEFAULT_ENERGY == analysis.DEFAULT_ENERGY
