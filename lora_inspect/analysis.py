@@ -157,12 +157,19 @@ def analyse(
     return report
 
 
-def _group_stats(results: list[ModuleResult]) -> dict:
+def _group_stats(results: list[ModuleResult], uniform: dict[str, int], pattern: dict[str, int]) -> dict:
     ok = [r for r in results if r.energy_rank is not None]
+    mods = [r.module for r in results]
+    params_uni, bytes_uni = _params_at(mods, uniform)
+    params_pat, bytes_pat = _params_at(mods, pattern)
     return {
         "modules": len(results),
         "rank": sorted({r.module.rank for r in results}),
         "params": sum(r.module.params for r in results),
+        "params_uniform": params_uni,
+        "params_pattern": params_pat,
+        "bytes_uniform": bytes_uni,
+        "bytes_pattern": bytes_pat,
         "max_energy_rank": max((r.energy_rank for r in ok), default=None),
         "mean_energy_rank": (sum(r.energy_rank for r in ok) / len(ok)) if ok else None,
         "mean_stable_rank": (sum(r.stable_rank for r in ok) / len(ok)) if ok else None,
@@ -179,7 +186,8 @@ def summarise(results: list[ModuleResult], energy: float) -> dict:
     pattern = {r.name: r.energy_rank for r in ok}
     # modules we could not analyse keep their rank in every estimate
     params_now, bytes_now = _params_at(mods, {})
-    params_uni, bytes_uni = _params_at(mods, {r.name: min(uni, r.module.rank) for r in ok})
+    uniform = {r.name: min(uni, r.module.rank) for r in ok}
+    params_uni, bytes_uni = _params_at(mods, uniform)
     params_pat, bytes_pat = _params_at(mods, pattern)
     by_type: dict[str, list[ModuleResult]] = defaultdict(list)
     by_layer: dict[str, list[ModuleResult]] = defaultdict(list)
@@ -200,8 +208,8 @@ def summarise(results: list[ModuleResult], energy: float) -> dict:
         "rank_pattern": pattern,
         "params": {"now": params_now, "uniform": params_uni, "pattern": params_pat},
         "bytes": {"now": bytes_now, "uniform": bytes_uni, "pattern": bytes_pat},
-        "by_type": {k: _group_stats(v) for k, v in sorted(by_type.items())},
-        "by_layer": {k: _group_stats(v) for k, v in by_layer.items()},
+        "by_type": {k: _group_stats(v, uniform, pattern) for k, v in sorted(by_type.items())},
+        "by_layer": {k: _group_stats(v, uniform, pattern) for k, v in by_layer.items()},
         "flags": dict(sorted(flags.items())),
     }
 

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .adapter import Adapter, module_type
-from .formats.tensors import DTYPE_SIZES
 from .render import Table, View, fmt_bytes, fmt_count
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,10 +87,6 @@ def adapter_costs(adapter: Adapter, report: "RankReport | None" = None) -> dict[
     to min(uniform, r)) and at per-module energy ranks — the numbers ``rank`` prints, split by type.
     Modules whose spectrum is unknown (non-finite) keep their rank, as in ``analysis.summarise``.
     """
-    uni = pattern = None
-    if report is not None:
-        uni = report.summary["uniform_rank"]
-        pattern = {r.name: r.energy_rank for r in report.modules if r.energy_rank is not None}
     by_type: dict[str, dict[str, Any]] = {}
     for m in adapter.modules:
         t = by_type.setdefault(module_type(m.name), {"modules": 0, "ranks": set(), "params": 0, "bytes": 0})
@@ -99,16 +94,11 @@ def adapter_costs(adapter: Adapter, report: "RankReport | None" = None) -> dict[
         t["ranks"].add(m.rank)
         t["params"] += m.params
         t["bytes"] += m.nbytes
-        if report is not None:
-            width = m.shape[0] + m.shape[1]
-            size = DTYPE_SIZES.get(m.dtype, 4)
-            k_uni = min(uni, m.rank) if m.name in pattern else m.rank
-            k_pat = pattern.get(m.name, m.rank)
-            for key, k in (("uniform", k_uni), ("pattern", k_pat)):
-                t[f"params_{key}"] = t.get(f"params_{key}", 0) + k * width
-                t[f"bytes_{key}"] = t.get(f"bytes_{key}", 0) + k * width * size
-    for t in by_type.values():
+    for name, t in by_type.items():
         t["ranks"] = sorted(t["ranks"])
+        if report is not None:  # the recommendation's sizes, as `rank` computed them for this type
+            t.update({k: report.summary["by_type"][name][k]
+                      for k in ("params_uniform", "params_pattern", "bytes_uniform", "bytes_pattern")})
     by_dtype: dict[str, int] = defaultdict(int)
     for info in adapter.source.tensors.values():
         by_dtype[info.dtype] += info.nbytes
@@ -126,11 +116,9 @@ def adapter_costs(adapter: Adapter, report: "RankReport | None" = None) -> dict[
     if report is not None:
         s = report.summary
         out["recommended"] = {
-            "energy": report.energy, "uniform_rank": uni, "max_rank": s["max_rank"],
-            "params_uniform": sum(t["params_uniform"] for t in by_type.values()),
-            "params_pattern": sum(t["params_pattern"] for t in by_type.values()),
-            "bytes_uniform": sum(t["bytes_uniform"] for t in by_type.values()),
-            "bytes_pattern": sum(t["bytes_pattern"] for t in by_type.values()),
+            "energy": report.energy, "uniform_rank": s["uniform_rank"], "max_rank": s["max_rank"],
+            "params_uniform": s["params"]["uniform"], "params_pattern": s["params"]["pattern"],
+            "bytes_uniform": s["bytes"]["uniform"], "bytes_pattern": s["bytes"]["pattern"],
         }
     return out
 
