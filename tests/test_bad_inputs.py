@@ -351,3 +351,14 @@ def test_top_level_adapter_with_named_adapters_in_subfolders_notes_them(tmp_path
     sub.rename(top / "other")
     doc = cli_json("info", top)
     assert any("other" in n and "subfolders" in n for n in doc["notes"]), doc["notes"]
+
+
+def test_lycoris_file_is_refused_not_misread(tmp_path):
+    """A LyCORIS LoHa file uses kohya prefixes but other factors; reading it as plain LoRA would be wrong."""
+    f = tmp_path / "loha.safetensors"
+    save_file({
+        "lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.randn(8, 4),
+        "lora_unet_mid_block_attentions_0_proj_in.hada_w1_b": torch.randn(4, 8),
+        "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(4.0),
+    }, str(f))
+    assert_bad("info", f, contains=("LyCORIS", "hada_w1_a"))
