@@ -211,9 +211,9 @@ def _close(a, b, path: str = "$") -> str | None:
     if path.rsplit(".", 1)[-1] in _NOISY:
         return None if (0 <= a <= 1) == (0 <= b <= 1) else f"{path}: {a!r} vs {b!r}"
     if isinstance(a, float) or isinstance(b, float):
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
-            if math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12):
-                return None
+        numbers = isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool)
+        if numbers and math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-12):
+            return None
         return f"{path}: {a!r} != {b!r}"
     if isinstance(a, dict) and isinstance(b, dict):
         if list(a) != list(b):

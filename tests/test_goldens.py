@@ -4,9 +4,8 @@ change and say which in the commit)."""
 
 from __future__ import annotations
 
-import pytest
-
 import golden_cases as gc
+import pytest
 
 
 @pytest.fixture(scope="module")
