@@ -23,3 +23,8 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_configure(config):
+    """Markers (appended by the train helper): ``slow`` tests run by default; ``-m 'not slow'`` skips them."""
+    config.addinivalue_line("markers", "slow: regenerates a sample by training (about 10 s of CPU; minutes on a loaded machine)")

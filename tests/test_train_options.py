@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
-
 from builders import run_cli
+
 from lora_inspect.errors import InspectError
 from lora_inspect.train import TrainConfig, run_training
 

@@ -14,8 +14,8 @@ import json
 import shutil
 
 import pytest
-
 from builders import run_cli
+
 from lora_inspect.errors import InspectError
 from lora_inspect.train import TrainConfig, run_training
 from lora_inspect.train.verify import verify
