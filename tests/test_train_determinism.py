@@ -3,7 +3,8 @@
 - The safetensors files go through the project's writer (``formats.write.write_safetensors``: sorted
   header keys and metadata), not ``safetensors.torch.save_file`` (metadata in hash order).
 - Without ``--threads``, the tiny model trains on one thread (torch's default, all cores, made a
-  100-step run 3–40× slower on a shared 2-core machine) and the caller's thread count is restored.
+  100-step run about 9× slower on a busy 2-core machine: see ``default_threads``) and the caller's
+  thread count is restored.
 """
 
 from __future__ import annotations

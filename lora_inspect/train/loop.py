@@ -90,11 +90,13 @@ def default_threads(model_dim: int | None) -> int:
     """CPU threads when none are asked for.
 
     One thread for models no wider than :data:`ONE_THREAD_MAX_DIM` (the presets ``tiny`` and
-    ``small``): their 64×64…176×64 matmuls are too small to split, and on a 2-core machine the
-    README's tiny planted run (100 steps) took a median 8–9 s on one thread against 25–56 s on torch's
-    default of two, which also oversubscribe cores shared with other work. Wider models (or an unknown
-    width) get the cores this process may run on, divided among the processes of a torchrun node
-    (``LOCAL_WORLD_SIZE``), at least one.
+    ``small``): their 64×64…176×64 matmuls are too small to split across threads. Measured on a
+    2-core machine shared with other jobs (load average 8–12), the README's tiny planted command
+    for 100 steps (``lora-inspect train --task planted --planted-rank 4 --rank 32 --targets
+    all-linear --steps 100``) took 27.0, 48.8, 43.4 s on one thread (median 43 s) and 426, 373,
+    321 s on torch's default of two (median 373 s): idle OpenMP threads spin on busy cores. Wider
+    models (or an unknown width) get the cores this process may run on, divided among the processes
+    of a torchrun node (``LOCAL_WORLD_SIZE``), at least one (not measured here).
     """
     if model_dim is not None and model_dim <= ONE_THREAD_MAX_DIM:
         return 1
