@@ -118,3 +118,20 @@ def test_cli(runs):
     assert len(json.loads(res.stdout)["results"]) == 2
     (line,) = res.stderr.strip().splitlines()
     assert line.startswith("lora-inspect: note:") and "text task" in line
+
+
+@pytest.mark.parametrize("edit,msg", [({"seq_len": "8"}, "seq_len must be a number"), ({"seq_len": 0}, "seq_len must be ≥ 1"),
+                                      ({"task": "vision"}, "task must be 'planted' or 'text'"),
+                                      ({"planted_rank": None}, "planted_rank is missing"),
+                                      ({"strength": float("nan")}, "strength must be finite"),
+                                      ({"targets": [1]}, "targets must be a list of strings")])
+def test_task_json_values_are_checked(runs, tmp_path, edit, msg):
+    bad = tmp_path / "bad"
+    shutil.copytree(runs["a"], bad)
+    tj = json.loads((bad / "task.json").read_text())
+    tj.update(edit)
+    (bad / "task.json").write_text(json.dumps(tj))
+    with pytest.raises(InspectError, match=msg):
+        verify(bad)
+    res = run_cli("verify", bad)
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "unexpected" not in res.stderr

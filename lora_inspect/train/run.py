@@ -12,7 +12,6 @@ The output directory holds everything needed to re-evaluate the run:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict
@@ -185,10 +184,24 @@ def _clear_previous(out: Path) -> None:
 
 
 def read_task_json(out: Path) -> dict:
+    """``out/task.json``, with every field that verify uses checked (one line naming the key)."""
+    from ..validate import integer, number, read_json_object, string, string_list
+
     p = out / "task.json"
     if not p.is_file():
         raise InspectError(f"{out}: not a training output directory (no task.json)")
-    try:
-        return json.loads(p.read_text())
-    except ValueError as e:
-        raise InspectError(f"{p}: not valid JSON ({e})") from None
+    desc = read_json_object(p)
+    where = str(p)
+    task = string(desc, "task", where)
+    if task not in ("planted", "text"):
+        raise InspectError(f"{where}: task must be 'planted' or 'text', found {task!r}")
+    integer(desc, "seq_len", where, minimum=1)
+    if task == "planted":
+        integer(desc, "planted_rank", where, minimum=1)
+        integer(desc, "seed", where, default=0, minimum=0)
+        number(desc, "strength", where, default=4.0, positive=True)
+        if string_list(desc, "targets", where) is None:
+            raise InspectError(f"{where}: targets is missing")
+    else:
+        string(desc, "sha256", where)
+    return desc
