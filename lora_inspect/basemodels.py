@@ -238,7 +238,7 @@ def load_base(spec: str | Path) -> BaseModel:
     if p.is_dir():
         p = _config_in(p)
     if not p.is_file():
-        raise InspectError(f"{s}: neither a preset ({', '.join(sorted(table))}) nor a config.json file")
+        raise InspectError(f"base model {s}: neither a preset ({', '.join(sorted(table))}) nor a config.json file")
     from .validate import read_json_object
 
     cfg = read_json_object(p)

@@ -10,6 +10,13 @@ Reported per adapter:
 - ``top1_agreement`` — fraction of positions where this adapter's argmax equals the first's;
 
 and ``base_loss``, the same objective for the base model without any adapter.
+
+Every adapter is checked against DIR before anything runs. One made for another base is refused with
+one line naming the first difference: a module the base lacks or a ΔW shape that differs
+(:func:`adapter_deltas`), or — for a training output directory — another ``base/config.json`` value,
+other base weights or another Hugging Face base (:func:`origin_mismatch`). One trained on another task
+(another kind, planted teacher or text) on the same base is evaluated, with a note: its numbers are
+still its loss on DIR's held-out data, a fair question (how much does it disturb DIR's task?).
 """
 
 from __future__ import annotations
