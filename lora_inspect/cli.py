@@ -118,7 +118,7 @@ class _Group(click.Group):
         debug, argv = hoist_debug(argv)
         debug = debug or bool(os.environ.get("LORA_INSPECT_DEBUG"))
         real_stdout = sys.stdout
-        sys.stdout = _PipeSafeStdout(real_stdout)  # type: ignore[assignment]
+        sys.stdout = _PipeSafeStdout(real_stdout)
         try:
             with warnings.catch_warnings():
                 if not debug:
