@@ -143,6 +143,8 @@ def regenerate(readme: str, names: list[str], slow: bool) -> dict[str, str]:
             body = run_tour(name, tour, work)
             if name in names:  # … but only the requested ones are replaced
                 new[name] = body
+            if all(n in new or (TOURS[n].slow and not slow) for n in names):
+                break  # nothing requested comes later
     return new
 
 
@@ -151,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="compare only; exit 1 when a block is stale")
     ap.add_argument("--only", action="append", help="only this block (repeatable)")
     ap.add_argument("--slow", action="store_true", help="also run the slow blocks (training)")
+    ap.add_argument("--readme", type=Path, default=README, help="the file to check or rewrite (default: README.md)")
     args = ap.parse_args(argv)
-    readme = README.read_text(encoding="utf-8")
+    readme = args.readme.read_text(encoding="utf-8")
     names = args.only or list(blocks(readme))
     missing = [n for n in names if n not in blocks(readme)]
     if missing:
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stale tour blocks: {', '.join(stale)} (run: python scripts/tour.py)", file=sys.stderr)
         return 1 if stale else 0
     text = BLOCK.sub(lambda m: m.group(1) + new.get(m["name"], m["body"]) + m.group(4), readme)
-    README.write_text(text, encoding="utf-8")
+    args.readme.write_text(text, encoding="utf-8")
     print(f"updated {len(stale)} of {len(new)} tour blocks" + (f": {', '.join(stale)}" if stale else ""))
     return 0
 
