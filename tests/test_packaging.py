@@ -71,6 +71,16 @@ def _venv_with(tmp: Path, name: str, target: Path) -> Path:
     return venv
 
 
+def test_the_file_names_the_readme_gives(built):
+    import tomllib
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    assert built["wheel"].name == f"lora_inspect-{version}-py3-none-any.whl"
+    assert built["sdist"].name == f"lora_inspect-{version}.tar.gz"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert built["wheel"].name in readme and built["sdist"].name in readme
+
+
 def test_wheel_contents(built):
     names = zipfile.ZipFile(built["wheel"]).namelist()
     assert "lora_inspect/cli.py" in names and "lora_inspect/data/presets.json" in names
