@@ -202,9 +202,9 @@ def summarise(diffs: list[ModuleDiff]) -> dict:
 def diff_adapters(a: Adapter, b: Adapter, *, top: int = 1, energy: float = 0.95) -> DiffResult:
     """Pair modules by name and compare each pair (:func:`compare_factors`), in A's module order."""
     if top < 1:
-        raise InspectError(f"--top must be ≥ 1, got {top}")
+        raise InspectError(f"top (the number of singular directions φ compares) must be ≥ 1, got {top}")
     if not 0 < energy <= 1:
-        raise InspectError(f"--energy must be in (0, 1], got {energy}")
+        raise InspectError(f"energy τ must be in (0, 1], got {energy}")
     names_b = {m.name: m for m in b.modules}
     names_a = {m.name for m in a.modules}
     common = [m for m in a.modules if m.name in names_b]

@@ -10,10 +10,11 @@ from builders import build_peft, run_cli
 from lora_inspect.analysis import analyse
 from lora_inspect.basemodels import load_base
 from lora_inspect.footprint import (
-    FOOTPRINT_SCHEMA, adapter_costs, footprint, inference_vram, layer_paths, serving_memory, training_vram,
+    adapter_costs, footprint, inference_vram, layer_paths, serving_memory, training_vram,
     vllm_pool_bytes,
 )
 from lora_inspect.formats import load_adapter
+from lora_inspect.views.schemas import FOOTPRINT_SCHEMA
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,8 @@ def test_by_type_and_recommended_rank(qvd):
     # planted rank 2: energy rank ≤ 2, so the per-module cost is at most 2·(out+in) per module
     assert c["by_type"]["down_proj"]["params_pattern"] <= 2 * 2 * 88
     want_pattern = sum(r.energy_rank * (r.module.shape[0] + r.module.shape[1]) for r in rep.modules)
-    assert c["recommended"]["params_pattern"] == want_pattern == rep.summary["params"]["pattern"]
-    assert c["recommended"]["params_uniform"] == rep.summary["params"]["uniform"]
+    assert c["recommended"]["params_pattern"] == want_pattern == rep.summary.params.pattern
+    assert c["recommended"]["params_uniform"] == rep.summary.params.uniform
     assert c["recommended"]["bytes_pattern"] == 4 * want_pattern  # F32 factors
     assert sum(t["params"] for t in c["by_type"].values()) == c["params"]
 
@@ -145,7 +146,7 @@ def test_footprint_document_uses_adapter_dropout(qvd):
     ad = load_adapter(qvd.path)
     base = load_base("tiny-llama")
     doc = footprint(ad, None, base, dropout=True)
-    assert doc["schema"] == FOOTPRINT_SCHEMA and doc["vram"]["training"]["settings"]["dropout"]
+    assert "schema" not in doc and doc["vram"]["training"]["settings"]["dropout"]  # the view adds the schema id
     no = footprint(ad, None, base)  # PEFT's default lora_dropout is 0.0
     assert not no["vram"]["training"]["settings"]["dropout"]
     assert doc["vram"]["training"]["total_bytes"] > no["vram"]["training"]["total_bytes"]

@@ -2,7 +2,7 @@
 
 Wiring only: policy discovery (``[tool.lora-inspect.check]`` in the nearest pyproject.toml), adapter
 discovery in directories, reading tensors only for the rules that need them, the GitHub step summary.
-The rules themselves live in :mod:`lora_inspect.gate`.
+The rules themselves live in :mod:`lora_inspect.checks`, the report in :mod:`lora_inspect.views.check`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from pathlib import Path
 
 import click
 
-from ..analysis import DEFAULT_ENERGY, analyse
+from ..analysis import analyse
 from ..basemodels import load_base
+from ..checks import Policy, evaluate, nonfinite_tensors, parse_min_energy, parse_serving, policy_from_table, unreadable_results
+from ..defaults import DEFAULT_ENERGY
 from ..errors import EXIT_RULE_FAILED, InspectError, UnpairedFactorError
 from ..formats import load_adapter
-from ..gate import Policy, check_view, evaluate, nonfinite_tensors, parse_min_energy, parse_serving, policy_from_table, unreadable_results
-from ..render import emit, stderr_console
-from ..render import to_markdown  # type: ignore[attr-defined]
 from ..units import parse_count, parse_size
+from ..views.check import check_view
+from ..views.render import emit, stderr_console, to_markdown
 from ._options import output_options
 
 __all__ = ["check", "find_pyproject", "discover_adapters"]

@@ -6,7 +6,7 @@ rule, the adapter's value and the limit. Only ``min-energy`` (spectra) and ``req
 need tensor data; the caller passes them in (:func:`nonfinite_tensors`, ``analysis.analyse``) only
 when those rules are on, so every other rule runs on the file header alone.
 
-Serving profiles encode ``../shared/docs/serving.md``:
+Serving profiles encode ``docs/serving.md``:
 
 - ``vllm[:R]`` — ``--max-lora-rank`` R from {1, 8, 16, 32, 64, 128, 256, 320, 512} (default 16): every
   module's rank ≤ R (vLLM takes the max over ``rank_pattern``); no DoRA; ``modules_to_save`` /
@@ -31,21 +31,19 @@ from typing import TYPE_CHECKING, Any
 
 from .adapter import Adapter, module_type
 from .errors import InspectError
-from .render import Table, View, fmt_bytes
 from .spectrum import retained_energy
-from .units import parse_count, parse_size
+from .units import fmt_bytes, parse_count, parse_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis import RankReport
     from .basemodels import BaseModel
 
 __all__ = [
-    "CHECK_SCHEMA", "VLLM_RANKS", "PROFILES", "Policy", "Result", "parse_min_energy", "parse_serving",
-    "policy_from_table", "evaluate", "nonfinite_tensors", "base_results", "check_view", "POLICY_KEYS",
+    "VLLM_RANKS", "PROFILES", "Policy", "Result", "parse_min_energy", "parse_serving",
+    "policy_from_table", "evaluate", "nonfinite_tensors", "base_results", "POLICY_KEYS",
     "unreadable_results",
 ]
 
-CHECK_SCHEMA = "lora-inspect/check/1"
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_RANK = 16
 PROFILES = ("vllm", "llamacpp", "lorax", "sglang", "ollama")
@@ -432,48 +430,3 @@ def evaluate(
 def unreadable_results(message: str) -> list[Result]:
     """An adapter whose factors are unpaired cannot be loaded by any server (llama.cpp's converter exits)."""
     return [Result("paired factors", False, "unpaired", "every A has its B", message)]
-
-
-# ---------------------------------------------------------------- the report
-def _fmt_value(rule: str, v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return "-" if v is None else str(v)
-    if isinstance(v, int) and rule == "max-size":
-        return f"{v:,} B"
-    if isinstance(v, int) and rule in ("max-params", "max-extra-params"):
-        return f"{v:,}"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def check_view(entries: list[tuple[str, list[Result]]], policy: Policy, source: str | None) -> View:
-    """One table for every adapter × rule; the JSON document ``lora-inspect/check/1``."""
-    failed = sum(1 for _, rs in entries for r in rs if not r.ok)
-    bad_adapters = sum(1 for _, rs in entries if any(not r.ok for r in rs))
-    data = {
-        "schema": CHECK_SCHEMA,
-        "ok": failed == 0,
-        "failures": failed,
-        "policy": policy.describe(),
-        "policy_source": source,
-        "adapters": [
-            {"path": p, "ok": all(r.ok for r in rs),
-             "results": [{"rule": r.rule, "ok": r.ok, "value": r.value, "limit": r.limit, "message": r.message} for r in rs]}
-            for p, rs in entries
-        ],
-    }
-    rows = []
-    for p, rs in entries:
-        for r in rs:
-            rows.append((p, r.rule, _fmt_value(r.rule, r.value), _fmt_value(r.rule, r.limit), "ok" if r.ok else "FAIL", r.message))
-    table = Table(None, ["adapter", "rule", "value", "limit", "result", "detail"], rows,
-                  justify=["left", "left", "right", "right", "left", "left"])
-    n = len(entries)
-    footer = [
-        f"✗ {failed} rule{'s' if failed != 1 else ''} failed in {bad_adapters} of {n} adapter{'s' if n != 1 else ''}"
-        if failed else f"✓ all {sum(len(rs) for _, rs in entries)} checks passed for {n} adapter{'s' if n != 1 else ''}"
-    ]
-    header = [f"lora-inspect check — policy from {source}" if source else "lora-inspect check"]
-    return View(data, [table], header=header, footer=footer)
-
