@@ -256,11 +256,13 @@ def _group_stats(results: list[ModuleResult], uniform: dict[str, int], pattern: 
     )
 
 
-def _groups(results: list[ModuleResult], key: Callable[[str], str]) -> dict[str, list[ModuleResult]]:
+def _groups(results: list[ModuleResult], key: Callable[[str], str], order: bool) -> dict[str, list[ModuleResult]]:
+    """Results grouped by ``key`` of their name; keys in natural order (``order``) or in the order
+    they first appear (modules are in layer order already)."""
     out: dict[str, list[ModuleResult]] = defaultdict(list)
     for r in results:
         out[key(r.name)].append(r)
-    return {k: out[k] for k in natural_sorted(out)}
+    return {k: out[k] for k in natural_sorted(out)} if order else dict(out)
 
 
 def summarise(results: list[ModuleResult]) -> RankSummary:
@@ -289,8 +291,8 @@ def summarise(results: list[ModuleResult]) -> RankSummary:
         rank_pattern=pattern,
         params=Sizes(params_now, params_uni, params_pat),
         bytes=Sizes(bytes_now, bytes_uni, bytes_pat),
-        by_type={k: _group_stats(v, uniform, pattern) for k, v in _groups(results, module_type).items()},
-        by_layer={k: _group_stats(v, uniform, pattern) for k, v in _groups(results, module_layer).items()},
+        by_type={k: _group_stats(v, uniform, pattern) for k, v in _groups(results, module_type, True).items()},
+        by_layer={k: _group_stats(v, uniform, pattern) for k, v in _groups(results, module_layer, False).items()},
         flags=dict(sorted(flags.items())),
         non_finite=[r.name for r in results if FLAG_NON_FINITE in r.flags],
         zero_b=[r.name for r in results if FLAG_ZERO_B in r.flags],

@@ -2,9 +2,10 @@
 
 A :class:`Policy` holds the limits (from ``[tool.lora-inspect.check]`` in pyproject.toml and the
 command line); :func:`evaluate` turns one adapter into a list of :class:`Result` rows, each naming the
-rule, the adapter's value and the limit. Only ``min-energy`` (spectra) and ``require-finite`` (values)
-need tensor data; the caller passes them in (:func:`nonfinite_tensors`, ``analysis.analyse``) only
-when those rules are on, so every other rule runs on the file header alone.
+rule, the adapter's value and the limit. Only ``min-energy`` (spectra) and ``integrity`` (values: no
+NaN/inf anywhere, no module with an all-zero B) need tensor data; the caller passes them in
+(:func:`scan_values`, ``analysis.analyse``) only when those rules are on, so every other rule runs on
+the file header alone.
 
 Serving profiles encode ``docs/serving.md``:
 
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .adapter import Adapter, module_type
 from .errors import InspectError
+from .naming import names_line, natural_sorted
 from .spectrum import retained_energy
 from .units import fmt_bytes, parse_count, parse_size
 
@@ -40,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "VLLM_RANKS", "PROFILES", "Policy", "Result", "parse_min_energy", "parse_serving",
-    "policy_from_table", "evaluate", "nonfinite_tensors", "base_results", "POLICY_KEYS",
+    "policy_from_table", "evaluate", "nonfinite_tensors", "scan_values", "ValueScan", "base_results", "POLICY_KEYS",
     "unreadable_results",
 ]
 
@@ -77,7 +79,8 @@ class Policy:
     max_extra_params: int | None = None
     min_energy: tuple[float, int] | None = None
     allow_dora: bool | None = None  # False: --deny-dora; True: --allow-dora (explicitly fine)
-    require_finite: bool = True
+    require_finite: bool = True  # the "finite" row of the integrity rule (off: only "trained" runs)
+    integrity: bool = True  # the integrity rule: no NaN/inf in any tensor, no module with an all-zero B
     serving: list[tuple[str, int | None]] = field(default_factory=list)
     base: str | None = None  # preset name or config.json path
 
@@ -87,7 +90,7 @@ class Policy:
 
     @property
     def needs_values(self) -> bool:
-        return self.require_finite
+        return self.integrity
 
     def describe(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -133,7 +136,7 @@ def parse_serving(text: str) -> tuple[str, int | None]:
 
 
 POLICY_KEYS = ("max-rank", "max-params", "max-size", "max-extra-params", "min-energy", "allow-dora", "dora",
-               "require-finite", "serving", "base")
+               "require-finite", "integrity", "serving", "base")
 
 
 def _pos_int(v: Any, key: str, where: str) -> int:
@@ -161,7 +164,7 @@ def policy_from_table(table: dict[str, Any], where: str = "[tool.lora-inspect.ch
             out["max_size"] = parse_size(v, f"{where} max-size")
         elif key == "min-energy":
             out["min_energy"] = parse_min_energy(v)
-        elif key in ("allow-dora", "require-finite"):
+        elif key in ("allow-dora", "require-finite", "integrity"):
             if not isinstance(v, bool):
                 raise InspectError(f"{where}: {key} must be true or false, found {v!r}")
             out[key.replace("-", "_")] = v
@@ -182,24 +185,45 @@ def policy_from_table(table: dict[str, Any], where: str = "[tool.lora-inspect.ch
 
 
 # ---------------------------------------------------------------- tensor-data helpers
-def nonfinite_tensors(adapter: Adapter, report: "RankReport | None" = None) -> list[str]:
-    """Keys of floating-point tensors holding NaN or ±inf (reads tensor data).
+@dataclass
+class ValueScan:
+    """What the integrity rule needs from tensor data: keys of floating-point tensors holding NaN or
+    ±inf (None when not scanned), and modules whose B factor is all zero — a LoRA's B starts at zero
+    (Hu et al. 2021, §4.1), so an all-zero B is an adapter saved before any training step."""
 
-    With a ``report`` from ``analysis.analyse``, the factors it already checked (its ``non_finite``
-    flags) are not read again; only the other tensors (full tensors, magnitudes, biases, alphas) are."""
+    nonfinite: list[str] | None
+    zero_b: list[str]
+
+
+def scan_values(adapter: Adapter, report: "RankReport | None" = None, *, finite: bool = True) -> ValueScan:
+    """One pass over the tensor data (each tensor read at most once).
+
+    With a ``report`` from ``analysis.analyse``, what it already established is not read again: its
+    ``zero_b`` modules, and the factors it found finite. Flagged (non-finite) modules are read again
+    to name the bad tensor exactly."""
     from .spectrum import all_finite
 
-    bad: list[str] = []
     done: set[str] = set()
-    if report is not None:  # flagged modules are read again below, to name the bad tensor exactly
+    zero_b: list[str] = []
+    b_keys = {m.b_key: m.name for m in adapter.modules}
+    if report is not None:
         done = {k for r in report.modules if "non_finite" not in r.flags for k in (r.module.a_key, r.module.b_key)}
+        zero_b = list(report.summary.zero_b)
+    bad: list[str] = []
     for key in adapter.source.keys():
-        if key in done:
+        if key in done or (not finite and key not in b_keys):
             continue
         t = adapter.source.get(key)
-        if t.is_floating_point() and t.numel() and not all_finite(t):
+        if finite and t.is_floating_point() and t.numel() and not all_finite(t):
             bad.append(key)
-    return sorted(bad)
+        if key in b_keys and report is None and t.numel() and not bool(t.any()):
+            zero_b.append(b_keys[key])
+    return ValueScan(natural_sorted(bad) if finite else None, natural_sorted(zero_b))
+
+
+def nonfinite_tensors(adapter: Adapter, report: "RankReport | None" = None) -> list[str]:
+    """Keys of floating-point tensors holding NaN or ±inf (reads tensor data; see :func:`scan_values`)."""
+    return scan_values(adapter, report).nonfinite or []
 
 
 # ---------------------------------------------------------------- the rules
@@ -397,15 +421,29 @@ def base_results(ad: Adapter, base: "BaseModel") -> list[Result]:
     ]
 
 
+def _integrity_rules(values: ValueScan, finite: bool) -> list[Result]:
+    out = []
+    bad = values.nonfinite
+    if finite and bad is not None:
+        out.append(Result("finite", not bad, len(bad), 0,
+                          "" if not bad else f"{len(bad)} tensors hold NaN/inf: {names_line(bad)}"))
+    zb = values.zero_b
+    out.append(Result("trained", not zb, len(zb), 0, "" if not zb else (
+        f"{len(zb)} modules have an all-zero B factor, so they change nothing (saved before training?): "
+        f"{names_line(zb)}")))
+    return out
+
+
 def evaluate(
     ad: Adapter,
     policy: Policy,
     *,
     base: "BaseModel | None" = None,
     report: "RankReport | None" = None,
-    nonfinite: list[str] | None = None,
+    values: ValueScan | None = None,
 ) -> list[Result]:
-    """All rule rows for one adapter. ``report`` is required for min-energy, ``nonfinite`` for require-finite."""
+    """All rule rows for one adapter. ``report`` is required for min-energy, ``values``
+    (:func:`scan_values`) for the integrity rule."""
     out = _size_rules(ad, policy)
     if policy.min_energy is not None:
         if report is None:
@@ -415,11 +453,10 @@ def evaluate(
         ok = policy.allow_dora or not ad.use_dora
         out.append(Result("dora", ok, "DoRA" if ad.use_dora else "LoRA", "allowed" if policy.allow_dora else "denied",
                           "" if ok else "DoRA adapters are denied (--deny-dora)"))
-    if policy.require_finite:
-        if nonfinite is None:
-            raise ValueError("require-finite needs nonfinite_tensors(adapter)")
-        out.append(Result("finite", not nonfinite, len(nonfinite), 0,
-                          "" if not nonfinite else f"{len(nonfinite)} tensors hold NaN/inf, e.g. {nonfinite[0]}"))
+    if policy.integrity:
+        if values is None:
+            raise ValueError("the integrity rule needs scan_values(adapter)")
+        out.extend(_integrity_rules(values, policy.require_finite))
     for name, rank in policy.serving:
         out.extend(_profile(name, rank, ad, base))
     if base is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, TypeVar
 
-__all__ = ["natural_key", "natural_sorted"]
+__all__ = ["natural_key", "natural_sorted", "names_line"]
 
 _RUNS = re.compile(r"(\d+)")
 T = TypeVar("T")
@@ -32,3 +32,9 @@ def natural_key(name: str) -> tuple:
 def natural_sorted(items: Iterable[T], key=lambda x: x) -> list[T]:
     """``sorted`` in layer order; ``key`` maps an item to its name."""
     return sorted(items, key=lambda x: natural_key(key(x)))
+
+
+def names_line(names: list[str], limit: int = 3) -> str:
+    """``a, b, c, … (5 more)``: the first few names of a list, for one-line messages."""
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")

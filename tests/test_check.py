@@ -315,13 +315,13 @@ def test_header_only_rules_read_no_tensor_data(plain, monkeypatch):
     for cls in (tensors.SafetensorsSource, tensors.StateDictSource):
         orig = cls.get
         monkeypatch.setattr(cls, "get", lambda self, key, _o=orig: calls.append(key) or _o(self, key))
-    r = run_cli("check", plain, "--no-require-finite", "--max-rank", "8", "--max-size", "1MB", "--serving", "vllm",
+    r = run_cli("check", plain, "--no-integrity", "--max-rank", "8", "--max-size", "1MB", "--serving", "vllm",
                 "--serving", "llamacpp", "--serving", "sglang", "--base", "tiny-llama", "--deny-dora")
     assert r.exit_code == 0 and calls == []
-    run_cli("check", plain)  # require-finite (default) reads every tensor
+    run_cli("check", plain)  # the integrity rule (default) reads every tensor, once
     assert len(calls) == 8
     calls.clear()
-    run_cli("check", plain, "--no-require-finite", "--min-energy", "0.9@8")
+    run_cli("check", plain, "--no-integrity", "--min-energy", "0.9@8")
     assert calls
 
 

@@ -263,4 +263,4 @@ def test_library_api_pairs_in_a_order(llama):
     ad = load_adapter(llama.path)
     res = diff_adapters(ad, ad, top=2)
     assert [d.name for d in res.modules] == [m.name for m in ad.modules]
-    assert res.summary["by_type"]["q_proj"]["modules"] == 2
+    assert res.summary.by_type["q_proj"].modules == 2

@@ -15,7 +15,7 @@ import click
 
 from ..analysis import analyse
 from ..basemodels import load_base
-from ..checks import Policy, evaluate, nonfinite_tensors, parse_min_energy, parse_serving, policy_from_table, unreadable_results
+from ..checks import Policy, evaluate, parse_min_energy, parse_serving, policy_from_table, scan_values, unreadable_results
 from ..defaults import DEFAULT_ENERGY
 from ..errors import EXIT_RULE_FAILED, InspectError, UnpairedFactorError
 from ..formats import load_adapter
@@ -101,6 +101,7 @@ Policy in pyproject.toml (flags override it):
   max-rank = 64
   max-size = "100MB"
   serving = ["vllm:64"]
+  integrity = true      # no NaN/inf, no all-zero B (the default)
 \b
 Exit codes: 0 every rule holds, 1 a rule failed, 2 bad input.
 """,
@@ -112,14 +113,16 @@ Exit codes: 0 every rule holds, 1 a rule failed, 2 bad input.
 @click.option("--max-extra-params", default=None, metavar="N", help="Most full-tensor parameters (modules_to_save, whole embeddings).")
 @click.option("--min-energy", default=None, metavar="τ@K", help="Every module keeps ≥ τ of Σσ² in its top K directions (reads tensors).")
 @click.option("--allow-dora/--deny-dora", "allow_dora", default=None, help="Allow or refuse DoRA adapters.")
-@click.option("--require-finite/--no-require-finite", "require_finite", default=None, help="Refuse NaN/inf in any tensor (default on; reads tensors).")
+@click.option("--integrity/--no-integrity", "integrity", default=None,
+              help="Refuse NaN/inf in any tensor and modules whose B is all zero (untrained); default on; reads tensors.")
+@click.option("--require-finite/--no-require-finite", "require_finite", default=None, help="The NaN/inf part of --integrity alone.")
 @click.option("--serving", multiple=True, metavar="PROFILE[:R]", help="vllm[:max_lora_rank], llamacpp, lorax, sglang, ollama (repeatable).")
 @click.option("--base", default=None, metavar="PRESET|CONFIG.json", help="Every module must exist in this base with the same shape.")
 @click.option("--no-config", is_flag=True, help="Ignore [tool.lora-inspect.check] in pyproject.toml.")
 @output_options
 @click.pass_context
 def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, max_size, max_extra_params, min_energy,
-          allow_dora, require_finite, serving, base, no_config: bool, fmt: str) -> None:
+          allow_dora, integrity, require_finite, serving, base, no_config: bool, fmt: str) -> None:
     """Gate ADAPTER... (files, adapter directories, or directories of adapters) against a policy.
 
     Every failure is named with the adapter's value and the limit. Only --min-energy and
@@ -143,6 +146,7 @@ def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, m
         "min_energy": None if min_energy is None else parse_min_energy(min_energy),
         "allow_dora": allow_dora,
         "require_finite": require_finite,
+        "integrity": integrity,
         "serving": [parse_serving(s) for s in serving] or None,
         "base": base,
     }
@@ -160,8 +164,8 @@ def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, m
             continue
         report = analyse(ad, DEFAULT_ENERGY) if policy.needs_spectra else None
         # the spectra already read every module's factors: only the other tensors are scanned again
-        bad = nonfinite_tensors(ad, report) if policy.needs_values else None
-        entries.append((_shown(p), evaluate(ad, policy, base=bm, report=report, nonfinite=bad)))
+        values = scan_values(ad, report, finite=policy.require_finite) if policy.needs_values else None
+        entries.append((_shown(p), evaluate(ad, policy, base=bm, report=report, values=values)))
 
     view = check_view(entries, policy, source)
     emit(view, fmt)

@@ -24,7 +24,7 @@ def _fmt_value(rule: str, v: Any) -> str:
 
 
 def check_view(entries: list[tuple[str, list[Result]]], policy: Policy, source: str | None) -> View:
-    """One table for every adapter × rule; the JSON document ``lora-inspect/check/1``."""
+    """One table per adapter (a row per rule); the JSON document ``lora-inspect/check/1``."""
     failed = sum(1 for _, rs in entries for r in rs if not r.ok)
     bad_adapters = sum(1 for _, rs in entries if any(not r.ok for r in rs))
     data = {
@@ -39,18 +39,22 @@ def check_view(entries: list[tuple[str, list[Result]]], policy: Policy, source: 
             for p, rs in entries
         ],
     }
-    rows = []
-    for p, rs in entries:
-        for r in rs:
-            rows.append((p, r.rule, _fmt_value(r.rule, r.value), _fmt_value(r.rule, r.limit), "ok" if r.ok else "FAIL", r.message))
-    table = Table(None, ["adapter", "rule", "value", "limit", "result", "detail"], rows,
-                  justify=["left", "left", "right", "right", "left", "left"],
-                  kinds=["path", "fixed", "text", "text", "fixed", "text"])
+    tables = [_adapter_table(p, rs) for p, rs in entries]
     n = len(entries)
     footer = [
         f"✗ {failed} rule{'s' if failed != 1 else ''} failed in {bad_adapters} of {n} adapter{'s' if n != 1 else ''}"
         if failed else f"✓ all {sum(len(rs) for _, rs in entries)} checks passed for {n} adapter{'s' if n != 1 else ''}"
     ]
     header = [f"lora-inspect check — policy from {source}" if source else "lora-inspect check"]
-    return View(data, [table], header=header, footer=footer)
+    return View(data, tables, header=header, footer=footer)
+
+
+def _adapter_table(path: str, rs: list[Result]) -> Table:
+    """One adapter's rules (a table per adapter: the path is said once, in the title)."""
+    bad = sum(not r.ok for r in rs)
+    title = f"{path}: " + (f"{bad} of {len(rs)} rules failed" if bad else f"all {len(rs)} rules hold")
+    rows = [(r.rule, _fmt_value(r.rule, r.value), _fmt_value(r.rule, r.limit), "ok" if r.ok else "FAIL", r.message)
+            for r in rs]
+    return Table(title, ["rule", "value", "limit", "result", "detail"], rows,
+                 justify=["left", "right", "right", "left", "left"], kinds=["text", "text", "text", "fixed", "text"])
 

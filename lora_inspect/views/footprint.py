@@ -35,7 +35,9 @@ def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
     rows.append(total)
     if doc["extra_params"]:
         rows.append(["full tensors", "", "", f"{doc['extra_params']:,}", fmt_bytes(doc["extra_bytes"])] + ([""] * 3 if rec else []))
-    tables = [Table("adapter parameters and bytes", cols, rows)]
+    optional = (f"bytes @r≤{rec['uniform_rank']}", "params @energy ranks", f"params @r≤{rec['uniform_rank']}") if rec else ()
+    tables = [Table("adapter parameters and bytes", cols, rows, kinds=["name"] + ["fixed"] * (len(cols) - 1),
+                    optional=optional)]
     sv = doc["serving"]
     v = sv["vllm"]
     tables.append(Table(f"serving ({sv['dtype']})", ["item", "bytes", "formula"], [

@@ -6,10 +6,11 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
+from ..naming import names_line
 from .render import Table, View, fmt_bytes, fmt_count, fmt_float, sparkline
 from .schemas import INFO_SCHEMA, RANK_SCHEMA
 
-__all__ = ["info_view", "rank_view", "adapter_summary", "action_line", "summary_doc", "group_doc", "names_line",
+__all__ = ["info_view", "rank_view", "adapter_summary", "action_line", "summary_doc", "group_doc",
            "integrity_lines"]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -89,12 +90,6 @@ def info_view(ad: Adapter) -> View:
                             [(e["key"], "×".join(map(str, e["shape"])), e["dtype"], fmt_count(e["params"]), fmt_bytes(e["bytes"])) for e in extras]))
     footer = [f"note: {n}" for n in ad.notes]
     return View(data, tables, footer=footer)
-
-
-def names_line(names: list[str], limit: int = 3) -> str:
-    """``a, b, c … (5 more)``: the first few names of a list, for one-line messages."""
-    shown = ", ".join(names[:limit])
-    return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def _module_doc(r: ModuleResult) -> dict[str, Any]:
@@ -209,7 +204,8 @@ def _type_table(s: RankSummary, pct: str) -> Table:
              fmt_float(g.mean_energy_rank), fmt_float(g.mean_stable_rank), fmt_float(g.max_sigma1))
             for t, g in s.by_type.items()]
     return Table("by module type", ["type", "modules", "r", "params", f"max rank@{pct}", "mean rank", "mean stable",
-                                    "max σ₁"], rows, kinds=["name"] + ["fixed"] * 7)
+                                    "max σ₁"], rows, kinds=["name"] + ["fixed"] * 7,
+                 optional=("max σ₁", "mean stable", "mean rank", "params"))
 
 
 def rank_view(report: RankReport, max_rows: int | None = 40) -> View:

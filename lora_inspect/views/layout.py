@@ -32,8 +32,10 @@ SEP = "  "  # between columns
 ELLIPSIS = "…"
 TYPE_CAP = 40  # a module type longer than this is itself shortened in the middle (never happens in real models)
 TEXT_MIN = 24  # a wrapped column keeps at least this many characters per line
+TEXT_FLOOR = 12  # … and when columns had to be dropped, this many
 PATH_MIN = 16  # a path (shortened in the middle) keeps at least this many characters
 CONTEXT = 8  # characters of the name's start kept in front of … when there is room
+_NUMBER = re.compile(r"[-+(]?[0-9][0-9.,_eE+×@%:/-]*[)B]?")  # 1.96, 4,194,304, 64×176, 0.9@16, 1e-05
 _INDEX = re.compile(r"(?:^|(?<=[._]))\d+(?=[._])")
 
 
@@ -89,10 +91,22 @@ def shorten_name(name: str, w: int) -> str:
     return compact if len(compact) < len(name) else name
 
 
+def _split_long(word: str, w: int) -> tuple[str, str]:
+    """The first line of a word longer than ``w``: up to and including its last ``.``, ``_`` or ``/``
+    that fits (so a module name breaks between components), else exactly ``w`` characters."""
+    head = word[:w]
+    cut = max(head.rfind("."), head.rfind("_"), head.rfind("/"))
+    if cut >= w // 3:
+        return word[: cut + 1], word[cut + 1:]
+    return head, word[w:]
+
+
 def wrap_text(text: str, w: int) -> list[str]:
-    """Greedy word wrap at spaces; a word longer than ``w`` (a path, a name) is split across lines."""
+    """Greedy word wrap at spaces; a word longer than ``w`` (a path, a name) is split across lines
+    between its components where possible."""
     if len(text) <= w:
         return [text]
+    w = max(w, 1)
     lines: list[str] = []
     cur = ""
     for word in text.split(" "):
@@ -100,8 +114,8 @@ def wrap_text(text: str, w: int) -> list[str]:
             if cur:
                 lines.append(cur)
                 cur = ""
-            lines.append(word[:w])
-            word = word[w:]
+            first, word = _split_long(word, w)
+            lines.append(first)
         if not cur:
             cur = word
         elif len(cur) + 1 + len(word) <= w:
@@ -135,8 +149,12 @@ class _Col:
         if kind == "name":
             self.comfort = max([len(header)] + [comfortable_width(v) for v in values])
             self.minimum = max([len(header)] + [min(len(v), len(compact_name(v))) for v in values])
-        elif kind == "text":
-            self.comfort = self.minimum = min(self.natural, max(len(header), TEXT_MIN))
+        elif kind == "text":  # its longest word up to TEXT_MIN, shrinking to TEXT_FLOOR; numbers stay whole
+            words = [word for v in values for word in v.split(" ")]
+            longest = max((len(word) for word in words), default=0)
+            number = max((len(word) for word in words if _NUMBER.fullmatch(word)), default=0)
+            self.comfort = min(self.natural, max(len(header), min(longest, TEXT_MIN), number))
+            self.minimum = min(self.natural, max(len(header), min(longest, TEXT_FLOOR), number))
         elif kind == "path":
             self.comfort = min(self.natural, max(len(header), TEXT_MIN))
             self.minimum = min(self.natural, max(len(header), PATH_MIN))
@@ -222,5 +240,6 @@ def render_table(t: "Table", width: int) -> list[str]:
         for k in range(max(len(p) for p in parts)):
             out.append(SEP.join(_pad(p[k] if k < len(p) else "", c) for p, c in zip(parts, kept)).rstrip())
     if dropped:
-        out.append(f"(not shown at {width} columns: {', '.join(dropped)}; widen the terminal or use --json)")
+        out.extend(wrap_text(f"(not shown at {width} columns: {', '.join(dropped)}; widen the terminal or use --json)",
+                             max(width, TEXT_MIN)))
     return out
