@@ -84,7 +84,7 @@ def subspace_similarity(u1: torch.Tensor, u2: torch.Tensor, i: int, j: int | Non
     if i <= 0 or j <= 0:
         raise ValueError("subspace_similarity needs i, j ≥ 1")
     g = u1[:, :i].T @ u2[:, :j]
-    return float(min(1.0, (g**2).sum() / min(i, j)))  # ≤ 1 in exact arithmetic; rounding can exceed it
+    return min(1.0, float((g**2).sum()) / min(i, j))  # ≤ 1 in exact arithmetic; rounding can exceed it
 
 
 @dataclass

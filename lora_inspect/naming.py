@@ -9,7 +9,8 @@ limit on int-string conversion never applies).
 from __future__ import annotations
 
 import re
-from typing import Iterable, TypeVar
+from collections.abc import Iterable
+from typing import TypeVar
 
 __all__ = ["natural_key", "natural_sorted", "names_line"]
 

@@ -26,7 +26,7 @@ SIZE_SUFFIXES = {
 _NUM = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 
 
-def _split(text: str, what: str, example: str) -> tuple[float, str]:
+def _split(text: str | int | float, what: str, example: str) -> tuple[float, str]:
     if isinstance(text, bool):
         raise InspectError(f"{what}: expected a number, got {text!r}")
     if isinstance(text, (int, float)):

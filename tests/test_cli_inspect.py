@@ -90,7 +90,7 @@ def test_rank_json_schema_and_summary(adapter, energy):
     assert set(mods) == {_short(n) for n in MODS}
     for full, (o, n, r, k, dt) in MODS.items():
         m = mods[_short(full)]
-        assert REQUIRED <= set(m)
+        assert set(m) >= REQUIRED
         alpha = 2.0 if "o_proj" in full else 16.0
         assert (m["kind"], m["shape"], m["rank"], m["alpha"]) == ("linear", [o, n], r, alpha)
         assert m["scale"] == pytest.approx(alpha / r)
@@ -114,7 +114,7 @@ def test_rank_json_schema_and_summary(adapter, energy):
 
     def count(rank_of):
         params = nbytes = 0
-        for full, (o, n, r, k, dt) in MODS.items():
+        for _full, (o, n, r, k, dt) in MODS.items():
             p = rank_of(r, k) * (o + n)
             params += p
             nbytes += p * (2 if dt == torch.bfloat16 else 4)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import build_peft, kohya_delta, run_cli, write_kohya
 from safetensors.torch import save_file
 
-from builders import build_peft, kohya_delta, run_cli, write_kohya
 from lora_inspect import load_adapter
 from lora_inspect.diff import compare_factors, diff_adapters, factor_inner
 from lora_inspect.spectrum import energy_rank, relative_error, singular_values, truncate_factors

@@ -4,17 +4,21 @@ import json
 
 import pytest
 import torch
+from builders import build_peft, run_cli
 from safetensors import safe_open
 
-from builders import build_peft, run_cli
 from lora_inspect.analysis import analyse
 from lora_inspect.basemodels import load_base
 from lora_inspect.footprint import (
-    adapter_costs, footprint, inference_vram, layer_paths, serving_memory, training_vram,
+    adapter_costs,
+    footprint,
+    inference_vram,
+    layer_paths,
+    serving_memory,
+    training_vram,
     vllm_pool_bytes,
 )
 from lora_inspect.formats import load_adapter
-from lora_inspect.views.schemas import FOOTPRINT_SCHEMA
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,7 @@ def saved(tmp_path_factory):
 def _file_counts(path):
     numel, by_dtype = 0, {}
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
-        for k in f.keys():
+        for k in f.keys():  # noqa: SIM118 (safe_open is not a dict)
             t = f.get_tensor(k)
             numel += t.numel()
             name = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[t.dtype]

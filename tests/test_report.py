@@ -13,8 +13,8 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
-
 from builders import build_peft, run_cli
+
 from lora_inspect import load_adapter
 from lora_inspect.adapter import module_type
 from lora_inspect.analysis import analyse

@@ -15,7 +15,15 @@ import click
 
 from ..analysis import analyse
 from ..basemodels import load_base
-from ..checks import Policy, evaluate, parse_min_energy, parse_serving, policy_from_table, scan_values, unreadable_results
+from ..checks import (
+    Policy,
+    evaluate,
+    parse_min_energy,
+    parse_serving,
+    policy_from_table,
+    scan_values,
+    unreadable_results,
+)
 from ..defaults import DEFAULT_ENERGY
 from ..errors import EXIT_RULE_FAILED, InspectError, UnpairedFactorError
 from ..formats import load_adapter

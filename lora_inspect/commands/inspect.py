@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..formats import load_adapter
 from ..defaults import DEFAULT_ENERGY
+from ..formats import load_adapter
 from ..views.inspect import info_view, rank_view
 from ..views.render import emit, progress
 from ._options import ENERGY, output_options

@@ -4,6 +4,7 @@ the pages in :mod:`lora_inspect.report`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import tempfile
@@ -53,10 +54,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
 
 

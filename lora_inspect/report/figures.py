@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -170,42 +171,9 @@ def _heatmap(report: RankReport, scales: Scales, mpl: Any) -> Figure | None:
     return Figure("heatmap", "energy rank and σ₁ by layer × module type", _png(fig))
 
 
-def _type_figure(report: RankReport, mtype: str, mpl) -> Figure:
-    matplotlib, MplFigure = mpl
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+def _label_axes(ax_sv: Any, ax_cum: Any) -> None:
     from matplotlib.ticker import MaxNLocator
 
-    tau = report.energy
-    res = [r for r in report.modules if module_type(r.name) == mtype]
-    res.sort(key=lambda r: natural_key(module_layer(r.name)))
-    drawn = [r for r in res if r.singular_values is not None and len(r.singular_values) and r.singular_values[0] > 0]
-    ranks = sorted({r.module.rank for r in res})
-    k_type = max((r.energy_rank for r in drawn), default=None)
-    fig = MplFigure(figsize=(9.0, 3.4), layout="constrained")
-    ax_sv, ax_cum = fig.subplots(1, 2)
-    cmap = matplotlib.colormaps["viridis"]
-    norm = Normalize(vmin=0, vmax=max(len(res) - 1, 1))
-    for idx, r in enumerate(res):
-        if r not in drawn:
-            continue
-        sv = np.asarray(r.singular_values, dtype=np.float64)
-        x = np.arange(1, len(sv) + 1)
-        color = cmap(norm(idx))
-        shown = np.where(sv > sv[0] * 1e-15, sv, np.nan)  # zeros cannot sit on a log axis
-        ax_sv.plot(x, shown, "-", color=color, lw=1.1, alpha=0.85)
-        k = r.energy_rank
-        ax_sv.plot([k], [shown[k - 1]], "o", color=color, ms=4, mec="black", mew=0.5)
-        e = sv**2
-        cum = np.cumsum(e) / e.sum()
-        ax_cum.plot(np.concatenate([[0], x]), np.concatenate([[0.0], cum]), "-", color=color, lw=1.1, alpha=0.85)
-    if k_type is not None:
-        for ax in (ax_sv, ax_cum):
-            ax.axvline(k_type, color="crimson", ls="--", lw=1.2, label=f"recommended rank {k_type}")
-    ax_cum.axhline(tau, color="black", ls=":", lw=1.2, label=f"τ = {tau:g}")
-    uni = report.summary.uniform_rank
-    if k_type is not None and uni != k_type:
-        ax_cum.axvline(uni, color="grey", ls="-.", lw=1.0, label=f"uniform rank {uni}")
     ax_sv.set_yscale("log")
     ax_sv.set_xlabel("i")
     ax_sv.set_ylabel(r"$\sigma_i$")
@@ -218,6 +186,44 @@ def _type_figure(report: RankReport, mtype: str, mpl) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, which="major", alpha=0.3)
     ax_cum.legend(loc="lower right", fontsize=8)
+
+
+def _type_figure(report: RankReport, mtype: str, mpl: Any) -> Figure:
+    matplotlib, MplFigure = mpl
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    tau = report.energy
+    res = [r for r in report.modules if module_type(r.name) == mtype]
+    res.sort(key=lambda r: natural_key(module_layer(r.name)))
+    drawn = [r for r in res if r.singular_values is not None and len(r.singular_values) and r.singular_values[0] > 0]
+    ranks = sorted({r.module.rank for r in res})
+    k_type = max((r.energy_rank for r in drawn if r.energy_rank is not None), default=None)
+    fig = MplFigure(figsize=(9.0, 3.4), layout="constrained")
+    ax_sv, ax_cum = fig.subplots(1, 2)
+    cmap = matplotlib.colormaps["viridis"]
+    norm = Normalize(vmin=0, vmax=max(len(res) - 1, 1))
+    for idx, r in enumerate(res):
+        if r not in drawn:
+            continue
+        sv = np.asarray(r.singular_values, dtype=np.float64)
+        x = np.arange(1, len(sv) + 1)
+        color = cmap(norm(idx))
+        shown = np.where(sv > sv[0] * 1e-15, sv, np.nan)  # zeros cannot sit on a log axis
+        ax_sv.plot(x, shown, "-", color=color, lw=1.1, alpha=0.85)
+        k = r.energy_rank or 1
+        ax_sv.plot([k], [shown[k - 1]], "o", color=color, ms=4, mec="black", mew=0.5)
+        e = (sv / sv[0]) ** 2  # relative: σ² of huge float64 weights would overflow
+        cum = np.cumsum(e) / e.sum()
+        ax_cum.plot(np.concatenate([[0], x]), np.concatenate([[0.0], cum]), "-", color=color, lw=1.1, alpha=0.85)
+    if k_type is not None:
+        for ax in (ax_sv, ax_cum):
+            ax.axvline(k_type, color="crimson", ls="--", lw=1.2, label=f"recommended rank {k_type}")
+    ax_cum.axhline(tau, color="black", ls=":", lw=1.2, label=f"τ = {tau:g}")
+    uni = report.summary.uniform_rank
+    if k_type is not None and uni != k_type:
+        ax_cum.axvline(uni, color="grey", ls="-.", lw=1.0, label=f"uniform rank {uni}")
+    _label_axes(ax_sv, ax_cum)
     if len(drawn) > 1:
         cb = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax_cum, shrink=0.9)
         labels, _ = short_labels([module_layer(r.name) for r in res])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import Callable
+from collections.abc import Callable
 
 from .. import __version__
 from ..views.render import Table, fmt_bytes

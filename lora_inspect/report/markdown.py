@@ -3,7 +3,7 @@ referenced by file name (the command writes the PNGs beside the ``.md``)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .. import __version__
 from ..views.render import Table, View, fmt_bytes, to_markdown

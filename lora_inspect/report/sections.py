@@ -9,6 +9,7 @@ a table, footprint bars, an image, command lines, or a collapsed group.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -75,16 +76,16 @@ class Commands:
 @dataclass
 class Details:
     summary: str
-    blocks: list["Block"]
+    blocks: Sequence["Block"]
 
 
-Block = Union[Text, Bullets, TableBlock, Bars, Image, Commands, Details]
+Block = Union[Text, Bullets, TableBlock, Bars, Image, Commands, Details]  # noqa: UP007 (a runtime alias)
 
 
 @dataclass
 class Cell:
     label: str | None
-    blocks: list[Block]
+    blocks: Sequence[Block]
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Grid:
 class Section:
     sid: str
     title: str
-    intro: list[Block] = field(default_factory=list)
+    intro: Sequence[Block] = field(default_factory=list)
     grids: list[Grid] = field(default_factory=list)
 
 
@@ -185,7 +186,8 @@ def _integrity(report: RankReport) -> list[Block]:
 
 def _apply(report: RankReport) -> list[Block]:
     cmds = truncate_commands(report)
-    return [Text(action_line(report))] + ([Commands(cmds)] if cmds else [])
+    out: list[Block] = [Text(action_line(report))]
+    return out + ([Commands(cmds)] if cmds else [])
 
 
 SPECTRA_CAPTION = (
@@ -196,7 +198,7 @@ SPECTRA_CAPTION = (
 HEATMAP_CAPTION = "Both adapters' heatmaps share one colour scale per panel: equal colours are equal values."
 
 
-def _per_adapter(labels: list[str], blocks: list[list[Block]]) -> Grid:
+def _per_adapter(labels: list[str], blocks: Sequence[Sequence[Block]]) -> Grid:
     return Grid(None, [Cell(lab, b) for lab, b in zip(labels, blocks)])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .render import Table, View, fmt_bytes, fmt_count
@@ -16,14 +17,18 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 10_000_000 else fmt_bytes(n)
 
 
-def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
-    """Tables for a footprint document (the document itself is the JSON)."""
-    data = {"schema": FOOTPRINT_SCHEMA, "adapter": adapter_block, **{k: v for k, v in doc.items() if k != "schema"}}
+def _terms(doc: dict[str, Any]) -> list[Sequence[Any]]:
+    """Rows of a VRAM estimate: each term, then the total."""
+    rows: list[Sequence[Any]] = [(t["name"], _gb(t["bytes"]), t["formula"]) for t in doc["terms"]]
+    return rows + [("total", _gb(doc["total_bytes"]), "")]
+
+
+def _params_table(doc: dict[str, Any]) -> Table:
     rec = doc.get("recommended")
     cols = ["type", "modules", "r", "params", "bytes"]
     if rec:
         cols += [f"params @r≤{rec['uniform_rank']}", "params @energy ranks", f"bytes @r≤{rec['uniform_rank']}"]
-    rows = []
+    rows: list[Sequence[Any]] = []
     for t, g in doc["by_type"].items():
         row = [t, g["modules"], ",".join(map(str, g["ranks"])), f"{g['params']:,}", fmt_bytes(g["bytes"])]
         if rec:
@@ -36,8 +41,15 @@ def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
     if doc["extra_params"]:
         rows.append(["full tensors", "", "", f"{doc['extra_params']:,}", fmt_bytes(doc["extra_bytes"])] + ([""] * 3 if rec else []))
     optional = (f"bytes @r≤{rec['uniform_rank']}", "params @energy ranks", f"params @r≤{rec['uniform_rank']}") if rec else ()
-    tables = [Table("adapter parameters and bytes", cols, rows, kinds=["name"] + ["fixed"] * (len(cols) - 1),
-                    optional=optional)]
+    return Table("adapter parameters and bytes", cols, rows, kinds=["name"] + ["fixed"] * (len(cols) - 1),
+                 optional=optional)
+
+
+def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
+    """Tables for a footprint document (the document itself is the JSON)."""
+    data = {"schema": FOOTPRINT_SCHEMA, "adapter": adapter_block, **{k: v for k, v in doc.items() if k != "schema"}}
+    rec = doc.get("recommended")
+    tables = [_params_table(doc)]
     sv = doc["serving"]
     v = sv["vllm"]
     tables.append(Table(f"serving ({sv['dtype']})", ["item", "bytes", "formula"], [
@@ -67,11 +79,9 @@ def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
         s = tr["settings"]
         title = (f"training VRAM on {doc['base']['name']} ({s['quant']}, batch {s['batch']} × seq {s['seq']}, "
                  f"{s['optimizer']}, {'gradient checkpointing' if s['grad_checkpointing'] else 'no checkpointing'})")
-        rows = [(t["name"], _gb(t["bytes"]), t["formula"]) for t in tr["terms"]] + [("total", _gb(tr["total_bytes"]), "")]
-        tables.append(Table(title, ["term", "bytes", "formula"], rows, justify=["left", "right", "left"], kinds=_PROSE))
-        rows = [(t["name"], _gb(t["bytes"]), t["formula"]) for t in inf["terms"]] + [("total", _gb(inf["total_bytes"]), "")]
+        tables.append(Table(title, ["term", "bytes", "formula"], _terms(tr), justify=["left", "right", "left"], kinds=_PROSE))
         tables.append(Table(f"inference VRAM (batch {s['batch']} × {s['seq']} tokens of KV cache)", ["term", "bytes", "formula"],
-                            rows, justify=["left", "right", "left"], kinds=_PROSE))
+                            _terms(inf), justify=["left", "right", "left"], kinds=_PROSE))
         footer.append(f"estimated peak: training {_gb(tr['total_bytes'])}, inference {_gb(inf['total_bytes'])} "
                       "(GB = 10⁹ B; allocator slack not included)")
     else:

@@ -43,7 +43,7 @@ def info_view(ad: Adapter) -> View:
     kinds = Counter(m.kind for m in ad.modules)
     ranks = Counter(m.rank for m in ad.modules)
     alphas = Counter(m.alpha for m in ad.modules)
-    extras = [
+    extras: list[dict[str, Any]] = [
         {"key": k, "shape": list(ad.source.info(k).shape), "dtype": ad.source.info(k).dtype,
          "params": ad.source.info(k).numel, "bytes": ad.source.info(k).nbytes}
         for k in ad.extras

@@ -19,7 +19,8 @@ cells, the shrink level from a binary search over widths, and shortening a name 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..adapter import module_type
 
@@ -192,7 +193,7 @@ def _fit(cols: list[_Col], width: int, floor: str) -> bool:
 
 def _plan(cols: list[_Col], optional: Sequence[str], width: int) -> tuple[list[_Col], list[str]]:
     """Which columns to show (and at what widths), and the names of those dropped."""
-    kept, dropped = list(cols), []
+    kept, dropped = list(cols), list[str]()
     if _fit(kept, width, "comfort"):
         return kept, dropped
     for name in optional:

@@ -12,9 +12,10 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from ..units import fmt_bytes, fmt_count, fmt_float
 from .layout import render_table
@@ -50,7 +51,7 @@ class Table:
 
     title: str | None
     columns: Sequence[str]
-    rows: list[Sequence[Any]] = field(default_factory=list)
+    rows: Sequence[Sequence[Any]] = field(default_factory=list)
     justify: Sequence[str] | None = None  # "left"/"right" per column; numbers default right
     kinds: Sequence[str] | None = None  # default: first column "name", long prose "text", the rest "fixed"
     optional: Sequence[str] = ()
@@ -192,7 +193,7 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator:
         yield lambda n=1: bar.advance(task, n)
 
 
-def sparkline(values: Sequence[float], width: int = 16) -> str:
+def sparkline(values: Iterable[float], width: int = 16) -> str:
     """Log-scale sparkline of a descending spectrum (first `width` values), 3 decades per bar range."""
     vals = [float(v) for v in list(values)[:width]]
     if not vals or vals[0] <= 0:
