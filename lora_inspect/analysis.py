@@ -33,7 +33,7 @@ from .spectrum import (
 
 __all__ = [
     "ModuleResult", "RankReport", "RankSummary", "GroupSummary", "Sizes", "analyse", "summarise",
-    "DEFAULT_ENERGY", "uniform_rank", "compute_spectra", "FLAG_NON_FINITE", "FLAG_ZERO_B", "FLAG_SPIKE",
+    "DEFAULT_ENERGY", "uniform_rank", "compute_spectra", "unit_spectrum", "FLAG_NON_FINITE", "FLAG_ZERO_B", "FLAG_SPIKE",
 ]
 
 FLAG_NON_FINITE = "non_finite"
@@ -136,6 +136,16 @@ class RankReport:
     summary: RankSummary
 
 
+def unit_spectrum(sv: np.ndarray) -> np.ndarray:
+    """σ / σ₁ (σ unchanged when σ₁ is 0 or not finite). Every metric of :mod:`lora_inspect.spectrum`
+    (energy rank, retained energy, relative error, stable and entropy rank) is scale-invariant, and
+    on σ/σ₁ none of them overflows: σ² of float64 weights near 1e155 would (inf/inf → NaN metrics and
+    a RuntimeWarning on stderr)."""
+    s = np.asarray(sv, dtype=np.float64)
+    top = float(s[0]) if s.size else 0.0
+    return s / top if top > 0 and np.isfinite(top) else s
+
+
 def compute_spectra(
     modules: list[Module],
     *,
@@ -228,7 +238,8 @@ def analyse(
         sv, flags = spectra[m.name]
         res = ModuleResult(module=m, singular_values=sv, flags=list(flags))
         if sv is not None:
-            res.stats = spectrum_stats(sv, energy)
+            res.stats = spectrum_stats(unit_spectrum(sv), energy)
+            res.stats.singular_values = [float(x) for x in sv]  # the real values, not the scaled ones
             if res.stats.spike and FLAG_ZERO_B not in flags:
                 res.flags.append(FLAG_SPIKE)
         results.append(res)
@@ -301,4 +312,4 @@ def summarise(results: list[ModuleResult]) -> RankSummary:
 
 def _retained(r: ModuleResult, k: int) -> float:
     sv = r.singular_values if r.singular_values is not None else np.zeros(0)
-    return retained_energy(sv, min(k, len(sv)))
+    return retained_energy(unit_spectrum(sv), min(k, len(sv)))

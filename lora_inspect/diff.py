@@ -30,6 +30,7 @@ import torch
 
 from .adapter import Adapter, module_layer, module_type
 from .errors import InspectError
+from .analysis import unit_spectrum
 from .naming import natural_sorted
 from .spectrum import energy_rank, singular_values, svd_factors
 
@@ -142,8 +143,8 @@ def compare_factors(
     sv1n, sv2n = sv1.numpy(), sv2.numpy()
     d.norm_a = _norm(sv1n)
     d.norm_b = _norm(sv2n)
-    d.energy_rank_a = energy_rank(sv1n, energy)
-    d.energy_rank_b = energy_rank(sv2n, energy)
+    d.energy_rank_a = energy_rank(unit_spectrum(sv1n), energy)
+    d.energy_rank_b = energy_rank(unit_spectrum(sv2n), energy)
     if torch.equal(b1, b2) and torch.equal(a1, a2) and s1 == s2:
         d.distance = d.spectral_distance = 0.0  # the same factors: exactly the same ΔW
     else:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter
+from ..analysis import unit_spectrum
 from ..naming import names_line, natural_sorted
 from ..spectrum import retained_energy
 from ..units import fmt_bytes
@@ -91,7 +92,7 @@ def _energy_rule(report: "RankReport", tau: float, k: int) -> Result:
         if r.singular_values is None:
             unknown.append(r.name)
             continue
-        e = retained_energy(r.singular_values, min(k, len(r.singular_values)))
+        e = retained_energy(unit_spectrum(r.singular_values), min(k, len(r.singular_values)))
         if e < worst:
             worst_name, worst = r.name, e
     limit = f"{tau:g}@{k}"

@@ -144,12 +144,25 @@ def to_markdown(view: View) -> str:
 def emit(view: View, fmt: str = "table") -> None:
     """Write a view to stdout in the chosen format."""
     if fmt == "json":
-        sys.stdout.write(to_json(view) + "\n")
-        return
-    if fmt == "markdown":
-        sys.stdout.write(to_markdown(view))
-        return
-    sys.stdout.write(to_text(view, terminal_width()))
+        _write(to_json(view) + "\n")
+    elif fmt == "markdown":
+        _write(to_markdown(view))
+    else:
+        _write(to_text(view, terminal_width()))
+
+
+def _write(text: str) -> None:
+    """stdout, tolerating a reader that has gone (``| head -1``): what it read is what it wanted, and
+    the command's exit code must still be its own (0, or 1 for a failed check), not a broken pipe's."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # later writes and the interpreter's final flush go nowhere instead of failing again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # pragma: no cover - no file descriptor behind stdout
+            pass
 
 
 def terminal_width() -> int:
