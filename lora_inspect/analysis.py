@@ -136,14 +136,19 @@ class RankReport:
     summary: RankSummary
 
 
+SAFE_SIGMA = (1e-100, 1e100)  # σ₁ in this range: σ² and Σσ² are far from float64's limits
+
+
 def unit_spectrum(sv: np.ndarray) -> np.ndarray:
-    """σ / σ₁ (σ unchanged when σ₁ is 0 or not finite). Every metric of :mod:`lora_inspect.spectrum`
-    (energy rank, retained energy, relative error, stable and entropy rank) is scale-invariant, and
-    on σ/σ₁ none of them overflows: σ² of float64 weights near 1e155 would (inf/inf → NaN metrics and
-    a RuntimeWarning on stderr)."""
+    """σ scaled by 1/σ₁ when σ₁ lies outside :data:`SAFE_SIGMA`; otherwise σ itself (bit-for-bit the
+    same metrics as before). Every metric of :mod:`lora_inspect.spectrum` (energy rank, retained
+    energy, relative error, stable and entropy rank) is scale-invariant, and on σ/σ₁ none of them
+    overflows: σ² of float64 weights near 1e155 would (inf/inf → NaN metrics and a RuntimeWarning)."""
     s = np.asarray(sv, dtype=np.float64)
     top = float(s[0]) if s.size else 0.0
-    return s / top if top > 0 and np.isfinite(top) else s
+    if top > 0 and np.isfinite(top) and not SAFE_SIGMA[0] <= top <= SAFE_SIGMA[1]:
+        return s / top
+    return s
 
 
 def compute_spectra(

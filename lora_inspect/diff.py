@@ -30,7 +30,7 @@ import torch
 
 from .adapter import Adapter, module_layer, module_type
 from .errors import InspectError
-from .analysis import unit_spectrum
+from .analysis import SAFE_SIGMA, unit_spectrum
 from .naming import natural_sorted
 from .spectrum import energy_rank, singular_values, svd_factors
 
@@ -55,9 +55,13 @@ STATUS_NON_FINITE = "non_finite"
 
 
 def _norm(sv: np.ndarray) -> float:
-    """‖σ‖₂ without overflow or underflow (``math.hypot`` scales): σ² of float64 weights near 1e160
-    would overflow a plain sum of squares."""
-    return math.hypot(*(float(x) for x in sv))
+    """‖σ‖₂; through ``math.hypot`` (which scales) when σ₁ is outside ``analysis.SAFE_SIGMA``, where
+    σ² of float64 weights would overflow (or underflow) a plain sum of squares."""
+    s = np.asarray(sv, dtype=np.float64)
+    top = float(np.max(np.abs(s))) if s.size else 0.0
+    if SAFE_SIGMA[0] <= top <= SAFE_SIGMA[1] or top == 0:
+        return float(np.sqrt(np.sum(s**2)))
+    return math.hypot(*(float(x) for x in s))
 
 
 def factor_inner(b1: torch.Tensor, a1: torch.Tensor, s1: float, b2: torch.Tensor, a2: torch.Tensor, s2: float) -> float:
