@@ -133,8 +133,9 @@ def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, m
           allow_dora, integrity, require_finite, serving, base, no_config: bool, fmt: str) -> None:
     """Gate ADAPTER... (files, adapter directories, or directories of adapters) against a policy.
 
-    Every failure is named with the adapter's value and the limit. Only --min-energy and
-    --require-finite read tensor data; every other rule reads the file header alone.
+    Every failure is named with the adapter's value and the limit. The integrity rule (on by
+    default) fails NaN/inf in any tensor and modules whose B is all zero, an adapter saved before
+    training. Only it and --min-energy read tensor data; every other rule reads the file header alone.
     When $GITHUB_STEP_SUMMARY is set, the Markdown report is appended to it.
     """
     fields: dict = {}
