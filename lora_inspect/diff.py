@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from .adapter import Adapter, module_layer, module_type
-from .errors import InspectError
 from .analysis import SAFE_SIGMA, unit_spectrum
+from .errors import InspectError
 from .naming import natural_sorted
 from .spectrum import energy_rank, singular_values, svd_factors
 
