@@ -1,217 +1,23 @@
-"""One output object for every command: rich tables on a terminal, JSON, or Markdown.
+"""Transition shim: the presentation layer lives in :mod:`lora_inspect.views` (``views/render.py``).
 
-A command builds a :class:`View` — a versioned JSON document plus the tables and lines a person
-reads — and :func:`emit` writes it in the chosen format. JSON goes to stdout alone; logs, warnings
-and progress go to stderr. ``NO_COLOR`` is honoured (rich reads it).
+Kept only so that modules not yet moved into ``views/`` (``rewrite``'s views, ``commands/rewrite``)
+still import; delete it once they import ``lora_inspect.views.render``.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import sys
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
-
-__all__ = [
-    "View",
-    "Table",
-    "emit",
-    "stderr_console",
-    "warn",
-    "progress",
-    "fmt_count",
-    "fmt_bytes",
-    "fmt_float",
-    "sparkline",
-    "FORMATS",
-]
-
-FORMATS = ("table", "json", "markdown")
-_SPARK = "▁▂▃▄▅▆▇█"
-
-
-@dataclass
-class Table:
-    title: str | None
-    columns: Sequence[str]
-    rows: list[Sequence[Any]] = field(default_factory=list)
-    justify: Sequence[str] | None = None  # "left"/"right" per column; numbers default right
-
-
-@dataclass
-class View:
-    data: dict[str, Any]  # the JSON document (carries its own "schema")
-    tables: list[Table] = field(default_factory=list)
-    header: list[str] = field(default_factory=list)  # lines before the tables
-    footer: list[str] = field(default_factory=list)  # lines after (the actionable ones)
-
-
-def _console(stderr: bool):
-    from rich.console import Console
-
-    c = Console(stderr=stderr, highlight=False, soft_wrap=False)
-    if not c.is_terminal and "COLUMNS" not in os.environ:
-        # piped or captured (a CI log, a file): don't fold module names at 80 columns
-        c = Console(stderr=stderr, highlight=False, soft_wrap=False, width=160)
-    return c
-
-
-def stderr_console():
-    return _console(True)
-
-
-def warn(message: str) -> None:
-    """A warning line on stderr."""
-    stderr_console().print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
-
-
-def _json_default(o: Any):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(o, (set, frozenset)):
-        return sorted(o)
-    if hasattr(o, "__fspath__"):
-        return os.fspath(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _clean(o: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
-
-
-def to_json(view: View) -> str:
-    return json.dumps(_clean(view.data), indent=2, default=_json_default, allow_nan=False)
-
-
-def _md_cell(v: Any) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def to_markdown(view: View) -> str:
-    out: list[str] = []
-    for line in view.header:
-        out.append(line)
-    if view.header:
-        out.append("")
-    for t in view.tables:
-        if t.title:
-            out.append(f"**{t.title}**")
-            out.append("")
-        out.append("| " + " | ".join(_md_cell(c) for c in t.columns) + " |")
-        just = t.justify or ["left"] + ["right"] * (len(t.columns) - 1)
-        out.append("|" + "|".join("---:" if j == "right" else "---" for j in just) + "|")
-        for row in t.rows:
-            out.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
-        out.append("")
-    for line in view.footer:
-        out.append(line)
-    return "\n".join(out).rstrip() + "\n"
-
-
-def emit(view: View, fmt: str = "table") -> None:
-    """Write a view to stdout in the chosen format."""
-    if fmt == "json":
-        sys.stdout.write(to_json(view) + "\n")
-        return
-    if fmt == "markdown":
-        sys.stdout.write(to_markdown(view))
-        return
-    from rich.table import Table as RichTable
-
-    console = _console(False)
-    for line in view.header:
-        console.print(line, markup=False)
-    for t in view.tables:
-        rt = RichTable(title=t.title, title_justify="left", header_style="bold")
-        just = t.justify or ["left"] + ["right"] * (len(t.columns) - 1)
-        for i, (c, j) in enumerate(zip(t.columns, just)):
-            width = max([len(str(c))] + [len(str(row[i])) for row in t.rows if i < len(row)])
-            # short cells (numbers, ranks) never wrap; long ones (names, paths) fold, but the first
-            # column, which names the row, keeps room to stay readable
-            rt.add_column(str(c), justify=j, overflow="fold", no_wrap=width <= 10,
-                          min_width=min(width, 20) if i == 0 else None)
-        for row in t.rows:
-            rt.add_row(*(str(c) for c in row))
-        console.print(rt)
-    for line in view.footer:
-        console.print(line, markup=False)
-
-
-@contextmanager
-def progress(total: int, description: str, enabled: bool = True) -> Iterator:
-    """A rich progress bar on stderr (only on a terminal); yields an ``advance(n)`` callable."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = stderr_console()
-    if not enabled or not console.is_terminal or total < 2:
-        yield lambda n=1: None
-        return
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
-
-
-def fmt_count(n: float | int | None) -> str:
-    """4194304 → '4.19 M'."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3g} {unit}" if abs(n) / div < 100 else f"{n / div:.1f} {unit}"
-    return f"{int(n)}"
-
-
-def fmt_bytes(n: float | int | None) -> str:
-    """Binary units: 1048576 → '1.00 MiB'."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
-
-
-def fmt_float(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return f"{x:.{digits}g}"
-
-
-def sparkline(values: Sequence[float], width: int = 16) -> str:
-    """Log-scale sparkline of a descending spectrum (first `width` values), 3 decades per bar range."""
-    vals = [float(v) for v in list(values)[:width]]
-    if not vals or vals[0] <= 0:
-        return ""
-    top = math.log10(vals[0])
-    span = 3.0  # decades shown
-    out = []
-    for v in vals:
-        if v <= 0:
-            out.append(" ")
-            continue
-        level = 1 - min(max((top - math.log10(v)) / span, 0.0), 1.0)
-        out.append(_SPARK[min(int(level * (len(_SPARK) - 1) + 0.5), len(_SPARK) - 1)])
-    return "".join(out)
+from .views.render import (  # noqa: F401
+    FORMATS,
+    Table,
+    View,
+    emit,
+    fmt_bytes,
+    fmt_count,
+    fmt_float,
+    progress,
+    sparkline,
+    stderr_console,
+    to_json,
+    to_markdown,
+    warn,
+)
