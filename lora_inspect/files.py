@@ -22,8 +22,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .errors import InspectError
 
@@ -127,7 +128,7 @@ def _looks_like_adapter_dir(d: Path) -> bool:
 def check_output_path(inp: Path, weights: Path, out: Path, force: bool) -> None:
     """Refuse OUT when it is the input, lies inside it, contains it, or exists without ``force``."""
     ri, rw, ro = inp.resolve(), weights.resolve(), out.resolve()
-    if ro == ri or ro == rw:
+    if ro in (ri, rw):
         raise InspectError(f"{out}: OUT is the input itself; write to a new path")
     if ri.is_dir() and ri in ro.parents:
         raise InspectError(f"{out}: OUT lies inside the input directory {inp}; write elsewhere")

@@ -13,7 +13,8 @@ Torch- and numpy-free.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from .validate import compile_pattern
 

@@ -14,7 +14,7 @@ from ..rewrite import TruncateSpec
 from ..rewrite import rescale as do_rescale
 from ..rewrite import truncate as do_truncate
 from ..units import parse_count, parse_size
-from ..views import adapter_summary
+from ..views import adapter_summary  # type: ignore[attr-defined]  # the flat views.py, re-exported
 from ..views.rewrite import rescale_view, truncate_view
 from ._options import output_options
 

@@ -3,7 +3,8 @@ side shared by the layouts that store it so. s = α/r, a missing or zero ``.alph
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..errors import InspectError
 

@@ -8,7 +8,7 @@ factors present, ranks agreeing, shapes sensible) and returns a :class:`~lora_in
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..adapter import LowRankUpdate, Module
 from ..errors import InspectError, UnpairedFactorError

@@ -28,7 +28,7 @@ LYCORIS_MARKERS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".oft_diag", ".oft_bl
 
 
 def check_lycoris(source: TensorSource) -> None:
-    for k in source.keys():
+    for k in source.tensors:
         if any(m in k for m in LYCORIS_MARKERS):
             raise InspectError(
                 f"{source.path}: {k!r} is a LyCORIS (LoHa/LoKr/OFT) tensor; only plain LoRA (lora_down/lora_up) is supported"

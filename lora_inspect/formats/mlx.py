@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import validate as v
 from ..adapter import Adapter
@@ -92,8 +92,8 @@ class MlxLayout(DirectoryLayout):
         raise InspectError(f"{ad.path}: mlx-lm adapters have an absolute scale, not an alpha; use --factor")
 
     def _config(self, ad: Adapter, **lp_changes: float | int) -> dict:
-        config = copy.deepcopy(ad.config) if ad.config is not None else {"fine_tune_type": "lora"}
-        lp = dict(config.get("lora_parameters") or {})
+        config: dict[str, Any] = copy.deepcopy(ad.config) if ad.config is not None else {"fine_tune_type": "lora"}
+        lp: dict[str, Any] = dict(config.get("lora_parameters") or {})
         lp.update(lp_changes)
         config["lora_parameters"] = lp
         return config

@@ -20,8 +20,8 @@ from ..errors import InspectError
 from ..orientation import EMBEDDING, PEFT
 from ..peft_rules import PEFT_DEFAULT_ALPHA, PEFT_PREFIX, compiled_patterns, lookup_compiled
 from .common import build_module, group_keys
-from .layout import Capabilities, DirectoryLayout, Found, Rewrite, write_weights
 from .diffusers import looks_like_diffusers
+from .layout import Capabilities, DirectoryLayout, Found, Rewrite, write_weights
 from .peft_config import config_in_metadata, metadata_alpha, rescaled_config, truncated_config
 from .tensors import TensorSource
 
@@ -74,7 +74,7 @@ class _Settings:
 
 def _settings(cfg: dict, where: str, found: Found, source: TensorSource, notes: list[str]) -> _Settings:
     peft_type = v.string(cfg, "peft_type", where)
-    adalora = str(peft_type or "").upper() == "ADALORA" or any(k.endswith(".lora_E") for k in source.keys())
+    adalora = str(peft_type or "").upper() == "ADALORA" or any(k.endswith(".lora_E") for k in source.tensors)
     r = v.integer(cfg, "r", where, default=None, minimum=1)
     if adalora:
         r = v.integer(cfg, "init_r", where, default=r, minimum=1)

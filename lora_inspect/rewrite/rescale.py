@@ -11,8 +11,8 @@ smallest normal number as an underflow.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -13,9 +13,9 @@ always float64. Rank choice: :mod:`lora_inspect.rewrite.ranks`; layout specifics
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,8 +25,15 @@ from ..errors import InspectError
 from ..files import check_output_path
 from ..formats.layout import Layout
 from ..formats.tensors import DTYPE_SIZES
-from ..spectrum import Decomposition, compute_dtype, decompose, parallel_map, relative_error, retained_energy
-from ..spectrum import single_threaded_torch
+from ..spectrum import (
+    Decomposition,
+    compute_dtype,
+    decompose,
+    parallel_map,
+    relative_error,
+    retained_energy,
+    single_threaded_torch,
+)
 from .ranks import RankChoice, TruncateSpec, choose_ranks
 from .results import ModuleChange, TruncateResult
 from .selfcheck import Expected, write_checked

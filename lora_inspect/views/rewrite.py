@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 
@@ -76,7 +78,7 @@ def truncate_view(res: TruncateResult, adapter_block: dict, max_rows: int | None
     from ..render import Table, View, fmt_bytes, fmt_count, fmt_float
 
     doc = truncate_doc(res, adapter_block)
-    rows = []
+    rows: list[Sequence[Any]] = []
     shown = res.modules if max_rows is None else res.modules[:max_rows]
     for c in shown:
         rows.append((c.name, "×".join(map(str, c.shape)), c.rank_before,
@@ -85,7 +87,7 @@ def truncate_view(res: TruncateResult, adapter_block: dict, max_rows: int | None
     title = f"{len(res.modules)} modules" + (f" (first {max_rows}; --all for every module)"
                                               if max_rows is not None and len(res.modules) > max_rows else "")
     tables = [Table(title, ["module", "shape", "r", "→ k", "params", "energy kept", "rel. error"], rows)]
-    trows = []
+    trows: list[Sequence[Any]] = []
     for t, g in list(doc["by_type"].items()) + [("total", doc["total"])]:
         trows.append((t, g["modules"], ",".join(map(str, g["ranks_after"])) or "0",
                       f"{fmt_count(g['params_before'])} → {fmt_count(g['params_after'])}",
@@ -131,7 +133,7 @@ def rescale_view(res: RescaleResult, adapter_block: dict, max_rows: int | None =
 
     doc = rescale_doc(res, adapter_block)
     shown = res.modules if max_rows is None else res.modules[:max_rows]
-    rows = [(d.name, d.rank, f"{d.alpha_before:g} → {d.alpha_after:g}",
+    rows: list[Sequence[Any]] = [(d.name, d.rank, f"{d.alpha_before:g} → {d.alpha_after:g}",
              f"{fmt_float(d.scale_before, 4)} → {fmt_float(d.scale_after, 4)}",
              f"{fmt_float(d.sigma1_before, 4)} → {fmt_float(d.sigma1_after, 4)}") for d in shown]
     title = f"{len(res.modules)} modules" + (f" (first {max_rows}; --all for every module)"
