@@ -306,3 +306,23 @@ def test_detect_format_names_layouts(kohya):
     from lora_inspect.formats.tensors import open_tensors
 
     assert detect_format(open_tensors(kohya)) == "kohya"
+
+
+def test_too_many_tensors_refused_in_one_line(tmp_path, monkeypatch):
+    import lora_inspect.formats as formats
+
+    monkeypatch.setattr(formats, "MAX_TENSORS", 3)
+    g = torch.Generator().manual_seed(0)
+    sd = {f"lora_unet_b{i}_proj.lora_down.weight": torch.randn(2, 4, generator=g) for i in range(2)}
+    sd.update({f"lora_unet_b{i}_proj.lora_up.weight": torch.randn(4, 2, generator=g) for i in range(2)})
+    path = tmp_path / "k.safetensors"
+    save_file(sd, str(path))
+    _one_line(run_cli("info", path), "4 tensors", "3")
+
+
+def test_module_lookup_is_an_index(kohya):
+    ad = load_adapter(kohya)
+    for m in ad.modules:
+        assert ad.module(m.name) is m
+    with pytest.raises(KeyError):
+        ad.module("nope")
