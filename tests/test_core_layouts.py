@@ -11,9 +11,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from builders import build_peft, planted_factors, rel_close, run_cli, write_kohya, write_mlx
+from safetensors.torch import load_file, save_file
 
 from lora_inspect import load_adapter
 from lora_inspect.errors import InspectError
