@@ -12,6 +12,12 @@ A :class:`Module` is one low-rank update ΔW = scale · B @ A in *linear orienta
 - mlx-lm stores ``lora_a`` (in, r) and ``lora_b`` (r, out): both are transposed here;
 - AdaLoRA's ``lora_E`` (r, 1) is folded into A (``A ⊙ E``).
 
+How the pair is stored is an :class:`~lora_inspect.orientation.Orientation` (one class per
+orientation); what the update *is* is an :class:`Update`: today one type, :class:`LowRankUpdate`
+(B·A). Another update type (LoHa's Hadamard product, LoKr's Kronecker product) is one new
+subclass with its keys, parameter count and dense ΔW; :meth:`Module.factors` stays the low-rank
+route that the spectra use.
+
 Tensor data stays on disk until :meth:`Module.factors` is called; everything else (names, shapes,
 dtypes, sizes) comes from the file header.
 """

@@ -42,8 +42,7 @@ def module_tensors(ad: Adapter) -> dict[str, torch.Tensor]:
 def header_reserve(ad: Adapter) -> int:
     """Bytes the output's container (header) can take: the input header is an upper bound for the same
     keys with smaller shapes and offsets (rank digits never grow), plus the config, if any."""
-    if ad.weights_path.suffix == ".safetensors":
-        with open(ad.weights_path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-        return 8 + n + 8
+    data_start = getattr(ad.source, "data_start", None)  # safetensors: 8 + header length, from the reader
+    if data_start is not None:
+        return int(data_start) + 8
     return 4096  # a .bin's pickle overhead, roughly
