@@ -121,12 +121,14 @@ def write_bin(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         raise InspectError(f"{path}: cannot write: {str(e).splitlines()[0][:200]}") from e
 
 
-def _looks_like_adapter_dir(d: Path) -> bool:
-    return any((d / n).is_file() for n in ("adapter_config.json", "adapters.safetensors", "adapter_model.safetensors"))
+def _looks_like_adapter_dir(d: Path, markers: tuple[str, ...]) -> bool:
+    return any((d / n).is_file() for n in markers)
 
 
-def check_output_path(inp: Path, weights: Path, out: Path, force: bool) -> None:
-    """Refuse OUT when it is the input, lies inside it, contains it, or exists without ``force``."""
+def check_output_path(inp: Path, weights: Path, out: Path, force: bool, markers: tuple[str, ...] = ()) -> None:
+    """Refuse OUT when it is the input, lies inside it, contains it, or exists without ``force``;
+    ``force`` replaces an existing directory only when it holds one of ``markers`` (an adapter's files,
+    ``lora_inspect.formats.ADAPTER_MARKERS``) or nothing."""
     ri, rw, ro = inp.resolve(), weights.resolve(), out.resolve()
     if ro in (ri, rw):
         raise InspectError(f"{out}: OUT is the input itself; write to a new path")
@@ -139,7 +141,7 @@ def check_output_path(inp: Path, weights: Path, out: Path, force: bool) -> None:
             raise InspectError(f"{out}: OUT is the input file (same file on disk); write to a new path")
         if not force:
             raise InspectError(f"{out}: already exists (pass --force to replace it)")
-        if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not _looks_like_adapter_dir(out):
+        if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not _looks_like_adapter_dir(out, markers):
             # --force replaces an earlier output, never an unrelated folder full of someone's files
             raise InspectError(f"{out}: exists and is not an adapter directory; --force only replaces adapters")
     if not out.parent.exists():

@@ -19,7 +19,8 @@ from .mlx import MlxLayout
 from .peft import PeftLayout, read_config
 from .tensors import TensorSource, open_tensors
 
-__all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "MAX_TENSORS"]
+__all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "MAX_TENSORS",
+           "ADAPTER_MARKERS"]
 
 # Tried in order, first match wins (as PEFT's dispatchers). A new layout: one file, one line here.
 LAYOUTS: list[Layout] = [
@@ -36,6 +37,8 @@ LAYOUTS: list[Layout] = [
 MAX_TENSORS = 100_000
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# a directory holding one of these is an adapter (--force may replace it; nothing else)
+ADAPTER_MARKERS: tuple[str, ...] = tuple(dict.fromkeys(f for layout in LAYOUTS for f in layout.marker_files))
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # PeftModel.state_dict() keeps the adapter name: ….lora_A.default.weight, ….lora_embedding_A.default
 _ADAPTER_NAMED = re.compile(r"\.lora_(?:A|B)\.[^.]+\.weight$|\.lora_embedding_(?:A|B)\.[^.]+$")

@@ -80,6 +80,7 @@ class Layout:
     name = ""
     formats: tuple[str, ...] = ()  # the JSON-visible format strings this layout produces
     caps = Capabilities()
+    marker_files: tuple[str, ...] = ()  # files whose presence makes a directory this layout's adapter
 
     # ------------------------------------------------------------------ reading
     def matches(self, keys: list[str], found: Found) -> bool:  # pragma: no cover - interface

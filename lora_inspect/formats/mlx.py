@@ -51,6 +51,7 @@ def _params(cfg: dict, where: str, notes: list[str]) -> tuple[str, float, int | 
 class MlxLayout(DirectoryLayout):
     name = "mlx"
     formats = ("mlx",)
+    marker_files = (WEIGHTS,)
     caps = Capabilities(per_module_rank=False, per_module_alpha=False, dora=True, conv=False, embeddings=False,
                         one_rank_only=True, alpha="scale")
 

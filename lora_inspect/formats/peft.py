@@ -185,6 +185,7 @@ class PeftLayout(DirectoryLayout):
 
     name = "peft"
     formats = ("peft", "peft-safetensors", "peft-bin")
+    marker_files = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
     caps = Capabilities(per_module_rank=True, per_module_alpha=True, dora=True, conv=True, embeddings=True,
                         alpha="config")
 

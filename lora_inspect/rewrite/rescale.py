@@ -26,7 +26,7 @@ from ..spectrum import single_threaded_torch
 from .results import ModuleRescale, RescaleResult
 from .selfcheck import Expected, write_checked
 from .tensors import extras_tensors, module_tensors, torch_dtype
-from .truncate import layout_of
+from .truncate import adapter_markers, layout_of
 
 __all__ = ["rescale", "resolve_factor"]
 
@@ -123,7 +123,7 @@ def rescale(ad: Adapter, out: Path, *, factor: float | None = None, alpha: float
     from ..analysis import compute_spectra
 
     out = Path(out)
-    check_output_path(ad.path, ad.weights_path, out, force)
+    check_output_path(ad.path, ad.weights_path, out, force, adapter_markers())
     layout = layout_of(ad)
     out_fmt = layout.output_format(ad, out)
     factor, alpha_before = resolve_factor(ad, layout, factor, alpha)

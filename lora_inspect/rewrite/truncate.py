@@ -39,7 +39,13 @@ from .results import ModuleChange, TruncateResult
 from .selfcheck import Expected, write_checked
 from .tensors import check_finite, extras_tensors, header_reserve, torch_dtype
 
-__all__ = ["truncate", "to_stored", "layout_of"]
+__all__ = ["truncate", "to_stored", "layout_of", "adapter_markers"]
+
+
+def adapter_markers() -> tuple[str, ...]:
+    from ..formats import ADAPTER_MARKERS
+
+    return ADAPTER_MARKERS
 
 
 def layout_of(ad: Adapter) -> Layout:
@@ -170,7 +176,7 @@ def truncate(ad: Adapter, out: Path, spec: TruncateSpec, *, force: bool = False,
     """Write the truncated adapter to ``out`` (atomically, self-checked) and return what was done."""
     spec.validate()
     out = Path(out)
-    check_output_path(ad.path, ad.weights_path, out, force)
+    check_output_path(ad.path, ad.weights_path, out, force, adapter_markers())
     if ad.peft_type == "ADALORA":
         raise InspectError(f"{ad.path}: AdaLoRA adapters cannot be truncated (convert to LoRA first)")
     layout = layout_of(ad)
