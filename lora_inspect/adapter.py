@@ -184,7 +184,7 @@ class Adapter:
     """A whole adapter: its layout, global settings, low-rank modules and full tensors."""
 
     path: Path  # what the user named (directory or file)
-    format: str  # "peft" | "peft-safetensors" | "peft-bin" | "kohya" | "diffusers" | "mlx"
+    format: str  # "peft" | "peft-safetensors" | "peft-bin" | "kohya" | "diffusers" | "diffusers-attn-procs" | "mlx"
     weights_path: Path
     source: "TensorSource" = field(repr=False)
     modules: list[Module] = field(default_factory=list)
