@@ -75,10 +75,10 @@ def _check_range(ad: Adapter, spectra: dict, factor: float, bake: bool, tensors:
             values.append((abs(m.alpha) * factor, _finfo(m.source.info(m.alpha_key).dtype)))
         for x, fi in values:
             if not math.isfinite(x) or x > fi.max:
-                raise OptionError("factor", f"{ad.path}: factor {factor:g} overflows {m.dtype} in module {m.name!r} "
+                raise InspectError(f"{ad.path}: factor {factor:g} overflows {m.dtype} in module {m.name!r} "
                                   f"(largest value would be {x:.3g}, the dtype holds up to {fi.max:.3g})")
             if 0 < x < fi.tiny or (x == 0 and top > 0):
-                raise OptionError("factor", f"{ad.path}: factor {factor:g} underflows {m.dtype} in module {m.name!r} "
+                raise InspectError(f"{ad.path}: factor {factor:g} underflows {m.dtype} in module {m.name!r} "
                                   f"(largest value would be {x:.3g}, below the smallest normal {fi.tiny:.3g})")
 
 
