@@ -325,3 +325,29 @@ def test_module_lookup_is_an_index(kohya):
         assert ad.module(m.name) is m
     with pytest.raises(KeyError):
         ad.module("nope")
+
+
+def test_file_size_limit_while_writing_is_one_line(tmp_path):
+    """A real failing write (RLIMIT_FSIZE: the kernel's EFBIG, as a full disk gives ENOSPC): exit 2,
+    one line naming the output, no temporary left behind."""
+    resource = pytest.importorskip("resource")
+    g = torch.Generator().manual_seed(2)
+    mods = {f"lora_unet_b{i}_proj": (torch.randn(8, 512, generator=g), torch.randn(512, 8, generator=g), 4.0)
+            for i in range(8)}
+    src = write_kohya(tmp_path / "k.safetensors", mods)  # ~260 kB
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+
+    def limit():  # pragma: no cover - runs in the child
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(p) for p in sys.path if p]))
+    r = subprocess.run([sys.executable, "-m", "lora_inspect", "rescale", str(src), "-o", str(out_dir / "x.safetensors"),
+                        "--factor", "2"], capture_output=True, text=True, preexec_fn=limit, env=env, timeout=300)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "x.safetensors" in lines[0] and "cannot write" in lines[0] and "Traceback" not in r.stderr
+    assert list(out_dir.iterdir()) == []
