@@ -19,9 +19,10 @@ class InspectError(Exception):
 
     exit_code = EXIT_BAD_INPUT
 
-    def __init__(self, message: str, *, hint: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, option: str | None = None):
         self.message = message
         self.hint = hint
+        self.option = option  # the request parameter the hint is about (a command names its flag)
         super().__init__(message if hint is None else f"{message} ({hint})")
 
     def __str__(self) -> str:
@@ -38,5 +39,4 @@ class OptionError(InspectError):
     library calls it (``energy``), ``option`` holds that name so a command can name its flag."""
 
     def __init__(self, option: str, message: str):
-        self.option = option
-        super().__init__(message)
+        super().__init__(message, option=option)

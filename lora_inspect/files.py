@@ -140,10 +140,10 @@ def check_output_path(inp: Path, weights: Path, out: Path, force: bool, markers:
         if out.exists() and out.samefile(weights):
             raise InspectError(f"{out}: OUT is the input file (same file on disk); write to a new path")
         if not force:
-            raise InspectError(f"{out}: already exists (pass --force to replace it)")
+            raise InspectError(f"{out}: already exists", hint="force replaces it", option="force")
         if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not _looks_like_adapter_dir(out, markers):
             # --force replaces an earlier output, never an unrelated folder full of someone's files
-            raise InspectError(f"{out}: exists and is not an adapter directory; --force only replaces adapters")
+            raise InspectError(f"{out}: exists and is not an adapter directory; forcing replaces only adapters")
     if not out.parent.exists():
         raise InspectError(f"{out.parent}: no such directory for OUT")
 

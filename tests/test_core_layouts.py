@@ -89,7 +89,12 @@ def test_attn_procs_rewrite_same_layout(tmp_path, suffix):
                     u, s, vh = torch.linalg.svd(ref)
                     assert rel_close(new, (u[:, :2] * s[:2]) @ vh[:2], 1e-5)
         assert load_adapter(out).format == "diffusers-attn-procs"
-    _one_line(run_cli("rescale", path, "-o", tmp_path / f"c{suffix}", "--factor", "2"), "bake")
+    _one_line(run_cli("rescale", path, "-o", tmp_path / f"c{suffix}", "--factor", "2"), "use --bake")
+    from lora_inspect.rewrite import rescale
+
+    with pytest.raises(InspectError) as e:  # the library names no flag; the command does
+        rescale(load_adapter(path), tmp_path / f"d{suffix}", factor=2.0)
+    assert "--" not in str(e.value) and e.value.option == "bake"
 
 
 def test_layouts_are_an_ordered_list():

@@ -20,7 +20,15 @@ from ._options import output_options
 
 # the library names a request value as a parameter; the commands name their flags
 FLAGS = {"rank": "--rank", "energy": "--energy", "max_params": "--max-params", "max_bytes": "--max-size",
-         "uniform": "--uniform", "factor": "--factor", "alpha": "--alpha"}
+         "uniform": "--uniform", "factor": "--factor", "alpha": "--alpha", "bake": "--bake", "force": "--force"}
+# a library hint about a parameter, said with the flag
+HINTS = {"bake": "use --bake to multiply B instead", "factor": "use --factor", "force": "pass --force to replace it"}
+
+
+def _with_flag(e: InspectError) -> InspectError:
+    if e.option in HINTS and not isinstance(e, OptionError):
+        return InspectError(e.message, hint=HINTS[e.option])
+    return e
 
 
 def _as_usage(e: OptionError) -> click.UsageError:
@@ -96,12 +104,16 @@ def truncate_cmd(adapter, out, rank, energy, max_params, max_size, uniform, forc
         spec.validate()
     except OptionError as e:
         raise _as_usage(e) from e
+    except InspectError as e:
+        raise _with_flag(e) from e
     ad = load_adapter(adapter)
     try:
         with progress(len(ad.modules), "truncating", enabled=fmt == "table") as advance:
             res = do_truncate(ad, Path(out), spec, force=force, progress=advance)
     except OptionError as e:
         raise _as_usage(e) from e
+    except InspectError as e:
+        raise _with_flag(e) from e
     for w in res.warnings:
         warn(w)
     for n in res.notes:
@@ -141,6 +153,8 @@ def rescale_cmd(adapter, out, alpha, factor, bake, force, show_all, fmt):
             res = do_rescale(ad, Path(out), factor=factor, alpha=alpha, bake=bake, force=force, progress=advance)
     except OptionError as e:
         raise _as_usage(e) from e
+    except InspectError as e:
+        raise _with_flag(e) from e
     for w in res.warnings:
         warn(w)
     for n in res.notes:

@@ -40,5 +40,6 @@ def alphas_scaled(ad: "Adapter", tensors: dict[str, "torch.Tensor"], factor: flo
             continue
         key = new_key(m)
         if key is None:
-            raise InspectError(f"module {m.name!r}: no .alpha tensor to scale; use --bake")
+            raise InspectError(f"module {m.name!r}: no .alpha tensor to scale", hint="bake the factor into B instead",
+                               option="bake")
         tensors[key] = torch.tensor(float(m.rank) * factor, dtype=ST_TO_TORCH.get(m.dtype, torch.float32))

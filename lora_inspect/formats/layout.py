@@ -95,7 +95,7 @@ class Layout:
         return ad.format
 
     def global_alpha(self, ad: "Adapter") -> float | None:
-        """The one α that ``rescale --alpha`` replaces, None when there is none."""
+        """The one α that a rescale to a new α replaces, None when there is none."""
         alphas = {m.alpha for m in ad.modules}
         return alphas.pop() if len(alphas) == 1 else None
 
@@ -107,8 +107,8 @@ class Layout:
 
     def rescaled(self, ad: "Adapter", out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
         """The output with every α multiplied by ``factor`` (factors unchanged)."""
-        raise InspectError(f"{ad.path}: no alpha is stored anywhere (α = r assumed), so there is none to scale; "
-                           "use --bake to multiply B instead")
+        raise InspectError(f"{ad.path}: no alpha is stored anywhere (α = r assumed), so there is none to scale",
+                           hint="bake the factor into B instead", option="bake")
 
     def baked(self, ad: "Adapter", out_fmt: str, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
         """The output when B was multiplied instead (config and metadata unchanged)."""

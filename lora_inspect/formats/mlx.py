@@ -90,7 +90,8 @@ class MlxLayout(DirectoryLayout):
         return "mlx"
 
     def global_alpha(self, ad: Adapter) -> float | None:
-        raise InspectError(f"{ad.path}: mlx-lm adapters have an absolute scale, not an alpha; use --factor")
+        raise InspectError(f"{ad.path}: mlx-lm adapters have an absolute scale, not an alpha",
+                           hint="give a factor instead", option="factor")
 
     def _config(self, ad: Adapter, **lp_changes: float | int) -> dict:
         config: dict[str, Any] = copy.deepcopy(ad.config) if ad.config is not None else {"fine_tune_type": "lora"}

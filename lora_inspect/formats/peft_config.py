@@ -32,10 +32,8 @@ def config_in_metadata(source: TensorSource, *, for_rewrite: bool = False) -> di
     if not isinstance(cfg, dict):
         raise InspectError(f"{where} is not a JSON object")
     if for_rewrite and any(k.split(".", 1)[0] in COMPONENTS and "." in k for k in cfg):
-        raise InspectError(
-            f"{source.path}: per-component configs in {META_KEY} are not supported for rewriting "
-            "(use --bake for rescale)"
-        )
+        raise InspectError(f"{source.path}: per-component configs in {META_KEY} are not supported for rewriting",
+                           hint="a rescale can bake the factor into B instead", option="bake")
     return cfg
 
 
@@ -79,7 +77,8 @@ def rescaled_config(cfg: dict, factor: float, where: str) -> dict:
     new = copy.deepcopy(cfg)
     a = new.get("lora_alpha")
     if not isinstance(a, (int, float)) or isinstance(a, bool):
-        raise InspectError(f"{where}: the config has no numeric lora_alpha to scale; use --bake")
+        raise InspectError(f"{where}: the config has no numeric lora_alpha to scale",
+                           hint="bake the factor into B instead", option="bake")
     new["lora_alpha"] = _num(a * factor)
     if new.get("alpha_pattern"):
         new["alpha_pattern"] = {k: _num(x * factor) for k, x in new["alpha_pattern"].items()}

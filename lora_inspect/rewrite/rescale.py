@@ -34,14 +34,14 @@ __all__ = ["rescale", "resolve_factor"]
 def resolve_factor(ad: Adapter, layout: Layout, factor: float | None, alpha: float | None) -> tuple[float, float | None]:
     """(F, α before) from a factor or a new α; F must be finite and positive."""
     if (factor is None) == (alpha is None):
-        raise InspectError("give exactly one of alpha and factor")
+        raise InspectError("give exactly one of alpha and factor")  # the command checks its flags first
     alpha_before = layout.global_alpha(ad) if alpha is not None else _safe_alpha(ad, layout)
     if alpha is not None:
         if not math.isfinite(alpha) or alpha <= 0:
             raise OptionError("alpha", f"alpha must be a finite positive number, got {alpha:g}")
         if alpha_before is None:
-            raise InspectError(f"{ad.path}: no single alpha to set (per-module alphas differ or none is stored); "
-                               "use a factor")
+            raise InspectError(f"{ad.path}: no single alpha to set (per-module alphas differ or none is stored)",
+                               hint="give a factor instead", option="factor")
         factor = alpha / alpha_before
     assert factor is not None
     if not math.isfinite(factor) or factor <= 0:
