@@ -228,7 +228,7 @@ def analyse(
     whose name it matches (``re.search``)."""
     if not 0 < energy <= 1:
         raise InspectError(f"energy τ must be in (0, 1], got {energy}")
-    modules = natural_sorted(adapter.modules, key=lambda m: m.name)
+    modules = adapter.modules  # in layer order (Adapter keeps them so)
     if module_regex:
         try:
             rx = re.compile(module_regex)

@@ -263,7 +263,7 @@ def diff_adapters(a: Adapter, b: Adapter, *, top: int = 1, energy: float = 0.95)
         raise InspectError(f"energy τ must be in (0, 1], got {energy}")
     names_b = {m.name: m for m in b.modules}
     names_a = {m.name for m in a.modules}
-    mods_a = natural_sorted(a.modules, key=lambda m: m.name)
+    mods_a = a.modules  # in layer order (Adapter keeps them so)
     common = [m for m in mods_a if m.name in names_b]
     only_a = [m.name for m in mods_a if m.name not in names_b]
     only_b = natural_sorted(m.name for m in b.modules if m.name not in names_a)
