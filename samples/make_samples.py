@@ -37,7 +37,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from lora_inspect.formats.write import write_safetensors  # noqa: E402 - moves to lora_inspect.files (issue 10)
+from lora_inspect.files import write_safetensors  # noqa: E402
 from lora_inspect.train import ALL_LINEAR, DEFAULT_TARGETS, TrainConfig, run_training  # noqa: E402
 from lora_inspect.train.io import load_safetensors  # noqa: E402
 

@@ -1,6 +1,6 @@
 """train writes deterministic bytes and picks a sane CPU thread count by itself.
 
-- The safetensors files go through the project's writer (``formats.write.write_safetensors``: sorted
+- The safetensors files go through the project's writer (``lora_inspect.files.write_safetensors``: sorted
   header keys and metadata), not ``safetensors.torch.save_file`` (metadata in hash order).
 - Without ``--threads``, the tiny model trains on one thread (torch's default, all cores, made a
   100-step run about 9× slower on a busy 2-core machine: see ``default_threads``) and the caller's
@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 
-from lora_inspect.formats.write import write_safetensors
+from lora_inspect.files import write_safetensors
 from lora_inspect.train import TrainConfig, run_training
 from lora_inspect.train.io import atomic_save_safetensors, load_safetensors
 from lora_inspect.train.loop import ONE_THREAD_MAX_DIM, cpu_threads, default_threads

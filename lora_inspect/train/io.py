@@ -50,8 +50,7 @@ def atomic_write_json(obj, path: str | Path, *, sort_keys: bool = True) -> None:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    # the writer moves to lora_inspect/files.py (issue 10); import it from formats.write until then
-    from ..formats.write import write_safetensors
+    from ..files import write_safetensors
 
     _atomic(Path(path), lambda tmp: write_safetensors(tmp, tensors, metadata))
 
