@@ -89,3 +89,27 @@ def test_training_uses_the_default_and_restores(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_full_disk_while_training_is_one_line_and_leaves_no_temp(tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: the 0.5 MB base model cannot be written."""
+    import os
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "o"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    res = subprocess.run(
+        [sys.executable, "-m", "lora_inspect", "train", "--task", "planted", "--rank", "2", "--steps", "2",
+         "--batch-size", "2", "--seq-len", "8", "--targets", "q_proj", "--no-progress", "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert res.returncode == 2, res.stderr
+    (line,) = res.stderr.strip().splitlines()
+    assert "cannot write" in line and "model.safetensors" in line and "unexpected" not in line
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
