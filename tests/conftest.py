@@ -24,7 +24,3 @@ def one_torch_thread():
     yield
     torch.set_num_threads(n)
 
-
-def pytest_configure(config):
-    """Markers (appended by the train helper): ``slow`` tests run by default; ``-m 'not slow'`` skips them."""
-    config.addinivalue_line("markers", "slow: regenerates a sample by training (about 10 s of CPU; minutes on a loaded machine)")
