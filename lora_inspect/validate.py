@@ -119,17 +119,23 @@ def _decode(raw: bytes, where: str) -> str:
         raise InspectError(f"{where}: not valid {name} text ({e.reason} at byte {e.start})") from e
 
 
-_ESCAPE_PAIRS = re.compile(r"\\.", re.S)
-_STRINGS = re.compile(r'"[^"]*"')
-_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
-_DELTA = {"[": 1, "{": 1, "]": -1, "}": -1}
+_STRINGS = re.compile(rb'"[^"]*"')
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+_DELTA = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
 
 
 def _max_depth(text: str) -> int:
-    """Nesting depth of brackets outside strings, in linear time (escape pairs, then strings, then
-    everything but brackets are removed by C-level regex passes)."""
-    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", _ESCAPE_PAIRS.sub("", text)))
-    return max(accumulate(map(_DELTA.__getitem__, brackets)), default=0)
+    """Nesting depth of brackets outside strings, in linear time with C-level passes: escaped
+    backslashes and quotes are removed (pairs, left to right, as a JSON lexer reads them), then every
+    byte but brackets and quotes, then adjacent quote pairs (which keeps every remaining byte's
+    inside/outside parity), then whatever strings are left."""
+    data = text.encode("utf-8", "surrogatepass")  # multi-byte sequences never hold ASCII bytes
+    if b"\\" in data:
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in structure:
+        structure = _STRINGS.sub(b"", structure)
+    return max(accumulate(map(_DELTA.__getitem__, structure)), default=0)
 
 
 def _no_duplicates(where: str) -> Callable[[list], dict]:
