@@ -75,8 +75,8 @@ def _oserror(path: Path | str, e: OSError) -> InspectError:
 
 def _check_regular(path: Path | str, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
-        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
-        raise InspectError(f"{path}: not a regular file ({kind})")
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "a special file")
+        raise InspectError(f"{path}: not a regular file but {kind}")
 
 
 def require_regular_file(path: Path) -> None:
