@@ -174,7 +174,7 @@ def test_refused_patterns_give_one_line_naming_file_key_and_reason(key, why):
 
 def test_non_string_key_is_one_line():
     with pytest.raises(InspectError, match="must be a string"):
-        validate.compile_pattern(5, WHERE)  # type: ignore[arg-type]
+        validate.compile_pattern(5, WHERE)
 
 
 PATHOLOGICAL = [("(.*)*x", "a" * 100_000), ("(a|aa)*b", "a" * 100_000), ("(a+)+$", "a" * 99_999 + "!"),
@@ -401,7 +401,7 @@ def test_missing_and_bounds():
     with pytest.raises(InspectError, match="≤ 4"):
         validate.integer({"a": 5}, "a", WHERE, maximum=4)
     with pytest.raises(InspectError, match="expected an object"):
-        validate.number([1], "a", WHERE)  # type: ignore[arg-type]
+        validate.number([1], "a", WHERE)
     with pytest.raises(InspectError, match=r"alpha_pattern\['q'\] must be a number"):
         validate.mapping({"alpha_pattern": {"q": None}}, "alpha_pattern", WHERE,
                          values=lambda x: type(x) in (int, float), what="a number")
