@@ -405,3 +405,16 @@ def test_missing_and_bounds():
     with pytest.raises(InspectError, match=r"alpha_pattern\['q'\] must be a number"):
         validate.mapping({"alpha_pattern": {"q": None}}, "alpha_pattern", WHERE,
                          values=lambda x: type(x) in (int, float), what="a number")
+
+
+@pytest.mark.parametrize("regex,name,want", [
+    (r".*\.(q_proj|v_proj)", "model.layers.0.self_attn.q_proj", True),
+    (r".*\.(q_proj|v_proj)", "model.layers.0.self_attn.q_proj.x", False),
+    ("q_proj", "model.q_proj", False),  # fullmatch: the whole name
+    ("a.b", "axb", True),  # '.' is a wildcard in PEFT's re.fullmatch(target_modules, key)
+    (r"(.*)*x", "y" * 50_000, False),
+])
+def test_compile_fullmatch_is_peft_target_modules_string_rule(regex, name, want):
+    assert validate.compile_fullmatch(regex, WHERE)(name) is want
+    if len(name) < 100:
+        assert (re.fullmatch(regex, name) is not None) is want
