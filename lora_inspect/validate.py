@@ -14,7 +14,8 @@ API (stable; other modules call only these):
   :func:`mapping` — typed fields of a config, each with the file and key in its error.
 - :func:`compile_pattern` — a ``rank_pattern``/``alpha_pattern`` key from a file, as a predicate on
   module names that runs in linear time, or one line refusing it; :func:`compile_fullmatch` — the same
-  for a regex that must match a whole name (PEFT's string form of ``target_modules``).
+  for a regex that must match a whole name (PEFT's string form of ``target_modules``);
+  :func:`compile_pattern_table` — PEFT's first-matching-key lookup over a whole pattern table.
 
 Decisions: a JSON object with the same key twice is refused (readers differ on which one wins, so
 the file means different things to different tools); NaN/Infinity literals parse (Python's ``json``
@@ -28,12 +29,12 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import _safe_re
+from . import _plain_keys, _safe_re
 from .errors import InspectError
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "mapping",
     "compile_pattern",
     "compile_fullmatch",
+    "compile_pattern_table",
 ]
 
 MAX_JSON_BYTES = 100 * 1024 * 1024  # a config or header larger than this is not an adapter's
@@ -316,9 +318,19 @@ def compile_pattern(key: str, where: str) -> Callable[[str], bool]:
       Python's syntax, linear in the name, the same answer as ``re``), or refused with one line.
     """
     _check_key(key, where)
-    if key and all(c.isalnum() or c in "._-" for c in key):
-        return _plain_matcher(key)
+    if _plain_keys.is_plain(key):
+        return _plain_keys.plain_matcher(key)
     return _compile(rf"(.*\.)?({key})$", key, where, full=False)
+
+
+def compile_pattern_table(keys: Sequence[str], where: str) -> Callable[[str], int | None]:
+    """PEFT's ``get_pattern_key`` for a whole ``rank_pattern``/``alpha_pattern``: the index of the first
+    key (in the given order) that :func:`compile_pattern` would match, or None — without trying the
+    keys one by one (a table of one key per module would make that quadratic); every key is checked
+    (and an unsafe one refused) up front."""
+    for key in keys:
+        _check_key(key, where)
+    return _plain_keys.PatternTable(list(keys), lambda k: compile_pattern(k, where))
 
 
 def compile_fullmatch(regex: str, where: str) -> Callable[[str], bool]:
@@ -340,25 +352,3 @@ def _compile(text: str, key: str, where: str, *, full: bool) -> Callable[[str], 
     except _safe_re.PatternRefused as e:
         raise InspectError(f"{where}: pattern {_show(key)} refused: {e} "
                            "(patterns are matched by a linear-time subset of Python regular expressions)") from e
-
-
-def _plain_matcher(key: str) -> Callable[[str], bool]:
-    """``re.match(rf"(.*\\.)?({key})$", name)`` for a key of literal characters and ``.`` wildcards:
-    the key sits at the end of the name (or before a final newline), after nothing or after a ``.``
-    with no newline before it."""
-    k = len(key)
-    has_dot = "." in key
-
-    def match(name: str) -> bool:
-        for end in (len(name), len(name) - 1) if name.endswith("\n") else (len(name),):
-            start = end - k
-            if start < 0:
-                continue
-            seg = name[start:end]
-            if seg != key and not (has_dot and "\n" not in seg and all(a == b or b == "." for a, b in zip(seg, key))):
-                continue
-            if start == 0 or (name[start - 1] == "." and "\n" not in name[: start - 1]):
-                return True
-        return False
-
-    return match

@@ -418,3 +418,33 @@ def test_compile_fullmatch_is_peft_target_modules_string_rule(regex, name, want)
     assert validate.compile_fullmatch(regex, WHERE)(name) is want
     if len(name) < 100:
         assert (re.fullmatch(regex, name) is not None) is want
+
+
+# --- a whole pattern table: PEFT's get_pattern_key, first key in order --------------------------------
+
+
+def peft_first(keys: list[str], name: str) -> int | None:
+    return next((i for i, k in enumerate(keys) if peft_match(k, name)), None)
+
+
+table_keys = st.lists(st.one_of(st.text(alphabet="ab._1", min_size=1, max_size=6), subset_patterns), max_size=8)
+
+
+@PROPS
+@given(keys=table_keys, samples=st.lists(st.text(alphabet="ab._1\n", max_size=10), min_size=1, max_size=10))
+def test_pattern_table_returns_peft_first_matching_key(keys, samples):
+    lookup = validate.compile_pattern_table(keys, WHERE)
+    for name in samples + [k for k in keys if "\\" not in k]:
+        assert lookup(name) == _ref(peft_first, keys, name), (keys, name)
+
+
+def test_pattern_table_of_one_key_per_module_answers_every_module():
+    names = [f"base_model.model.model.layers.{i}.mlp.experts.{j}.{m}" for i in range(40) for j in range(64)
+             for m in ("gate_proj", "up_proj", "down_proj")]
+    keys = [n.removeprefix("base_model.model.") for n in names[::-1]]  # 7,680 keys, as truncate writes them
+    lookup = validate.compile_pattern_table(keys, WHERE)
+    for n in names[::997]:
+        assert lookup(n) == peft_first(keys, n)
+    assert [lookup(n) for n in names] == list(range(len(keys)))[::-1]  # each module finds its own key
+    with pytest.raises(InspectError, match="refused"):
+        validate.compile_pattern_table(["q_proj", "(a)\\1"], WHERE)
