@@ -136,7 +136,7 @@ def _max_depth(text: str) -> int:
         data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
     structure = data.translate(None, _NOT_STRUCTURE).replace(b'""', b"")
     if b'"' in structure:
-        structure = _STRINGS.sub(b"", structure)
+        structure = _STRINGS.sub(b"", structure).split(b'"', 1)[0]  # what follows a lone quote is in a string
     return max(accumulate(map(_DELTA.__getitem__, structure)), default=0)
 
 

@@ -448,3 +448,15 @@ def test_pattern_table_of_one_key_per_module_answers_every_module():
     assert [lookup(n) for n in names] == list(range(len(keys)))[::-1]  # each module finds its own key
     with pytest.raises(InspectError, match="refused"):
         validate.compile_pattern_table(["q_proj", "(a)\\1"], WHERE)
+
+
+@PROPS
+@given(raw=st.one_of(st.binary(max_size=64), st.text(alphabet='[]{}"\\:,0-.eE nultrfaNIy\ufeff\ud800', max_size=40)))
+def test_parse_json_of_any_input_is_a_value_or_one_line(raw):
+    try:
+        value = validate.parse_json(raw, WHERE)
+    except InspectError as e:
+        assert str(e).startswith(WHERE) and "\n" not in str(e)
+    else:  # whatever we accept, json itself accepts (after the BOM is dropped)
+        text = raw if isinstance(raw, str) else raw.decode(json.detect_encoding(raw))
+        assert json.dumps(value, sort_keys=True) == json.dumps(json.loads(text), sort_keys=True)

@@ -253,3 +253,24 @@ def test_bin_tensor_subclass_is_refused(tmp_path):
         _bad(f, "subclass")
     finally:
         torch.serialization.clear_safe_globals()
+
+
+header_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 2**64) | st.floats() | st.sampled_from(["F32", "BF16", "x", ""]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["a", "dtype", "shape", "data_offsets", "__metadata__"]), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@PROPS
+@given(header=header_json, data=st.integers(0, 16))
+def test_any_header_is_read_or_refused_in_one_line(tmp_path_factory, header, data):
+    f = write_safetensors_raw(tmp_path_factory.mktemp("j") / "x.safetensors", {"t": header} if data % 2 else header,
+                              bytes(data))
+    try:
+        tensors, meta, _ = read_safetensors_header(f)
+    except InspectError as e:
+        assert str(e).startswith(str(f)) and "\n" not in str(e)
+    else:
+        assert all(t.nbytes == math.prod(t.shape) * {"F32": 4, "BF16": 2}[t.dtype] for t in tensors.values())
