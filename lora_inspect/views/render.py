@@ -10,15 +10,24 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
+
+from ..units import fmt_bytes, fmt_count, fmt_float
+from .layout import render_table
 
 __all__ = [
     "View",
     "Table",
     "emit",
+    "to_json",
+    "to_markdown",
+    "to_text",
+    "terminal_width",
     "stderr_console",
     "warn",
     "progress",
@@ -35,10 +44,17 @@ _SPARK = "▁▂▃▄▅▆▇█"
 
 @dataclass
 class Table:
+    """Rows a person reads. ``kinds`` says how each column may give way when the terminal is narrow
+    (see :mod:`lora_inspect.views.layout`): ``"name"`` (shortened in the middle with …, keeping the
+    layer index and module type), ``"path"`` (shortened in the middle), ``"text"`` (wrapped at spaces), ``"fixed"`` (never shortened:
+    numbers, shapes, flags). ``optional`` names the columns that may be dropped, least important first."""
+
     title: str | None
     columns: Sequence[str]
-    rows: list[Sequence[Any]] = field(default_factory=list)
+    rows: Sequence[Sequence[Any]] = field(default_factory=list)
     justify: Sequence[str] | None = None  # "left"/"right" per column; numbers default right
+    kinds: Sequence[str] | None = None  # default: first column "name", long prose "text", the rest "fixed"
+    optional: Sequence[str] = ()
 
 
 @dataclass
@@ -128,30 +144,49 @@ def to_markdown(view: View) -> str:
 def emit(view: View, fmt: str = "table") -> None:
     """Write a view to stdout in the chosen format."""
     if fmt == "json":
-        sys.stdout.write(to_json(view) + "\n")
-        return
-    if fmt == "markdown":
-        sys.stdout.write(to_markdown(view))
-        return
-    from rich.table import Table as RichTable
+        _write(to_json(view) + "\n")
+    elif fmt == "markdown":
+        _write(to_markdown(view))
+    else:
+        _write(to_text(view, terminal_width()))
 
-    console = _console(False)
-    for line in view.header:
-        console.print(line, markup=False)
+
+def _write(text: str) -> None:
+    """stdout, tolerating a reader that has gone (``| head -1``): what it read is what it wanted, and
+    the command's exit code must still be its own (0, or 1 for a failed check), not a broken pipe's."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        try:  # later writes and the interpreter's final flush go nowhere instead of failing again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # pragma: no cover - no file descriptor behind stdout
+            pass
+
+
+def terminal_width() -> int:
+    """$COLUMNS when set, else the terminal's width; piped or captured output (a CI log, a file) gets
+    160 columns so that module names are not shortened at 80."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size((80, 24)).columns
+    return 160
+
+
+def to_text(view: View, width: int) -> str:
+    """The view as plain text that fits ``width`` columns (see :func:`layout.render_table`)."""
+    out: list[str] = list(view.header)
     for t in view.tables:
-        rt = RichTable(title=t.title, title_justify="left", header_style="bold")
-        just = t.justify or ["left"] + ["right"] * (len(t.columns) - 1)
-        for i, (c, j) in enumerate(zip(t.columns, just)):
-            width = max([len(str(c))] + [len(str(row[i])) for row in t.rows if i < len(row)])
-            # short cells (numbers, ranks) never wrap; long ones (names, paths) fold, but the first
-            # column, which names the row, keeps room to stay readable
-            rt.add_column(str(c), justify=j, overflow="fold", no_wrap=width <= 10,
-                          min_width=min(width, 20) if i == 0 else None)
-        for row in t.rows:
-            rt.add_row(*(str(c) for c in row))
-        console.print(rt)
-    for line in view.footer:
-        console.print(line, markup=False)
+        if out:
+            out.append("")
+        out.extend(render_table(t, width))
+    if view.footer:
+        out.append("")
+        out.extend(view.footer)
+    return "\n".join(out) + "\n"
 
 
 @contextmanager
@@ -171,36 +206,7 @@ def progress(total: int, description: str, enabled: bool = True) -> Iterator:
         yield lambda n=1: bar.advance(task, n)
 
 
-def fmt_count(n: float | int | None) -> str:
-    """4194304 → '4.19 M'."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.3g} {unit}" if abs(n) / div < 100 else f"{n / div:.1f} {unit}"
-    return f"{int(n)}"
-
-
-def fmt_bytes(n: float | int | None) -> str:
-    """Binary units: 1048576 → '1.00 MiB'."""
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
-
-
-def fmt_float(x: float | None, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    return f"{x:.{digits}g}"
-
-
-def sparkline(values: Sequence[float], width: int = 16) -> str:
+def sparkline(values: Iterable[float], width: int = 16) -> str:
     """Log-scale sparkline of a descending spectrum (first `width` values), 3 decades per bar range."""
     vals = [float(v) for v in list(values)[:width]]
     if not vals or vals[0] <= 0:
