@@ -53,6 +53,7 @@ FLAG_LARGE_UPDATE = "large_update"
 FLAG_INTRUDERS = "intruders"
 SUBSPACE_ITERS = 4  # power steps of the subspace iteration (Halko et al. recommend q = 1–2 for fast decay; 4 is safe)
 OVERSAMPLE = 8
+DENSE = 1 << 16  # top-k by a dense SVD up to this many entries (256×256): exact, and ≤ a few ms
 SMALL = 1 << 20  # matrices with at most this many entries are handled in float64 throughout
 
 
@@ -108,11 +109,12 @@ def _seeded(shape: tuple[int, int], q: int, dtype: torch.dtype) -> torch.Tensor:
 def top_subspace(w: torch.Tensor, k: int, iters: int = SUBSPACE_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k left singular vectors (out, k) and values (k,) of w, both float64, by seeded subspace
     iteration with q = k + 8 columns (Halko et al. 2011, Alg. 4.4, QR between steps); exact (a dense
-    SVD) when min(out, in) ≤ q. Cost ≈ 2(2·iters + 2)·out·in·q flops."""
+    SVD, float64) when min(out, in) ≤ 2q or the matrix has at most :data:`DENSE` entries.
+    Cost ≈ 2(2·iters + 2)·out·in·q flops."""
     out_dim, in_dim = w.shape
     k = max(1, min(k, out_dim, in_dim))
     q = k + OVERSAMPLE
-    if min(out_dim, in_dim) <= q:
+    if min(out_dim, in_dim) <= 2 * q or w.numel() <= DENSE:
         u, s, _ = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
         return u[:, :k], s[:k]
     y = w @ _seeded((out_dim, in_dim), q, w.dtype)
@@ -283,7 +285,7 @@ def _intruders(m: BaseMetrics, module: Module, w: torch.Tensor, u_base: torch.Te
 def full_basis(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The complete (thin) left singular basis of W: U (out, min(out, in)) float32, S float64."""
     u, s, _ = torch.linalg.svd(w.to(_work_dtype(w)), full_matrices=False)
-    return u.to(torch.float32), s.to(torch.float64)
+    return u.to(torch.float32).contiguous(), s.to(torch.float64).contiguous()  # as a cache file gives it back
 
 
 def analyse_base(modules: list[Module], checkpoint: BaseCheckpoint, tensors: list[BaseTensor], *,
