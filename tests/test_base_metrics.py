@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from builders import build_peft, cli_json, run_cli, tiny_gpt2, tiny_llama
+
 from lora_inspect.analysis import analyse
 from lora_inspect.basecheckpoint import open_base_checkpoint
 from lora_inspect.basemetrics import INTRUDER_EPS, INTRUDER_K, BasisCache, top_subspace
