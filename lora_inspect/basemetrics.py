@@ -53,6 +53,7 @@ FLAG_LARGE_UPDATE = "large_update"
 FLAG_INTRUDERS = "intruders"
 SUBSPACE_ITERS = 4  # power steps of the subspace iteration (Halko et al. recommend q = 1–2 for fast decay; 4 is safe)
 OVERSAMPLE = 8
+INTRUDER_OVERSAMPLE = 20
 DENSE = 1 << 16  # top-k by a dense SVD up to this many entries (256×256): exact, and ≤ a few ms
 SMALL = 1 << 20  # matrices with at most this many entries are handled in float64 throughout
 
@@ -106,14 +107,15 @@ def _seeded(shape: tuple[int, int], q: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(shape[1], q, generator=g, dtype=torch.float64).to(dtype)
 
 
-def top_subspace(w: torch.Tensor, k: int, iters: int = SUBSPACE_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
+def top_subspace(w: torch.Tensor, k: int, iters: int = SUBSPACE_ITERS,
+                 oversample: int = OVERSAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k left singular vectors (out, k) and values (k,) of w, both float64, by seeded subspace
-    iteration with q = k + 8 columns (Halko et al. 2011, Alg. 4.4, QR between steps); exact (a dense
+    iteration with q = k + oversample columns (Halko et al. 2011, Alg. 4.4, QR between steps); exact (a dense
     SVD, float64) when min(out, in) ≤ 2q or the matrix has at most :data:`DENSE` entries.
     Cost ≈ 2(2·iters + 2)·out·in·q flops."""
     out_dim, in_dim = w.shape
     k = max(1, min(k, out_dim, in_dim))
-    q = k + OVERSAMPLE
+    q = k + oversample
     if min(out_dim, in_dim) <= 2 * q or w.numel() <= DENSE:
         u, s, _ = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
         return u[:, :k], s[:k]
@@ -274,7 +276,9 @@ def _intruders(m: BaseMetrics, module: Module, w: torch.Tensor, u_base: torch.Te
     mag = module.magnitude() if module.kind != "embedding" else None
     delta = module.scale * (b @ a)
     tuned = w + (dora_effective_delta(w, delta, mag) if mag is not None else delta)
-    u_t, _ = top_subspace(tuned, INTRUDER_K, iters=2 * SUBSPACE_ITERS)
+    # near-degenerate σ around the k-th make the k-th vector fragile: oversample more (planted sample, a
+    # 176×64 gate_proj with σ₁₀/σ₁₁ = 1.003: q = k + 8 missed c₁₀ by 0.26, q = k + 20 by 4e-4)
+    u_t, _ = top_subspace(tuned, INTRUDER_K, iters=2 * SUBSPACE_ITERS, oversample=INTRUDER_OVERSAMPLE)
     c = intruder_similarity(u_t, u_base)
     m.intruder_similarity = [float(x) for x in c]
     m.intruders = int((c < INTRUDER_EPS).sum())

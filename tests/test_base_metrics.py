@@ -194,3 +194,23 @@ def test_int8_weight_refused(tmp_path, llama):
     save_file({m.name + ".weight": torch.zeros(m.shape, dtype=torch.int8)}, str(tmp_path / "q.safetensors"))
     with pytest.raises(InspectError, match="quantised"):
         open_base_checkpoint(tmp_path / "q.safetensors").check(ad, [m])
+
+
+def test_randomized_intruders_match_reference_on_planted(monkeypatch):
+    """The subspace-iteration path (forced on these small matrices) against the dense reference."""
+    import lora_inspect.basemetrics as bm
+
+    monkeypatch.setattr(bm, "DENSE", 0)
+    root = Path(__file__).resolve().parents[1] / "samples" / "planted"
+    ad = load_adapter(root)
+    ck = open_base_checkpoint(root / "base")
+    rep = analyse(ad, base=ck, intruders=True)
+    assert rep.base is not None
+    for m in ad.modules:
+        w = ck.weight(ck.locate(m), torch.float64)
+        n, c = _ref_intruders(w, w + m.delta())
+        got = rep.base.modules[m.name]
+        assert got.intruders == n, m.name
+        assert torch.allclose(torch.tensor(got.intruder_similarity, dtype=torch.float64), c, atol=5e-3), m.name
+        ref_s1 = float(torch.linalg.svdvals(w)[0])
+        assert got.w_sigma1 == pytest.approx(ref_s1, rel=1e-6), m.name
