@@ -66,9 +66,10 @@ class BaseTensor:
     """Where one base weight lives: the file, its key and header entry (the cache key of its basis)."""
 
     path: Path
-    key: str
+    key: str  # the key inside the file
     info: TensorInfo
     transposed: bool  # stored (in, out): GPT-2 Conv1D
+    name: str = ""  # the checkpoint-wide key (a diffusers component prefixed: ``unet.conv_in.weight``)
 
     @property
     def cache_key(self) -> tuple:
@@ -81,7 +82,7 @@ class BaseCheckpoint:
     """A base model's weights: key → file, sources opened (headers parsed) only when first needed."""
 
     path: Path
-    files: dict[str, Path]  # base key → safetensors file holding it (component prefix included)
+    files: dict[str, tuple[Path, str]]  # base key (component prefix included) → (safetensors file, key in it)
     config: dict[str, Any] | None = None
     model_type: str | None = None
     _sources: dict[Path, SafetensorsSource] = field(default_factory=dict, repr=False)
@@ -134,22 +135,22 @@ class BaseCheckpoint:
         if key is None:
             raise InspectError(f"{self.path}: the base has no weight for module {module.name!r} "
                                "(adapter and base do not match)")
-        p = self.files[key]
-        info = self.source(p).tensors.get(key)
+        p, file_key = self.files[key]
+        info = self.source(p).tensors.get(file_key)
         if info is None:
-            raise InspectError(f"{p}: no tensor named {key!r} (the index lists it in this file)")
+            raise InspectError(f"{p}: no tensor named {file_key!r} (the index lists it in this file)")
         if info.dtype not in FLOAT_DTYPES:
-            raise InspectError(f"{p}: tensor {key!r} is {info.dtype}: a quantised base is not supported "
+            raise InspectError(f"{p}: tensor {file_key!r} is {info.dtype}: a quantised base is not supported "
                                "(use the unquantised checkpoint)")
         transposed = self._conv1d(module, fan_in_fan_out)
         shape = _flat_shape(info.shape)
         if transposed and shape is not None:
             shape = (shape[1], shape[0])
         if shape != tuple(module.shape):
-            raise InspectError(f"{p}: module {module.name!r}: base weight {key!r} has shape "
+            raise InspectError(f"{p}: module {module.name!r}: base weight {file_key!r} has shape "
                                f"{'×'.join(map(str, info.shape))}, the adapter's update is "
                                f"{'×'.join(map(str, module.shape))} (adapter and base do not match)")
-        return BaseTensor(p, key, info, transposed)
+        return BaseTensor(p, file_key, info, transposed, key)
 
     def _conv1d(self, module: Module, fan_in_fan_out: bool) -> bool:
         if module.kind != "linear":
@@ -215,21 +216,21 @@ def _read_config(d: Path) -> dict[str, Any] | None:
     return cfg
 
 
-def _model_dir_files(d: Path, prefix: str = "") -> dict[str, Path]:
+def _model_dir_files(d: Path, prefix: str = "") -> dict[str, tuple[Path, str]]:
     """key → file for one model directory (sharded with an index, or one safetensors file)."""
     index = d / INDEX_NAME
     if index.is_file():
         doc = validate.read_json_object(index)
         wmap = validate.mapping(doc, "weight_map", str(index), values=lambda v: isinstance(v, str),
                                  what="file names")
-        out: dict[str, Path] = {}
+        out: dict[str, tuple[Path, str]] = {}
         root = d.resolve()
         for key, fname in wmap.items():
             p = (d / fname)
             if root not in p.resolve().parents or not fname.endswith(".safetensors"):
                 raise InspectError(f"{index}: weight_map[{key!r}] = {fname!r} is not a .safetensors file "
                                    f"inside {d}")
-            out[prefix + key] = p
+            out[prefix + key] = (p, key)
         return out
     for name in SINGLE_NAMES:
         if (d / name).is_file():
@@ -246,14 +247,14 @@ def _model_dir_files(d: Path, prefix: str = "") -> dict[str, Path]:
     raise InspectError(f"{d}: not a base checkpoint ({why})")
 
 
-def _file_keys(p: Path, prefix: str = "") -> dict[str, Path]:
-    return {prefix + k: p for k in SafetensorsSource(p).tensors}
+def _file_keys(p: Path, prefix: str = "") -> dict[str, tuple[Path, str]]:
+    return {prefix + k: (p, k) for k in SafetensorsSource(p).tensors}
 
 
-def _check_quantised_keys(path: Path, files: dict[str, Path]) -> None:
-    for key in files:
+def _check_quantised_keys(path: Path, files: dict[str, tuple[Path, str]]) -> None:
+    for key, (p, file_key) in files.items():
         if key.endswith(QUANTISED_MARKERS):
-            raise InspectError(f"{files[key]}: tensor {key!r} belongs to a quantised checkpoint "
+            raise InspectError(f"{p}: tensor {file_key!r} belongs to a quantised checkpoint "
                                "(bitsandbytes/GPTQ/AWQ weights are not supported); use the unquantised checkpoint")
 
 

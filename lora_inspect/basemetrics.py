@@ -306,7 +306,7 @@ def analyse_base(modules: list[Module], checkpoint: BaseCheckpoint, tensors: lis
             raise InspectError(f"{bt.path}: base tensor {bt.key!r} holds NaN or inf")
         basis = cache.get(bt.cache_key, lambda w=w: full_basis(w)) if intruders else None
         try:
-            res = module_base_metrics(mod, w, bt.key, basis=basis)
+            res = module_base_metrics(mod, w, bt.name or bt.key, basis=basis)
         except (RuntimeError, ValueError):  # NaN/inf factors: the spectrum already says so
             res = None
         if res is None:

@@ -214,3 +214,46 @@ def test_randomized_intruders_match_reference_on_planted(monkeypatch):
         assert torch.allclose(torch.tensor(got.intruder_similarity, dtype=torch.float64), c, atol=5e-3), m.name
         ref_s1 = float(torch.linalg.svdvals(w)[0])
         assert got.w_sigma1 == pytest.approx(ref_s1, rel=1e-6), m.name
+
+
+def _tiny_unet(d: Path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(11)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4,
+    )
+    (d / "unet").mkdir(parents=True)
+    unet.save_pretrained(str(d / "unet"))
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    return {k: v.detach().double() for k, v in unet.state_dict().items()}
+
+
+def test_kohya_names_on_a_diffusers_unet(tmp_path):
+    """kohya names map to diffusers UNet keys (sd-scripts: prefix + key with '_'), a conv flattened."""
+    from builders import kohya_delta, write_kohya
+
+    state = _tiny_unet(tmp_path / "pipe")
+    g = torch.Generator().manual_seed(0)
+    keys = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+            "lora_unet_conv_in": "conv_in.weight"}
+    mods = {}
+    for name, key in keys.items():
+        w = state[key]
+        r = 3
+        down = torch.randn((r, *w.shape[1:]), generator=g) * 0.3
+        up = torch.randn((w.shape[0], r) + (1,) * (w.dim() - 2), generator=g) * 0.3
+        mods[name] = (down, up, 2.0)
+    write_kohya(tmp_path / "k.safetensors", mods)
+    rep = analyse(load_adapter(tmp_path / "k.safetensors"), base=open_base_checkpoint(tmp_path / "pipe"))
+    assert rep.base is not None and set(rep.base.modules) == set(keys)
+    for name, key in keys.items():
+        w = state[key].reshape(state[key].shape[0], -1)
+        delta = kohya_delta(*mods[name])
+        ref = _dense_metrics(w, delta, 3)
+        got = rep.base.modules[name]
+        assert got.base_key == "unet." + key
+        for k in ("relative_fro", "relative_spectral", "amplification"):
+            assert getattr(got, k) == pytest.approx(ref[k], rel=1e-5), (name, k)
