@@ -44,7 +44,7 @@ def _ref_intruders(w: torch.Tensor, tuned: torch.Tensor, k: int = INTRUDER_K, ep
 
 def _dense_metrics(w: torch.Tensor, delta: torch.Tensor, r: int) -> dict:
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    u, vh = u[:, :r], vh[:r]
+    u, vh, k = u[:, :r], vh[:r], min(r, 16)
     sw = torch.linalg.svdvals(w)
     uw = torch.linalg.svd(w, full_matrices=False)[0][:, :r]
     proj = float(torch.linalg.matrix_norm(u.T @ w @ vh.T))
@@ -54,7 +54,7 @@ def _dense_metrics(w: torch.Tensor, delta: torch.Tensor, r: int) -> dict:
         "w_sigma1": float(sw[0]),
         "projection": proj,
         "amplification": float(torch.linalg.matrix_norm(delta)) / proj,
-        "overlap": float(((u.T @ uw) ** 2).sum()) / r,
+        "overlap": float(((u[:, :k].T @ uw[:, :k]) ** 2).sum()) / k,  # k = min(r, 16)
     }
 
 
