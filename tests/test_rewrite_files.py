@@ -160,7 +160,7 @@ def test_nan_input_refused_nothing_left(kohya, tmp_path):
 def test_failed_self_check_leaves_nothing(kohya, tmp_path, monkeypatch):
     import importlib
 
-    rw = importlib.import_module("lora_inspect.rewrite.truncate")  # the module (the package exports the function)
+    rw = importlib.import_module("lora_inspect.rewrite.truncation")
     path, _ = kohya
     real = rw.to_stored
 

@@ -32,8 +32,9 @@ def _with_flag(e: InspectError) -> InspectError:
 
 
 def _as_usage(e: OptionError) -> click.UsageError:
-    flag = FLAGS.get(e.option, e.option)
-    msg = e.message.replace(f"{e.option} must", f"{flag} must").replace(f"{e.option} goes", f"{flag} goes")
+    option = e.option or ""
+    flag = FLAGS.get(option, option)
+    msg = e.message.replace(f"{option} must", f"{flag} must").replace(f"{option} goes", f"{flag} goes")
     if msg == e.message and not msg.startswith(flag):
         msg = f"{flag}: {msg}"
     return click.UsageError(msg)
