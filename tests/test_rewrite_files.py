@@ -8,16 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from builders import kohya_delta, rel_close, run_cli, write_kohya, write_mlx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from builders import kohya_delta, rel_close, run_cli, write_kohya, write_mlx
-
 from lora_inspect.formats import load_adapter
 from lora_inspect.rewrite import greedy_budget_ranks
-from lora_inspect.spectrum import decompose
-from lora_inspect.spectrum import truncate_factors
+from lora_inspect.spectrum import decompose, truncate_factors
 
 TOL = 1e-5
 CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
