@@ -4,7 +4,7 @@ For ΔW = s·B@A with B (out, r) and A (r, in), take reduced QR factorisations B
 Aᵀ = Q_a R_a. Then ΔW = Q_b (s·R_b R_aᵀ) Q_aᵀ with orthonormal Q's, so the singular values of ΔW are
 those of the r×r core s·R_b R_aᵀ, and its singular vectors are U = Q_b U_core, V = Q_a V_core.
 Cost O((out + in)·r²) instead of O(out·in·min(out, in)) for a dense SVD. The QR route keeps small
-singular values that the Gram route (eigenvalues of BᵀB·AAᵀ) loses (``../shared/docs/metrics.md``).
+singular values that the Gram route (eigenvalues of BᵀB·AAᵀ) loses (``docs/metrics.md``).
 The core is always decomposed in float64.
 
 Rank metrics (σ₁ ≥ … ≥ σ_r ≥ 0):
@@ -71,7 +71,7 @@ def compute_dtype(stored: str, precision: str = "auto") -> torch.dtype:
 @contextmanager
 def single_threaded_torch() -> Iterator[None]:
     """One intra-op thread: LAPACK on thin factors ran best, and steadily, single-threaded on this class
-    of machine (``../shared/docs/metrics.md``: two threads were erratic under load); callers that want
+    of machine (``docs/metrics.md``: two threads were erratic under load); callers that want
     parallelism run modules in worker threads instead."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
