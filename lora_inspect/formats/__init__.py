@@ -22,7 +22,7 @@ from .mlx import MlxLayout
 from .peft import PeftLayout, read_config
 from .tensors import TensorSource, open_tensors
 
-__all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "MAX_TENSORS",
+__all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named",
            "ADAPTER_MARKERS"]
 
 # Tried in order, first match wins (as PEFT's dispatchers). A new layout: one file, one line here.
@@ -33,11 +33,6 @@ LAYOUTS: list[Layout] = [
     DiffusersAttnProcsLayout(),
     PeftLayout(),
 ]
-
-# Reading is linear in the number of tensors, but at 200,000 tensors even linear work (the header's
-# JSON, one table row per tensor) takes tens of seconds; the largest real adapters hold ~10,000
-# (SDXL kohya all-layers: ~6,600; Llama-3-70B all-linear: 1,120), so more is refused in one line.
-MAX_TENSORS = 100_000
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # a directory holding one of these is an adapter (--force may replace it; nothing else)
@@ -65,9 +60,6 @@ def _from_file(found: Found) -> Adapter:
     keys = source.keys()
     if not keys:
         raise InspectError(f"{path}: the file holds no tensors")
-    if len(keys) > MAX_TENSORS:
-        raise InspectError(f"{path}: {len(keys)} tensors, more than the {MAX_TENSORS} an adapter can hold here "
-                           "(the largest real adapters have ~10,000)")
     layout = _layout_for(keys, found)
     if layout is not None:
         ad = layout.read(source, found)
