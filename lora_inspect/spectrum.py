@@ -26,7 +26,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from .errors import InspectError
+from .errors import NonFiniteUpdate
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -143,7 +143,11 @@ def core_singular_values(
         pb[i, : rb.shape[0]] = rb
         pa[i, : ra.shape[0]] = ra
     core = (pb @ pa.transpose(-1, -2)) * torch.tensor(scales, dtype=torch.float64).reshape(-1, 1, 1)
-    return torch.linalg.svdvals(core).abs().numpy()
+    finite = torch.isfinite(core).flatten(1).all(dim=1)
+    out = np.full((n, r), np.nan)  # a core that overflows float64 (finite factors, huge values) stays NaN
+    if bool(finite.any()):
+        out[finite.numpy()] = torch.linalg.svdvals(core[finite]).abs().numpy()
+    return out
 
 
 def singular_values(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> np.ndarray:
@@ -160,7 +164,7 @@ def svd_factors(
     a = a.to(torch.float64)
     qb, rb = torch.linalg.qr(b)  # (out, p), (p, r)
     qa, ra = torch.linalg.qr(a.T)  # (in, q), (q, r)
-    uc, s, vch = torch.linalg.svd(scale * (rb @ ra.T), full_matrices=False)
+    uc, s, vch = _core_svd(scale, rb, ra)
     return qb @ uc, s, vch @ qa.T
 
 
@@ -268,6 +272,8 @@ def _chol_r(x: torch.Tensor, xt_first: bool) -> torch.Tensor | None:
     ``_CHOL_MAX_COND`` R is its Cholesky factor (CholeskyQR); up to ``_SOLVE_MAX_COND`` it is taken
     from a Householder QR instead (accurate R, and X R⁻¹ still near-orthonormal)."""
     g = ((x @ x.T) if xt_first else (x.T @ x)).to(torch.float64)
+    if not bool(torch.isfinite(g).all()):  # the Gram overflows (huge values): Householder needs no Gram
+        return None
     ev = torch.linalg.eigvalsh(g)
     if not (torch.isfinite(ev).all() and ev[0] > 0):
         return None
@@ -303,7 +309,7 @@ def decompose(b: torch.Tensor, a: torch.Tensor, scale: float) -> Decomposition:
 def _core_svd(scale: float, rb: torch.Tensor, ra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     core = scale * (rb @ ra.T)
     if not torch.isfinite(core).all():
-        raise InspectError("the factors overflow float64 in their product (values near 1e154 or larger)")
+        raise NonFiniteUpdate()
     u, s, vh = torch.linalg.svd(core, full_matrices=False)
     return u, s, vh
 
