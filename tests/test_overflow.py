@@ -7,9 +7,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from builders import run_cli
+from safetensors.torch import save_file
 
 HUGE = "l.q_proj"
 
