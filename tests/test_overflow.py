@@ -56,3 +56,25 @@ def test_diff_report_and_footprint_do_not_crash(huge, tmp_path):
     assert mods[HUGE]["status"] != "ok" and mods["l.v_proj"]["distance"] == 0.0
     assert run_cli("report", huge, "-o", tmp_path / "r.html").exit_code == 0
     assert run_cli("footprint", huge, "--json").exit_code == 0
+
+
+def test_a_special_file_named_like_the_config_is_named_as_such(tmp_path):
+    """A FIFO (or a directory) called adapter_config.json is reported as what it is, not as missing,
+    and reading it never blocks."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for kind in ("fifo", "dir"):
+        d = tmp_path / kind
+        d.mkdir()
+        shutil.copy(root / "samples" / "planted" / "adapter_model.safetensors", d)
+        if kind == "fifo":
+            os.mkfifo(d / "adapter_config.json")
+        else:
+            (d / "adapter_config.json").mkdir()
+        res = run_cli("info", d)
+        assert res.exit_code == 2
+        line = res.stderr.strip()
+        assert "adapter_config.json" in line and "not a regular file" in line and "\n" not in line
