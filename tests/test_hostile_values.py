@@ -1,4 +1,5 @@
-"""Finite factors whose product overflows float64 (values ~1e200): no command may crash or pretend.
+"""Hostile values that are not malformed: finite factors whose product overflows float64 (values ~1e200),
+and special files where an adapter's files should be. No command may crash, hang or pretend.
 `rank`/`report`/`diff`/`footprint` flag the module as non-finite; rewrites refuse it in one line."""
 
 from __future__ import annotations
