@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .defaults import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
 from .errors import InspectError
 from .spectrum import all_finite, parallel_map, svd_factors
 
@@ -51,8 +52,6 @@ INTRUDER_EPS = 0.5  # their ε; peft's reduce_intruder_dimension uses the same d
 # ρ₂ = σ₁(ΔW)/σ₁(W) at or above this is flagged: the update's strongest direction is at least half as strong
 # as the base's. A project heuristic: Hu et al. (Table 7, GPT-3 W_q) measured ρ_F ≈ 6.91/61.95 = 0.11 at r = 4.
 LARGE_UPDATE = 0.5
-FLAG_LARGE_UPDATE = "large_update"
-FLAG_INTRUDERS = "intruders"
 SUBSPACE_ITERS = 3  # power steps of the subspace iteration (Halko et al. 2011 §4.5: 1–2 suffice for fast decay)
 OVERLAP_K = 16  # overlap: ΔW's top-k directions against W's top-k, k = min(ΔW's rank, 16)
 OVERSAMPLE = 8

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..basemetrics import FLAG_INTRUDERS, FLAG_LARGE_UPDATE, BaseAnalysis, BaseMetrics
+from ..defaults import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
 from ..naming import names_line
 from .render import Table, fmt_float
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..analysis import RankReport
+    from ..basemetrics import BaseAnalysis, BaseMetrics
 
 __all__ = ["base_doc", "base_module_doc", "base_table", "base_lines", "BASE_OPTIONAL"]
 

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
-from ..basemetrics import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
+from ..defaults import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
 from ..naming import names_line
 from .base import base_doc, base_lines, base_module_doc, base_table
 from .render import Table, View, fmt_bytes, fmt_count, fmt_float, sparkline
