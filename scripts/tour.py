@@ -61,6 +61,7 @@ TOURS: dict[str, Tour] = {
                             "--format markdown",), fence=None, prompt=False),
     "diff": Tour(("diff samples/planted planted-r4 --format markdown",), fence=None, prompt=False, head=14),
     "report": Tour(("report samples/planted planted-r4 -o report.html",)),
+    "rank-base": Tour(("rank samples/planted --base samples/planted/base --intruders",), head=0, tail=23),
 }
 
 # Timings vary from run to run; they are replaced by a placeholder before comparing.

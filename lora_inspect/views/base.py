@@ -52,7 +52,7 @@ def _row(name: str, m: BaseMetrics) -> tuple:
     intr = "-" if m.intruders is None else m.intruders
     return (name, fmt_float(m.w_fro), fmt_float(m.w_sigma1), fmt_float(m.relative_fro), fmt_float(m.relative_spectral),
             fmt_float(m.amplification), f"{fmt_float(m.overlap)} ({fmt_float(m.overlap_random)})",
-            fmt_float(m.energy_in_top), intr, ",".join(m.flags))
+            fmt_float(m.energy_in_top), intr)
 
 
 def base_table(report: RankReport, max_rows: int | None = 40) -> Table:
@@ -65,9 +65,9 @@ def base_table(report: RankReport, max_rows: int | None = 40) -> Table:
     return Table(
         f"against the base {b.path} (intruders: {k})" + (f" (first {max_rows}; --all for every module)" if more else ""),
         ["module", "‖W‖_F", "σ₁(W)", "‖ΔW‖/‖W‖", "σ₁ ratio", "amplif.", "overlap (random)", "in top-k",
-         "intruders", "flags"],
+         "intruders"],  # the flags are in the spectra table's flags column
         [_row(n, b.modules[n]) for n in shown],
-        kinds=["name"] + ["fixed"] * 9,
+        kinds=["name"] + ["fixed"] * 8,
         optional=BASE_OPTIONAL,
     )
 
