@@ -63,7 +63,8 @@ def llama(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("basellama")
     model = tiny_llama(seed=3)
     base = _save_base(model, tmp / "base")
-    built = build_peft(tmp, model=model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], std=0.3)
+    built = build_peft(tmp, model=model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                       std=0.3)
     return base, built
 
 
@@ -179,9 +180,9 @@ def test_refusals_are_one_line(llama, tmp_path):
     torch.save({"x": torch.zeros(1)}, binned / "pytorch_model.bin")
     _one_line(run_cli("rank", str(built.path), "--base", str(binned)), "pytorch_model.bin", "safetensors")
     other = _save_base(tiny_llama(seed=1, hidden=48), tmp_path / "other", shard=None)
-    _one_line(run_cli("rank", str(built.path), "--base", str(other)), "model.layers.0.mlp.down_proj", "shape")
+    _one_line(run_cli("rank", str(built.path), "--base", str(other)), "model.embed_tokens", "shape")
     gpt = _save_base(tiny_gpt2(seed=1), tmp_path / "gpt", shard=None)
-    _one_line(run_cli("rank", str(built.path), "--base", str(gpt)), "model.layers.0.mlp.down_proj", "no weight")
+    _one_line(run_cli("rank", str(built.path), "--base", str(gpt)), "model.embed_tokens", "no weight")
     _one_line(run_cli("rank", str(built.path), "--intruders"), "--base")
 
 
@@ -257,3 +258,14 @@ def test_kohya_names_on_a_diffusers_unet(tmp_path):
         assert got.base_key == "unet." + key
         for k in ("relative_fro", "relative_spectral", "amplification"):
             assert getattr(got, k) == pytest.approx(ref[k], rel=1e-5), (name, k)
+
+
+def test_report_base_section(llama, tmp_path):
+    pytest.importorskip("matplotlib")
+    base, built = llama
+    res = run_cli("report", str(built.path), "--base", str(base), "-o", str(tmp_path / "r.md"))
+    assert res.exit_code == 0, res.stderr
+    page = (tmp_path / "r.md").read_text()
+    assert "## Against the base model" in page and "model.layers.0.self_attn.q_proj" in page
+    res = run_cli("report", str(built.path), "-o", str(tmp_path / "plain.html"))
+    assert res.exit_code == 0 and "Against the base model" not in (tmp_path / "plain.html").read_text()
