@@ -64,7 +64,10 @@ def _from_file(found: Found) -> Adapter:
         raise InspectError(f"{path}: the file holds no tensors")
     layout = _layout_for(keys, found)
     if layout is not None:
-        ad = layout.read(source, found)
+        try:
+            ad = layout.read(source, found)
+        except InspectError as e:  # inner messages name the module; the user also needs the file
+            raise e.located(found.shown) from e
         ad.layout = layout
         return ad
     named = next((k for k in keys if _ADAPTER_NAMED.search(k)), None)
