@@ -148,7 +148,19 @@ def _judge_output(cfg, run: Run, out: Path, out_dir: Path, cwd: Path, scratch: P
 
 def _worker(args):
     cfg, seeds, index = args
-    return fuzz_one(cfg, seeds, index)
+    return _safe_one(cfg, seeds, index)
+
+
+def _safe_one(cfg: Config, seeds: list[Seed], index: int) -> InputResult:
+    """fuzz_one, with a bug of the fuzzer itself recorded (class ``fuzzer-error:…``) instead of ending the run."""
+    try:
+        return fuzz_one(cfg, seeds, index)
+    except Exception as e:
+        import traceback
+
+        line = traceback.format_exc().strip().splitlines()[-1]
+        return InputResult(index, "?", "?", "?", [], [Break(f"fuzzer-error:{e.__class__.__name__}", index, "?", "?", "?",
+                                                             "(mutation)", line[:400])])
 
 
 def run_fuzz(cfg: Config, progress=None) -> Result:
@@ -174,7 +186,7 @@ def run_fuzz(cfg: Config, progress=None) -> Result:
         for i in indices:
             if not budget_left():
                 break
-            results.append(fuzz_one(cfg, seeds, i))
+            results.append(_safe_one(cfg, seeds, i))
             if progress:
                 progress(results[-1])
     else:
