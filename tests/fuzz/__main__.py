@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exec", dest="mode", choices=["fork", "spawn"], default="fork",
                     help="fork: forked children of a preloaded server (fast); spawn: python -m lora_inspect each time")
     ap.add_argument("--family", choices=sorted(FAMILIES))
+    ap.add_argument("--round-robin", action="store_true", help="input i uses family i mod 21 (covers every family)")
     ap.add_argument("--only", help="comma-separated input indices (reproduce)")
     ap.add_argument("--keep", action="store_true", help="keep each input's folder")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lora-inspect-fuzz"))
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown commands: {bad}")
     cfg = Config(seed=a.seed, n=a.n, workdir=a.workdir, limit=a.limit, mode=a.mode, commands=cmds,
                  full_every=a.full_every, jobs=a.jobs, family=a.family,
-                 only=[int(x) for x in a.only.split(",")] if a.only else None, keep=a.keep, time_budget=a.time_budget)
+                 only=[int(x) for x in a.only.split(",")] if a.only else None, keep=a.keep, time_budget=a.time_budget,
+                 round_robin=a.round_robin)
 
     def progress(r):
         if a.verbose or r.breaks:
