@@ -208,7 +208,9 @@ def write_big_adapter(d: Path, r: int = 64, layers: int = 32, seed: int = 0) -> 
 
     d.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    names, header, off = [], {"__metadata__": {"format": "pt"}}, 0
+    names: list[tuple[str, tuple[int, int]]] = []
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    off = 0
     for layer in range(layers):
         for m, (out_f, in_f) in LLAMA7B.items():
             kind = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"

@@ -584,6 +584,7 @@ def m_bin_content(rng, seed, inp, out: Mutated):
                      "meta", "noncontig", "tensor-subclass-param", "huge-shape-zero"])
     state = torch.load(str(w), weights_only=True)
     k = _rx(rng, sorted(state))
+    obj: object
     if kind == "list":
         obj = list(state.values())
     elif kind == "int-value":

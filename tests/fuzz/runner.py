@@ -129,7 +129,8 @@ def _child(args: list[str], cwd: Path, out: Path, err: Path, env: dict[str, str]
         os.environ.clear()
         os.environ.update(env)
         try:
-            vm = int(re.search(r"VmSize:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+            m = re.search(r"VmSize:\s+(\d+)", Path("/proc/self/status").read_text())
+            vm = int(m.group(1)) * 1024 if m else 0
             resource.setrlimit(resource.RLIMIT_AS, (vm + AS_LIMIT, vm + AS_LIMIT))
         except (OSError, ValueError, AttributeError):
             pass
