@@ -249,48 +249,76 @@ def _stale(parent: Path) -> list[str]:
     return [n for n in leftovers(parent) if ".lora-inspect-tmp" in n or ".lora-inspect-old" in n]
 
 
+def _start_truncate(big: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lora_inspect", "truncate", str(big), "--rank", "32", "-o", str(out)],
+                            env=_env(), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _watch(proc: subprocess.Popen, parent: Path, out: Path, until: float | None = None) -> dict[str, float]:
+    """Poll every 20 ms: when the temp first appears, when OUT appears, when the process ends (or ``until``)."""
+    t0, seen = time.monotonic(), {}
+    while proc.poll() is None:
+        now = time.monotonic() - t0
+        if "tmp" not in seen and any(".lora-inspect-tmp" in n for n in os.listdir(parent)):
+            seen["tmp"] = now
+        if "out" not in seen and out.exists():
+            seen["out"] = now
+        if until is not None and now >= until:
+            break
+        time.sleep(0.02)
+    seen["end"] = time.monotonic() - t0
+    return seen
+
+
 @pytest.mark.slow
 @WRITE_FIXES_PENDING
 def test_sigkill_during_truncate(tmp_path):
-    """SIGKILL at 3 seeded random moments of `truncate --rank 32` on ~314 MB: OUT is absent or identical to
-    an uninterrupted run's; the next write into the same parent removes the dead run's temp."""
+    """SIGKILL during `truncate --rank 32` of ~314 MB, 3 times: once at a seeded random moment before the
+    temp appears, twice at a seeded random moment of the write itself (between the temp appearing and
+    OUT appearing in an uninterrupted run). OUT is absent or identical to the uninterrupted run's; the next
+    write into the same parent removes the dead run's temp."""
     big = write_big_adapter(tmp_path / "big")
     assert 290e6 < (big / "adapter_model.safetensors").stat().st_size < 340e6
     ref_parent = tmp_path / "ref"
     ref_parent.mkdir()
-    t0 = time.monotonic()
-    p = cli("truncate", big, "--rank", "32", "-o", ref_parent / "OUT", timeout=1200)
-    duration = time.monotonic() - t0
-    assert p.returncode == 0, p.stderr
+    proc = _start_truncate(big, ref_parent / "OUT")
+    times = _watch(proc, ref_parent, ref_parent / "OUT")
+    assert proc.wait() == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert "tmp" in times and "out" in times, f"the temp or OUT was never seen: {times}"
     reference = _tree(ref_parent / "OUT")
     shutil.rmtree(ref_parent)
     rng = random.Random(9)
     parent = tmp_path / "outs"
     parent.mkdir()
-    problems = []
+    problems, hit_write = [], 0
     for i in range(3):
         out = parent / f"OUT{i}"
-        when = rng.uniform(0.3, 1.0) * duration
-        proc = subprocess.Popen([sys.executable, "-m", "lora_inspect", "truncate", str(big), "--rank", "32", "-o",
-                                 str(out)], env=_env(), cwd=REPO, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            proc.wait(timeout=when)
-            finished = True
-        except subprocess.TimeoutExpired:
+        proc = _start_truncate(big, out)
+        if i == 0:
+            seen = _watch(proc, parent, out, until=rng.uniform(0.2, 0.9) * times["tmp"])
+        else:
+            t0 = time.monotonic()
+            while proc.poll() is None and not any(".lora-inspect-tmp" in n for n in os.listdir(parent)):
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, max(times["out"] - times["tmp"], 0.05)))
+            seen = {"since_start": time.monotonic() - t0}
+        finished = proc.poll() is not None
+        if not finished:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            finished = False
-        if out.exists() and _tree(out) != reference:
-            problems.append(f"kill {i} at {when:.1f}s (finished={finished}): OUT exists but differs from the reference")
+        proc.wait()
         stale_after_kill = _stale(parent)
+        hit_write += bool(stale_after_kill) and i > 0
+        if out.exists() and _tree(out) != reference:
+            problems.append(f"kill {i} ({seen}, finished={finished}): OUT exists but differs from the reference")
         # the next write into the same parent (a small adapter): must remove the dead run's temp
         nxt = cli("truncate", SAMPLE, "--rank", "2", "-o", parent / f"NEXT{i}")
         assert nxt.returncode == 0, nxt.stderr
         left = _stale(parent)
         if left:
-            problems.append(f"kill {i} at {when:.1f}s: stale {left} after the next write (before it: {stale_after_kill})")
+            problems.append(f"kill {i} ({seen}): stale {left} after the next write (after the kill: {stale_after_kill})")
         for q in parent.iterdir():
             if q.name.startswith(".") and q.is_dir():
                 shutil.rmtree(q)  # clean for the next round whatever the verdict
+    assert hit_write >= 1, "no kill landed inside the write (the temp was never seen after a kill): the test proved nothing"
     assert not problems, problems
