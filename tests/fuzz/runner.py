@@ -112,7 +112,7 @@ def preload() -> None:
         pass
 
 
-AS_LIMIT = 12 * 2 ** 30  # address-space limit of a forked child beyond what it inherits
+AS_LIMIT = 6 * 2 ** 30  # address-space limit of a forked child beyond what it inherits (MemoryError, not the OOM killer)
 
 
 def _child(args: list[str], cwd: Path, out: Path, err: Path, env: dict[str, str]) -> None:
