@@ -87,6 +87,9 @@ def _run(cmd="info", rc=2, err="", timed_out=False) -> Run:
     (_run(rc=0, err="/x/y.py:3: UserWarning: hm\n"), "stderr-text:UserWarning"),
     (_run(err="lora-inspect: error: module 'q': rank mismatch\n"), "error-names-no-path"),
     (_run(err="boom\n"), "no-error-line"),
+    (_run(err="lora-inspect: error: /in/x: not valid JSON (unexpected end of data)\n"), "unexpected-word"),
+    (_run(rc=0, err="warning: 3 of 8 modules now have a\nfull-rank change (folded)\n"), None),
+    (_run(rc=0, err="warning: folded\n/x/y.py:3: UserWarning: hm\n"), "stderr-text:UserWarning"),
     (_run(err="lora-inspect: error: /in/a: x\nlora-inspect: error: /in/b: y\n"), "stderr-text:text"),
 ])
 def test_judge_classes(run, cls):

@@ -242,7 +242,7 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 # stderr lines the tool writes on purpose (render.warn, the report's "wrote …", notes such as a removed stale temp)
 OWN_NOTES = ("lora-inspect: note:", "lora-inspect: warning:", "note:", "warning:", "wrote ")
-_UNEXPECTED = re.compile(r"unexpected (\w+)")
+_UNEXPECTED = re.compile(r"unexpected ([A-Za-z_][\w.]*):")  # the CLI's catch-all: "unexpected TypeError: …"
 _WARNING = re.compile(r"\b(\w*Warning)\b")
 _EXC = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Warning|Interrupt|Exit)|\w+Error)\b")
 
@@ -253,6 +253,21 @@ def _traceback_name(stderr: str) -> str:
         if m:
             return m.group(1).rsplit(".", 1)[-1]
     return "?"
+
+
+def _not_notes(lines: list[str]) -> list[str]:
+    """Lines that are not our own notes; a line after a note that is no warning/error/traceback line is the
+    note folded by the console at its width (rich wraps long warnings), and counts as the note."""
+    out, in_note = [], False
+    for ln in lines:
+        if ln.startswith(OWN_NOTES):
+            in_note = True
+            continue
+        if in_note and not (ln.startswith("lora-inspect:") or _WARNING.search(ln) or ln.startswith("Traceback")):
+            continue
+        in_note = False
+        out.append(ln)
+    return out
 
 
 def judge(run: Run, *, names: list[Path]) -> list[tuple[str, str]]:
@@ -271,12 +286,14 @@ def judge(run: Run, *, names: list[Path]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     if run.rc not in (0, 1, 2) or (run.rc == 1 and cmd != "check"):
         out.append((f"exit-code:{run.rc}", first))
-    other = [ln for ln in lines if not ln.startswith(OWN_NOTES)]
+    other = _not_notes(lines)
     if run.rc == 2:
         errs = [ln for ln in other if ln.startswith("lora-inspect: error:")]
         m = _UNEXPECTED.search(err)
         if m:
-            out.append((f"unexpected:{m.group(1)}", errs[0] if errs else first))
+            out.append((f"unexpected:{m.group(1).rsplit('.', 1)[-1]}", errs[0] if errs else first))
+        elif "unexpected" in err:  # the contract: no "unexpected" at all (e.g. a codec's "unexpected end of data")
+            out.append(("unexpected-word", errs[0] if errs else first))
         if not errs:
             out.append(("no-error-line", first))
         if len(other) > 1 or (other and not other[0].startswith("lora-inspect: error:")) or len(errs) > 1:
