@@ -4,7 +4,7 @@ device is present, against ``torch.cuda.max_memory_allocated`` of a run with the
     python benchmarks/bench_vram.py                 # print the comparison
     python benchmarks/bench_vram.py --write reports/vram.md
 
-Anchors (../shared/docs/metrics.md): torchtune Llama-2-7B LoRA, 1 GPU, 17.18 GB peak; QLoRA 9.29 GB; Unsloth's
+Anchors (docs/metrics.md): torchtune Llama-2-7B LoRA, 1 GPU, 17.18 GB peak; QLoRA 9.29 GB; Unsloth's
 minimum-VRAM table (QLoRA / 16-bit LoRA): 7B 5 / 19 GB, 8B 6 / 22 GB, 70B 41 / 164 GB. The anchors do not state
 every setting; the settings assumed for each are printed next to it. Target: within 10% of a measured peak.
 The training core (``lora_inspect.train``) is imported lazily: without it, or without CUDA, the measured column

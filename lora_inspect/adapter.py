@@ -12,6 +12,12 @@ A :class:`Module` is one low-rank update ΔW = scale · B @ A in *linear orienta
 - mlx-lm stores ``lora_a`` (in, r) and ``lora_b`` (r, out): both are transposed here;
 - AdaLoRA's ``lora_E`` (r, 1) is folded into A (``A ⊙ E``).
 
+How the pair is stored is an :class:`~lora_inspect.orientation.Orientation` (one class per
+orientation); what the update *is* is an :class:`Update`: today one type, :class:`LowRankUpdate`
+(B·A). Another update type (LoHa's Hadamard product, LoKr's Kronecker product) is one new
+subclass with its keys, parameter count and dense ΔW; :meth:`Module.factors` stays the low-rank
+route that the spectra use.
+
 Tensor data stays on disk until :meth:`Module.factors` is called; everything else (names, shapes,
 dtypes, sizes) comes from the file header.
 """
@@ -23,24 +29,77 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import InspectError
+from .naming import natural_sorted
+from .orientation import EMBEDDING, MLX, PEFT, Orientation
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from .formats.layout import Layout
     from .formats.tensors import TensorInfo, TensorSource
 
 # torch is imported where tensor data is touched: header-only commands (info, check) stay light.
 
-__all__ = ["Module", "Adapter", "module_type", "module_layer"]
+__all__ = ["Module", "Adapter", "Update", "LowRankUpdate", "module_type", "module_layer"]
 
-# How the stored factors map onto linear orientation (see the module docstring).
-ORIENT_PEFT = "peft"  # A (r, in[, kh, kw]), B (out, r[, 1, 1])
-ORIENT_EMBEDDING = "embedding"  # A_stored (r, vocab), B_stored (dim, r)
-ORIENT_MLX = "mlx"  # lora_a (in, r), lora_b (r, out)
+# Orientation names kept for callers that compare strings; the behaviour lives in lora_inspect.orientation.
+ORIENT_PEFT = PEFT.name  # A (r, in[, kh, kw]), B (out, r[, 1, 1])
+ORIENT_EMBEDDING = EMBEDDING.name  # A_stored (r, vocab), B_stored (dim, r)
+ORIENT_MLX = MLX.name  # lora_a (in, r), lora_b (r, out)
+
+
+class Update:
+    """How a module's ΔW is stored: the seam where other update types (LoHa's Hadamard product,
+    LoKr's Kronecker product) plug in as one class each. Every update knows its tensor keys, its
+    rank and parameter count, and how to produce the dense ΔW (unscaled)."""
+
+    rank: int
+
+    @property
+    def keys(self) -> list[str]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def params(self, shape: tuple[int, int]) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class LowRankUpdate(Update):
+    """ΔW = B @ A (before the module's scale) from a stored pair in some :class:`Orientation`;
+    AdaLoRA's ``lora_E`` (r, 1) is folded into A (``A ⊙ E``)."""
+
+    a_key: str
+    b_key: str
+    rank: int
+    orient: Orientation = PEFT
+    e_key: str | None = None
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for k in (self.a_key, self.b_key, self.e_key) if k]
+
+    def params(self, shape: tuple[int, int]) -> int:
+        """r·(out + in)."""
+        return self.rank * (shape[0] + shape[1])
+
+    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple[torch.Tensor, torch.Tensor]:
+        b, a = self.orient.to_linear(source.get(self.a_key).to(dtype), source.get(self.b_key).to(dtype))
+        if self.e_key is not None:
+            a = a * source.get(self.e_key).to(dtype).reshape(-1, 1)
+        return b, a
+
+    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+        b, a = self.factors(source, dtype)
+        return b @ a
 
 
 @dataclass
 class Module:
-    """One adapted module: ΔW = scale · B @ A, B (out, r), A (r, in)."""
+    """One adapted module: ΔW = scale · (its update), in linear orientation (out, in)."""
 
     name: str
     kind: str  # "linear" | "conv" | "embedding"
@@ -48,26 +107,46 @@ class Module:
     rank: int
     alpha: float
     scale: float
-    a_key: str
-    b_key: str
+    update: Update
     source: "TensorSource" = field(repr=False)
-    orient: str = ORIENT_PEFT
     kernel: tuple[int, int] | None = None  # (kh, kw) for conv
-    e_key: str | None = None  # AdaLoRA lora_E
     magnitude_key: str | None = None  # DoRA lora_magnitude_vector / mlx ".m"
     bias_key: str | None = None  # lora_B.bias (lora_bias=True)
     alpha_key: str | None = None  # kohya/diffusers per-module ".alpha" tensor
     dtype: str = "F32"
 
     @property
+    def low_rank(self) -> LowRankUpdate:
+        """The low-rank pair; an InspectError for other update types."""
+        if not isinstance(self.update, LowRankUpdate):
+            raise InspectError(f"module {self.name!r}: its update is not a low-rank B·A pair")
+        return self.update
+
+    @property
+    def a_key(self) -> str:
+        return self.low_rank.a_key
+
+    @property
+    def b_key(self) -> str:
+        return self.low_rank.b_key
+
+    @property
+    def e_key(self) -> str | None:
+        return self.low_rank.e_key
+
+    @property
+    def orient(self) -> str:
+        return self.low_rank.orient.name
+
+    @property
     def params(self) -> int:
-        """Parameters in the factors: r·(out + in)."""
-        return self.rank * (self.shape[0] + self.shape[1])
+        """Parameters in the update (low-rank: r·(out + in))."""
+        return self.update.params(self.shape)
 
     @property
     def keys(self) -> list[str]:
         """Every tensor key that belongs to this module."""
-        return [k for k in (self.a_key, self.b_key, self.e_key, self.magnitude_key, self.bias_key, self.alpha_key) if k]
+        return self.update.keys + [k for k in (self.magnitude_key, self.bias_key, self.alpha_key) if k]
 
     @property
     def nbytes(self) -> int:
@@ -82,23 +161,13 @@ class Module:
         """Read (B, A) in linear orientation, *unscaled*: ΔW = self.scale · B @ A (float64 by default)."""
         import torch
 
-        dtype = dtype or torch.float64
-        a = self.source.get(self.a_key).to(dtype)
-        b = self.source.get(self.b_key).to(dtype)
-        if self.orient == ORIENT_EMBEDDING:
-            a, b = b.T, a.T
-        elif self.orient == ORIENT_MLX:
-            a, b = a.T, b.T
-        a = a.reshape(a.shape[0], -1)
-        b = b.reshape(b.shape[0], -1)
-        if self.e_key is not None:
-            a = a * self.source.get(self.e_key).to(dtype).reshape(-1, 1)
-        return b, a
+        return self.low_rank.factors(self.source, dtype or torch.float64)
 
     def delta(self, dtype: "torch.dtype | None" = None) -> torch.Tensor:
         """The dense ΔW (out, in) — for tests and small models only."""
-        b, a = self.factors(dtype)
-        return self.scale * (b @ a)
+        import torch
+
+        return self.scale * self.update.dense(self.source, dtype or torch.float64)
 
     def magnitude(self) -> torch.Tensor | None:
         if self.magnitude_key is None:
@@ -116,7 +185,7 @@ class Adapter:
     """A whole adapter: its layout, global settings, low-rank modules and full tensors."""
 
     path: Path  # what the user named (directory or file)
-    format: str  # "peft" | "peft-safetensors" | "peft-bin" | "kohya" | "diffusers" | "mlx"
+    format: str  # "peft" | "peft-safetensors" | "peft-bin" | "kohya" | "diffusers" | "diffusers-attn-procs" | "mlx"
     weights_path: Path
     source: "TensorSource" = field(repr=False)
     modules: list[Module] = field(default_factory=list)
@@ -131,6 +200,12 @@ class Adapter:
     base_model: str | None = None
     target_modules: Any = None
     notes: list[str] = field(default_factory=list)  # things the user should know (assumptions made)
+    layout: "Layout | None" = field(default=None, repr=False)  # the reader that made it (and writes it back)
+    _index: dict[str, Module] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # one order for every listing (tables, JSON, rewrites): layer order, layer 2 before layer 10
+        self.modules = natural_sorted(self.modules, key=lambda m: m.name)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -161,10 +236,10 @@ class Adapter:
         return self.weights_path.stat().st_size
 
     def module(self, name: str) -> Module:
-        for m in self.modules:
-            if m.name == name:
-                return m
-        raise KeyError(name)
+        """The module called ``name`` (a dict lookup: callers loop over modules)."""
+        if self._index is None or len(self._index) != len(self.modules):
+            self._index = {m.name: m for m in self.modules}
+        return self._index[name]
 
     def dtypes(self) -> dict[str, int]:
         """Number of tensors per stored dtype."""

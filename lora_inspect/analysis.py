@@ -1,27 +1,41 @@
 """Per-module spectra and the summary a user acts on (``lora-inspect rank``).
 
 Reads each module's factors once (memory-mapped), batches same-shaped modules into one QR call,
-and turns singular values into metrics (:mod:`lora_inspect.spectrum`). Returns plain data; the
-rendering lives in :mod:`lora_inspect.render`.
+and turns singular values into metrics (:mod:`lora_inspect.spectrum`). Returns dataclasses
+(:class:`RankReport`, :class:`RankSummary`); the documents and tables live in
+:mod:`lora_inspect.views.inspect`.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 
 from .adapter import Adapter, Module, module_layer, module_type
+from .defaults import DEFAULT_ENERGY
 from .errors import InspectError
 from .formats.tensors import DTYPE_SIZES
-from .spectrum import all_finite, compute_dtype, core_singular_values, parallel_map, r_factor, retained_energy, spectrum_stats
+from .naming import natural_sorted
+from .spectrum import (
+    SpectrumStats,
+    all_finite,
+    compute_dtype,
+    core_singular_values,
+    parallel_map,
+    r_factor,
+    retained_energy,
+    spectrum_stats,
+)
 
-__all__ = ["ModuleResult", "RankReport", "analyse", "DEFAULT_ENERGY", "uniform_rank", "compute_spectra"]
+__all__ = [
+    "ModuleResult", "RankReport", "RankSummary", "GroupSummary", "Sizes", "analyse", "summarise",
+    "DEFAULT_ENERGY", "uniform_rank", "compute_spectra", "unit_spectrum", "FLAG_NON_FINITE", "FLAG_ZERO_B", "FLAG_SPIKE",
+]
 
-DEFAULT_ENERGY = 0.95  # fraction of Σσ² a recommendation keeps (the τ of --energy)
 FLAG_NON_FINITE = "non_finite"
 FLAG_ZERO_B = "zero_b"
 FLAG_SPIKE = "spike"
@@ -29,19 +43,89 @@ FLAG_SPIKE = "spike"
 
 @dataclass
 class ModuleResult:
+    """One module's spectrum: ``singular_values`` is None when the factors hold NaN/inf (then
+    ``stats`` is None too); an empty array for a rank-0 module."""
+
     module: Module
-    singular_values: np.ndarray | None  # None when the factors hold NaN/inf
+    singular_values: np.ndarray | None
     flags: list[str]
-    energy_rank: int | None = None
-    stable_rank: float | None = None
-    entropy_rank: float | None = None
-    recommended_rank: int | None = None
-    retained_energy: float | None = None
-    relative_error: float | None = None
+    stats: SpectrumStats | None = None
 
     @property
     def name(self) -> str:
         return self.module.name
+
+    @property
+    def energy_rank(self) -> int | None:
+        return None if self.stats is None else self.stats.energy_rank
+
+    @property
+    def stable_rank(self) -> float | None:
+        return None if self.stats is None else self.stats.stable_rank
+
+    @property
+    def entropy_rank(self) -> float | None:
+        return None if self.stats is None else self.stats.entropy_rank
+
+    @property
+    def retained_energy(self) -> float | None:
+        return None if self.stats is None else self.stats.retained_energy
+
+    @property
+    def relative_error(self) -> float | None:
+        return None if self.stats is None else self.stats.relative_error
+
+    @property
+    def sigma1(self) -> float | None:
+        sv = self.singular_values
+        return float(sv[0]) if sv is not None and len(sv) else None
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """A count now, with every module cut to min(uniform rank, r), and at per-module energy ranks."""
+
+    now: int
+    uniform: int
+    pattern: int
+
+
+@dataclass
+class GroupSummary:
+    """The modules of one type (or one layer). The recommended rank of a group is its largest
+    energy rank (:attr:`max_energy_rank`)."""
+
+    modules: int
+    rank: list[int]
+    params: int
+    params_uniform: int
+    params_pattern: int
+    bytes_uniform: int
+    bytes_pattern: int
+    max_energy_rank: int | None
+    mean_energy_rank: float | None
+    mean_stable_rank: float | None
+    max_sigma1: float | None
+
+
+@dataclass
+class RankSummary:
+    """What ``rank`` recommends for the whole adapter. Modules whose spectrum is unknown (non-finite)
+    keep their rank in every estimate; :attr:`non_finite` names them."""
+
+    modules: int
+    analysed: int
+    max_rank: int
+    uniform_rank: int
+    uniform_min_retained_energy: float
+    rank_pattern: dict[str, int]
+    params: Sizes
+    bytes: Sizes
+    by_type: dict[str, GroupSummary]
+    by_layer: dict[str, GroupSummary]
+    flags: dict[str, int]
+    non_finite: list[str] = field(default_factory=list)
+    zero_b: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -49,7 +133,22 @@ class RankReport:
     adapter: Adapter
     energy: float
     modules: list[ModuleResult]
-    summary: dict = field(default_factory=dict)
+    summary: RankSummary
+
+
+SAFE_SIGMA = (1e-100, 1e100)  # σ₁ in this range: σ² and Σσ² are far from float64's limits
+
+
+def unit_spectrum(sv: np.ndarray) -> np.ndarray:
+    """σ scaled by 1/σ₁ when σ₁ lies outside :data:`SAFE_SIGMA`; otherwise σ itself (bit-for-bit the
+    same metrics as before). Every metric of :mod:`lora_inspect.spectrum` (energy rank, retained
+    energy, relative error, stable and entropy rank) is scale-invariant, and on σ/σ₁ none of them
+    overflows: σ² of float64 weights near 1e155 would (inf/inf → NaN metrics and a RuntimeWarning)."""
+    s = np.asarray(sv, dtype=np.float64)
+    top = float(s[0]) if s.size else 0.0
+    if top > 0 and np.isfinite(top) and not SAFE_SIGMA[0] <= top <= SAFE_SIGMA[1]:
+        return s / top
+    return s
 
 
 def compute_spectra(
@@ -125,94 +224,97 @@ def analyse(
     precision: str = "auto",
     progress: Callable[[int], None] | None = None,
 ) -> RankReport:
+    """Spectra of every module (in layer order) and the summary; ``module_regex`` keeps the modules
+    whose name it matches (``re.search``)."""
     if not 0 < energy <= 1:
-        raise InspectError(f"--energy must be in (0, 1], got {energy}")
-    modules = adapter.modules
+        raise InspectError(f"energy τ must be in (0, 1], got {energy}")
+    modules = adapter.modules  # in layer order (Adapter keeps them so)
     if module_regex:
         try:
             rx = re.compile(module_regex)
         except re.error as e:
-            raise InspectError(f"--module {module_regex!r} is not a valid regular expression ({e})") from e
+            raise InspectError(f"module pattern {module_regex!r} is not a valid regular expression ({e})") from e
         modules = [m for m in modules if rx.search(m.name)]
         if not modules:
-            raise InspectError(f"--module {module_regex!r} matches none of the {len(adapter.modules)} modules")
+            raise InspectError(f"module pattern {module_regex!r} matches none of the {len(adapter.modules)} modules")
     spectra = compute_spectra(modules, precision=precision, progress=progress)
     results = []
     for m in modules:
         sv, flags = spectra[m.name]
         res = ModuleResult(module=m, singular_values=sv, flags=list(flags))
         if sv is not None:
-            st = spectrum_stats(sv, energy)
-            if st.spike and FLAG_ZERO_B not in flags:
+            res.stats = spectrum_stats(unit_spectrum(sv), energy)
+            res.stats.singular_values = [float(x) for x in sv]  # the real values, not the scaled ones
+            if res.stats.spike and FLAG_ZERO_B not in flags:
                 res.flags.append(FLAG_SPIKE)
-            res.energy_rank = st.energy_rank
-            res.stable_rank = st.stable_rank
-            res.entropy_rank = st.entropy_rank
-            res.recommended_rank = st.recommended_rank
-            res.retained_energy = st.retained_energy
-            res.relative_error = st.relative_error
         results.append(res)
-    report = RankReport(adapter=adapter, energy=energy, modules=results)
-    report.summary = summarise(results, energy)
-    return report
+    return RankReport(adapter=adapter, energy=energy, modules=results, summary=summarise(results))
 
 
-def _group_stats(results: list[ModuleResult], uniform: dict[str, int], pattern: dict[str, int]) -> dict:
-    ok = [r for r in results if r.energy_rank is not None]
+def _group_stats(results: list[ModuleResult], uniform: dict[str, int], pattern: dict[str, int]) -> GroupSummary:
+    ok = [r.stats for r in results if r.stats is not None]
     mods = [r.module for r in results]
     params_uni, bytes_uni = _params_at(mods, uniform)
     params_pat, bytes_pat = _params_at(mods, pattern)
-    return {
-        "modules": len(results),
-        "rank": sorted({r.module.rank for r in results}),
-        "params": sum(r.module.params for r in results),
-        "params_uniform": params_uni,
-        "params_pattern": params_pat,
-        "bytes_uniform": bytes_uni,
-        "bytes_pattern": bytes_pat,
-        "max_energy_rank": max((r.energy_rank for r in ok), default=None),
-        "mean_energy_rank": (sum(r.energy_rank for r in ok) / len(ok)) if ok else None,
-        "mean_stable_rank": (sum(r.stable_rank for r in ok) / len(ok)) if ok else None,
-        "recommended_rank": max((r.recommended_rank for r in ok), default=None),
-        "max_sigma1": max((float(r.singular_values[0]) for r in ok if len(r.singular_values)), default=None),
-    }
+    sigmas = [s for s in (r.sigma1 for r in results if r.stats is not None) if s is not None]
+    return GroupSummary(
+        modules=len(results),
+        rank=sorted({r.module.rank for r in results}),
+        params=sum(r.module.params for r in results),
+        params_uniform=params_uni,
+        params_pattern=params_pat,
+        bytes_uniform=bytes_uni,
+        bytes_pattern=bytes_pat,
+        max_energy_rank=max((s.energy_rank for s in ok), default=None),
+        mean_energy_rank=(sum(s.energy_rank for s in ok) / len(ok)) if ok else None,
+        mean_stable_rank=(sum(s.stable_rank for s in ok) / len(ok)) if ok else None,
+        max_sigma1=max(sigmas, default=None),
+    )
 
 
-def summarise(results: list[ModuleResult], energy: float) -> dict:
+def _groups(results: list[ModuleResult], key: Callable[[str], str], order: bool) -> dict[str, list[ModuleResult]]:
+    """Results grouped by ``key`` of their name; keys in natural order (``order``) or in the order
+    they first appear (modules are in layer order already)."""
+    out: dict[str, list[ModuleResult]] = defaultdict(list)
+    for r in results:
+        out[key(r.name)].append(r)
+    return {k: out[k] for k in natural_sorted(out)} if order else dict(out)
+
+
+def summarise(results: list[ModuleResult]) -> RankSummary:
+    """The recommendation for a list of module results (see :class:`RankSummary`)."""
     mods = [r.module for r in results]
-    ok = [r for r in results if r.energy_rank is not None]
+    ok = [r for r in results if r.stats is not None]
     max_r = max((m.rank for m in mods), default=0)
-    uni = uniform_rank((r.energy_rank for r in ok), max_r)
-    pattern = {r.name: r.energy_rank for r in ok}
+    uni = uniform_rank((r.stats.energy_rank for r in ok if r.stats), max_r)
+    pattern = {r.name: r.stats.energy_rank for r in ok if r.stats}
     # modules we could not analyse keep their rank in every estimate
     params_now, bytes_now = _params_at(mods, {})
     uniform = {r.name: min(uni, r.module.rank) for r in ok}
     params_uni, bytes_uni = _params_at(mods, uniform)
     params_pat, bytes_pat = _params_at(mods, pattern)
-    by_type: dict[str, list[ModuleResult]] = defaultdict(list)
-    by_layer: dict[str, list[ModuleResult]] = defaultdict(list)
-    for r in results:
-        by_type[module_type(r.name)].append(r)
-        by_layer[module_layer(r.name)].append(r)
     flags: dict[str, int] = defaultdict(int)
     for r in results:
         for f in r.flags:
             flags[f] += 1
     min_kept = min((_retained(r, uni) for r in ok), default=1.0)
-    return {
-        "modules": len(results),
-        "analysed": len(ok),
-        "max_rank": max_r,
-        "uniform_rank": uni,
-        "uniform_min_retained_energy": min_kept,
-        "rank_pattern": pattern,
-        "params": {"now": params_now, "uniform": params_uni, "pattern": params_pat},
-        "bytes": {"now": bytes_now, "uniform": bytes_uni, "pattern": bytes_pat},
-        "by_type": {k: _group_stats(v, uniform, pattern) for k, v in sorted(by_type.items())},
-        "by_layer": {k: _group_stats(v, uniform, pattern) for k, v in by_layer.items()},
-        "flags": dict(sorted(flags.items())),
-    }
+    return RankSummary(
+        modules=len(results),
+        analysed=len(ok),
+        max_rank=max_r,
+        uniform_rank=uni,
+        uniform_min_retained_energy=min_kept,
+        rank_pattern=pattern,
+        params=Sizes(params_now, params_uni, params_pat),
+        bytes=Sizes(bytes_now, bytes_uni, bytes_pat),
+        by_type={k: _group_stats(v, uniform, pattern) for k, v in _groups(results, module_type, True).items()},
+        by_layer={k: _group_stats(v, uniform, pattern) for k, v in _groups(results, module_layer, False).items()},
+        flags=dict(sorted(flags.items())),
+        non_finite=[r.name for r in results if FLAG_NON_FINITE in r.flags],
+        zero_b=[r.name for r in results if FLAG_ZERO_B in r.flags],
+    )
 
 
 def _retained(r: ModuleResult, k: int) -> float:
-    return retained_energy(r.singular_values, min(k, len(r.singular_values)))
+    sv = r.singular_values if r.singular_values is not None else np.zeros(0)
+    return retained_energy(unit_spectrum(sv), min(k, len(sv)))

@@ -4,7 +4,8 @@ A :class:`BaseModel` knows what footprints and ``check --base`` need — hidden 
 layers, heads, KV heads, vocabulary, tied embeddings — and derives from them every adaptable
 module's name and ΔW shape (out, in), and exact parameter counts. Layouts follow transformers'
 modelling code (``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``,
-``GemmaForCausalLM``, ``GPT2LMHeadModel``); the counts are checked in the tests against those classes
+``GemmaForCausalLM``, ``GPT2LMHeadModel``) and this project's training model (``lora_inspect.train.model``,
+Llama's layout); the counts are checked in the tests against those classes
 built on the meta device.
 
 Presets live in ``lora_inspect/data/presets.json`` as the public Hugging Face ``config.json`` fields
@@ -16,16 +17,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import InspectError
 
 __all__ = [
-    "BaseModel", "ModuleShape", "from_hf_config", "load_base", "preset_names", "presets",
+    "BaseModel", "ModuleShape", "from_hf_config", "from_own_config", "load_base", "preset_names", "presets",
     "lora_params_for", "target_matches", "LLAMA_FAMILY", "SUPPORTED_MODEL_TYPES",
 ]
 
@@ -50,7 +52,7 @@ class ModuleShape:
 @dataclass(frozen=True)
 class BaseModel:
     name: str
-    model_type: str  # llama | mistral | qwen2 | gemma | gpt2
+    model_type: str  # llama | mistral | qwen2 | gemma | gpt2 | lora-inspect (our training model: Llama layout)
     hidden: int
     intermediate: int
     layers: int
@@ -198,24 +200,66 @@ def preset_names() -> list[str]:
     return sorted(presets())
 
 
+OWN_MODEL_FORMAT = "lora-inspect/model/1"  # ``format`` in the config.json of this project's training models
+
+
+def from_own_config(cfg: dict, name: str = "config.json") -> BaseModel:
+    """A :class:`BaseModel` for this project's training model (``lora_inspect.train.model``): a Llama
+    layout (RMSNorm, RoPE, SwiGLU, no biases) whose ``config.json`` names its fields ``dim``,
+    ``hidden_dim``, ``n_layers``, ``n_heads``, ``n_kv_heads``, ``max_seq_len`` (as ``ModelConfig``)."""
+    from .validate import boolean, integer
+
+    dim = integer(cfg, "dim", name, minimum=1)
+    heads = integer(cfg, "n_heads", name, minimum=1)
+    kv = integer(cfg, "n_kv_heads", name, default=heads, minimum=1)
+    if dim % heads or heads % kv:
+        raise InspectError(f"{name}: dim {dim}, n_heads {heads} and n_kv_heads {kv} do not divide evenly")
+    return BaseModel(
+        name=name, model_type="lora-inspect", hidden=dim, intermediate=integer(cfg, "hidden_dim", name, minimum=1),
+        layers=integer(cfg, "n_layers", name, minimum=1), heads=heads, kv_heads=kv,
+        vocab=integer(cfg, "vocab_size", name, minimum=1), tied_embeddings=boolean(cfg, "tie_word_embeddings", name),
+        head_dim=dim // heads, max_positions=integer(cfg, "max_seq_len", name, default=None, minimum=1),
+    )
+
+
 def load_base(spec: str | Path) -> BaseModel:
-    """``spec`` is a preset name (``llama-3-8b``), a ``config.json`` path, or a directory holding one."""
+    """``spec`` is a preset name (``llama-3-8b``), a ``config.json`` path, or a directory holding one.
+
+    A ``config.json`` is a Hugging Face model's or one of this project's training models
+    (``format`` = ``lora-inspect/model/1``, e.g. ``samples/planted/base``). A training output directory
+    (``lora-inspect train --out DIR``) stands for its base: ``DIR/base`` or the Hugging Face directory
+    that ``DIR/base.json`` names.
+    """
     s = str(spec)
     table = presets()
     if s.lower() in table:
         return from_hf_config(table[s.lower()]["config"], name=s.lower())
     p = Path(s)
     if p.is_dir():
-        p = p / "config.json"
+        p = _config_in(p)
     if not p.is_file():
-        raise InspectError(f"--base {s}: neither a preset ({', '.join(sorted(table))}) nor a config.json file")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise InspectError(f"{p}: cannot read ({e})") from e
-    except json.JSONDecodeError as e:
-        raise InspectError(f"{p}: not valid JSON (line {e.lineno}: {e.msg})") from e
+        raise InspectError(f"base model {s}: neither a preset ({', '.join(sorted(table))}) nor a config.json file")
+    from .validate import read_json_object
+
+    cfg = read_json_object(p)
+    if cfg.get("format") == OWN_MODEL_FORMAT:
+        return from_own_config(cfg, name=str(p))
     return from_hf_config(cfg, name=str(p))
+
+
+def _config_in(d: Path) -> Path:
+    """The config.json that a directory stands for (itself, or a training output's base)."""
+    if (d / "config.json").exists() or not (d / "task.json").is_file():
+        return d / "config.json"
+    if (d / "base" / "config.json").is_file():
+        return d / "base" / "config.json"
+    if (d / "base.json").is_file():
+        from .validate import read_json_object, string
+
+        path = string(read_json_object(d / "base.json"), "path", str(d / "base.json"))
+        if path:
+            return Path(path) / "config.json"
+    return d / "config.json"
 
 
 # ---- adapter parameters from a LoRA config, without tensors ----

@@ -13,7 +13,7 @@ For X = s₁B₁A₁ and Y = s₂B₂A₂ (B (out, r), A (r, in)):
   O(eps·‖X‖). Its spectral norm comes for free;
 - cosine similarity ⟨X, Y⟩ / (‖X‖‖Y‖);
 - subspace similarity (Hu et al. 2021, "LoRA", §7): φ(i, j) = ‖U_iᵀ U'_j‖_F² / min(i, j) over the top-i
-  and top-j *left* singular vectors (the output space; ``../shared/docs/metrics.md``). It lies in
+  and top-j *left* singular vectors (the output space; ``docs/metrics.md``). It lies in
   [0, 1], is 1 when one subspace contains the other and does not depend on the vectors' signs. We
   report φ(i, i) at i = min(top, k₁, k₂), kᵢ the energy rank at τ of each side, so that directions with
   (near-)zero σ — whose vectors are arbitrary — never enter it.
@@ -29,12 +29,16 @@ import numpy as np
 import torch
 
 from .adapter import Adapter, module_layer, module_type
+from .analysis import SAFE_SIGMA, unit_spectrum
 from .errors import InspectError
+from .naming import natural_sorted
 from .spectrum import energy_rank, singular_values, svd_factors
 
 __all__ = [
     "ModuleDiff",
     "DiffResult",
+    "DiffStats",
+    "DiffSummary",
     "factor_inner",
     "factor_distance",
     "subspace_similarity",
@@ -48,6 +52,16 @@ __all__ = [
 STATUS_OK = "ok"
 STATUS_SHAPE = "shape_mismatch"
 STATUS_NON_FINITE = "non_finite"
+
+
+def _norm(sv: np.ndarray) -> float:
+    """‖σ‖₂; through ``math.hypot`` (which scales) when σ₁ is outside ``analysis.SAFE_SIGMA``, where
+    σ² of float64 weights would overflow (or underflow) a plain sum of squares."""
+    s = np.asarray(sv, dtype=np.float64)
+    top = float(np.max(np.abs(s))) if s.size else 0.0
+    if SAFE_SIGMA[0] <= top <= SAFE_SIGMA[1] or top == 0:
+        return float(np.sqrt(np.sum(s**2)))
+    return math.hypot(*(float(x) for x in s))
 
 
 def factor_inner(b1: torch.Tensor, a1: torch.Tensor, s1: float, b2: torch.Tensor, a2: torch.Tensor, s2: float) -> float:
@@ -66,7 +80,7 @@ def factor_distance(
     if b.shape[1] == 0:
         return 0.0, 0.0
     sv = singular_values(b, a, 1.0)
-    return float(np.sqrt(np.sum(sv**2))), float(sv[0]) if len(sv) else 0.0
+    return _norm(sv), float(sv[0]) if len(sv) else 0.0
 
 
 def subspace_similarity(u1: torch.Tensor, u2: torch.Tensor, i: int, j: int | None = None) -> float:
@@ -75,7 +89,7 @@ def subspace_similarity(u1: torch.Tensor, u2: torch.Tensor, i: int, j: int | Non
     if i <= 0 or j <= 0:
         raise ValueError("subspace_similarity needs i, j ≥ 1")
     g = u1[:, :i].T @ u2[:, :j]
-    return float(min(1.0, (g**2).sum() / min(i, j)))  # ≤ 1 in exact arithmetic; rounding can exceed it
+    return min(1.0, float((g**2).sum()) / min(i, j))  # ≤ 1 in exact arithmetic; rounding can exceed it
 
 
 @dataclass
@@ -131,10 +145,10 @@ def compare_factors(
     u1, sv1, _ = svd_factors(b1, a1, s1)
     u2, sv2, _ = svd_factors(b2, a2, s2)
     sv1n, sv2n = sv1.numpy(), sv2.numpy()
-    d.norm_a = float(np.sqrt(np.sum(sv1n**2)))
-    d.norm_b = float(np.sqrt(np.sum(sv2n**2)))
-    d.energy_rank_a = energy_rank(sv1n, energy)
-    d.energy_rank_b = energy_rank(sv2n, energy)
+    d.norm_a = _norm(sv1n)
+    d.norm_b = _norm(sv2n)
+    d.energy_rank_a = energy_rank(unit_spectrum(sv1n), energy)
+    d.energy_rank_b = energy_rank(unit_spectrum(sv2n), energy)
     if torch.equal(b1, b2) and torch.equal(a1, a2) and s1 == s2:
         d.distance = d.spectral_distance = 0.0  # the same factors: exactly the same ΔW
     else:
@@ -154,6 +168,38 @@ def compare_factors(
 
 
 @dataclass
+class DiffStats:
+    """Mean and worst of each metric over a group of modules (None where no module defines it)."""
+
+    modules: int
+    compared: int
+    mean_rel_distance: float | None
+    max_rel_distance: float | None
+    max_rel_distance_module: str | None
+    mean_cosine: float | None
+    min_cosine: float | None
+    min_cosine_module: str | None
+    mean_phi: float | None
+    min_phi: float | None
+    min_phi_module: str | None
+
+
+@dataclass
+class DiffSummary(DiffStats):
+    """Overall statistics, counts of modules not compared, and the same statistics by module type.
+    ``zero_a``/``zero_b`` name the compared modules whose ΔW is exactly zero on that side (there the
+    relative distance (A zero), cosine and φ are undefined)."""
+
+    shape_mismatches: int = 0
+    non_finite: int = 0
+    by_type: dict[str, DiffStats] = field(default_factory=dict)
+    only_in_a: int = 0
+    only_in_b: int = 0
+    zero_a: list[str] = field(default_factory=list)
+    zero_b: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DiffResult:
     a: Adapter
     b: Adapter
@@ -162,54 +208,65 @@ class DiffResult:
     modules: list[ModuleDiff]
     only_in_a: list[str]
     only_in_b: list[str]
-    summary: dict = field(default_factory=dict)
+    summary: DiffSummary
 
 
-def _stats(ds: list[ModuleDiff]) -> dict:
-    dist = [d for d in ds if d.rel_distance is not None]
-    cos = [d for d in ds if d.cosine is not None]
-    phi = [d for d in ds if d.phi is not None]
-    worst_d = max(dist, key=lambda d: d.rel_distance, default=None)
-    worst_c = min(cos, key=lambda d: d.cosine, default=None)
-    worst_p = min(phi, key=lambda d: d.phi, default=None)
-    return {
-        "modules": len(ds),
-        "compared": sum(d.status == STATUS_OK for d in ds),
-        "mean_rel_distance": float(np.mean([d.rel_distance for d in dist])) if dist else None,
-        "max_rel_distance": worst_d.rel_distance if worst_d else None,
-        "max_rel_distance_module": worst_d.name if worst_d else None,
-        "mean_cosine": float(np.mean([d.cosine for d in cos])) if cos else None,
-        "min_cosine": worst_c.cosine if worst_c else None,
-        "min_cosine_module": worst_c.name if worst_c else None,
-        "mean_phi": float(np.mean([d.phi for d in phi])) if phi else None,
-        "min_phi": worst_p.phi if worst_p else None,
-        "min_phi_module": worst_p.name if worst_p else None,
-    }
+def _mean(xs: list[float]) -> float | None:
+    return float(np.mean(xs)) if xs else None
 
 
-def summarise(diffs: list[ModuleDiff]) -> dict:
+def _stats(ds: list[ModuleDiff]) -> DiffStats:
+    dist = [(d.rel_distance, d.name) for d in ds if d.rel_distance is not None]
+    cos = [(d.cosine, d.name) for d in ds if d.cosine is not None]
+    phi = [(d.phi, d.name) for d in ds if d.phi is not None]
+    worst_d = max(dist, key=lambda x: x[0], default=(None, None))
+    worst_c = min(cos, key=lambda x: x[0], default=(None, None))
+    worst_p = min(phi, key=lambda x: x[0], default=(None, None))
+    return DiffStats(
+        modules=len(ds),
+        compared=sum(d.status == STATUS_OK for d in ds),
+        mean_rel_distance=_mean([x for x, _ in dist]),
+        max_rel_distance=worst_d[0],
+        max_rel_distance_module=worst_d[1],
+        mean_cosine=_mean([x for x, _ in cos]),
+        min_cosine=worst_c[0],
+        min_cosine_module=worst_c[1],
+        mean_phi=_mean([x for x, _ in phi]),
+        min_phi=worst_p[0],
+        min_phi_module=worst_p[1],
+    )
+
+
+def summarise(diffs: list[ModuleDiff], only_in_a: int = 0, only_in_b: int = 0) -> DiffSummary:
     """Mean and worst relative distance / cosine / φ, overall and by module type."""
     by_type: dict[str, list[ModuleDiff]] = defaultdict(list)
     for d in diffs:
         by_type[d.type].append(d)
-    out = _stats(diffs)
-    out["shape_mismatches"] = sum(d.status == STATUS_SHAPE for d in diffs)
-    out["non_finite"] = sum(d.status == STATUS_NON_FINITE for d in diffs)
-    out["by_type"] = {t: _stats(v) for t, v in sorted(by_type.items())}
-    return out
+    overall = _stats(diffs)
+    return DiffSummary(
+        **vars(overall),
+        shape_mismatches=sum(d.status == STATUS_SHAPE for d in diffs),
+        non_finite=sum(d.status == STATUS_NON_FINITE for d in diffs),
+        by_type={t: _stats(by_type[t]) for t in natural_sorted(by_type)},
+        only_in_a=only_in_a,
+        only_in_b=only_in_b,
+        zero_a=[d.name for d in diffs if d.norm_a == 0],
+        zero_b=[d.name for d in diffs if d.norm_b == 0],
+    )
 
 
 def diff_adapters(a: Adapter, b: Adapter, *, top: int = 1, energy: float = 0.95) -> DiffResult:
-    """Pair modules by name and compare each pair (:func:`compare_factors`), in A's module order."""
+    """Pair modules by name and compare each pair (:func:`compare_factors`), in layer order."""
     if top < 1:
-        raise InspectError(f"--top must be ≥ 1, got {top}")
+        raise InspectError(f"top (the number of singular directions φ compares) must be ≥ 1, got {top}")
     if not 0 < energy <= 1:
-        raise InspectError(f"--energy must be in (0, 1], got {energy}")
+        raise InspectError(f"energy τ must be in (0, 1], got {energy}")
     names_b = {m.name: m for m in b.modules}
     names_a = {m.name for m in a.modules}
-    common = [m for m in a.modules if m.name in names_b]
-    only_a = [m.name for m in a.modules if m.name not in names_b]
-    only_b = [m.name for m in b.modules if m.name not in names_a]
+    mods_a = a.modules  # in layer order (Adapter keeps them so)
+    common = [m for m in mods_a if m.name in names_b]
+    only_a = [m.name for m in mods_a if m.name not in names_b]
+    only_b = natural_sorted(m.name for m in b.modules if m.name not in names_a)
     if not common:
         ex_a = a.modules[0].name if a.modules else "(none)"
         ex_b = b.modules[0].name if b.modules else "(none)"
@@ -223,8 +280,4 @@ def diff_adapters(a: Adapter, b: Adapter, *, top: int = 1, energy: float = 0.95)
         b1, a1 = ma.factors(torch.float64)
         b2, a2 = mb.factors(torch.float64)
         diffs.append(compare_factors(ma.name, b1, a1, ma.scale, b2, a2, mb.scale, top=top, energy=energy))
-    res = DiffResult(a, b, top, energy, diffs, only_a, only_b)
-    res.summary = summarise(diffs)
-    res.summary["only_in_a"] = len(only_a)
-    res.summary["only_in_b"] = len(only_b)
-    return res
+    return DiffResult(a, b, top, energy, diffs, only_a, only_b, summarise(diffs, len(only_a), len(only_b)))

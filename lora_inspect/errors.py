@@ -7,7 +7,7 @@ The CLI turns it into that line on stderr and exit code 2; ``--debug`` shows the
 
 from __future__ import annotations
 
-__all__ = ["InspectError", "UnpairedFactorError", "EXIT_OK", "EXIT_RULE_FAILED", "EXIT_BAD_INPUT"]
+__all__ = ["InspectError", "OptionError", "UnpairedFactorError", "EXIT_OK", "EXIT_RULE_FAILED", "EXIT_BAD_INPUT"]
 
 EXIT_OK = 0
 EXIT_RULE_FAILED = 1
@@ -19,9 +19,10 @@ class InspectError(Exception):
 
     exit_code = EXIT_BAD_INPUT
 
-    def __init__(self, message: str, *, hint: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, option: str | None = None):
         self.message = message
         self.hint = hint
+        self.option = option  # the request parameter the hint is about (a command names its flag)
         super().__init__(message if hint is None else f"{message} ({hint})")
 
     def __str__(self) -> str:
@@ -31,3 +32,11 @@ class InspectError(Exception):
 class UnpairedFactorError(InspectError):
     """An A without its B (or the reverse): unreadable, and also a `check` failure of its own
     (no server can load such an adapter), so the gate reports it per adapter instead of stopping."""
+
+
+class OptionError(InspectError):
+    """A bad request value (a rank, an energy, a factor): the message names the parameter as the
+    library calls it (``energy``), ``option`` holds that name so a command can name its flag."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message, option=option)

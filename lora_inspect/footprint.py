@@ -2,10 +2,11 @@
 
 Pure estimator (no I/O): it takes an :class:`~lora_inspect.adapter.Adapter` (header facts only), an
 optional :class:`~lora_inspect.analysis.RankReport` (for the costs at the recommended rank) and an
-optional :class:`~lora_inspect.basemodels.BaseModel`, and returns plain dicts; :func:`footprint_view`
-turns them into the ``lora-inspect/footprint/1`` document and its tables.
+optional :class:`~lora_inspect.basemodels.BaseModel`, and returns JSON-ready dicts (the body of the
+``lora-inspect/footprint/1`` document); :func:`lora_inspect.views.footprint.footprint_view` adds the
+schema id and draws the tables.
 
-Every memory term below names its formula and source. Sources (``../shared/docs/metrics.md`` collects them):
+Every memory term below names its formula and source. Sources (``docs/metrics.md`` collects them):
 
 - [QLoRA] Dettmers et al. 2023, "QLoRA", §2: NF4 4 bits + double-quantized constants 0.127 bit/param;
   bitsandbytes dequantizes one weight to 16-bit per matmul.
@@ -30,29 +31,28 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from .adapter import Adapter, module_type
-from .render import Table, View, fmt_bytes, fmt_count
+from .naming import natural_sorted
+from .units import fmt_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis import RankReport
     from .basemodels import BaseModel
 
 __all__ = [
-    "FOOTPRINT_SCHEMA", "QUANT_BYTES", "OPTIMIZER_STATE", "ADAPTER_DTYPE_BYTES", "SERVING_DTYPE_BYTES",
+    "QUANT_BYTES", "ADAPTER_DTYPE_BYTES", "SERVING_DTYPE_BYTES",
     "Term", "adapter_costs", "training_vram", "inference_vram", "serving_memory", "vllm_pool_bytes",
-    "activation_bytes_per_unit", "layer_paths", "footprint", "footprint_view", "DEFAULTS",
+    "activation_bytes_per_unit", "layer_paths", "footprint", "DEFAULTS",
 ]
-
-FOOTPRINT_SCHEMA = "lora-inspect/footprint/1"
 
 # Base weight bytes per parameter *on decoder linear layers*; embeddings, lm_head, norms stay 16-bit.
 QUANT_BYTES = {"bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": (4 + 0.127) / 8}  # nf4 ≈ 0.516 [QLoRA]
 SERVING_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ADAPTER_DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-OPTIMIZER_STATE = {"adamw": "2 × adapter dtype", "adamw8bit": "2 B", "sgd": "0"}
 
 ACT_ATTN_ONLY = 34.0  # [act] LoRA on attention projections only (q,v measured)
 ACT_WITH_MLP = 42.0  # [act] LoRA on MLP projections too (all-linear measured)
@@ -97,8 +97,9 @@ def adapter_costs(adapter: Adapter, report: "RankReport | None" = None) -> dict[
     for name, t in by_type.items():
         t["ranks"] = sorted(t["ranks"])
         if report is not None:  # the recommendation's sizes, as `rank` computed them for this type
-            t.update({k: report.summary["by_type"][name][k]
-                      for k in ("params_uniform", "params_pattern", "bytes_uniform", "bytes_pattern")})
+            g = report.summary.by_type[name]
+            t.update({"params_uniform": g.params_uniform, "params_pattern": g.params_pattern,
+                      "bytes_uniform": g.bytes_uniform, "bytes_pattern": g.bytes_pattern})
     by_dtype: dict[str, int] = defaultdict(int)
     for info in adapter.source.tensors.values():
         by_dtype[info.dtype] += info.nbytes
@@ -111,14 +112,14 @@ def adapter_costs(adapter: Adapter, report: "RankReport | None" = None) -> dict[
         "tensor_bytes": adapter.tensor_bytes,
         "file_bytes": adapter.file_bytes,
         "bytes": dict(sorted(by_dtype.items())),
-        "by_type": dict(sorted(by_type.items())),
+        "by_type": {k: by_type[k] for k in natural_sorted(by_type)},
     }
     if report is not None:
         s = report.summary
         out["recommended"] = {
-            "energy": report.energy, "uniform_rank": s["uniform_rank"], "max_rank": s["max_rank"],
-            "params_uniform": s["params"]["uniform"], "params_pattern": s["params"]["pattern"],
-            "bytes_uniform": s["bytes"]["uniform"], "bytes_pattern": s["bytes"]["pattern"],
+            "energy": report.energy, "uniform_rank": s.uniform_rank, "max_rank": s.max_rank,
+            "params_uniform": s.params.uniform, "params_pattern": s.params.pattern,
+            "bytes_uniform": s.bytes.uniform, "bytes_pattern": s.bytes.pattern,
         }
     return out
 
@@ -324,7 +325,7 @@ def footprint(
     base: "BaseModel | None" = None,
     **opts: Any,
 ) -> dict[str, Any]:
-    """Everything ``lora-inspect footprint`` reports, as one JSON-ready dict (schema ``lora-inspect/footprint/1``).
+    """Everything ``lora-inspect footprint`` reports, as one JSON-ready dict (the body of ``lora-inspect/footprint/1``).
 
     ``opts``: quant, batch, seq, grad_checkpointing, optimizer, adapter_dtype, serving_dtype, max_loras,
     max_lora_rank, dropout (None: from the adapter's config) — defaults in :data:`DEFAULTS`.
@@ -334,7 +335,7 @@ def footprint(
     if unknown:
         raise TypeError(f"unknown footprint options: {sorted(unknown)}")
     costs = adapter_costs(adapter, report)
-    doc: dict[str, Any] = {"schema": FOOTPRINT_SCHEMA, **costs}
+    doc: dict[str, Any] = dict(costs)
     doc["serving"] = serving_memory(adapter, base, dtype=o["serving_dtype"], max_loras=o["max_loras"],
                                     max_lora_rank=o["max_lora_rank"])
     doc["base"] = base.summary() if base is not None else None
@@ -358,68 +359,3 @@ def footprint(
             ),
         }
     return doc
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 10_000_000 else fmt_bytes(n)
-
-
-def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
-    """Tables for a footprint document (the document itself is the JSON)."""
-    data = {"schema": doc["schema"], "adapter": adapter_block, **{k: v for k, v in doc.items() if k != "schema"}}
-    rec = doc.get("recommended")
-    cols = ["type", "modules", "r", "params", "bytes"]
-    if rec:
-        cols += [f"params @r≤{rec['uniform_rank']}", "params @energy ranks", f"bytes @r≤{rec['uniform_rank']}"]
-    rows = []
-    for t, g in doc["by_type"].items():
-        row = [t, g["modules"], ",".join(map(str, g["ranks"])), f"{g['params']:,}", fmt_bytes(g["bytes"])]
-        if rec:
-            row += [f"{g['params_uniform']:,}", f"{g['params_pattern']:,}", fmt_bytes(g["bytes_uniform"])]
-        rows.append(row)
-    total = ["LoRA total", sum(g["modules"] for g in doc["by_type"].values()), "", f"{doc['params']:,}", fmt_bytes(doc["lora_bytes"])]
-    if rec:
-        total += [f"{rec['params_uniform']:,}", f"{rec['params_pattern']:,}", fmt_bytes(rec["bytes_uniform"])]
-    rows.append(total)
-    if doc["extra_params"]:
-        rows.append(["full tensors", "", "", f"{doc['extra_params']:,}", fmt_bytes(doc["extra_bytes"])] + ([""] * 3 if rec else []))
-    tables = [Table("adapter parameters and bytes", cols, rows)]
-    sv = doc["serving"]
-    v = sv["vllm"]
-    tables.append(Table(f"serving ({sv['dtype']})", ["item", "bytes", "formula"], [
-        ("one loaded adapter (unmerged)", fmt_bytes(sv["per_adapter_bytes"]), sv["per_adapter_formula"]),
-        (f"vLLM pool, max_loras={v['max_loras']} max_lora_rank={v['max_lora_rank']}", fmt_bytes(v["pool_bytes"]),
-         f"{v['formula']} — {v['scope']}"),
-    ], justify=["left", "right", "left"]))
-    header = [
-        f"{adapter_block['path']}: {doc['params']:,} LoRA params ({fmt_count(doc['params'])}), "
-        f"{doc['extra_params']:,} full-tensor params, {fmt_bytes(doc['tensor_bytes'])} of tensors ("
-        + ", ".join(f"{k} {fmt_bytes(b)}" for k, b in doc["bytes"].items()) + f"), file {fmt_bytes(doc['file_bytes'])}"
-    ]
-    footer = []
-    if rec:
-        footer.append(
-            f"at τ = {rec['energy']:g}: uniform r={rec['uniform_rank']} → {fmt_count(rec['params_uniform'])} params "
-            f"({fmt_bytes(rec['bytes_uniform'])}); per-module energy ranks → {fmt_count(rec['params_pattern'])} "
-            f"({fmt_bytes(rec['bytes_pattern'])})"
-        )
-    if not v["fits"]:
-        footer.append(f"! the adapter's rank exceeds max_lora_rank={v['max_lora_rank']}: vLLM refuses it")
-    if doc["base"] and doc["base"]["unmatched_modules"]:
-        footer.append(f"! {doc['base']['unmatched_modules']} of {len(doc['by_type']) and sum(g['modules'] for g in doc['by_type'].values())} "
-                      f"modules do not match {doc['base']['name']} by name and shape (lora-inspect check --base tells which)")
-    if doc["vram"]:
-        tr, inf = doc["vram"]["training"], doc["vram"]["inference"]
-        s = tr["settings"]
-        title = (f"training VRAM on {doc['base']['name']} ({s['quant']}, batch {s['batch']} × seq {s['seq']}, "
-                 f"{s['optimizer']}, {'gradient checkpointing' if s['grad_checkpointing'] else 'no checkpointing'})")
-        rows = [(t["name"], _gb(t["bytes"]), t["formula"]) for t in tr["terms"]] + [("total", _gb(tr["total_bytes"]), "")]
-        tables.append(Table(title, ["term", "bytes", "formula"], rows, justify=["left", "right", "left"]))
-        rows = [(t["name"], _gb(t["bytes"]), t["formula"]) for t in inf["terms"]] + [("total", _gb(inf["total_bytes"]), "")]
-        tables.append(Table(f"inference VRAM (batch {s['batch']} × {s['seq']} tokens of KV cache)", ["term", "bytes", "formula"],
-                            rows, justify=["left", "right", "left"]))
-        footer.append(f"estimated peak: training {_gb(tr['total_bytes'])}, inference {_gb(inf['total_bytes'])} "
-                      "(GB = 10⁹ B; allocator slack not included)")
-    else:
-        footer.append("give --base PRESET|config.json for training and inference VRAM")
-    return View(data, tables, header=header, footer=footer)

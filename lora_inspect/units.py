@@ -4,7 +4,8 @@ Counts (``--max-params``): a number with an optional decimal suffix ``k`` (10³)
 ``B`` (10⁹, "billion"); thousands separators ``,`` and ``_`` are allowed. Sizes (``--max-size``): a number
 with ``B``, decimal ``KB``/``MB``/``GB``/``TB`` (SI, 10³ⁿ) or binary ``KiB``/``MiB``/``GiB``/``TiB``
 (IEC 80000-13, 2¹⁰ⁿ); a bare number is bytes. Anything else is an :class:`~lora_inspect.errors.InspectError`
-naming what was accepted. Pure: no I/O.
+naming what was accepted. The inverse direction too: :func:`fmt_count`, :func:`fmt_bytes`,
+:func:`fmt_float` write numbers the way every view shows them. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 
 from .errors import InspectError
 
-__all__ = ["parse_count", "parse_size", "COUNT_SUFFIXES", "SIZE_SUFFIXES"]
+__all__ = ["parse_count", "parse_size", "COUNT_SUFFIXES", "SIZE_SUFFIXES", "fmt_count", "fmt_bytes", "fmt_float"]
 
 COUNT_SUFFIXES = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 SIZE_SUFFIXES = {
@@ -25,7 +26,7 @@ SIZE_SUFFIXES = {
 _NUM = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 
 
-def _split(text: str, what: str, example: str) -> tuple[float, str]:
+def _split(text: str | int | float, what: str, example: str) -> tuple[float, str]:
     if isinstance(text, bool):
         raise InspectError(f"{what}: expected a number, got {text!r}")
     if isinstance(text, (int, float)):
@@ -65,3 +66,33 @@ def parse_size(text: str | int | float, what: str = "size") -> int:
             f"{what}: unknown unit {suffix!r} in {text!r} (use B, KB/MB/GB/TB for 10³ⁿ bytes or KiB/MiB/GiB/TiB for 2¹⁰ⁿ)"
         )
     return int(round(value * SIZE_SUFFIXES[suffix]))
+
+
+def fmt_count(n: float | int | None) -> str:
+    """4194304 → '4.19 M'."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g} {unit}" if abs(n) / div < 100 else f"{n / div:.1f} {unit}"
+    return f"{int(n)}"
+
+
+def fmt_bytes(n: float | int | None) -> str:
+    """Binary units: 1048576 → '1.00 MiB'."""
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def fmt_float(x: float | None, digits: int = 3) -> str:
+    """``digits`` significant digits; '-' for None, NaN and ±inf."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}g}"

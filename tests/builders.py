@@ -1,5 +1,5 @@
 """Adapters built for tests: real PEFT on tiny transformers models (no downloads), and hand-built
-kohya / diffusers / mlx-lm files from the key conventions in ../shared/docs/formats.md.
+kohya / diffusers / mlx-lm files from the key conventions in docs/formats.md.
 
 Shared by every test module: add builders here (append; keep existing signatures stable).
 """

@@ -24,16 +24,3 @@ def one_torch_thread():
     yield
     torch.set_num_threads(n)
 
-
-# ---- slow tests (appended by the fuzz helper) ----------------------------------------------------------
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes-long tests, skipped unless -m slow or LORA_INSPECT_SLOW=1")
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get("LORA_INSPECT_SLOW") or "slow" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow: run with LORA_INSPECT_SLOW=1 or -m slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)

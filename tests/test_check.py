@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-
+import torch
 from builders import build_peft, edit_peft_tensors, run_cli
 
 
@@ -256,13 +256,13 @@ def test_github_step_summary(plain, tmp_path, monkeypatch):
     assert r.exit_code == 1
     text = out.read_text()
     assert text.startswith("earlier step\n")
-    assert "| adapter | rule | value | limit | result | detail |" in text
+    assert "| rule | value | limit | result | detail |" in text  # one table per adapter, titled by its path
     assert "| max-rank | 8 | 4 | FAIL |" in text and "1 rule failed" in text
 
 
 def test_markdown_format(plain):
     r = run_cli("check", plain, "--max-rank", "16", "--format", "markdown")
-    assert r.exit_code == 0 and "|---|---|---:|---:|---|---|" in r.stdout and "all 2 checks passed" in r.stdout
+    assert r.exit_code == 0 and "|---|---:|---:|---|---|" in r.stdout and "all 3 checks passed" in r.stdout
 
 
 # ---------------------------------------------------------------- pyproject policy
@@ -315,13 +315,13 @@ def test_header_only_rules_read_no_tensor_data(plain, monkeypatch):
     for cls in (tensors.SafetensorsSource, tensors.StateDictSource):
         orig = cls.get
         monkeypatch.setattr(cls, "get", lambda self, key, _o=orig: calls.append(key) or _o(self, key))
-    r = run_cli("check", plain, "--no-require-finite", "--max-rank", "8", "--max-size", "1MB", "--serving", "vllm",
+    r = run_cli("check", plain, "--no-integrity", "--max-rank", "8", "--max-size", "1MB", "--serving", "vllm",
                 "--serving", "llamacpp", "--serving", "sglang", "--base", "tiny-llama", "--deny-dora")
     assert r.exit_code == 0 and calls == []
-    run_cli("check", plain)  # require-finite (default) reads every tensor
+    run_cli("check", plain)  # the integrity rule (default) reads every tensor, once
     assert len(calls) == 8
     calls.clear()
-    run_cli("check", plain, "--no-require-finite", "--min-energy", "0.9@8")
+    run_cli("check", plain, "--no-integrity", "--min-energy", "0.9@8")
     assert calls
 
 
@@ -353,3 +353,79 @@ def test_sglang_alpha_only_in_header_config_fails(variants, root):
     save_file(load_file(str(src)), str(f), metadata={"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 16})})
     res = _rules(check(f, "--serving", "sglang", "--no-require-finite"))["sglang: alpha in config"]
     assert not res["ok"] and "SGLang reads α = r" in res["message"]
+
+
+# ---------------------------------------------------------------- the integrity rule (issue 9, class 4)
+@pytest.fixture(scope="module")
+def untrained(root):
+    """Two of four modules with an all-zero B (PEFT initialises B to zero: saved before training)."""
+    d = _build(root, "untrained", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)
+
+    def zero(sd):
+        for k in sorted(sd):
+            if k.endswith("lora_B.weight") and ".layers.1." in k:
+                sd[k] = torch.zeros_like(sd[k])
+        return sd
+
+    return edit_peft_tensors(d, zero)
+
+
+def _zero_b_modules(path):
+    """Independently: module names whose lora_B is all zero, read straight from the file."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    return sorted(k.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+                  for k, t in sd.items() if k.endswith("lora_B.weight") and not t.any())
+
+
+@pytest.mark.parametrize("extra", [(), ("--min-energy", "0.1@1")])  # from the values scan, and from the spectra
+def test_integrity_fails_untrained_modules_by_name(untrained, extra):
+    want = _zero_b_modules(untrained)
+    assert len(want) == 2
+    r = check(untrained, *extra)
+    res = _rules(r)["trained"]
+    assert r.exit_code == 1 and not res["ok"] and res["value"] == len(want)
+    for name in want:
+        assert name in res["message"]
+
+
+def test_integrity_on_by_default_off_by_flag_and_pyproject(untrained, plain, tmp_path, monkeypatch):
+    assert _rules(check(plain))["trained"]["ok"]
+    r = check(untrained, "--no-integrity")
+    assert r.exit_code == 0 and "trained" not in _rules(r) and "finite" not in _rules(r)
+    _pyproject(tmp_path / "pyproject.toml", "integrity = false\n")
+    monkeypatch.chdir(tmp_path)
+    r = run_cli("check", untrained, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["policy"]["integrity"] is False
+    r = run_cli("check", untrained, "--integrity", "--json")  # the flag overrides the file
+    assert r.exit_code == 1
+    _pyproject(tmp_path / "pyproject.toml", 'integrity = "yes"\n')
+    r = run_cli("check", untrained)
+    assert r.exit_code == 2 and "integrity must be true or false" in r.stderr
+
+
+def test_integrity_kohya_all_zero_up(tmp_path):
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    src = Path(__file__).resolve().parent.parent / "samples" / "planted-kohya.safetensors"
+    sd = load_file(str(src))
+    sd = {k: (torch.zeros_like(t) if "lora_up" in k else t) for k, t in sd.items()}
+    f = tmp_path / "zero.safetensors"
+    save_file(sd, str(f))
+    res = _rules(check(f))["trained"]
+    assert not res["ok"] and res["value"] == sum(k.endswith("lora_up.weight") for k in sd)
+
+
+def test_nan_rank_footer_names_modules_and_suggests_nothing_that_refuses(variants):
+    from lora_inspect import load_adapter
+    from lora_inspect.analysis import analyse
+    from lora_inspect.report import truncate_commands
+
+    res = run_cli("rank", variants["nan"])
+    assert res.exit_code == 0
+    bad = "model.layers.0.self_attn.q_proj"  # the first lora_A in key order was poisoned
+    assert bad in res.stdout.splitlines()[-1] and "truncate --" not in res.stdout
+    assert truncate_commands(analyse(load_adapter(variants["nan"]))) == []

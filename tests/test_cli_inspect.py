@@ -90,7 +90,7 @@ def test_rank_json_schema_and_summary(adapter, energy):
     assert set(mods) == {_short(n) for n in MODS}
     for full, (o, n, r, k, dt) in MODS.items():
         m = mods[_short(full)]
-        assert REQUIRED <= set(m)
+        assert set(m) >= REQUIRED
         alpha = 2.0 if "o_proj" in full else 16.0
         assert (m["kind"], m["shape"], m["rank"], m["alpha"]) == ("linear", [o, n], r, alpha)
         assert m["scale"] == pytest.approx(alpha / r)
@@ -114,7 +114,7 @@ def test_rank_json_schema_and_summary(adapter, energy):
 
     def count(rank_of):
         params = nbytes = 0
-        for full, (o, n, r, k, dt) in MODS.items():
+        for _full, (o, n, r, k, dt) in MODS.items():
             p = rank_of(r, k) * (o + n)
             params += p
             nbytes += p * (2 if dt == torch.bfloat16 else 4)
@@ -206,3 +206,58 @@ def test_rank_default_energy_is_the_library_default():
     from lora_inspect.commands import inspect as cmd
 
     assert cmd.DEFAULT_ENERGY == analysis.DEFAULT_ENERGY
+
+
+def test_reader_that_goes_away_does_not_change_the_exit_code(tmp_path):
+    """`lora-inspect rank … --json | head -1` (issue 9): the command's exit code stays its own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i in range(300):  # ~300 KB of JSON: more than a pipe buffer
+        n = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        sd[f"{n}.lora_A.weight"], sd[f"{n}.lora_B.weight"] = torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g)
+    d = tmp_path / "many"
+    d.mkdir()
+    save_file(sd, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["q_proj"]}))
+    root = Path(__file__).resolve().parent.parent
+    for args in (["rank", str(d), "--json"], ["check", str(d), "--no-config", "--json"]):
+        p = subprocess.Popen([sys.executable, "-m", "lora_inspect", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+        assert p.stdout is not None and p.stdout.readline()
+        p.stdout.close()
+        err = p.stderr.read().decode() if p.stderr else ""
+        assert p.wait(timeout=120) == 0, err
+        assert "Broken pipe" not in err and "Traceback" not in err
+
+
+def test_huge_float64_weights_no_runtime_warning(tmp_path):
+    """σ² of float64 factors near 1e150 overflows a plain sum of squares: every metric is computed on
+    σ/σ₁ (scale-invariant), so `rank` gives the same numbers as for the unscaled adapter and no warning."""
+    import warnings
+
+    d = {}
+    for scale, name in ((1.0, "small"), (1e150, "huge")):
+        p = tmp_path / name
+        p.mkdir()
+        sd = {}
+        for i in range(2):
+            b, a = _planted(16, 12, 4, 2, 10 + i)
+            sd[f"{P}.{i}.self_attn.q_proj.lora_A.weight"] = (a * scale).contiguous()
+            sd[f"{P}.{i}.self_attn.q_proj.lora_B.weight"] = (b * scale).contiguous()
+        save_file(sd, str(p / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (p / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4,
+                                                           "target_modules": ["q_proj"]}))
+        d[name] = p
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small, huge = cli_json("rank", d["small"]), cli_json("rank", d["huge"])
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+    for ms, mh in zip(small["modules"], huge["modules"]):
+        assert mh["energy_rank"] == ms["energy_rank"] == 2
+        assert mh["stable_rank"] == pytest.approx(ms["stable_rank"], rel=1e-9)
+        assert mh["singular_values"][0] == pytest.approx(ms["singular_values"][0] * 1e300, rel=1e-9)

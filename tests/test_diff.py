@@ -4,13 +4,14 @@ QR route (dense ΔW from PEFT's own merge or from the raw stored tensors, dense 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from builders import build_peft, kohya_delta, run_cli, write_kohya
 from safetensors.torch import save_file
 
-from builders import build_peft, kohya_delta, run_cli, write_kohya
 from lora_inspect import load_adapter
 from lora_inspect.diff import compare_factors, diff_adapters, factor_inner
 from lora_inspect.spectrum import energy_rank, relative_error, singular_values, truncate_factors
@@ -263,4 +264,45 @@ def test_library_api_pairs_in_a_order(llama):
     ad = load_adapter(llama.path)
     res = diff_adapters(ad, ad, top=2)
     assert [d.name for d in res.modules] == [m.name for m in ad.modules]
-    assert res.summary["by_type"]["q_proj"]["modules"] == 2
+    assert res.summary.by_type["q_proj"].modules == 2
+
+
+def test_one_side_zero_is_said_not_reported_as_a_worst_value(tmp_path):
+    """ΔW_B = 0 everywhere (an untrained B): the summary says where cosine/φ are undefined and names
+    the modules, instead of a worst value of '-' for module None (issue 9)."""
+    g = torch.Generator().manual_seed(5)
+    mods = {f"model.layers.{i}.self_attn.q_proj": (torch.randn(8, 2, generator=g), torch.randn(2, 8, generator=g))
+            for i in range(3)}
+    a = write_peft_dir(tmp_path / "a", mods, 2)
+    b = write_peft_dir(tmp_path / "b", {n: (torch.zeros_like(bb), aa) for n, (bb, aa) in mods.items()}, 2)
+    doc = diff_json(a, b)
+    assert all(m["norm_b"] == 0.0 and m["rel_distance"] == pytest.approx(1.0) for m in doc["modules"])
+    assert doc["summary"]["min_cosine"] is None and doc["summary"]["min_cosine_module"] is None
+    res = run_cli("diff", a, b)
+    assert res.exit_code == 0 and "None" not in res.stdout
+    assert "ΔW_B is zero (untrained?) in 3 of 3 compared modules" in res.stdout
+    assert "model.layers.0.self_attn.q_proj" in res.stdout.split("ΔW_B is zero")[1]
+    assert "cosine undefined" in res.stdout
+    res = run_cli("diff", b, a)
+    assert "relative distance ‖ΔW_A−ΔW_B‖_F/‖ΔW_A‖_F undefined" in res.stdout and "worst -" not in res.stdout
+
+
+def test_modules_in_layer_order_and_no_overflow_warning(tmp_path):
+    """Layer 2 before layer 10 (natural order), and float64 factors near 1e150 (σ² overflows a plain
+    sum of squares) give finite numbers and nothing on stderr."""
+    g = torch.Generator().manual_seed(6)
+    mods = {f"model.layers.{i}.mlp.up_proj": (torch.randn(8, 2, generator=g, dtype=torch.float64),
+                                              torch.randn(2, 8, generator=g, dtype=torch.float64)) for i in (10, 2, 1)}
+    a = write_peft_dir(tmp_path / "a", mods, 2)
+    big = write_peft_dir(tmp_path / "big", {n: (bb * 1e150, aa * 1e150) for n, (bb, aa) in mods.items()}, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run_cli("diff", a, big, "--json")
+    assert res.exit_code == 0 and res.stderr == "", res.stderr
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+    doc = json.loads(res.stdout)
+    assert [m["name"] for m in doc["modules"]] == [f"model.layers.{i}.mlp.up_proj" for i in (1, 2, 10)]
+    for m in doc["modules"]:
+        dense = (mods[m["name"]][0] @ mods[m["name"]][1]).norm().item() * 1e300
+        assert m["norm_b"] == pytest.approx(dense, rel=1e-9) and m["cosine"] == pytest.approx(1.0)
+        assert m["energy_rank_b"] == m["energy_rank_a"]

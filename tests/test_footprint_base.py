@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from builders import meta_causal_lm
+
 from lora_inspect.basemodels import from_hf_config, load_base, lora_params_for, preset_names, presets
 from lora_inspect.errors import InspectError
 
@@ -107,3 +107,61 @@ def test_unknown_preset():
 def test_from_hf_config_gpt2_defaults():
     b = from_hf_config({"model_type": "gpt2", "n_embd": 64, "n_layer": 1, "n_head": 4, "vocab_size": 10})
     assert b.intermediate == 256 and b.tied_embeddings and b.max_positions == 1024
+
+
+# --- the project's own training base (issue 9, class 7: footprint/check --base refused it) ---------------
+from pathlib import Path  # noqa: E402
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+@pytest.mark.parametrize("spec", [SAMPLES / "planted" / "base", SAMPLES / "planted" / "base" / "config.json",
+                                  SAMPLES / "planted", SAMPLES / "text" / "base"])
+def test_own_training_base_is_read(spec):
+    from lora_inspect.train.model import load_model
+
+    b = load_base(spec)
+    model = load_model(SAMPLES / "planted" / "base")  # the model itself: counts and shapes to compare with
+    assert b.param_counts()["total"] == sum(p.numel() for p in model.parameters())
+    linear = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    mods = {n: (ms.out, ms.inp) for n, ms in b.modules.items() if ms.kind == "linear"}
+    assert mods == linear
+    emb = model.model.embed_tokens.weight.shape
+    assert (b.modules["model.embed_tokens"].out, b.modules["model.embed_tokens"].inp) == tuple(emb)
+    assert b.model_type == "lora-inspect" and b.max_positions == model.config.max_seq_len
+
+
+def test_own_training_base_for_a_run_with_gqa(tmp_path):
+    from lora_inspect.train.model import ModelConfig, build_model, save_model
+
+    m = build_model(ModelConfig(dim=32, n_heads=4, n_kv_heads=2, hidden_dim=48, n_layers=3, vocab_size=300,
+                                tie_word_embeddings=True))
+    save_model(m, tmp_path / "base")
+    b = load_base(tmp_path / "base")
+    assert b.param_counts()["total"] == sum(p.numel() for p in m.parameters())  # tied: lm_head counted once
+    assert b.modules["model.layers.2.self_attn.k_proj"].out == 16 and b.kv_heads == 2
+
+
+@pytest.mark.parametrize("edit,msg", [({"dim": 0}, "dim must be ≥ 1"), ({"n_heads": "4"}, "n_heads must be a number"),
+                                      ({"n_kv_heads": 3}, "do not divide evenly"), ({"hidden_dim": 1.5}, "hidden_dim"),
+                                      ({"tie_word_embeddings": "no"}, "tie_word_embeddings")])
+def test_own_training_base_bad_values(tmp_path, edit, msg):
+    cfg = json.loads((SAMPLES / "planted" / "base" / "config.json").read_text())
+    cfg.update(edit)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InspectError, match=msg):
+        load_base(tmp_path)
+
+
+def test_footprint_and_check_accept_the_samples_base():
+    from builders import run_cli
+
+    res = run_cli("footprint", SAMPLES / "planted", "--base", SAMPLES / "planted" / "base", "--json")
+    assert res.exit_code == 0, res.output
+    from lora_inspect.train.model import load_model
+
+    base = json.loads(res.stdout)["base"]
+    want = sum(p.numel() for p in load_model(SAMPLES / "planted" / "base").parameters())
+    assert (base["params"], base["unmatched_modules"], base["model_type"]) == (want, 0, "lora-inspect")
+    res = run_cli("check", SAMPLES / "text", "--base", SAMPLES / "text" / "base")
+    assert res.exit_code == 0, res.output

@@ -13,8 +13,8 @@ from html.parser import HTMLParser
 
 import pytest
 import torch
-
 from builders import build_peft, run_cli
+
 from lora_inspect import load_adapter
 from lora_inspect.adapter import module_type
 from lora_inspect.analysis import analyse
@@ -222,3 +222,40 @@ def test_report_force_overwrites(adapters, tmp_path):
 def test_report_bad_input_exit_2(tmp_path):
     res = run_cli("report", tmp_path / "nope", "-o", tmp_path / "r.html")
     assert res.exit_code == 2 and res.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- issue 9 items
+@pytest.mark.parametrize("name", ["x.pdf", "x.png", "x"])
+def test_report_refuses_an_output_it_cannot_write(adapters, tmp_path, name):
+    out = tmp_path / name
+    res = run_cli("report", adapters[0].path, "-o", out)
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1 and ".html or .md" in res.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_report_format_contradicting_suffix_refused(adapters, tmp_path):
+    res = run_cli("report", adapters[0].path, "-o", tmp_path / "x.md", "--format", "html")
+    assert res.exit_code == 2 and "contradicts" in res.stderr
+
+
+def test_heatmaps_share_one_colour_scale(adapters):
+    from lora_inspect.report.figures import shared_scales
+
+    reps = [analyse(load_adapter(b.path), 0.95) for b in adapters]
+    sc = shared_scales(reps)
+    sig = [r.sigma1 for rep in reps for r in rep.modules if r.sigma1]
+    assert sc.sigma_lo == pytest.approx(min(sig)) and sc.sigma_hi == pytest.approx(max(sig))
+    assert sc.max_rank == max(m.rank for rep in reps for m in rep.adapter.modules)
+    # each adapter alone would have had its own, different scale
+    assert shared_scales(reps[:1]) != shared_scales(reps[1:])
+
+
+def test_captions_have_no_raw_tex(adapters):
+    reps = [analyse(load_adapter(b.path), 0.95) for b in adapters]
+    figs = [_fake_figs(r) for r in reps]
+    page = page_html(reps, figs)
+    names = {(i, f.key): f"r-{i}-{f.key}.png" for i, fs in enumerate(figs) for f in [fs.heatmap, *fs.types.values()]}
+    md = page_markdown(reps, figs, names)
+    for text in (page, md):
+        assert "_{" not in text and "\\sum" not in text and "Σᵢ₌₁ᵏ σᵢ²" in text
+    assert "share one colour scale" in page and "share one colour scale" in md

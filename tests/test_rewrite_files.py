@@ -158,16 +158,17 @@ def test_nan_input_refused_nothing_left(kohya, tmp_path):
 
 
 def test_failed_self_check_leaves_nothing(kohya, tmp_path, monkeypatch):
-    import lora_inspect.rewrite as rw
+    import importlib
 
+    rw = importlib.import_module("lora_inspect.rewrite.truncate")  # the module (the package exports the function)
     path, _ = kohya
-    real = rw._to_stored
+    real = rw.to_stored
 
     def corrupt(m, b, a, dtype):
         a_st, b_st = real(m, b, a, dtype)
         return a_st, b_st * 1.01
 
-    monkeypatch.setattr(rw, "_to_stored", corrupt)
+    monkeypatch.setattr(rw, "to_stored", corrupt)
     out_dir = tmp_path / "o"
     out_dir.mkdir()
     r = run_cli("truncate", path, "-o", out_dir / "out.safetensors", "--rank", "2")

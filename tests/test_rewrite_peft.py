@@ -188,7 +188,7 @@ def test_truncate_is_byte_deterministic(llama_rslora, tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
-@pytest.mark.parametrize("how", [("--factor", "0.5"), ("--factor", "-1.25"), ("--alpha", "4")])
+@pytest.mark.parametrize("how", [("--factor", "0.5"), ("--factor", "1.25"), ("--alpha", "4")])
 def test_rescale_config_llama(llama, tmp_path, how):
     r = run_cli("rescale", llama.path, "-o", tmp_path / "out", "--json", *how)
     assert r.exit_code == 0, r.output

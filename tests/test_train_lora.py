@@ -11,8 +11,8 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from lora_inspect.errors import InspectError
-from lora_inspect.train import LoRALinear, build_model, inject_lora, lora_scale, merge, save_adapter, target_matches
 from lora_inspect.formats import load_adapter
+from lora_inspect.train import LoRALinear, build_model, inject_lora, lora_scale, merge, save_adapter, target_matches
 from lora_inspect.train.lora import adapter_config, lora_modules, lora_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

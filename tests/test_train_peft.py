@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from lora_inspect.train import TrainConfig, load_model, run_training
 from lora_inspect.formats import load_adapter
+from lora_inspect.train import TrainConfig, load_model, run_training
 from lora_inspect.train.lora import lora_modules, merge
 from lora_inspect.train.model import load_base, logits_of
 

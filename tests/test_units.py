@@ -1,7 +1,8 @@
 """units: counts with decimal suffixes, sizes with SI and IEC units, one-line errors otherwise."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lora_inspect.errors import InspectError
 from lora_inspect.units import parse_count, parse_size

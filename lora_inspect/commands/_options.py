@@ -6,9 +6,12 @@ import functools
 
 import click
 
-from ..render import FORMATS
+from ..views.render import FORMATS
 
-__all__ = ["output_options", "resolve_format"]
+__all__ = ["output_options", "resolve_format", "ENERGY"]
+
+# τ, the fraction of Σσ² a recommendation keeps: the library checks it too, in words without flags
+ENERGY = click.FloatRange(0.0, 1.0, min_open=True)
 
 
 def output_options(func):

@@ -2,7 +2,7 @@
 
 Wiring only: policy discovery (``[tool.lora-inspect.check]`` in the nearest pyproject.toml), adapter
 discovery in directories, reading tensors only for the rules that need them, the GitHub step summary.
-The rules themselves live in :mod:`lora_inspect.gate`.
+The rules themselves live in :mod:`lora_inspect.checks`, the report in :mod:`lora_inspect.views.check`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,23 @@ from pathlib import Path
 
 import click
 
-from ..analysis import DEFAULT_ENERGY, analyse
+from ..analysis import analyse
 from ..basemodels import load_base
+from ..checks import (
+    Policy,
+    evaluate,
+    parse_min_energy,
+    parse_serving,
+    policy_from_table,
+    scan_values,
+    unreadable_results,
+)
+from ..defaults import DEFAULT_ENERGY
 from ..errors import EXIT_RULE_FAILED, InspectError, UnpairedFactorError
 from ..formats import load_adapter
-from ..gate import Policy, check_view, evaluate, nonfinite_tensors, parse_min_energy, parse_serving, policy_from_table, unreadable_results
-from ..render import emit, stderr_console
-from ..render import to_markdown  # type: ignore[attr-defined]
 from ..units import parse_count, parse_size
+from ..views.check import check_view
+from ..views.render import emit, stderr_console, to_markdown
 from ._options import output_options
 
 __all__ = ["check", "find_pyproject", "discover_adapters"]
@@ -100,6 +109,7 @@ Policy in pyproject.toml (flags override it):
   max-rank = 64
   max-size = "100MB"
   serving = ["vllm:64"]
+  integrity = true      # no NaN/inf, no all-zero B (the default)
 \b
 Exit codes: 0 every rule holds, 1 a rule failed, 2 bad input.
 """,
@@ -111,18 +121,21 @@ Exit codes: 0 every rule holds, 1 a rule failed, 2 bad input.
 @click.option("--max-extra-params", default=None, metavar="N", help="Most full-tensor parameters (modules_to_save, whole embeddings).")
 @click.option("--min-energy", default=None, metavar="τ@K", help="Every module keeps ≥ τ of Σσ² in its top K directions (reads tensors).")
 @click.option("--allow-dora/--deny-dora", "allow_dora", default=None, help="Allow or refuse DoRA adapters.")
-@click.option("--require-finite/--no-require-finite", "require_finite", default=None, help="Refuse NaN/inf in any tensor (default on; reads tensors).")
+@click.option("--integrity/--no-integrity", "integrity", default=None,
+              help="Refuse NaN/inf in any tensor and modules whose B is all zero (untrained); default on; reads tensors.")
+@click.option("--require-finite/--no-require-finite", "require_finite", default=None, help="The NaN/inf part of --integrity alone.")
 @click.option("--serving", multiple=True, metavar="PROFILE[:R]", help="vllm[:max_lora_rank], llamacpp, lorax, sglang, ollama (repeatable).")
 @click.option("--base", default=None, metavar="PRESET|CONFIG.json", help="Every module must exist in this base with the same shape.")
 @click.option("--no-config", is_flag=True, help="Ignore [tool.lora-inspect.check] in pyproject.toml.")
 @output_options
 @click.pass_context
 def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, max_size, max_extra_params, min_energy,
-          allow_dora, require_finite, serving, base, no_config: bool, fmt: str) -> None:
+          allow_dora, integrity, require_finite, serving, base, no_config: bool, fmt: str) -> None:
     """Gate ADAPTER... (files, adapter directories, or directories of adapters) against a policy.
 
-    Every failure is named with the adapter's value and the limit. Only --min-energy and
-    --require-finite read tensor data; every other rule reads the file header alone.
+    Every failure is named with the adapter's value and the limit. The integrity rule (on by
+    default) fails NaN/inf in any tensor and modules whose B is all zero, an adapter saved before
+    training. Only it and --min-energy read tensor data; every other rule reads the file header alone.
     When $GITHUB_STEP_SUMMARY is set, the Markdown report is appended to it.
     """
     fields: dict = {}
@@ -142,6 +155,7 @@ def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, m
         "min_energy": None if min_energy is None else parse_min_energy(min_energy),
         "allow_dora": allow_dora,
         "require_finite": require_finite,
+        "integrity": integrity,
         "serving": [parse_serving(s) for s in serving] or None,
         "base": base,
     }
@@ -159,8 +173,8 @@ def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, m
             continue
         report = analyse(ad, DEFAULT_ENERGY) if policy.needs_spectra else None
         # the spectra already read every module's factors: only the other tensors are scanned again
-        bad = nonfinite_tensors(ad, report) if policy.needs_values else None
-        entries.append((_shown(p), evaluate(ad, policy, base=bm, report=report, nonfinite=bad)))
+        values = scan_values(ad, report, finite=policy.require_finite) if policy.needs_values else None
+        entries.append((_shown(p), evaluate(ad, policy, base=bm, report=report, values=values)))
 
     view = check_view(entries, policy, source)
     emit(view, fmt)

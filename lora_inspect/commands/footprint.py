@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import click
 
-from ..analysis import DEFAULT_ENERGY, analyse
+from ..analysis import analyse
 from ..basemodels import load_base
-from ..footprint import ADAPTER_DTYPE_BYTES, DEFAULTS, QUANT_BYTES, SERVING_DTYPE_BYTES, footprint_view
+from ..defaults import DEFAULT_ENERGY
+from ..footprint import ADAPTER_DTYPE_BYTES, DEFAULTS, QUANT_BYTES, SERVING_DTYPE_BYTES
 from ..footprint import footprint as estimate_footprint
 from ..formats import load_adapter
-from ..render import emit, progress
-from ..views import adapter_summary
-from ._options import output_options
+from ..views.footprint import footprint_view
+from ..views.inspect import adapter_summary
+from ..views.render import emit, progress
+from ._options import ENERGY, output_options
 
 __all__ = ["footprint_cmd", "footprint"]
 
@@ -40,7 +42,7 @@ qwen2.5-0.5b, gpt2, tiny-llama, tiny-gpt2.
 @click.option("--serving-dtype", type=click.Choice(sorted(SERVING_DTYPE_BYTES)), default=DEFAULTS["serving_dtype"], show_default=True, help="Dtype a server holds adapters in.")
 @click.option("--max-loras", type=click.IntRange(min=1), default=DEFAULTS["max_loras"], show_default=True, help="vLLM --max-loras (adapter slots per batch).")
 @click.option("--max-lora-rank", type=click.IntRange(min=1), default=DEFAULTS["max_lora_rank"], show_default=True, help="vLLM --max-lora-rank (every slot is padded to it).")
-@click.option("--energy", type=float, default=DEFAULT_ENERGY, show_default=True, help="τ for the recommended rank (as `rank`).")
+@click.option("--energy", type=ENERGY, default=DEFAULT_ENERGY, show_default=True, help="τ for the recommended rank (as `rank`).")
 @output_options
 def footprint_cmd(adapter: str, base: str | None, quant: str, batch: int, seq: int, grad_checkpointing: bool,
                   optimizer: str, adapter_dtype: str, serving_dtype: str, max_loras: int, max_lora_rank: int,

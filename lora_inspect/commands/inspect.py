@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import click
 
+from ..defaults import DEFAULT_ENERGY
 from ..formats import load_adapter
-from ..render import emit, progress
-from ..views import info_view, rank_view
-from ._options import output_options
-
-DEFAULT_ENERGY = 0.95  # == analysis.DEFAULT_ENERGY (kept here so `info` does not import torch)
+from ..views.inspect import info_view, rank_view
+from ..views.render import emit, progress
+from ._options import ENERGY, output_options
 
 __all__ = ["info", "rank"]
 
@@ -42,7 +41,7 @@ Examples:
 )
 @click.argument("adapter", type=click.Path())
 @click.option(
-    "--energy", type=float, default=DEFAULT_ENERGY, show_default=True,
+    "--energy", type=ENERGY, default=DEFAULT_ENERGY, show_default=True,
     help="τ: keep this fraction of Σσ² (the squared Frobenius norm of ΔW) when recommending a rank.",
 )
 @click.option("--module", "module_regex", default=None, help="Only modules whose name matches this regex (re.search).")

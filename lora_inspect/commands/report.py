@@ -4,6 +4,7 @@ the pages in :mod:`lora_inspect.report`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import tempfile
@@ -11,13 +12,15 @@ from pathlib import Path
 
 import click
 
-from ..analysis import DEFAULT_ENERGY, analyse
+from ..analysis import analyse
+from ..defaults import DEFAULT_ENERGY
 from ..diff import diff_adapters
 from ..errors import InspectError
 from ..formats import load_adapter
-from ..render import emit, progress, stderr_console
-from ..report import build_report, diff_view, require_matplotlib
-from ._options import output_options
+from ..report import REPORT_FORMATS, build_report, require_matplotlib
+from ..views.diff import diff_view
+from ..views.render import emit, progress, stderr_console
+from ._options import ENERGY, output_options
 
 __all__ = ["report", "diff"]
 
@@ -51,11 +54,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
+
+
+def _report_format(out: Path, fmt: str | None) -> str:
+    """The page format: from --format or the suffix; an output named for another format (x.pdf) is
+    refused rather than silently written as HTML."""
+    by_suffix = REPORT_FORMATS.get(out.suffix.lower())
+    if by_suffix is None:
+        raise InspectError(f"{out}: report writes .html or .md pages, not {out.suffix or 'a file without a suffix'}",
+                           hint="name the output report.html or report.md")
+    if fmt is not None and fmt != by_suffix:
+        raise InspectError(f"{out}: --format {fmt} contradicts the {out.suffix} suffix")
+    return by_suffix
 
 
 @click.command(
@@ -71,10 +84,10 @@ Examples:
 @click.option(
     "--format", "fmt", type=click.Choice(["html", "md"]), default=None,
     help="html: one self-contained file (images inline); md: Markdown with PNG files beside it. "
-    "Default: from the --output suffix (.md → md), else html.",
+    "Default: from the --output suffix (.html/.htm → html, .md/.markdown → md; other suffixes are refused).",
 )
 @click.option(
-    "--energy", type=float, default=DEFAULT_ENERGY, show_default=True,
+    "--energy", type=ENERGY, default=DEFAULT_ENERGY, show_default=True,
     help="τ: keep this fraction of Σσ² when recommending a rank.",
 )
 @click.option(
@@ -90,9 +103,9 @@ def report(adapters: tuple[str, ...], output: str, fmt: str | None, energy: floa
     Needs matplotlib (pip install 'lora-inspect[plot]').
     """
     out = Path(output)
-    fmt = fmt or ("md" if out.suffix.lower() in (".md", ".markdown") else "html")
     inputs = _inputs(adapters)
     _check_target(out, inputs, force)
+    fmt = _report_format(out, fmt)
     require_matplotlib()  # before any work
     loaded = [load_adapter(a) for a in adapters]
     total = sum(len(ad.modules) for ad in loaded)
@@ -126,11 +139,11 @@ Examples:
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
 @click.option(
-    "--energy", type=float, default=DEFAULT_ENERGY, show_default=True,
+    "--energy", type=ENERGY, default=DEFAULT_ENERGY, show_default=True,
     help="τ for each side's energy rank; φ uses at most that many directions.",
 )
 @click.option(
-    "--top", type=int, default=1, show_default=True,
+    "--top", type=click.IntRange(min=1), default=1, show_default=True,
     help="K: subspace similarity φ(i, i) over the top i = min(K, rank@τ of A, rank@τ of B) singular directions.",
 )
 @click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")

@@ -7,15 +7,43 @@ from pathlib import Path
 
 import click
 
-from ..errors import InspectError
+from ..errors import InspectError, OptionError
 from ..formats import load_adapter
-from ..render import emit, progress, warn
-from ..units import parse_count, parse_size
-from ..rewrite import TruncateSpec, rescale_view, truncate_view
+from ..rewrite import TruncateSpec
 from ..rewrite import rescale as do_rescale
 from ..rewrite import truncate as do_truncate
+from ..units import parse_count, parse_size
 from ..views import adapter_summary
+from ..views.render import emit, progress, warn
+from ..views.rewrite import rescale_view, truncate_view
 from ._options import output_options
+
+# the library names a request value as a parameter; the commands name their flags
+FLAGS = {"rank": "--rank", "energy": "--energy", "max_params": "--max-params", "max_bytes": "--max-size",
+         "uniform": "--uniform", "factor": "--factor", "alpha": "--alpha", "bake": "--bake", "force": "--force"}
+# a library hint about a parameter, said with the flag
+HINTS = {"bake": "use --bake to multiply B instead", "factor": "use --factor", "force": "pass --force to replace it"}
+
+
+def _with_flag(e: InspectError) -> InspectError:
+    if e.option in HINTS and not isinstance(e, OptionError):
+        return InspectError(e.message, hint=HINTS[e.option])
+    return e
+
+
+def _as_usage(e: OptionError) -> click.UsageError:
+    flag = FLAGS.get(e.option, e.option)
+    msg = e.message.replace(f"{e.option} must", f"{flag} must").replace(f"{e.option} goes", f"{flag} goes")
+    if msg == e.message and not msg.startswith(flag):
+        msg = f"{flag}: {msg}"
+    return click.UsageError(msg)
+
+
+def _exactly_one(**given) -> None:
+    named = [FLAGS[k] for k, x in given.items() if x is not None]
+    if len(named) != 1:
+        flags = ", ".join(FLAGS[k] for k in given)
+        raise click.UsageError(f"give exactly one of {flags}" + (f" (got {', '.join(named)})" if named else ""))
 
 __all__ = ["truncate_cmd", "rescale_cmd", "truncate", "rescale"]
 
@@ -70,12 +98,27 @@ def truncate_cmd(adapter, out, rank, energy, max_params, max_size, uniform, forc
     evenly between the new factors with the scale baked in. OUT keeps ADAPTER's layout and dtype;
     it is written atomically, re-read and checked before it appears.
     """
-    ad = load_adapter(adapter)
+    _exactly_one(rank=rank, energy=energy, max_params=max_params, max_bytes=max_size)
     spec = TruncateSpec(rank=rank, energy=energy, max_params=max_params, max_bytes=max_size, uniform=uniform)
-    with progress(len(ad.modules), "truncating", enabled=fmt == "table") as advance:
-        res = do_truncate(ad, Path(out), spec, force=force, progress=advance)
+    try:
+        spec.validate()
+    except OptionError as e:
+        raise _as_usage(e) from e
+    except InspectError as e:
+        raise _with_flag(e) from e
+    ad = load_adapter(adapter)
+    try:
+        with progress(len(ad.modules), "truncating", enabled=fmt == "table") as advance:
+            res = do_truncate(ad, Path(out), spec, force=force, progress=advance)
+    except OptionError as e:
+        raise _as_usage(e) from e
+    except InspectError as e:
+        raise _with_flag(e) from e
     for w in res.warnings:
         warn(w)
+    for n in res.notes:
+        if n.startswith("removed "):  # a stale temporary of a killed run: said on stderr too
+            click.echo(f"lora-inspect: note: {n}", err=True)
     emit(truncate_view(res, adapter_summary(ad), max_rows=None if show_all or fmt != "table" else 40), fmt)
 
 
@@ -103,11 +146,20 @@ def rescale_cmd(adapter, out, alpha, factor, bake, force, show_all, fmt):
     kohya/diffusers: every .alpha tensor × F; mlx-lm: lora_parameters.scale × F. --bake multiplies
     the B factors instead. OUT is written atomically, re-read and checked.
     """
+    _exactly_one(alpha=alpha, factor=factor)
     ad = load_adapter(adapter)
-    with progress(len(ad.modules), "spectra", enabled=fmt == "table") as advance:
-        res = do_rescale(ad, Path(out), factor=factor, alpha=alpha, bake=bake, force=force, progress=advance)
+    try:
+        with progress(len(ad.modules), "spectra", enabled=fmt == "table") as advance:
+            res = do_rescale(ad, Path(out), factor=factor, alpha=alpha, bake=bake, force=force, progress=advance)
+    except OptionError as e:
+        raise _as_usage(e) from e
+    except InspectError as e:
+        raise _with_flag(e) from e
     for w in res.warnings:
         warn(w)
+    for n in res.notes:
+        if n.startswith("removed "):  # a stale temporary of a killed run: said on stderr too
+            click.echo(f"lora-inspect: note: {n}", err=True)
     emit(rescale_view(res, adapter_summary(ad), max_rows=None if show_all or fmt != "table" else 40), fmt)
 
 

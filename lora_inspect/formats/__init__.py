@@ -1,7 +1,10 @@
-"""Readers for every adapter layout, behind one function: :func:`load_adapter`.
+"""Readers and writers for every adapter layout, behind one function: :func:`load_adapter`.
 
-The layout is detected from what is there — a config file, the weight file's name, the key names —
-and only the header is read; tensor data stays memory-mapped until a module's factors are asked for.
+:func:`load_adapter` locates the weights (and a config beside them); the layout is then chosen
+from :data:`LAYOUTS`, an ordered list of :class:`~lora_inspect.formats.layout.Layout` plug-ins
+tried first-match-wins on the key names and the config (as PEFT's dispatchers). Only the header
+is read; tensor data stays memory-mapped until a module's factors are asked for. Adding a layout
+is one file in this package and one line in :data:`LAYOUTS`.
 """
 
 from __future__ import annotations
@@ -11,34 +14,65 @@ from pathlib import Path
 
 from ..adapter import Adapter
 from ..errors import InspectError
-from .mlx import looks_like_mlx, read_mlx
-from .peft import looks_like_peft, read_config, read_peft
-from .sd import looks_like_diffusers, looks_like_kohya, read_diffusers, read_kohya
+from .diffusers import DiffusersLayout
+from .diffusers_attn import DiffusersAttnProcsLayout
+from .kohya import KohyaLayout
+from .layout import Capabilities, Found, Layout
+from .mlx import MlxLayout
+from .peft import PeftLayout, read_config
 from .tensors import TensorSource, open_tensors
 
-__all__ = ["load_adapter", "detect_format"]
+__all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "MAX_TENSORS",
+           "ADAPTER_MARKERS"]
+
+# Tried in order, first match wins (as PEFT's dispatchers). A new layout: one file, one line here.
+LAYOUTS: list[Layout] = [
+    KohyaLayout(),
+    MlxLayout(),
+    DiffusersLayout(),  # only without a config beside the file: with one, PEFT reads it
+    DiffusersAttnProcsLayout(),
+    PeftLayout(),
+]
+
+# Reading is linear in the number of tensors, but at 200,000 tensors even linear work (the header's
+# JSON, one table row per tensor) takes tens of seconds; the largest real adapters hold ~10,000
+# (SDXL kohya all-layers: ~6,600; Llama-3-70B all-linear: 1,120), so more is refused in one line.
+MAX_TENSORS = 100_000
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# a directory holding one of these is an adapter (--force may replace it; nothing else)
+ADAPTER_MARKERS: tuple[str, ...] = tuple(dict.fromkeys(f for layout in LAYOUTS for f in layout.marker_files))
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # PeftModel.state_dict() keeps the adapter name: ….lora_A.default.weight, ….lora_embedding_A.default
 _ADAPTER_NAMED = re.compile(r"\.lora_(?:A|B)\.[^.]+\.weight$|\.lora_embedding_(?:A|B)\.[^.]+$")
 
 
-def _from_file(path: Path, *, shown: Path, config: dict | None = None, config_path: Path | None = None) -> Adapter:
+def layout_named(fmt: str) -> Layout:
+    """The layout that produces the format string ``fmt`` (``peft-bin`` → the PEFT layout)."""
+    for layout in LAYOUTS:
+        if fmt in layout.formats:
+            return layout
+    raise InspectError(f"no layout writes format {fmt!r}")
+
+
+def _layout_for(keys: list[str], found: Found) -> Layout | None:
+    return next((layout for layout in LAYOUTS if layout.matches(keys, found)), None)
+
+
+def _from_file(found: Found) -> Adapter:
+    path = found.weights
     source = open_tensors(path)
     keys = source.keys()
     if not keys:
         raise InspectError(f"{path}: the file holds no tensors")
-    fmt = detect_format(source)
-    if fmt == "mlx":
-        return read_mlx(source, shown, config, config_path)
-    if fmt == "kohya":
-        return read_kohya(source, shown)
-    if fmt == "diffusers" and config is None:
-        return read_diffusers(source, shown)
-    if fmt in ("peft", "diffusers"):
-        sub = "peft" if shown.is_dir() else ("peft-bin" if path.suffix != ".safetensors" else "peft-safetensors")
-        return read_peft(source, path=shown, config=config, config_path=config_path, fmt=sub)
+    if len(keys) > MAX_TENSORS:
+        raise InspectError(f"{path}: {len(keys)} tensors, more than the {MAX_TENSORS} an adapter can hold here "
+                           "(the largest real adapters have ~10,000)")
+    layout = _layout_for(keys, found)
+    if layout is not None:
+        ad = layout.read(source, found)
+        ad.layout = layout
+        return ad
     named = next((k for k in keys if _ADAPTER_NAMED.search(k)), None)
     if named is not None:
         raise InspectError(
@@ -54,16 +88,9 @@ def _from_file(path: Path, *, shown: Path, config: dict | None = None, config_pa
 
 
 def detect_format(source: TensorSource) -> str | None:
-    keys = source.keys()
-    if looks_like_kohya(keys):
-        return "kohya"
-    if looks_like_mlx(keys):
-        return "mlx"
-    if looks_like_diffusers(keys):
-        return "diffusers"
-    if looks_like_peft(keys):
-        return "peft"
-    return None
+    """The name of the first layout whose detection accepts ``source``'s keys (no config assumed)."""
+    layout = _layout_for(source.keys(), Found(source.path, source.path))
+    return None if layout is None else layout.name
 
 
 def _named_adapter_dirs(p: Path) -> list[str]:
@@ -81,13 +108,13 @@ def load_adapter(path: str | Path) -> Adapter:
         cfg_path = p / "adapter_config.json"
         if (p / "adapters.safetensors").is_file():  # mlx-lm
             cfg = read_config(cfg_path) if cfg_path.is_file() else None
-            return _from_file(p / "adapters.safetensors", shown=p, config=cfg, config_path=cfg_path if cfg else None)
+            return _from_file(Found(p / "adapters.safetensors", p, cfg, cfg_path if cfg is not None else None))
         for name in PEFT_WEIGHTS:
             if (p / name).is_file():
                 if not cfg_path.is_file():
                     raise InspectError(f"{p}: has {name} but no adapter_config.json (copy it from the training run)")
                 cfg = read_config(cfg_path)
-                ad = _from_file(p / name, shown=p, config=cfg, config_path=cfg_path)
+                ad = _from_file(Found(p / name, p, cfg, cfg_path))
                 subs = _named_adapter_dirs(p)
                 if subs:  # save_pretrained of several adapters: "default" here, the others in subfolders
                     ad.notes.append(f"{len(subs)} more adapters in subfolders ({', '.join(subs[:5])}"
@@ -97,7 +124,7 @@ def load_adapter(path: str | Path) -> Adapter:
             raise InspectError(f"{p}: has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
         weights = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
         if len(weights) == 1:
-            return _from_file(weights[0], shown=weights[0])
+            return _from_file(Found(weights[0], weights[0]))
         if not weights:
             subs = _named_adapter_dirs(p)
             if subs:  # save_pretrained of a PeftModel with several adapters: one subfolder per named adapter
@@ -111,5 +138,5 @@ def load_adapter(path: str | Path) -> Adapter:
         raise InspectError(f"{p}: not an adapter file (expected .safetensors or .bin, or a directory)")
     side = p.parent / "adapter_config.json"
     if side.is_file():
-        return _from_file(p, shown=p, config=read_config(side), config_path=side)
-    return _from_file(p, shown=p)
+        return _from_file(Found(p, p, read_config(side), side))
+    return _from_file(Found(p, p))

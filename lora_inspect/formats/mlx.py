@@ -7,65 +7,109 @@ division by r). DoRA adds ``.m``. One rank for all modules (``lora_parameters.ra
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..adapter import ORIENT_MLX, Adapter
+from .. import validate as v
+from ..adapter import Adapter
 from ..errors import InspectError
+from ..orientation import MLX
 from .common import build_module, group_keys
-from .tensors import TensorSource
+from .layout import Capabilities, DirectoryLayout, Found, Rewrite
 
-__all__ = ["read_mlx", "looks_like_mlx"]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .tensors import TensorSource
+
+__all__ = ["MlxLayout", "looks_like_mlx", "MLX_DEFAULT_SCALE"]
 
 MLX_SUFFIXES = {".lora_a": "A", ".lora_b": "B", ".m": "m"}
 MLX_DEFAULT_SCALE = 20.0
+WEIGHTS = "adapters.safetensors"
 
 
 def looks_like_mlx(keys: list[str]) -> bool:
     return any(k.endswith(".lora_a") for k in keys)
 
 
-def read_mlx(source: TensorSource, path: Path, config: dict | None, config_path: Path | None) -> Adapter:
-    cfg = config or {}
-    notes = []
-    ftt = cfg.get("fine_tune_type", "lora")
+def _params(cfg: dict, where: str, notes: list[str]) -> tuple[str, float, int | None]:
+    ftt = v.string(cfg, "fine_tune_type", where, default="lora")
     if ftt == "full":
-        raise InspectError(f"{config_path}: fine_tune_type is 'full': this is a full fine-tune, not an adapter")
-    params = cfg.get("lora_parameters") or {}
-    if not isinstance(params, dict):
-        raise InspectError(f"{config_path}: lora_parameters must be an object")
-    scale = params.get("scale")
+        raise InspectError(f"{where}: fine_tune_type is 'full': this is a full fine-tune, not an adapter")
+    params = v.mapping(cfg, "lora_parameters", where)
+    lp_where = f"{where}: lora_parameters"
+    scale = v.number(params, "scale", lp_where, default=None)
     if scale is None:
         scale = MLX_DEFAULT_SCALE
         notes.append(f"no lora_parameters.scale: mlx-lm's default {MLX_DEFAULT_SCALE:g} assumed")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise InspectError(f"{config_path}: lora_parameters.scale must be a number, found {scale!r}")
-    groups, rest = group_keys(source.keys(), MLX_SUFFIXES)
-    if not groups:
-        raise InspectError(f"{source.path}: no lora_a/lora_b pairs found")
-    modules = []
-    for name in sorted(groups):
-        # mlx's scale is absolute: express it as PEFT's α = scale·r so that α/r = scale
-        r = source.info(groups[name]["A"]).shape[-1] if "A" in groups[name] else 0
-        mod, _ = build_module(name, groups[name], source, orient=ORIENT_MLX, alpha=float(scale) * max(r, 1))
-        mod.scale = float(scale)
-        modules.append(mod)
-    want = params.get("rank")
-    ranks = Counter(m.rank for m in modules)
-    if want is not None and set(ranks) != {want}:
-        raise InspectError(f"{config_path}: lora_parameters.rank is {want} but the tensors have ranks {sorted(ranks)}")
-    return Adapter(
-        path=path,
-        format="mlx",
-        weights_path=source.path,
-        source=source,
-        modules=modules,
-        extras=sorted(rest),
-        config=config,
-        config_path=config_path,
-        r=ranks.most_common(1)[0][0],
-        alpha=None,
-        use_dora=ftt == "dora" or any(m.is_dora for m in modules),
-        base_model=cfg.get("model"),
-        notes=notes,
-    )
+    return ftt, float(scale), v.integer(params, "rank", lp_where, default=None, minimum=1)
+
+
+class MlxLayout(DirectoryLayout):
+    name = "mlx"
+    formats = ("mlx",)
+    marker_files = (WEIGHTS,)
+    caps = Capabilities(per_module_rank=False, per_module_alpha=False, dora=True, conv=False, embeddings=False,
+                        one_rank_only=True, alpha="scale")
+
+    def matches(self, keys: list[str], found: Found) -> bool:
+        return looks_like_mlx(keys)
+
+    def read(self, source: "TensorSource", found: Found) -> Adapter:
+        notes: list[str] = []
+        where = str(found.config_path or found.shown)
+        ftt, scale, want = _params(found.config or {}, where, notes)
+        groups, rest = group_keys(source.keys(), MLX_SUFFIXES)
+        if not groups:
+            raise InspectError(f"{source.path}: no lora_a/lora_b pairs found")
+        modules = []
+        for name in sorted(groups):
+            # mlx's scale is absolute: express it as PEFT's α = scale·r so that α/r = scale
+            r = source.info(groups[name]["A"]).shape[-1] if "A" in groups[name] else 0
+            mod, _ = build_module(name, groups[name], source, orient=MLX, alpha=scale * max(r, 1))
+            mod.scale = scale
+            modules.append(mod)
+        ranks = Counter(m.rank for m in modules)
+        if want is not None and set(ranks) != {want}:
+            raise InspectError(f"{where}: lora_parameters.rank is {want} but the tensors have ranks {sorted(ranks)}")
+        return Adapter(
+            path=found.shown, format="mlx", weights_path=source.path, source=source, modules=modules,
+            extras=sorted(rest), config=found.config, config_path=found.config_path,
+            r=ranks.most_common(1)[0][0], alpha=None, use_dora=ftt == "dora" or any(m.is_dora for m in modules),
+            base_model=v.string(found.config or {}, "model", where), notes=notes,
+        )
+
+    # ------------------------------------------------------------------ rewriting
+    def output_format(self, ad: Adapter, out: Path) -> str:
+        if out.suffix in (".safetensors", ".bin"):
+            raise InspectError(f"{out}: an mlx-lm adapter is a directory, so OUT must not end in {out.suffix}; "
+                               "name a directory")
+        return "mlx"
+
+    def global_alpha(self, ad: Adapter) -> float | None:
+        raise InspectError(f"{ad.path}: mlx-lm adapters have an absolute scale, not an alpha",
+                           hint="give a factor instead", option="factor")
+
+    def _config(self, ad: Adapter, **lp_changes: float | int) -> dict:
+        config: dict[str, Any] = copy.deepcopy(ad.config) if ad.config is not None else {"fine_tune_type": "lora"}
+        lp: dict[str, Any] = dict(config.get("lora_parameters") or {})
+        lp.update(lp_changes)
+        config["lora_parameters"] = lp
+        return config
+
+    def truncated(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+                  dropped: list[str]) -> Rewrite:
+        # mlx-lm's scale is absolute: the old one is baked into the factors
+        return Rewrite(out_fmt, tensors, dict(ad.metadata), self._config(ad, rank=int(max(ranks.values())), scale=1.0))
+
+    def rescaled(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+        return Rewrite(out_fmt, tensors, dict(ad.metadata), self._config(ad, scale=float(ad.modules[0].scale * factor)))
+
+    def baked(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+        return Rewrite(out_fmt, tensors, dict(ad.metadata), ad.config)
+
+    def weights_name(self, ad: Adapter) -> str:
+        return WEIGHTS

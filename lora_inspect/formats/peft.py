@@ -1,26 +1,37 @@
 """PEFT adapters: ``save_pretrained`` directories and bare safetensors/.bin files with PEFT keys.
 
 Key conventions (peft 0.21, ``get_peft_model_state_dict``): ``base_model.model.<module>.<suffix>`` with
-the adapter name removed. Scale and pattern rules follow ``peft.tuners.lora`` (see
-``../shared/docs/formats.md``): s = α/r or α/√r (rsLoRA); r and α per module via ``rank_pattern`` /
-``alpha_pattern`` matched with ``peft.utils.other.get_pattern_key``; AdaLoRA s = α/(r + 1e-5).
+the adapter name removed. Scale and pattern rules are PEFT's (:mod:`lora_inspect.peft_rules`,
+docs/formats.md): s = α/r or α/√r (rsLoRA); r and α per module via ``rank_pattern`` /
+``alpha_pattern``; AdaLoRA s = α/(r + 1e-5). Every config value is validated where it enters
+(:mod:`lora_inspect.validate`). Formats: ``peft`` (directory), ``peft-safetensors``, ``peft-bin``.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..adapter import ORIENT_EMBEDDING, ORIENT_PEFT, Adapter
+from .. import validate as v
+from ..adapter import Adapter, Module
 from ..errors import InspectError
-from .common import build_module, group_keys, pattern_lookup
+from ..orientation import EMBEDDING, PEFT
+from ..peft_rules import PEFT_DEFAULT_ALPHA, PEFT_PREFIX, compiled_patterns, lookup_compiled
+from .common import build_module, group_keys
+from .diffusers import looks_like_diffusers
+from .layout import Capabilities, DirectoryLayout, Found, Rewrite, write_weights
+from .peft_config import config_in_metadata, metadata_alpha, rescaled_config, truncated_config
 from .tensors import TensorSource
 
-__all__ = ["read_peft", "read_config", "PEFT_PREFIX", "PEFT_SUFFIXES", "looks_like_peft"]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-PEFT_PREFIX = "base_model.model."
+    from ..files import AtomicOutput
+
+__all__ = ["PeftLayout", "read_config", "PEFT_PREFIX", "PEFT_SUFFIXES", "looks_like_peft"]
+
 PEFT_SUFFIXES = {
     ".lora_A.weight": "A",
     ".lora_B.weight": "B",
@@ -34,7 +45,6 @@ PEFT_SUFFIXES = {
     ".lora_E": "E",
 }
 LOW_RANK_TYPES = {"LORA", "ADALORA"}
-PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig.lora_alpha (AdaLoraConfig inherits it)
 
 
 def looks_like_peft(keys: list[str]) -> bool:
@@ -42,150 +52,236 @@ def looks_like_peft(keys: list[str]) -> bool:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InspectError(f"{path}: cannot read: {e.strerror or e}") from e
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InspectError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
-    if not isinstance(cfg, dict):
-        raise InspectError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
-    return cfg
+    """adapter_config.json (any BOM-marked Unicode encoding; size and depth limited)."""
+    return v.read_json_object(path)
 
 
-def _num(cfg: dict, field: str, path: Path, default=None):
-    v = cfg.get(field, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InspectError(f"{path}: {field} must be a number, found {v!r}")
-    return v
+@dataclass
+class _Settings:
+    """The config values the reader uses, each validated."""
+
+    peft_type: str | None
+    adalora: bool
+    rslora: bool
+    r: int | None
+    alpha: float | None
+    rank_pattern: list
+    alpha_pattern: list
+    use_dora: bool
+    base_model: str | None
+    target_modules: Any
 
 
-def _pattern(cfg: dict, field: str, path: Path) -> dict:
-    v = cfg.get(field) or {}
-    if not isinstance(v, dict):
-        raise InspectError(f"{path}: {field} must be an object mapping module patterns to values")
-    return v
+def _settings(cfg: dict, where: str, found: Found, source: TensorSource, notes: list[str]) -> _Settings:
+    peft_type = v.string(cfg, "peft_type", where)
+    adalora = str(peft_type or "").upper() == "ADALORA" or any(k.endswith(".lora_E") for k in source.tensors)
+    r = v.integer(cfg, "r", where, default=None, minimum=1)
+    if adalora:
+        r = v.integer(cfg, "init_r", where, default=r, minimum=1)
+    alpha = v.number(cfg, "lora_alpha", where, default=None)
+    if alpha is None and found.config_path is not None:  # PEFT builds LoraConfig(**json): its default applies
+        alpha = PEFT_DEFAULT_ALPHA
+        notes.append(f"{found.config_path.name} has no lora_alpha: PEFT's default {PEFT_DEFAULT_ALPHA} applies")
+    if alpha is None:
+        alpha = metadata_alpha(source, notes)
+    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1  # noqa: E731
+    is_num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")  # noqa: E731
+    rank_pattern = {} if adalora else v.mapping(cfg, "rank_pattern", where, values=is_int, what="a positive integer")
+    alpha_pattern = v.mapping(cfg, "alpha_pattern", where, values=is_num, what="a finite number")
+    return _Settings(
+        peft_type="ADALORA" if adalora else (peft_type.upper() if peft_type else None),
+        adalora=adalora,
+        rslora=v.boolean(cfg, "use_rslora", where),
+        r=r,
+        alpha=alpha,
+        rank_pattern=compiled_patterns(rank_pattern, f"{where}: rank_pattern"),
+        alpha_pattern=compiled_patterns(alpha_pattern, f"{where}: alpha_pattern"),
+        use_dora=v.boolean(cfg, "use_dora", where),
+        base_model=v.string(cfg, "base_model_name_or_path", where),
+        target_modules=v.string_list(cfg, "target_modules", where),
+    )
 
 
-def read_peft(
-    source: TensorSource,
-    *,
-    path: Path,
-    config: dict[str, Any] | None,
-    config_path: Path | None,
-    fmt: str,
-) -> Adapter:
+def _check_rank(name: str, mod: Module, s: _Settings, cfg: dict, where: str) -> None:
+    if s.r is None or s.adalora:
+        return
+    want = lookup_compiled(s.rank_pattern, name, s.r)
+    if want == mod.rank:
+        return
+    targets = cfg.get("target_parameters")
+    if targets and mod.rank % want == 0:
+        # peft ParamWrapper: lora_A (r·experts, in), lora_B (out, r·experts) — a valid adapter, not ours
+        shown = ", ".join(map(str, targets)) if isinstance(targets, list) else str(targets)
+        raise InspectError(
+            f"{where}: module {name!r}: stored rank {mod.rank} = r {want} × {mod.rank // want} experts — adapters on "
+            f"target_parameters ({shown}: MoE expert weights) are not supported"
+        )
+    raise InspectError(
+        f"{where}: module {name!r}: stored rank {mod.rank} but the config gives r={want}"
+        + (" (rank_pattern)" if want != s.r else "")
+        + " — PEFT would refuse to load it with a size mismatch"
+    )
+
+
+def read_peft(source: TensorSource, found: Found, fmt: str) -> Adapter:
     """Build an Adapter from PEFT-keyed tensors and (optionally) the adapter_config.json."""
     notes: list[str] = []
-    cfg_where = config_path or path
-    peft_type = None
+    config, where = found.config, str(found.config_path or found.shown)
     if config is not None:
-        peft_type = str(config.get("peft_type", "LORA")).upper()
+        peft_type = str(v.string(config, "peft_type", where, default="LORA")).upper()
         if peft_type not in LOW_RANK_TYPES:
             raise InspectError(
-                f"{cfg_where}: peft_type {peft_type} is not a low-rank LoRA adapter (lora-inspect reads LORA and ADALORA)"
+                f"{where}: peft_type {peft_type} is not a low-rank LoRA adapter (lora-inspect reads LORA and ADALORA)"
             )
-    else:
-        # bare file: the metadata may carry a PEFT config (diffusers' lora_adapter_metadata)
-        raw = source.metadata.get("lora_adapter_metadata")
-        if raw:
-            try:
-                config = json.loads(raw)
-                notes.append("config read from the safetensors header (lora_adapter_metadata)")
-            except json.JSONDecodeError as e:
-                raise InspectError(f"{path}: header entry lora_adapter_metadata is not valid JSON ({e.msg})") from e
-            if not isinstance(config, dict):
-                raise InspectError(f"{path}: header entry lora_adapter_metadata is not a JSON object")
+    else:  # bare file: the metadata may carry a PEFT config (diffusers' lora_adapter_metadata)
+        config = config_in_metadata(source)
+        if config is not None:
+            notes.append("config read from the safetensors header (lora_adapter_metadata)")
+            where = f"{source.path}: lora_adapter_metadata"
     cfg = config or {}
-    adalora = str(cfg.get("peft_type", "")).upper() == "ADALORA" or any(k.endswith(".lora_E") for k in source.keys())
-    if adalora:
-        peft_type = "ADALORA"
-    rslora = bool(cfg.get("use_rslora", False))
-    r_cfg = _num(cfg, "r", cfg_where)
-    if adalora:
-        r_cfg = _num(cfg, "init_r", cfg_where, r_cfg)
-    alpha_cfg = _num(cfg, "lora_alpha", cfg_where)
-    if alpha_cfg is None and config_path is not None:  # PEFT builds LoraConfig(**json): its default applies
-        alpha_cfg = PEFT_DEFAULT_ALPHA
-        notes.append(f"{config_path.name} has no lora_alpha: PEFT's default {PEFT_DEFAULT_ALPHA} applies")
-    if alpha_cfg is None:
-        for k in ("lora_alpha", "alpha"):
-            if k in source.metadata:
-                try:
-                    alpha_cfg = float(source.metadata[k])
-                    notes.append(f"alpha {alpha_cfg:g} read from the safetensors header entry {k!r}")
-                    break
-                except ValueError:
-                    pass
-    rank_pattern = {} if adalora else _pattern(cfg, "rank_pattern", cfg_where)
-    alpha_pattern = _pattern(cfg, "alpha_pattern", cfg_where)
-
-    keys = source.keys()
-    if not keys:
-        raise InspectError(f"{source.path}: the file holds no tensors")
-    groups, rest = group_keys(keys, PEFT_SUFFIXES)
+    s = _settings(cfg, where, found, source, notes)
+    groups, rest = group_keys(source.keys(), PEFT_SUFFIXES)
     if not groups:
         raise InspectError(
             f"{source.path}: no LoRA factor pairs found (expected keys ending in .lora_A.weight / .lora_B.weight)"
         )
-    modules = []
-    unknown_alpha = False
-    prefixed = 0
+    modules, unknown_alpha, prefixed = [], False, 0
     for raw_name in sorted(groups):
         roles = groups[raw_name]
-        name = raw_name[len(PEFT_PREFIX) :] if raw_name.startswith(PEFT_PREFIX) else raw_name
+        name = raw_name[len(PEFT_PREFIX):] if raw_name.startswith(PEFT_PREFIX) else raw_name
         prefixed += raw_name.startswith(PEFT_PREFIX)
-        orient = ORIENT_EMBEDDING if roles.get("A", "").endswith("lora_embedding_A") else ORIENT_PEFT
-        if adalora:
-            alpha = alpha_cfg if alpha_cfg else None  # AdaLoRA: scaling = α if α > 0 else r
-        else:
-            alpha = pattern_lookup(alpha_pattern, name, alpha_cfg)
-        mod, known = build_module(name, roles, source, orient=orient, alpha=alpha, rslora=rslora, adalora=adalora)
+        orient = EMBEDDING if roles.get("A", "").endswith("lora_embedding_A") else PEFT
+        # AdaLoRA: scaling = α if α > 0 else r
+        alpha = (s.alpha or None) if s.adalora else lookup_compiled(s.alpha_pattern, name, s.alpha)
+        mod, known = build_module(name, roles, source, orient=orient, alpha=alpha, rslora=s.rslora, adalora=s.adalora)
         unknown_alpha |= not known
-        if r_cfg is not None and not adalora:
-            want = pattern_lookup(rank_pattern, name, r_cfg)
-            if want != mod.rank and cfg.get("target_parameters") and mod.rank % want == 0:
-                # peft ParamWrapper: lora_A (r·experts, in), lora_B (out, r·experts) — a valid adapter, not ours
-                raise InspectError(
-                    f"module {name!r}: stored rank {mod.rank} = r {want} × {mod.rank // want} experts — adapters on "
-                    f"target_parameters ({', '.join(map(str, cfg['target_parameters']))}: MoE expert weights) are "
-                    "not supported"
-                )
-            if want != mod.rank:
-                raise InspectError(
-                    f"module {name!r}: stored rank {mod.rank} but the config gives r={want}"
-                    + (" (rank_pattern)" if want != r_cfg else "")
-                    + " — PEFT would refuse to load it with a size mismatch"
-                )
+        _check_rank(name, mod, s, cfg, where)
         modules.append(mod)
+    _prefix_notes(notes, unknown_alpha, prefixed, len(groups), fmt, found.config is not None)
+    ranks = Counter(m.rank for m in modules)
+    return Adapter(
+        path=found.shown, format=fmt, weights_path=source.path, source=source, modules=modules, extras=sorted(rest),
+        config=config, config_path=found.config_path,
+        peft_type=s.peft_type or ("LORA" if config is not None else None),
+        r=int(s.r) if s.r is not None else ranks.most_common(1)[0][0],
+        alpha=float(s.alpha) if s.alpha is not None else None, use_rslora=s.rslora,
+        use_dora=s.use_dora or any(m.is_dora for m in modules), base_model=s.base_model,
+        target_modules=s.target_modules, notes=notes,
+    )
+
+
+def _prefix_notes(notes: list[str], unknown_alpha: bool, prefixed: int, total: int, fmt: str, has_config: bool) -> None:
     if unknown_alpha:
         notes.append("alpha unknown (no config, no header entry): assumed α = r, scale 1")
-    if prefixed and prefixed < len(groups):
-        notes.append(f"{len(groups) - prefixed} modules lack the {PEFT_PREFIX!r} prefix the others have")
-    elif not prefixed and fmt.startswith("peft") and config is not None:
+    if prefixed and prefixed < total:
+        notes.append(f"{total - prefixed} modules lack the {PEFT_PREFIX!r} prefix the others have")
+    elif not prefixed and fmt.startswith("peft") and has_config:
         notes.append(f"keys lack the {PEFT_PREFIX!r} prefix: PEFT would load this adapter as a silent no-op")
 
-    ranks = Counter(m.rank for m in modules)
-    use_dora = bool(cfg.get("use_dora", False)) or any(m.is_dora for m in modules)
-    return Adapter(
-        path=path,
-        format=fmt,
-        weights_path=source.path,
-        source=source,
-        modules=modules,
-        extras=sorted(rest),
-        config=config,
-        config_path=config_path,
-        peft_type=peft_type or ("LORA" if config is not None else None),
-        r=int(r_cfg) if r_cfg is not None else ranks.most_common(1)[0][0],
-        alpha=float(alpha_cfg) if alpha_cfg is not None else None,
-        use_rslora=rslora,
-        use_dora=use_dora,
-        base_model=cfg.get("base_model_name_or_path"),
-        target_modules=cfg.get("target_modules"),
-        notes=notes,
-    )
+
+class PeftLayout(DirectoryLayout):
+    """PEFT: a ``save_pretrained`` directory, or one file with PEFT keys (config beside it, in the
+    ``lora_adapter_metadata`` header entry, or none)."""
+
+    name = "peft"
+    formats = ("peft", "peft-safetensors", "peft-bin")
+    marker_files = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    caps = Capabilities(per_module_rank=True, per_module_alpha=True, dora=True, conv=True, embeddings=True,
+                        alpha="config")
+
+    def matches(self, keys: list[str], found: Found) -> bool:
+        # diffusers-keyed files with a PEFT config beside them are read as PEFT
+        return looks_like_peft(keys) or looks_like_diffusers(keys)
+
+    def read(self, source: TensorSource, found: Found) -> Adapter:
+        if found.is_dir:
+            fmt = "peft"
+        else:
+            fmt = "peft-safetensors" if source.path.suffix == ".safetensors" else "peft-bin"
+        return read_peft(source, found, fmt)
+
+    # ------------------------------------------------------------------ rewriting
+    def output_format(self, ad: Adapter, out: Path) -> str:
+        """A bare PEFT file whose config lives beside it becomes a PEFT directory (the config must
+        travel with the new ranks); a directory is never written under a weight-file name."""
+        if ad.format == "peft" or ad.config_path is not None:
+            if out.suffix in (".safetensors", ".bin"):
+                where = ad.config_path if ad.format != "peft" else ad.path
+                raise InspectError(
+                    f"{out}: the output is a PEFT directory (its config lives in {where}), so OUT must not end in "
+                    f"{out.suffix}; name a directory"
+                )
+            return "peft"
+        return ad.format
+
+    def global_alpha(self, ad: Adapter) -> float | None:
+        if ad.config is not None:
+            a = ad.config.get("lora_alpha")
+            return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
+        return ad.alpha
+
+    def truncated(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+                  dropped: list[str]) -> Rewrite:
+        metadata = dict(ad.metadata)
+        if out_fmt == "peft":
+            if ad.config is None:
+                raise InspectError(f"{ad.path}: PEFT directory without a config")
+            return Rewrite(out_fmt, tensors, metadata, truncated_config(ad.config, ranks, dropped))
+        meta_cfg = config_in_metadata(ad.source, for_rewrite=True)
+        if meta_cfg is not None:
+            metadata["lora_adapter_metadata"] = _json(truncated_config(meta_cfg, ranks, dropped))
+        elif any(k in metadata for k in ("lora_alpha", "alpha")):
+            if len(set(ranks.values())) != 1:
+                raise InspectError(f"{ad.path}: its alpha lives in the header as one number; per-module ranks need "
+                                   "a uniform rank (or a PEFT directory)")
+            for key in ("lora_alpha", "alpha"):
+                if key in metadata:
+                    metadata[key] = str(next(iter(ranks.values())))
+        return Rewrite(out_fmt, tensors, metadata, None)
+
+    def rescaled(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+        metadata = dict(ad.metadata)
+        if ad.config_path is not None and ad.config is not None:  # the config file travels with the output
+            return Rewrite(out_fmt, tensors, metadata, rescaled_config(ad.config, factor, str(ad.config_path)))
+        meta_cfg = config_in_metadata(ad.source, for_rewrite=True)
+        if meta_cfg is not None:  # a single file: the config lives in its header
+            where = f"{ad.weights_path}: lora_adapter_metadata"
+            metadata["lora_adapter_metadata"] = _json(rescaled_config(meta_cfg, factor, where))
+            return Rewrite(out_fmt, tensors, metadata, None)
+        keys = [k for k in ("lora_alpha", "alpha") if k in metadata]
+        if not keys:
+            return super().rescaled(ad, out_fmt, tensors, factor)
+        for key in keys:
+            metadata[key] = repr(float(metadata[key]) * factor)
+        return Rewrite(out_fmt, tensors, metadata, None)
+
+    def baked(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+        if out_fmt == "peft" and ad.config is None:
+            raise InspectError(f"{ad.path}: PEFT directory without a config")
+        return Rewrite(out_fmt, tensors, dict(ad.metadata), ad.config if out_fmt == "peft" else None)
+
+    def copied_files(self, ad: Adapter, out_fmt: str) -> list[Path]:
+        if out_fmt == "peft" and ad.format == "peft" and (ad.path / "README.md").is_file():
+            return [ad.path / "README.md"]
+        return []
+
+    def weights_name(self, ad: Adapter) -> str:
+        return ad.weights_path.name if ad.format == "peft" else "adapter_model" + ad.weights_path.suffix
+
+    def tmp_suffix(self, ad: Adapter, out_fmt: str) -> str:
+        return "" if out_fmt == "peft" else ad.weights_path.suffix
+
+    def write(self, atomic: "AtomicOutput", ad: Adapter, rw: Rewrite) -> None:
+        if rw.fmt == "peft":
+            super().write(atomic, ad, rw)
+        else:
+            write_weights(atomic.tmp, rw.tensors, rw.metadata)
+
+    def weights_file(self, out: Path) -> Path:
+        return super().weights_file(out) if out.is_dir() else out
+
+
+def _json(cfg: dict) -> str:
+    import json
+
+    return json.dumps(cfg, sort_keys=True)

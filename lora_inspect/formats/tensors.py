@@ -8,15 +8,17 @@ allocation. Tensor data is memory-mapped through ``safe_open`` and read only whe
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+from .. import validate
 from ..errors import InspectError
+from ..validate import MAX_NAME_LENGTH
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,7 +37,10 @@ _TORCH_NAMES = {
     "bfloat16": "BF16", "int32": "I32", "float32": "F32", "int64": "I64", "float64": "F64",
 }
 # header-only work (info, check) never imports torch; the dtype maps are built on first use
-_SCALAR_FORMATS = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+_SCALAR_FORMATS = {
+    "F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B",
+    "U16": "<H", "U32": "<I", "U64": "<Q", "BOOL": "<?",
+}
 
 
 def __getattr__(name: str):  # PEP 562: ST_TO_TORCH / TORCH_TO_ST without importing torch at module load
@@ -50,9 +55,11 @@ def __getattr__(name: str):  # PEP 562: ST_TO_TORCH / TORCH_TO_ST without import
 
 
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+_MAX_DIMS = 16  # torch allows 64; no LoRA factor has more than 4
+_INT64_MAX = 2**63 - 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     key: str
     dtype: str  # safetensors name: "F32", "BF16", …
@@ -82,18 +89,32 @@ class TensorSource:
         return list(self.tensors)
 
     def scalar(self, key: str) -> float:
-        """The value of a one-element tensor (a kohya/diffusers ``.alpha``)."""
+        """The value of a one-element tensor (a kohya/diffusers ``.alpha``). NaN and ±inf are returned
+        as they are (a float, never an exception): the caller names the module and refuses them."""
         t = self.get(key)
         if t.numel() != 1:
             raise InspectError(f"{self.path}: tensor {key!r} must hold one value, found shape {tuple(t.shape)}")
-        return float(t.reshape(-1)[0])
+        try:
+            return float(t.reshape(-1)[0])
+        except Exception as e:  # complex or otherwise unconvertible
+            raise InspectError(f"{self.path}: tensor {key!r}: cannot read its value ({e.__class__.__name__})") from e
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    """Parse and validate a safetensors header. Returns (tensors, metadata, data_start)."""
+def _name_ok(path: Path, key: str, what: str = "tensor name") -> None:
+    if len(key) > MAX_NAME_LENGTH:
+        raise InspectError(f"{path}: {what} of {len(key)} characters (limit {MAX_NAME_LENGTH}): {key[:40]!r}…")
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InspectError(f"{path}: {what} {key[:60]!r} is not valid Unicode (lone surrogate)") from e
+
+
+def _read_header_bytes(path: Path) -> tuple[bytes, int, int]:
+    """(header bytes, header length n, file size), with the framing checked."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
+        with validate.open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise InspectError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
@@ -108,49 +129,107 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raw = f.read(n)
     except OSError as e:
         raise InspectError(f"{path}: cannot read: {e.strerror or e}") from e
+    if len(raw) != n:
+        raise InspectError(f"{path}: the file changed while it was read (header shorter than {n} bytes)")
+    return raw, n, size
+
+
+def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str]]:
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InspectError(f"{path}: safetensors header is not valid JSON ({e.__class__.__name__}: {e})") from e
+        text = raw.decode("utf-8")  # the format is UTF-8 without a BOM (safetensors refuses anything else)
+    except UnicodeDecodeError as e:
+        raise InspectError(f"{path}: safetensors header is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    header = validate.parse_json(text, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise InspectError(f"{path}: safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise InspectError(f"{path}: safetensors __metadata__ must map strings to strings")
+    for k, v in meta.items():
+        _name_ok(path, k, "metadata key")
+        if not v.isascii():
+            _name_ok(path, v[:MAX_NAME_LENGTH], f"metadata value of {k[:60]!r}")
+    if len(header) > validate.MAX_TENSORS:
+        raise InspectError(f"{path}: {len(header)} tensors in one file (limit {validate.MAX_TENSORS})")
+    return header, meta
+
+
+def _shape_ok(shape: object) -> bool:
+    if type(shape) is not list or len(shape) > _MAX_DIMS:
+        return False
+    for d in shape:  # noqa: SIM110 - a loop is faster than all() over a generator here (100,000 entries)
+        if type(d) is not int or not 0 <= d <= _INT64_MAX:
+            return False
+    return True
+
+
+def _offsets_ok(offs: object) -> bool:
+    return type(offs) is list and len(offs) == 2 and type(offs[0]) is int and type(offs[1]) is int and 0 <= offs[0] <= offs[1]
+
+
+def _entry(path: Path, key: str, entry: object, data_len: int) -> TensorInfo:
+    """One header entry → TensorInfo, each field checked (types exact: a bool is not an integer)."""
+    if len(key) > MAX_NAME_LENGTH or not key.isascii():
+        _name_ok(path, key)
+    if not isinstance(entry, dict):
+        raise InspectError(f"{path}: tensor {key!r}: header entry is not an object")
+    dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if type(dtype) is not str or dtype not in DTYPE_SIZES:
+        raise InspectError(f"{path}: tensor {key!r}: unknown dtype {validate._show(dtype)}")
+    if not _shape_ok(shape):
+        raise InspectError(
+            f"{path}: tensor {key!r}: shape {validate._show(shape)} is not a list of at most {_MAX_DIMS} "
+            "non-negative 64-bit integers"
+        )
+    if not _offsets_ok(offs):
+        raise InspectError(f"{path}: tensor {key!r}: data_offsets {validate._show(offs)} are not [start, end]")
+    start, end = offs  # type: ignore[misc]
+    if end > data_len:
+        raise InspectError(
+            f"{path}: tensor {key!r}: data ends at byte {end} but the file holds only {data_len} data bytes "
+            "(truncated file?)"
+        )
+    dims = cast("list[int]", shape)
+    has_zero = 0 in dims
+    nonzero = math.prod([d for d in dims if d] if has_zero else dims) * DTYPE_SIZES[dtype]
+    if nonzero > _INT64_MAX:
+        raise InspectError(f"{path}: tensor {key!r}: shape {validate._show(shape)} has more elements than int64 holds")
+    nbytes = 0 if has_zero else nonzero
+    if end - start != nbytes:
+        raise InspectError(f"{path}: tensor {key!r}: {end - start} bytes stored but {dtype} {shape} needs {nbytes}")
+    return TensorInfo(key, dtype, tuple(dims), nbytes, start)
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> None:
+    """The safetensors library's rule (Metadata::validate): sorted by offsets, the tensors tile the data
+    exactly — no overlap, no gap, nothing after the last one."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.key) for t in tensors.values())
+    end, prev = 0, None
+    for s, e, k in spans:
+        if s != end:
+            what = "overlap" if s < end else "leave a gap between them"
+            raise InspectError(
+                f"{path}: tensors {prev!r} and {k!r} {what} in the file (data starts at byte {s}, the previous "
+                f"tensor ends at {end}; corrupt header)" if prev is not None else
+                f"{path}: tensor {k!r}: data starts at byte {s}, not 0 (corrupt header)"
+            )
+        end, prev = e, k
+    if end != data_len:
+        raise InspectError(f"{path}: {data_len - end} bytes after the last tensor's data (corrupt or concatenated file)")
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate a safetensors header. Returns (tensors, metadata, data_start).
+
+    Linear in the header size (the one sort of offsets aside, which is linear on the sorted headers
+    writers produce): JSON through :func:`lora_inspect.validate.parse_json` (depth and size limits, a
+    repeated tensor name refused), every entry checked as the safetensors library checks it, so ``info``
+    refuses exactly the files that ``safe_open`` would refuse later."""
+    raw, n, size = _read_header_bytes(path)
+    header, meta = _parse_header(path, raw)
     data_len = size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    spans = []
-    for key, entry in header.items():
-        if not isinstance(entry, dict):
-            raise InspectError(f"{path}: tensor {key!r}: header entry is not an object")
-        dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_SIZES:
-            raise InspectError(f"{path}: tensor {key!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise InspectError(f"{path}: tensor {key!r}: shape {shape!r} is not a list of non-negative integers")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(isinstance(o, int) for o in offs)
-            or not 0 <= offs[0] <= offs[1]
-        ):
-            raise InspectError(f"{path}: tensor {key!r}: data_offsets {offs!r} are not [start, end]")
-        if offs[1] > data_len:
-            raise InspectError(
-                f"{path}: tensor {key!r}: data ends at byte {offs[1]} but the file holds only {data_len} data bytes "
-                "(truncated file?)"
-            )
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        if offs[1] - offs[0] != nbytes:
-            raise InspectError(
-                f"{path}: tensor {key!r}: {offs[1] - offs[0]} bytes stored but {dtype} {shape} needs {nbytes}"
-            )
-        tensors[key] = TensorInfo(key, dtype, tuple(shape), nbytes, offs[0])
-        spans.append((offs[0], offs[1], key))
-    spans.sort()
-    for (s0, e0, k0), (s1, e1, k1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise InspectError(f"{path}: tensors {k0!r} and {k1!r} overlap in the file (corrupt header)")
+    tensors = {key: _entry(path, key, entry, data_len) for key, entry in header.items()}
+    _check_layout(path, tensors, data_len)
     return tensors, meta, 8 + n
 
 
@@ -163,7 +242,8 @@ class SafetensorsSource(TensorSource):
         self._handle = None
 
     def scalar(self, key: str) -> float:
-        """Read a one-element tensor straight from the file (no torch), e.g. a kohya ``.alpha``."""
+        """Read a one-element tensor straight from the file (no torch), e.g. a kohya ``.alpha``.
+        NaN and ±inf come back as floats: the caller names the module and refuses them."""
         info = self.tensors.get(key)
         if info is None:
             raise InspectError(f"{self.path}: no tensor named {key!r}")
@@ -175,19 +255,25 @@ class SafetensorsSource(TensorSource):
             fmt, pad = _SCALAR_FORMATS[info.dtype], b""
         else:
             return super().scalar(key)
-        with self.path.open("rb") as f:
-            f.seek(self.data_start + info.offset)
-            raw = f.read(info.nbytes)
+        try:
+            with validate.open_regular(self.path) as f:
+                f.seek(self.data_start + info.offset)
+                raw = f.read(info.nbytes)
+        except OSError as e:
+            raise InspectError(f"{self.path}: cannot read tensor {key!r}: {e.strerror or e}") from e
+        if len(raw) != info.nbytes:
+            raise InspectError(f"{self.path}: tensor {key!r}: the file ends inside its data (changed while read?)")
         return float(struct.unpack(fmt, pad + raw)[0])
 
     def _open(self):
         if self._handle is None:
+            validate.require_regular_file(self.path)
             from safetensors import safe_open
 
             try:
                 self._handle = safe_open(str(self.path), framework="pt")
             except Exception as e:  # SafetensorError and friends
-                raise InspectError(f"{self.path}: safetensors refused the file: {e}") from e
+                raise InspectError(f"{self.path}: safetensors refused the file: {_first_line(e)}") from e
         return self._handle
 
     def get(self, key: str) -> torch.Tensor:
@@ -201,7 +287,12 @@ class SafetensorsSource(TensorSource):
         except InspectError:
             raise
         except Exception as e:
-            raise InspectError(f"{self.path}: cannot read tensor {key!r}: {e}") from e
+            raise InspectError(f"{self.path}: cannot read tensor {key!r}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else e.__class__.__name__)[:200]
 
 
 class StateDictSource(TensorSource):
@@ -224,29 +315,55 @@ class StateDictSource(TensorSource):
         return self._state[key]
 
 
+def _plain_tensor(path: Path, key: object, value: object) -> torch.Tensor:
+    """One entry of a loaded ``.bin``: a string key and a dense CPU tensor (a Parameter is unwrapped)."""
+    import torch
+
+    if not isinstance(key, str):
+        raise InspectError(f"{path}: state dict key {validate._show(key)} is not a string")
+    _name_ok(path, key)
+    if isinstance(value, dict):
+        raise InspectError(f"{path}: entry {key!r} is a nested dict, not a tensor (a checkpoint holding a state "
+                           "dict? save the state dict itself)")
+    if not isinstance(value, torch.Tensor):
+        raise InspectError(f"{path}: entry {key!r} is {type(value).__name__}, not a tensor")
+    if type(value) not in (torch.Tensor, torch.nn.Parameter):
+        raise InspectError(f"{path}: tensor {key!r} is a tensor subclass ({type(value).__name__}); only plain tensors are read")
+    if value.layout != torch.strided:
+        raise InspectError(f"{path}: tensor {key!r} is stored {str(value.layout).removeprefix('torch.')} "
+                           "(sparse tensors are not read; save it dense)")
+    if value.is_quantized or value.is_meta or value.device.type != "cpu":
+        what = "quantized" if value.is_quantized else f"on device {value.device.type}"
+        raise InspectError(f"{path}: tensor {key!r} is {what}; only plain CPU tensors are read")
+    return value.detach()
+
+
 def load_bin(path: Path) -> StateDictSource:
-    """Read a pickled state dict without executing code (``weights_only=True``)."""
+    """Read a pickled state dict without executing code (``weights_only=True``): only string keys and
+    plain dense tensors are accepted; anything else is one line naming the key."""
     import torch
 
     try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": not the user's concern, and not one line
-            warnings.simplefilter("ignore")
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        with validate.open_regular(path) as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": not the user's concern
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
+    except InspectError:
+        raise
     except Exception as e:
-        msg = str(e).strip().splitlines()
-        first = next((line for line in msg if line.strip()), e.__class__.__name__)
         if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
             raise InspectError(
                 f"{path}: refused: the pickle asks to run code or build objects that are not tensors "
                 "(only plain tensors are loaded; convert it with a trusted tool to .safetensors)"
             ) from e
-        raise InspectError(f"{path}: not a readable PyTorch state dict ({first[:200]})") from e
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise InspectError(f"{path}: not a readable PyTorch state dict ({_first_line(e)})") from e
+    if not isinstance(state, dict):
         raise InspectError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    return StateDictSource(path, state)
+    if len(state) > validate.MAX_TENSORS:
+        raise InspectError(f"{path}: {len(state)} tensors in one file (limit {validate.MAX_TENSORS})")
+    return StateDictSource(path, {k: _plain_tensor(path, k, v) for k, v in state.items()})
 
 
 def open_tensors(path: Path) -> TensorSource:
-    if path.suffix == ".bin" or path.suffix == ".pt" or path.suffix == ".pth":
+    if path.suffix in (".bin", ".pt", ".pth"):
         return load_bin(path)
     return SafetensorsSource(path)

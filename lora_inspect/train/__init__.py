@@ -7,8 +7,8 @@ PEFT-layout save/merge), :mod:`.tasks` (planted-rank distillation, byte-level te
 
 from __future__ import annotations
 
-from .lora import LoRALinear, inject_lora, lora_scale, lora_state_dict, merge, save_adapter, target_matches
 from .loop import TrainConfig, evaluate, train
+from .lora import LoRALinear, inject_lora, lora_scale, lora_state_dict, merge, save_adapter, target_matches
 from .model import PRESETS, CausalLM, ModelConfig, build_model, load_base, load_model, save_model
 from .run import ALL_LINEAR, DEFAULT_TARGETS, run_training
 from .tasks import PlantedTask, TextTask

@@ -1,15 +1,43 @@
-"""``lora-inspect train`` and ``lora-inspect verify``: option parsing only; the work is in run/verify."""
+"""``lora-inspect train`` and ``lora-inspect verify``: option parsing only; the work is in run/verify.
+
+Every option is checked here, before anything is built or written: a bad value is one line naming the
+option, exit 2 (integers by click's ranges, floats by :func:`_float_in`, ``--targets`` by
+:func:`_targets`, the batch split by :func:`_check_batch`).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import sys
+from collections.abc import Callable
 
 import click
 
 from ..errors import InspectError
 
 __all__ = ["train", "verify"]
+
+SEED_MAX = 2**32 - 1  # derived generator seeds (seed · 7919 + …) must stay within torch's 64-bit range
+POSITIVE = click.IntRange(min=1)
+
+
+def _float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False) -> Callable:
+    """A click callback: the value is a finite float in the interval (None passes: 'not given')."""
+    left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+
+    def check(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+        if value is None:
+            return None
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not ok:
+            span = f"{left}{lo:g}, {hi:g}{right}" if math.isfinite(hi) else ("> " if lo_open else "≥ ") + f"{lo:g}"
+            raise InspectError(f"--{param.name.replace('_', '-') if param.name else '?'} {value:g}: must be a finite number {span}")
+        return value
+
+    return check
 
 
 def _targets(value: str) -> list[str] | str:
@@ -18,13 +46,40 @@ def _targets(value: str) -> list[str] | str:
 
     v = value.strip()
     if v.startswith("re:"):
-        return v[3:]
+        pattern = v[3:]
+        if not pattern:
+            raise InspectError("--targets re: needs a regular expression after 're:'")
+        try:
+            re.compile(pattern)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise InspectError(f"--targets {v}: not a valid regular expression ({e})") from None
+        return pattern
     if v == "all-linear":
         return list(ALL_LINEAR)
     items = [t.strip() for t in v.split(",") if t.strip()]
     if not items:
         raise InspectError("--targets is empty")
     return items
+
+
+def _check_batch(batch_size: int, grad_accum: int) -> None:
+    """Every optimizer step splits the global batch evenly over processes × micro-steps."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if batch_size % (world * grad_accum):
+        raise InspectError(f"--batch-size {batch_size}: not divisible by --grad-accum {grad_accum} × {world} process(es)")
+
+
+def _threads(value: str) -> int | None:
+    """``auto`` → None (see :func:`lora_inspect.train.loop.default_threads`), else a positive integer."""
+    if value == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InspectError(f"--threads {value}: use 'auto' or a positive integer")
+    return n
 
 
 @click.command("train", epilog="""\b
@@ -35,41 +90,43 @@ Examples:
 """)
 @click.option("--task", type=click.Choice(["planted", "text"]), required=True, help="planted: distil a rank-K teacher; text: next-byte LM on --data.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help="UTF-8 text file (--task text).")
-@click.option("--planted-rank", type=int, default=4, show_default=True, help="Rank K of the teacher's ΔW (--task planted).")
-@click.option("--rank", "rank", type=int, required=True, help="LoRA rank r.")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (default: r, i.e. scale 1).")
+@click.option("--planted-rank", type=POSITIVE, default=4, show_default=True, help="Rank K of the teacher's ΔW (--task planted).")
+@click.option("--rank", "rank", type=POSITIVE, required=True, help="LoRA rank r.")
+@click.option("--alpha", type=float, default=None, callback=_float_in(0, lo_open=True), help="LoRA alpha > 0 (default: r, i.e. scale 1).")
 @click.option("--rslora", is_flag=True, help="Scale α/√r instead of α/r.")
-@click.option("--dropout", type=float, default=0.0, show_default=True, help="LoRA dropout.")
+@click.option("--dropout", type=float, default=0.0, show_default=True, callback=_float_in(0, 1, hi_open=True), help="LoRA dropout in [0, 1).")
 @click.option("--targets", default="q_proj,k_proj,v_proj,o_proj", show_default=True, help="Comma list, 'all-linear', or 're:REGEX'.")
-@click.option("--steps", type=int, required=True, help="Optimizer steps.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per step (global).")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-steps per step.")
-@click.option("--seq-len", type=int, default=64, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--steps", type=POSITIVE, required=True, help="Optimizer steps.")
+@click.option("--batch-size", type=POSITIVE, default=16, show_default=True, help="Sequences per step (global).")
+@click.option("--grad-accum", type=POSITIVE, default=1, show_default=True, help="Micro-steps per step.")
+@click.option("--seq-len", type=POSITIVE, default=64, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True, callback=_float_in(0, lo_open=True), help="Peak learning rate > 0.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, callback=_float_in(0))
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Warmup steps.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=50, show_default=True, help="Evaluate every N steps (0: only at the start and the end).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, SEED_MAX), default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--threads", default="auto", show_default=True,
+              help="CPU threads for torch. auto: 1 for models up to 'small' (100 tiny steps on a busy 2-core "
+                   "machine: median 43 s on 1 thread, 373 s on torch's default of 2), else the cores this "
+                   "process may use divided by the processes on this node. On CUDA only the CPU side.")
 @click.option("--model", "model", default="tiny", show_default=True, help="tiny, small, medium, base100m, or a model directory (ours or local Hugging Face).")
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Output directory.")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(task, data, planted_rank, rank, alpha, rslora, dropout, targets, steps, batch_size, grad_accum, seq_len, lr,
-          weight_decay, warmup, eval_every, seed, device, model, out, force, no_progress):
+          weight_decay, warmup, eval_every, seed, device, threads, model, out, force, no_progress):
     """Train a LoRA adapter on a planted-rank or text task; writes a re-evaluable directory."""
     from .loop import TrainConfig
     from .run import run_training
 
-    if steps <= 0 or batch_size <= 0 or grad_accum <= 0 or seq_len <= 0:
-        raise InspectError("--steps, --batch-size, --grad-accum and --seq-len must be positive")
-    if not 0.0 <= dropout < 1.0:
-        raise InspectError(f"--dropout {dropout:g}: must be in [0, 1)")
+    target_spec = _targets(targets)
+    _check_batch(batch_size, grad_accum)
     cfg = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                       warmup_steps=min(warmup, steps), eval_every=eval_every, seed=seed, device=device,
-                      progress=not no_progress and sys.stderr.isatty())
+                      threads=_threads(threads), progress=not no_progress and sys.stderr.isatty())
     s = run_training(out, task=task, data=data, planted_rank=planted_rank, rank=rank, alpha=alpha, rslora=rslora,
-                     dropout=dropout, targets=_targets(targets), model=model, seq_len=seq_len, force=force, train_cfg=cfg)
+                     dropout=dropout, targets=target_spec, model=model, seq_len=seq_len, force=force, train_cfg=cfg)
     if s.get("initial"):
         click.echo(f"held-out loss {s['initial']['loss']:.6g} → {s['final']['loss']:.6g} in {s['steps']} steps "
                    f"({s['tokens_per_s']:,.0f} tokens/s); wrote {out}", err=True)
@@ -80,6 +137,11 @@ Examples:
   lora-inspect verify runs/planted
   lora-inspect verify runs/planted truncated-r4/ planted-kohya.safetensors --json
   lora-inspect verify runs/text --data other.txt
+
+\b
+Every adapter must fit DIR's base (same module names and shapes). An adapter that is itself a
+training output directory must also record the same base weights (else: refused, exit 2); one
+trained on another task is evaluated with a note on stderr (its numbers are its loss on DIR's task).
 """)
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("adapters", nargs=-1, type=click.Path())
@@ -90,7 +152,7 @@ def verify(directory, adapters, data, device, as_json):
     """Evaluate DIRECTORY's adapter and further ADAPTERS (PEFT dirs, kohya files) on its held-out data."""
     from .verify import verify as run_verify
 
-    r = run_verify(directory, list(adapters), data=data, device=device)
+    r = run_verify(directory, list(adapters), data=data, device=device, note=_note)
     if as_json:
         click.echo(json.dumps({"schema": r["schema"], "base_loss": r["base_loss"], "results": r["results"]}, indent=2))
         return
@@ -103,3 +165,7 @@ def verify(directory, adapters, data, device, as_json):
     for x in r["results"]:
         t.add_row(x["adapter"], f"{x['loss']:.6g}", f"{x['perplexity']:.6g}", f"{x['kl_to_first']:.3g}", f"{x['top1_agreement']:.2%}")
     Console().print(t)
+
+
+def _note(message: str) -> None:
+    click.echo(f"lora-inspect: note: {message}", err=True)

@@ -1,34 +1,48 @@
-"""Atomic writes: everything goes to a temporary file beside the target, then ``os.replace``."""
+"""Atomic writes: everything goes to a temporary file beside the target, then ``os.replace``.
+
+Safetensors files go through the project's deterministic writer (sorted header keys and metadata,
+no timestamps), not ``safetensors.torch.save_file``, whose header metadata order follows a Rust
+``HashMap`` and changes between runs: the same tensors always give the same bytes. An OS error
+(disk full, read-only directory, permission) becomes one line naming the path, with the temporary
+file removed.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_write_json", "atomic_write_text", "atomic_save_safetensors"]
+from ..errors import InspectError
+
+__all__ = ["atomic_write_json", "atomic_write_text", "atomic_save_safetensors", "load_safetensors", "os_error"]
 
 
-def _tmp_beside(path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
+def os_error(path: str | Path, e: OSError) -> InspectError:
+    """One line for an OS error while writing ``path``."""
+    return InspectError(f"{path}: cannot write: {e.strerror or e}")
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise os_error(path, e) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
-    path = Path(path)
-    tmp = _tmp_beside(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(obj, path: str | Path, *, sort_keys: bool = True) -> None:
@@ -36,24 +50,14 @@ def atomic_write_json(obj, path: str | Path, *, sort_keys: bool = True) -> None:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from ..files import write_safetensors
 
-    path = Path(path)
-    tmp = _tmp_beside(path)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _atomic(Path(path), lambda tmp: write_safetensors(tmp, tensors, metadata))
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file (no pickle); a missing or damaged file is an ``InspectError``."""
     from safetensors.torch import load_file
-
-    from ..errors import InspectError
 
     p = Path(path)
     if not p.is_file():

@@ -17,7 +17,8 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +30,12 @@ from ..errors import InspectError
 from .model import logits_of
 from .tasks import Task
 
-__all__ = ["TrainConfig", "train", "evaluate", "resolve_device", "setup_distributed", "lr_at"]
+__all__ = ["TrainConfig", "train", "evaluate", "resolve_device", "setup_distributed", "lr_at", "default_threads",
+           "cpu_threads"]
+
+# Models whose widest layer is at most this run on one CPU thread by default: their matrices are too
+# small for intra-op parallelism to pay (measured on the tiny model: see default_threads).
+ONE_THREAD_MAX_DIM = 256
 
 
 @dataclass
@@ -47,7 +53,26 @@ class TrainConfig:
     eval_batch: int = 32
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None  # CPU threads; None: default_threads()
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InspectError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("warmup_steps", "eval_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InspectError(f"TrainConfig.{name} must be a non-negative integer, got {v!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InspectError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("weight_decay", "grad_clip", "min_lr_ratio"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise InspectError(f"TrainConfig.{name} must be a finite number ≥ 0, got {v!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise InspectError(f"TrainConfig.threads must be a positive integer or None, got {self.threads!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +84,40 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InspectError("--device cuda: no CUDA device is available")
     return torch.device(name)
+
+
+def default_threads(model_dim: int | None) -> int:
+    """CPU threads when none are asked for.
+
+    One thread for models no wider than :data:`ONE_THREAD_MAX_DIM` (the presets ``tiny`` and
+    ``small``): their 64×64…176×64 matmuls are too small to split across threads. Measured on a
+    2-core machine shared with other jobs (load average 8–12), the README's tiny planted command
+    for 100 steps (``lora-inspect train --task planted --planted-rank 4 --rank 32 --targets
+    all-linear --steps 100``) took 27.0, 48.8, 43.4 s on one thread (median 43 s) and 426, 373,
+    321 s on torch's default of two (median 373 s): idle OpenMP threads spin on busy cores. Wider
+    models (or an unknown width) get the cores this process may run on, divided among the processes
+    of a torchrun node (``LOCAL_WORLD_SIZE``), at least one (not measured here).
+    """
+    if model_dim is not None and model_dim <= ONE_THREAD_MAX_DIM:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, cores // local)
+
+
+@contextmanager
+def cpu_threads(cfg: TrainConfig, model_dim: int | None) -> Iterator[int]:
+    """Run the block with ``cfg.threads`` (or :func:`default_threads`) torch CPU threads, then restore."""
+    n = cfg.threads if cfg.threads is not None else default_threads(model_dim)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -116,16 +175,92 @@ class _Log:
     """JSONL log (rank 0 only); one object per line, flushed as written."""
 
     def __init__(self, path: Path | None):
-        self.f = open(path, "w", encoding="utf-8") if path is not None else None
+        self.path = path
+        try:
+            self.f = open(path, "w", encoding="utf-8") if path is not None else None  # noqa: SIM115 - held open across steps
+        except OSError as e:
+            raise InspectError(f"{path}: cannot write: {e.strerror or e}") from None
 
     def __call__(self, **rec) -> None:
         if self.f is not None:
-            self.f.write(json.dumps(rec) + "\n")
-            self.f.flush()
+            try:
+                self.f.write(json.dumps(rec) + "\n")
+                self.f.flush()
+            except OSError as e:
+                self.close()
+                raise InspectError(f"{self.path}: cannot write: {e.strerror or e}") from None
 
     def close(self) -> None:
         if self.f is not None:
-            self.f.close()
+            f, self.f = self.f, None
+            with suppress(OSError):
+                f.close()
+
+
+@dataclass
+class _Run:
+    """What one training run holds between steps."""
+
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    ddp: nn.parallel.DistributedDataParallel | None
+    task: Task
+    cfg: TrainConfig
+    params: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    device: torch.device
+    rank: int
+    world: int
+    micro: int  # sequences per process per micro-step
+    tokens_seen: int = 0
+
+
+def _setup(model: nn.Module, task: Task, cfg: TrainConfig) -> _Run:
+    """Device, process group, seeds, optimizer."""
+    rank, world, device = setup_distributed(resolve_device(cfg.device))
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise InspectError(f"batch size {cfg.batch_size} is not divisible by world size × grad_accum = {world * cfg.grad_accum}")
+    torch.manual_seed(cfg.seed + rank)  # dropout masks; the data does not depend on this RNG
+    model.to(device)
+    task.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise InspectError("nothing to train: the model has no trainable parameters")
+    ddp = None
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return _Run(model, ddp if ddp is not None else model, ddp, task, cfg, params, opt, device, rank, world,
+                micro=cfg.batch_size // (world * cfg.grad_accum))
+
+
+def _step(r: _Run, step: int) -> tuple[float, float]:
+    """One optimizer step: (mean loss over ranks, learning rate)."""
+    cfg, task = r.cfg, r.task
+    lr = lr_at(step, cfg)
+    for g in r.opt.param_groups:
+        g["lr"] = lr
+    batch = task.train_batch(step, cfg.batch_size)  # the global batch for this step, (batch_size, L) on CPU
+    step_loss = torch.zeros((), device=r.device)
+    # forward/backward over micro-steps; DDP all-reduces only on the last
+    for m in range(cfg.grad_accum):
+        lo = (m * r.world + r.rank) * r.micro  # this rank's rows
+        b = batch[lo : lo + r.micro].to(r.device, non_blocking=True)  # (micro, L)
+        sync = m == cfg.grad_accum - 1
+        tgt = task.targets(b)  # outside autocast: the same float32 targets as evaluate()
+        with (r.ddp.no_sync() if r.ddp is not None and not sync else nullcontext()), _autocast(r.device):
+            logits = logits_of(r.net, task.inputs(b))  # (micro, T, V)
+            loss = task.loss(logits, tgt) / cfg.grad_accum
+        loss.backward()
+        step_loss += loss.detach()
+        r.tokens_seen += task.inputs(b).numel() * r.world
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(r.params, cfg.grad_clip)
+    r.opt.step()
+    r.opt.zero_grad(set_to_none=True)
+    if r.ddp is not None:
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    return step_loss.item(), lr
 
 
 def train(model: nn.Module, task: Task, cfg: TrainConfig, log_path: Path | None = None) -> dict:
@@ -134,79 +269,36 @@ def train(model: nn.Module, task: Task, cfg: TrainConfig, log_path: Path | None 
     Returns a summary: initial and final held-out metrics, tokens/s, steps. Works in a single
     process or under torchrun (see the module docstring).
     """
-    # -- setup: device, process group, seeds -------------------------------------------------
-    rank, world, device = setup_distributed(resolve_device(cfg.device))
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise InspectError(f"batch size {cfg.batch_size} is not divisible by world size × grad_accum = {world * cfg.grad_accum}")
-    micro = cfg.batch_size // (world * cfg.grad_accum)  # sequences per process per micro-step
-    torch.manual_seed(cfg.seed + rank)  # dropout masks; the data does not depend on this RNG
-    model.to(device)
-    task.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise InspectError("nothing to train: the model has no trainable parameters")
-    ddp = world > 1
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
-    main = rank == 0
+    r = _setup(model, task, cfg)
+    main = r.rank == 0
     log = _Log(log_path if main else None)
-    log(event="config", **{**asdict(cfg), "world_size": world, "device": str(device), "n_trainable": sum(p.numel() for p in params)})
-
-    # -- initial eval (rank 0) ---------------------------------------------------------------
-    first = evaluate(model, task, device, cfg.eval_batch) if main else {}
-    log(event="eval", step=0, **first)
-    last = first
-
-    progress = _progress(cfg.progress and main, cfg.steps)
-    tokens_seen = 0
-    t0 = time.perf_counter()
-    loss_val = float("nan")
-    with progress as bar:
-        job = bar.add_task("train", total=cfg.steps, loss=float("nan"), tps=0.0) if bar else None
-        for step in range(cfg.steps):
-            # -- schedule ----------------------------------------------------------------------
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            # -- data: the global batch for this step, this rank's rows ------------------------
-            batch = task.train_batch(step, cfg.batch_size)  # (batch_size, L) on CPU
-            step_loss = torch.zeros((), device=device)
-            # -- forward/backward over micro-steps; DDP all-reduces only on the last -----------
-            for m in range(cfg.grad_accum):
-                lo = (m * world + rank) * micro
-                b = batch[lo : lo + micro].to(device, non_blocking=True)  # (micro, L)
-                sync = m == cfg.grad_accum - 1
-                tgt = task.targets(b)  # outside autocast: the same float32 targets as evaluate()
-                with (net.no_sync() if ddp and not sync else nullcontext()), _autocast(device):
-                    logits = logits_of(net, task.inputs(b))  # (micro, T, V)
-                    loss = task.loss(logits, tgt) / cfg.grad_accum
-                loss.backward()
-                step_loss += loss.detach()
-                tokens_seen += task.inputs(b).numel() * world
-            # -- clip, step, zero ----------------------------------------------------------------
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            # -- log: mean loss over ranks, throughput ---------------------------------------
-            if ddp:
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            loss_val = step_loss.item()
-            elapsed = time.perf_counter() - t0
-            tps = tokens_seen / max(elapsed, 1e-9)
-            log(event="train", step=step + 1, loss=loss_val, lr=lr, tokens=tokens_seen, tokens_per_s=tps, elapsed_s=elapsed)
-            if bar:
-                bar.update(job, advance=1, loss=loss_val, tps=tps)
-            # -- periodic eval (rank 0) --------------------------------------------------------
-            if main and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
-                last = evaluate(model, task, device, cfg.eval_batch)
-                log(event="eval", step=step + 1, **last)
-    elapsed = time.perf_counter() - t0
-    summary = {"steps": cfg.steps, "world_size": world, "tokens": tokens_seen, "elapsed_s": elapsed,
-               "tokens_per_s": tokens_seen / max(elapsed, 1e-9), "train_loss": loss_val,
-               "initial": first, "final": last}
-    log(event="done", **summary)
-    log.close()
+    try:
+        log(event="config", **{**asdict(cfg), "threads": torch.get_num_threads(), "world_size": r.world,
+                               "device": str(r.device), "n_trainable": sum(p.numel() for p in r.params)})
+        first = evaluate(model, task, r.device, cfg.eval_batch) if main else {}  # rank 0 evaluates
+        log(event="eval", step=0, **first)
+        last = first
+        loss_val = float("nan")
+        t0 = time.perf_counter()
+        with _progress(cfg.progress and main, cfg.steps) as bar:
+            job = bar.add_task("train", total=cfg.steps, loss=float("nan"), tps=0.0) if bar else None
+            for step in range(cfg.steps):
+                loss_val, lr = _step(r, step)
+                elapsed = time.perf_counter() - t0
+                tps = r.tokens_seen / max(elapsed, 1e-9)
+                log(event="train", step=step + 1, loss=loss_val, lr=lr, tokens=r.tokens_seen, tokens_per_s=tps, elapsed_s=elapsed)
+                if bar:
+                    bar.update(job, advance=1, loss=loss_val, tps=tps)
+                if main and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
+                    last = evaluate(model, task, r.device, cfg.eval_batch)
+                    log(event="eval", step=step + 1, **last)
+        elapsed = time.perf_counter() - t0
+        summary = {"steps": cfg.steps, "world_size": r.world, "tokens": r.tokens_seen, "elapsed_s": elapsed,
+                   "tokens_per_s": r.tokens_seen / max(elapsed, 1e-9), "train_loss": loss_val,
+                   "initial": first, "final": last}
+        log(event="done", **summary)
+    finally:
+        log.close()
     return summary
 
 

@@ -175,6 +175,9 @@ class Decoder(nn.Module):
 class CausalLM(nn.Module):
     """Token ids (B, T) → logits (B, T, V)."""
 
+    rope_cos: torch.Tensor  # (max_seq_len, head_dim) buffers, not saved
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -202,10 +205,10 @@ class CausalLM(nn.Module):
             nn.init.normal_(m.weight, std=1.0)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        B, T = input_ids.shape
-        if T > self.config.max_seq_len:
-            raise InspectError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hd)
+        t = input_ids.shape[1]
+        if t > self.config.max_seq_len:
+            raise InspectError(f"sequence length {t} exceeds max_seq_len {self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]  # (T, hd)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for block in self.model.layers:
             x = block(x, cos, sin)  # (B, T, D)

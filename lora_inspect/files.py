@@ -1,0 +1,241 @@
+"""Writing files: atomic outputs, output-path checks, the deterministic safetensors writer, JSON.
+
+Determinism: the safetensors container is written here rather than by ``safetensors.torch.save_file``,
+whose header metadata order follows a Rust ``HashMap`` and changes from run to run. Header keys are
+sorted, tensors are laid out by (element size descending, key) — the order the safetensors library
+uses, which keeps every tensor aligned — and the header is padded with spaces to a multiple of 8
+(the format spec: https://github.com/huggingface/safetensors#format). No timestamps anywhere.
+
+Atomicity: everything is written under a temporary name beside OUT (same filesystem),
+``.OUT.lora-inspect-tmp-PID[suffix]``, checked by the caller, and only then renamed onto OUT
+(:class:`AtomicOutput`). Nothing is left behind on failure; every OS error while writing (disk
+full, read-only filesystem, permission …) becomes one :class:`~lora_inspect.errors.InspectError`
+naming the path and the cause. Temporaries left by a process that no longer runs (killed mid-write)
+are removed by the next write into the same directory, with a note in :attr:`AtomicOutput.notes`.
+Layout-specific writing (which files, which config) lives in :mod:`lora_inspect.formats`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InspectError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = [
+    "write_safetensors",
+    "write_bin",
+    "write_text",
+    "AtomicOutput",
+    "check_output_path",
+    "dump_json",
+    "os_error",
+    "TMP_MARK",
+]
+
+TMP_MARK = ".lora-inspect-tmp-"
+_STALE = re.compile(r"^\..+\.lora-inspect-(?:tmp|old)-(\d+)(?:\..*)?$")
+
+
+def os_error(path: Path, e: OSError) -> InspectError:
+    """One line for an OS error while writing ``path``: the path and the cause (ENOSPC, EROFS …)."""
+    code = errno.errorcode.get(e.errno or 0, "")
+    cause = e.strerror or str(e)
+    return InspectError(f"{path}: cannot write: {cause}" + (f" ({code})" if code else ""))
+
+
+def dump_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, two-space indent, trailing newline (PEFT writes sorted keys too)."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise os_error(path, e) from e
+
+
+def _safetensors_layout(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None):
+    from .formats.tensors import TORCH_TO_ST
+
+    items = []
+    for key, t in tensors.items():
+        if t.dtype not in TORCH_TO_ST:
+            raise InspectError(f"{path}: cannot store tensor {key!r} of dtype {t.dtype}")
+        items.append((key, t.detach().to("cpu").contiguous()))
+    items.sort(key=lambda kv: (-kv[1].element_size(), kv[0]))
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, t in items:
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise InspectError(f"{path}: header metadata must map strings to strings")
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return items, raw, offset
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file deterministically (byte-identical for equal inputs); returns the bytes
+    written. Not atomic by itself: write to :attr:`AtomicOutput.tmp` for that. ``train`` calls this."""
+    import torch
+
+    items, raw, offset = _safetensors_layout(path, tensors, metadata)
+    try:
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for _, t in items:
+                if t.numel():
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise os_error(path, e) from e
+    return 8 + len(raw) + offset
+
+
+def write_bin(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A pickled state dict; ``torch.save`` is deterministic for the same dict in the same order."""
+    import torch
+
+    try:
+        torch.save({k: tensors[k].contiguous() for k in sorted(tensors)}, str(path))
+    except OSError as e:
+        raise os_error(path, e) from e
+    except RuntimeError as e:  # torch wraps write failures of its zip writer
+        raise InspectError(f"{path}: cannot write: {str(e).splitlines()[0][:200]}") from e
+
+
+def _looks_like_adapter_dir(d: Path, markers: tuple[str, ...]) -> bool:
+    return any((d / n).is_file() for n in markers)
+
+
+def check_output_path(inp: Path, weights: Path, out: Path, force: bool, markers: tuple[str, ...] = ()) -> None:
+    """Refuse OUT when it is the input, lies inside it, contains it, or exists without ``force``;
+    ``force`` replaces an existing directory only when it holds one of ``markers`` (an adapter's files,
+    ``lora_inspect.formats.ADAPTER_MARKERS``) or nothing."""
+    ri, rw, ro = inp.resolve(), weights.resolve(), out.resolve()
+    if ro in (ri, rw):
+        raise InspectError(f"{out}: OUT is the input itself; write to a new path")
+    if ri.is_dir() and ri in ro.parents:
+        raise InspectError(f"{out}: OUT lies inside the input directory {inp}; write elsewhere")
+    if ro in ri.parents or ro in rw.parents:
+        raise InspectError(f"{out}: OUT contains the input {inp}; replacing it would destroy the input")
+    if out.exists() or out.is_symlink():
+        if out.exists() and out.samefile(weights):
+            raise InspectError(f"{out}: OUT is the input file (same file on disk); write to a new path")
+        if not force:
+            raise InspectError(f"{out}: already exists", hint="force replaces it", option="force")
+        if out.is_dir() and not out.is_symlink() and any(out.iterdir()) and not _looks_like_adapter_dir(out, markers):
+            # --force replaces an earlier output, never an unrelated folder full of someone's files
+            raise InspectError(f"{out}: exists and is not an adapter directory; forcing replaces only adapters")
+    if not out.parent.exists():
+        raise InspectError(f"{out.parent}: no such directory for OUT")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def stale_temporaries(parent: Path) -> Iterator[Path]:
+    """Temporaries of ours in ``parent`` whose writing process no longer runs."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = _STALE.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            yield p
+
+
+class AtomicOutput:
+    """A temporary path beside OUT; :meth:`commit` renames it onto OUT, leaving the block without
+    committing (an error, a failed self-check) removes everything that was written. Entering removes
+    stale temporaries of dead processes in the same directory; :attr:`notes` says which."""
+
+    def __init__(self, out: Path, suffix: str = ""):
+        self.out = out
+        self.tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}{suffix}"
+        self.notes: list[str] = []
+        self._committed = False
+
+    def __enter__(self) -> "AtomicOutput":
+        for p in stale_temporaries(self.out.parent):
+            _remove(p)
+            self.notes.append(f"removed {p.name}, left in {p.parent} by an interrupted earlier run")
+        _remove(self.tmp)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._committed:
+            _remove(self.tmp)
+
+    def mkdir(self) -> Path:
+        try:
+            self.tmp.mkdir()
+        except OSError as e:
+            raise os_error(self.tmp, e) from e
+        return self.tmp
+
+    def commit(self) -> None:
+        try:
+            self._commit()
+        except OSError as e:
+            raise os_error(self.out, e) from e
+
+    def _commit(self) -> None:
+        trash = None
+        if self.out.exists() or self.out.is_symlink():
+            if self.out.is_dir() and not self.out.is_symlink():
+                trash = self.out.parent / f".{self.out.name}.lora-inspect-old-{os.getpid()}"
+                _remove(trash)
+                os.rename(self.out, trash)
+            elif self.tmp.is_dir():
+                self.out.unlink()
+        os.replace(self.tmp, self.out)  # atomic for a file over a file; a dir onto a free name
+        self._committed = True
+        if trash is not None:
+            _remove(trash)
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    try:
+        shutil.copyfile(src, dst)
+    except OSError as e:
+        raise os_error(dst, e) from e
+
+
+def _remove(p: Path) -> None:
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    except OSError:
+        pass  # best effort: a temp we cannot remove is reported by the next run

@@ -1,0 +1,93 @@
+"""kohya / sd-scripts files (``networks/lora.py``).
+
+``lora_unet_…`` / ``lora_te[12]_…`` + ``.lora_down.weight`` (r, in[, kh, kw]), ``.lora_up.weight``
+(out, r[, 1, 1]), ``.alpha`` (scalar); ΔW = (α/r)·up@down, a missing or zero alpha meaning α = r.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..adapter import Adapter, Module
+from ..errors import InspectError
+from .alphas import alphas_for_ranks, alphas_scaled
+from .common import build_module, group_keys
+from .layout import Capabilities, Found, Layout, Rewrite
+from .tensors import TensorSource
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["KohyaLayout", "KOHYA_PREFIXES", "check_lycoris", "finish"]
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
+KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
+LYCORIS_MARKERS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".oft_diag", ".oft_blocks", ".a1.weight")
+
+
+def check_lycoris(source: TensorSource) -> None:
+    for k in source.tensors:
+        if any(m in k for m in LYCORIS_MARKERS):
+            raise InspectError(
+                f"{source.path}: {k!r} is a LyCORIS (LoHa/LoKr/OFT) tensor; only plain LoRA (lora_down/lora_up) is supported"
+            )
+
+
+def finish(path: Path, fmt: str, source: TensorSource, modules: list[Module], rest: list[str], notes: list[str],
+           config: dict[str, Any] | None = None) -> Adapter:
+    """An Adapter for the Stable Diffusion layouts (no global config: rank and α from the modules)."""
+    if not modules:
+        raise InspectError(f"{source.path}: no LoRA factor pairs found")
+    ranks = Counter(m.rank for m in modules)
+    alphas = Counter(m.alpha for m in modules)
+    return Adapter(
+        path=path,
+        format=fmt,
+        weights_path=source.path,
+        source=source,
+        modules=modules,
+        extras=sorted(rest),
+        config=config,
+        r=ranks.most_common(1)[0][0],
+        alpha=alphas.most_common(1)[0][0] if len(alphas) == 1 else None,
+        use_dora=any(m.is_dora for m in modules),
+        base_model=source.metadata.get("ss_sd_model_name") or source.metadata.get("ss_base_model_version"),
+        notes=notes,
+    )
+
+
+def _kohya_alpha_key(m: Module) -> str | None:
+    return m.a_key.rsplit(".lora_down.weight", 1)[0] + ".alpha" if m.a_key.endswith(".lora_down.weight") else None
+
+
+class KohyaLayout(Layout):
+    name = "kohya"
+    formats = ("kohya",)
+    caps = Capabilities(per_module_rank=True, per_module_alpha=True, dora=False, conv=True, embeddings=False,
+                        alpha="tensors")
+
+    def matches(self, keys: list[str], found: Found) -> bool:
+        return any(k.startswith(KOHYA_PREFIXES) for k in keys)
+
+    def read(self, source: TensorSource, found: Found) -> Adapter:
+        check_lycoris(source)
+        groups, rest = group_keys(source.keys(), KOHYA_SUFFIXES)
+        modules, notes, missing = [], [], 0
+        for name in sorted(groups):
+            mod, known = build_module(name, groups[name], source)
+            missing += not known
+            modules.append(mod)
+        if missing:
+            notes.append(f"{missing} modules have no .alpha tensor: α = r (scale 1) assumed, as kohya does")
+        return finish(found.shown, "kohya", source, modules, rest, notes)
+
+    def truncated(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+                  dropped: list[str]) -> Rewrite:
+        alphas_for_ranks(ad, tensors, ranks)
+        return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
+
+    def rescaled(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+        alphas_scaled(ad, tensors, factor, _kohya_alpha_key)  # α = r implied: store it explicitly, scaled
+        return Rewrite(out_fmt, tensors, dict(ad.metadata), None)

@@ -1,0 +1,205 @@
+"""``truncate``: replace every ΔW by its best rank-k approximation, in the same layout.
+
+Truncation (Eckart–Young–Mirsky: the best rank-k approximation in Frobenius and spectral norm keeps
+the k largest singular triplets). For ΔW = s·B@A, Householder QR B = Q_b R_b, Aᵀ = Q_a R_a, SVD of the
+r×r core s·R_b R_aᵀ = U S Vᵀ (docs/formats.md, "Writing a PEFT adapter"):
+B′ = Q_b U_k √S_k (out, k), A′ = √S_k V_kᵀ Q_aᵀ (k, in), so B′@A′ is the truncated ΔW with the scale
+baked in (the layout then stores α so that s′ = 1). Q_b and Q_a are never formed: ``torch.ormqr``
+applies the Householder reflectors of ``torch.geqrf`` to the small (·, k) blocks. 16-bit data is
+decomposed in float32 (it carries 8–11 significant bits), everything else in float64; the core is
+always float64. Rank choice: :mod:`lora_inspect.rewrite.ranks`; layout specifics: the adapter's
+:class:`~lora_inspect.formats.layout.Layout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapter import Adapter, Module, module_type
+from ..errors import InspectError
+from ..files import check_output_path
+from ..formats.layout import Layout
+from ..formats.tensors import DTYPE_SIZES
+from ..spectrum import (
+    Decomposition,
+    compute_dtype,
+    decompose,
+    parallel_map,
+    relative_error,
+    retained_energy,
+    single_threaded_torch,
+)
+from .ranks import RankChoice, TruncateSpec, choose_ranks
+from .results import ModuleChange, TruncateResult
+from .selfcheck import Expected, write_checked
+from .tensors import check_finite, extras_tensors, header_reserve, torch_dtype
+
+__all__ = ["truncate", "to_stored", "layout_of", "adapter_markers"]
+
+
+def adapter_markers() -> tuple[str, ...]:
+    from ..formats import ADAPTER_MARKERS
+
+    return ADAPTER_MARKERS
+
+
+def layout_of(ad: Adapter) -> Layout:
+    """The layout that read ``ad`` (it writes the rewrite)."""
+    if ad.layout is not None:
+        return ad.layout
+    from ..formats import layout_named
+
+    return layout_named(ad.format)
+
+
+def to_stored(m: Module, b_lin: torch.Tensor, a_lin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear-orientation factors → (A_stored, B_stored) in the module's orientation and ``dtype``."""
+    lr = m.low_rank
+    a_st, b_st = lr.orient.to_stored(b_lin, a_lin, m.source.info(lr.a_key).shape, m.source.info(lr.b_key).shape)
+    return a_st.to(dtype).contiguous(), b_st.to(dtype).contiguous()
+
+
+@dataclass
+class _Factored:
+    """Per-module spectra, and the new factors (or the decompositions to cut once ranks are known)."""
+
+    spectra: list[np.ndarray] = field(default_factory=list)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    decomps: dict[str, Decomposition] = field(default_factory=dict)
+
+
+def _decompose_all(ad: Adapter, spec: TruncateSpec, one_rank: bool,
+                   progress: Callable[[int], None] | None) -> _Factored:
+    stream = spec.rank is not None and not one_rank  # ranks known up front: no need to keep decompositions
+
+    def work(m: Module):
+        b, a = m.factors(compute_dtype(m.dtype))
+        try:
+            d = decompose(b, a, m.scale)
+        except ValueError:
+            check_finite(ad, m.name, b, a)
+            raise
+        del b, a
+        sv = np.zeros(m.rank)
+        sv[: d.s.shape[0]] = d.s.numpy()
+        if stream:
+            assert spec.rank is not None
+            return sv, None, to_stored(m, *d.factors(min(spec.rank, m.rank)), torch_dtype(m.dtype))
+        return sv, d, None
+
+    got = _Factored()
+    for m, (sv, d, f) in zip(ad.modules, parallel_map(work, ad.modules, progress=progress)):
+        got.spectra.append(sv)
+        if d is None:
+            got.factors[m.name] = f
+        else:
+            got.decomps[m.name] = d
+    return got
+
+
+def _fixed_bytes(ad: Adapter, extras: dict[str, torch.Tensor]) -> int:
+    """What every output keeps regardless of rank: full tensors, magnitudes, biases, alphas, header."""
+    n = sum(t.numel() * t.element_size() for t in extras.values())
+    for m in ad.modules:
+        n += sum(m.source.info(k).nbytes for k in (m.magnitude_key, m.bias_key, m.alpha_key) if k)
+    return n + header_reserve(ad)
+
+
+def _change(m: Module, sv: np.ndarray, k: int, st: int) -> ModuleChange:
+    size = DTYPE_SIZES.get(m.dtype, 4)
+    fixed_b = sum(m.source.info(key).nbytes for key in (m.magnitude_key, m.bias_key, m.alpha_key) if key)
+    per = m.shape[0] + m.shape[1]
+    return ModuleChange(
+        name=m.name, type=module_type(m.name), kind=m.kind, shape=m.shape, rank_before=m.rank, rank_after=k,
+        stored_rank=st, params_before=m.params, params_after=st * per, bytes_before=m.nbytes,
+        bytes_after=(st * per * size + fixed_b) if st else 0, retained_energy=retained_energy(sv, k),
+        relative_error=relative_error(sv, k), singular_values=[float(x) for x in sv],
+    )
+
+
+def _module_out(ad: Adapter, m: Module, factors: tuple[torch.Tensor, torch.Tensor],
+                tensors: dict[str, torch.Tensor]) -> None:
+    """The module's new factors, its magnitude unchanged and its bias with s baked in (merge adds s·bias)."""
+    tensors[m.a_key], tensors[m.b_key] = factors
+    if m.magnitude_key:
+        tensors[m.magnitude_key] = m.source.get(m.magnitude_key)
+    if m.bias_key:
+        bias = m.source.get(m.bias_key)
+        check_finite(ad, m.name, bias)
+        tensors[m.bias_key] = (bias.to(torch.float64) * m.scale).to(bias.dtype)
+    if m.alpha_key:  # the layout sets its value
+        tensors[m.alpha_key] = m.source.get(m.alpha_key)
+
+
+def _assemble(ad: Adapter, got: _Factored, choice: RankChoice):
+    tensors: dict[str, torch.Tensor] = {}
+    changes, dropped, expected, ranks = [], [], {}, {}
+    for m, sv, k, st in zip(ad.modules, got.spectra, choice.keep, choice.stored):
+        if st == 0:
+            dropped.append(m.name)
+        else:
+            _module_out(ad, m, got.factors.pop(m.name), tensors)
+            kept = np.zeros(st)
+            kept[: min(k, len(sv))] = sv[: min(k, len(sv))]
+            expected[m.name] = Expected(kept, st, m.dtype)
+            ranks[m.name] = st
+        changes.append(_change(m, sv, k, st))
+    if not ranks:
+        raise InspectError("every module would be dropped (rank 0): nothing would be left of the adapter")
+    return tensors, changes, dropped, expected, ranks
+
+
+def _warnings(ad: Adapter, spec: TruncateSpec, dropped: list[str]) -> list[str]:
+    out = []
+    if ad.use_dora:
+        out.append("DoRA: magnitudes copied unchanged; truncating the low-rank part is not the optimal approximation "
+                   "of DoRA's full-rank change (rows are renormalised to m)")
+    if spec.rank is not None:
+        same = [m.name for m in ad.modules if m.rank <= spec.rank]
+        if same:
+            what = "every module" if len(same) == len(ad.modules) else f"{len(same)} of {len(ad.modules)} modules"
+            out.append(f"{what} already {'has' if len(same) == 1 else 'have'} rank ≤ {spec.rank}: copied unchanged "
+                       "(same ΔW, scale baked into the factors)")
+    if dropped:
+        out.append(f"{len(dropped)} modules keep rank 0 and are dropped: {', '.join(dropped[:3])}"
+                   + (" …" if len(dropped) > 3 else ""))
+    return out
+
+
+def truncate(ad: Adapter, out: Path, spec: TruncateSpec, *, force: bool = False,
+             progress: Callable[[int], None] | None = None) -> TruncateResult:
+    """Write the truncated adapter to ``out`` (atomically, self-checked) and return what was done."""
+    spec.validate()
+    out = Path(out)
+    check_output_path(ad.path, ad.weights_path, out, force, adapter_markers())
+    if ad.peft_type == "ADALORA":
+        raise InspectError(f"{ad.path}: AdaLoRA adapters cannot be truncated (convert to LoRA first)")
+    layout = layout_of(ad)
+    out_fmt = layout.output_format(ad, out)
+    one_rank = layout.caps.one_rank_only
+    notes = []
+    if one_rank and not spec.uniform and spec.rank is None:
+        notes.append(f"{layout.name} needs one rank for all modules: ranks padded to a uniform rank")
+    got = _decompose_all(ad, spec, one_rank, progress)
+    with single_threaded_torch():
+        extras = extras_tensors(ad)
+        choice = choose_ranks(ad.modules, got.spectra, spec, fixed_bytes=_fixed_bytes(ad, extras),
+                              force_uniform=one_rank)
+        for m, k, st in zip(ad.modules, choice.keep, choice.stored):
+            if m.name not in got.factors and st > 0:
+                got.factors[m.name] = to_stored(m, *got.decomps.pop(m.name).factors(k, st), torch_dtype(m.dtype))
+        got.decomps.clear()
+    tensors, changes, dropped, expected, ranks = _assemble(ad, got, choice)
+    tensors.update(extras)
+    rw = layout.truncated(ad, out_fmt, tensors, ranks, dropped)
+    size, max_err, written = write_checked(ad, layout, out, rw, expected, set(dropped))
+    return TruncateResult(
+        adapter=ad, output=out, output_format=out_fmt, spec=spec, modules=changes, choice=choice.facts,
+        file_bytes_before=ad.file_bytes, file_bytes_after=size, warnings=_warnings(ad, spec, dropped),
+        notes=notes + written, readme_copied=bool(layout.copied_files(ad, out_fmt)), max_check_error=max_err,
+    )

@@ -1,0 +1,235 @@
+"""Documents and tables for ``info`` and ``rank`` (schema ids in :mod:`.schemas`)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from ..adapter import Adapter
+from ..naming import names_line
+from .render import Table, View, fmt_bytes, fmt_count, fmt_float, sparkline
+from .schemas import INFO_SCHEMA, RANK_SCHEMA
+
+__all__ = ["info_view", "rank_view", "adapter_summary", "action_line", "summary_doc", "group_doc",
+           "integrity_lines"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..analysis import GroupSummary, ModuleResult, RankReport, RankSummary
+
+
+def adapter_summary(ad: Adapter) -> dict:
+    """The adapter block shared by every JSON document."""
+    return {
+        "path": str(ad.path),
+        "format": ad.format,
+        "peft_type": ad.peft_type,
+        "base_model": ad.base_model,
+        "r": ad.r,
+        "alpha": ad.alpha,
+        "use_rslora": ad.use_rslora,
+        "use_dora": ad.use_dora,
+    }
+
+
+def _target_list(t) -> str:
+    if t is None:
+        return "-"
+    if isinstance(t, str):
+        return t
+    return ", ".join(sorted(t))
+
+
+def info_view(ad: Adapter) -> View:
+    kinds = Counter(m.kind for m in ad.modules)
+    ranks = Counter(m.rank for m in ad.modules)
+    alphas = Counter(m.alpha for m in ad.modules)
+    extras: list[dict[str, Any]] = [
+        {"key": k, "shape": list(ad.source.info(k).shape), "dtype": ad.source.info(k).dtype,
+         "params": ad.source.info(k).numel, "bytes": ad.source.info(k).nbytes}
+        for k in ad.extras
+    ]
+    data = {
+        "schema": INFO_SCHEMA,
+        "adapter": adapter_summary(ad),
+        "target_modules": sorted(ad.target_modules) if isinstance(ad.target_modules, (list, set)) else ad.target_modules,
+        "modules": len(ad.modules),
+        "kinds": dict(sorted(kinds.items())),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
+        "params": ad.params,
+        "extra_params": ad.extra_params,
+        "lora_bytes": sum(m.nbytes for m in ad.modules),
+        "extra_bytes": ad.extra_bytes,
+        "tensor_bytes": ad.tensor_bytes,
+        "file_bytes": ad.file_bytes,
+        "dtypes": ad.dtypes(),
+        "extras": extras,
+        "notes": list(ad.notes),
+    }
+    rank_txt = ", ".join(f"r={k} ×{v}" for k, v in sorted(ranks.items()))
+    alpha_txt = ", ".join(f"{k:g} ×{v}" for k, v in sorted(alphas.items()))
+    rows = [
+        ("path", str(ad.path)),
+        ("format", ad.format + (f" ({ad.peft_type})" if ad.peft_type else "")),
+        ("base model", ad.base_model or "-"),
+        ("rank", rank_txt or "-"),
+        ("alpha", (f"{ad.alpha:g}" if ad.alpha is not None else "unknown") + (f"  (per module: {alpha_txt})" if len(alphas) > 1 else "")),
+        ("scale", "α/√r (rsLoRA)" if ad.use_rslora else ("absolute (mlx-lm)" if ad.format == "mlx" else "α/r")),
+        ("DoRA", "yes" if ad.use_dora else "no"),
+        ("targets", _target_list(ad.target_modules)),
+        ("modules", f"{len(ad.modules)} (" + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")"),
+        ("LoRA params", f"{ad.params:,} ({fmt_count(ad.params)})"),
+        ("full-tensor params", f"{ad.extra_params:,} in {len(ad.extras)} tensors ({fmt_bytes(ad.extra_bytes)})"),
+        ("tensor bytes", fmt_bytes(ad.tensor_bytes)),
+        ("file size", fmt_bytes(ad.file_bytes)),
+        ("dtypes", ", ".join(f"{k} ×{v}" for k, v in ad.dtypes().items())),
+    ]
+    tables = [Table(None, ["field", "value"], rows, justify=["left", "left"])]
+    if extras:
+        tables.append(Table("full tensors (not low rank)", ["key", "shape", "dtype", "params", "bytes"],
+                            [(e["key"], "×".join(map(str, e["shape"])), e["dtype"], fmt_count(e["params"]), fmt_bytes(e["bytes"])) for e in extras]))
+    footer = [f"note: {n}" for n in ad.notes]
+    return View(data, tables, footer=footer)
+
+
+def _module_doc(r: ModuleResult) -> dict[str, Any]:
+    m = r.module
+    return {
+        "name": m.name,
+        "kind": m.kind,
+        "shape": list(m.shape),
+        "rank": m.rank,
+        "alpha": m.alpha,
+        "scale": m.scale,
+        "dtype": m.dtype,
+        "singular_values": None if r.singular_values is None else [float(x) for x in r.singular_values],
+        "energy_rank": r.energy_rank,
+        "stable_rank": r.stable_rank,
+        "entropy_rank": r.entropy_rank,
+        "recommended_rank": r.energy_rank,  # the recommendation is the energy rank (one number, two names)
+        "retained_energy": r.retained_energy,
+        "relative_error": r.relative_error,
+        "flags": list(r.flags),
+    }
+
+
+def group_doc(g: GroupSummary) -> dict[str, Any]:
+    return {
+        "modules": g.modules, "rank": list(g.rank), "params": g.params,
+        "params_uniform": g.params_uniform, "params_pattern": g.params_pattern,
+        "bytes_uniform": g.bytes_uniform, "bytes_pattern": g.bytes_pattern,
+        "max_energy_rank": g.max_energy_rank, "mean_energy_rank": g.mean_energy_rank,
+        "mean_stable_rank": g.mean_stable_rank, "recommended_rank": g.max_energy_rank, "max_sigma1": g.max_sigma1,
+    }
+
+
+def summary_doc(s: RankSummary) -> dict[str, Any]:
+    """The ``summary`` block of ``lora-inspect/rank/1``."""
+    return {
+        "modules": s.modules,
+        "analysed": s.analysed,
+        "max_rank": s.max_rank,
+        "uniform_rank": s.uniform_rank,
+        "uniform_min_retained_energy": s.uniform_min_retained_energy,
+        "rank_pattern": dict(s.rank_pattern),
+        "params": {"now": s.params.now, "uniform": s.params.uniform, "pattern": s.params.pattern},
+        "bytes": {"now": s.bytes.now, "uniform": s.bytes.uniform, "pattern": s.bytes.pattern},
+        "by_type": {k: group_doc(g) for k, g in s.by_type.items()},
+        "by_layer": {k: group_doc(g) for k, g in s.by_layer.items()},
+        "flags": dict(s.flags),
+    }
+
+
+def action_line(report: RankReport) -> str:
+    """The one thing to do next, as a sentence (never a command that would refuse)."""
+    s = report.summary
+    pct = f"{report.energy * 100:g}%"
+    now, uni, pat = s.params.now, s.params.uniform, s.params.pattern
+    if s.non_finite:
+        return (f"{len(s.non_finite)} module{'s' if len(s.non_finite) != 1 else ''} hold NaN/inf "
+                f"({names_line(s.non_finite)}): retrain or repair the adapter before truncating it")
+    if s.analysed == 0:
+        return "no module could be analysed: nothing to recommend"
+    if s.uniform_rank < s.max_rank:
+        return (
+            f"truncate --rank {s.uniform_rank} keeps ≥ {pct} energy in every module: "
+            f"{fmt_count(now)} → {fmt_count(uni)} parameters"
+            + (f" (per module, truncate --energy {report.energy:g}: {fmt_count(pat)})" if pat < uni else "")
+        )
+    if pat < now:
+        return (
+            f"r={s.max_rank} is already the smallest power of two keeping ≥ {pct} in every module; "
+            f"per-module ranks (truncate --energy {report.energy:g}) would give {fmt_count(now)} → {fmt_count(pat)} parameters"
+        )
+    return f"every module needs its full rank to keep {pct} energy: nothing to truncate"
+
+
+def integrity_lines(report: RankReport) -> list[tuple[str, str]]:
+    """(severity, sentence) per integrity finding: "!" for a broken module, "·" for a remark."""
+    s = report.summary
+    out: list[tuple[str, str]] = []
+    if s.non_finite:
+        out.append(("!", f"{len(s.non_finite)} modules hold NaN/inf values, their spectra are unknown: "
+                         f"{names_line(s.non_finite)}"))
+    if s.zero_b:
+        out.append(("!", f"{len(s.zero_b)} modules have an all-zero B, they change nothing (untrained?): "
+                         f"{names_line(s.zero_b)}"))
+    for f, n in s.flags.items():
+        if f == "spike":
+            out.append(("·", f"{n} modules are dominated by one direction (σ₁ ≥ 10·σ₂)"))
+        elif f not in ("non_finite", "zero_b"):
+            out.append(("·", f"{n} modules flagged {f}"))
+    return out
+
+
+RANK_OPTIONAL = ("spectrum (log)", "entropy", "stable", "σ₁", "scale")  # dropped in this order when narrow
+
+
+def _rank_row(r: ModuleResult) -> tuple:
+    m = r.module
+    sv = r.singular_values
+    return (
+        m.name, "×".join(map(str, m.shape)), m.rank, fmt_float(m.scale), fmt_float(r.sigma1),
+        r.energy_rank if r.energy_rank is not None else "-",
+        fmt_float(r.stable_rank), fmt_float(r.entropy_rank),
+        r.energy_rank if r.energy_rank is not None else "-",
+        sparkline(sv) if sv is not None else "",
+        ",".join(r.flags),
+    )
+
+
+def _type_table(s: RankSummary, pct: str) -> Table:
+    rows = [(t, g.modules, ",".join(map(str, g.rank)), fmt_count(g.params),
+             g.max_energy_rank if g.max_energy_rank is not None else "-",
+             fmt_float(g.mean_energy_rank), fmt_float(g.mean_stable_rank), fmt_float(g.max_sigma1))
+            for t, g in s.by_type.items()]
+    return Table("by module type", ["type", "modules", "r", "params", f"max rank@{pct}", "mean rank", "mean stable",
+                                    "max σ₁"], rows, kinds=["name"] + ["fixed"] * 7,
+                 optional=("max σ₁", "mean stable", "mean rank", "params"))
+
+
+def rank_view(report: RankReport, max_rows: int | None = 40) -> View:
+    s = report.summary
+    data = {
+        "schema": RANK_SCHEMA,
+        "adapter": adapter_summary(report.adapter),
+        "energy": report.energy,
+        "modules": [_module_doc(r) for r in report.modules],
+        "summary": summary_doc(s),
+        "notes": list(report.adapter.notes),
+    }
+    shown = report.modules if max_rows is None else report.modules[:max_rows]
+    pct = f"{report.energy * 100:g}%"
+    more = max_rows is not None and len(report.modules) > max_rows
+    tables = [Table(
+        f"{len(report.modules)} modules, energy τ = {report.energy:g}" + (f" (first {max_rows}; --all for every module)" if more else ""),
+        ["module", "shape", "r", "scale", "σ₁", f"rank@{pct}", "stable", "entropy", "rec r", "spectrum (log)", "flags"],
+        [_rank_row(r) for r in shown],
+        justify=["left", "right", "right", "right", "right", "right", "right", "right", "right", "left", "left"],
+        kinds=["name"] + ["fixed"] * 10,
+        optional=RANK_OPTIONAL,
+    ), _type_table(s, pct)]
+    footer = [f"{sev} {text}" for sev, text in integrity_lines(report)]
+    footer += [f"note: {n}" for n in report.adapter.notes]
+    footer.append(action_line(report))
+    return View(data, tables, footer=footer)
