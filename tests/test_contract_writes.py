@@ -9,15 +9,12 @@ What these tests need and assume:
   missing or refused are skipped, each with its reason; RLIMIT_FSIZE is the full-disk fallback that
   needs nothing.
 * The kill test writes a ~314 MB Llama-7B-shaped r=64 bf16 PEFT adapter (224 modules) in tmp and runs
-  ``truncate --rank 32`` on it 4 times (one reference run, 3 kills); 100–160 s here, so it is marked
+  ``truncate --rank 32`` on it 4 times (one reference run, 3 kills); 46–160 s here, so it is marked
   slow (still in the default run, as pyproject's marker says; ``-m 'not slow'`` leaves it out, and
   ``python -m pytest tests/test_contract_writes.py -m slow`` runs it alone).
 
-Expected to fail until the fixes land (the contract says what is right; these assert it):
-* the kill test's "no stale temp after the next write": the removal of temps of dead PIDs is in the
-  `core` branch (``files.py``);
-* OS errors while writing (full disk, read-only, permission) as one line are in the `core` branch too.
-They are marked xfail(strict=False) with that reason; at merge remove the marks (``WRITE_FIXES_PENDING``).
+These failed on the `fuzz` branch before main gained core's writer fixes (OS errors as one line, temps
+of dead PIDs removed by the next write); with main merged they pass (kill test: 46 s here).
 """
 
 from __future__ import annotations
@@ -39,7 +36,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "samples" / "text"
 PLANTED = REPO / "samples" / "planted"
-WRITE_FIXES_PENDING = pytest.mark.xfail(strict=False, reason="writer OS-error / stale-temp fixes land in the core branch")
 
 
 def _env() -> dict[str, str]:
@@ -115,7 +111,6 @@ def small_tmpfs(tmp_path):
     _umount(d)
 
 
-@WRITE_FIXES_PENDING
 @pytest.mark.parametrize("command", [["rescale", "--factor", "2"], ["truncate", "--rank", "16"]])
 def test_full_disk_tmpfs(small_tmpfs, command):
     """OUT on a 64 KiB tmpfs; the adapter needs ~320 KB: exit 2, one line with the path and ENOSPC."""
@@ -125,7 +120,6 @@ def test_full_disk_tmpfs(small_tmpfs, command):
     assert sorted(os.listdir(small_tmpfs)) == [], os.listdir(small_tmpfs)
 
 
-@WRITE_FIXES_PENDING
 def test_full_disk_rlimit_fsize(tmp_path):
     """The fallback where mounting is not allowed: RLIMIT_FSIZE 64 KiB (Python ignores SIGXFSZ: EFBIG)."""
     import resource
@@ -142,7 +136,6 @@ def test_full_disk_rlimit_fsize(tmp_path):
 
 # ---- (c) a read-only target ----------------------------------------------------------------------------------
 
-@WRITE_FIXES_PENDING
 def test_read_only_mount(tmp_path):
     """OUT's parent is a read-only bind mount (root cannot write there either)."""
     if not _root():
@@ -159,7 +152,6 @@ def test_read_only_mount(tmp_path):
         _umount(d)
 
 
-@WRITE_FIXES_PENDING
 @pytest.mark.parametrize("target", ["dir", "file"])
 def test_read_only_directory_without_root_powers(tmp_path, target):
     """chmod 555 on OUT's parent, the command run without CAP_DAC_OVERRIDE: exit 2, one line."""
@@ -273,7 +265,6 @@ def _watch(proc: subprocess.Popen, parent: Path, out: Path, until: float | None 
 
 
 @pytest.mark.slow
-@WRITE_FIXES_PENDING
 def test_sigkill_during_truncate(tmp_path):
     """SIGKILL during `truncate --rank 32` of ~314 MB, 3 times: once at a seeded random moment before the
     temp appears, twice at a seeded random moment of the write itself (between the temp appearing and
