@@ -2,19 +2,20 @@
 
 The short run: 21 inputs, one per mutation family (``--round-robin``), through info, rank --json, check
 and truncate, with all nine commands on inputs 0 and 11; one forked child per command run (the fork
-server of tests/fuzz/runner.py), 10 s per run. About 40–60 s on the shared 2-core machine.
+server of tests/fuzz/runner.py), 10 s per run (report 30 s). 25 s alone, ~56 s with other load here.
 The long run is one command (see reports/fuzz.md):
     python -m tests.fuzz --seed 7 --n 5000 --quick --full-every 10 --jobs 2 --out reports/fuzz.md
 
-KNOWN BREAK CLASSES (fixed in other branches of issue 9; the short run is xfail, non-strict, only while
-every break it finds is in this list — at merge, empty KNOWN_BREAKS and the test must pass):
-    unexpected:*               "unexpected TypeError/…" instead of a message (validation layer: guard)
-    hang                       FIFO as the adapter, 10M-character names, huge tensor counts (guard, views)
-    error-names-no-path        an error line that names no file (e.g. rank mismatch, .bin read errors)
-    stderr-text:*              warnings or other text on stderr besides our notes (guard, core)
-    check-passes-bad-weights   `check` exits 0 on all-zero B (the integrity rule: views)
-    accepted-unreadable-output truncate/rescale exit 0 writing what `info` refuses (core)
-    output-left, temp-left     a failed rewrite leaves OUT or its temp (core)
+KNOWN BREAK CLASSES (open after merging main at 00:36 UTC, seen by the fuzzer's run on seed 11, see
+reports/fuzz.md). The short run is xfail, non-strict, only while every break it finds is in this list;
+when they are fixed, empty KNOWN_BREAKS and the test must pass (it asserts zero breaks):
+    error-names-no-path      an error line that names the key and the cause but no file (rank mismatch,
+                             "factor shapes … do not form a LoRA pair", "self-check failed: …") — the only
+                             class this short run hits today
+    unexpected-word          a message quoting a codec's "unexpected end of data" (header one byte too long)
+    unexpected:RuntimeError  `report` on a symlink loop ("Symlink loop from …")
+    unexpected:OverflowError `report` with alpha_pattern value 1e308
+    hang                     a 200,000-tensor header: refused, but only after ~24 s (15 s limit under load)
 """
 
 from __future__ import annotations
@@ -33,10 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.fuzz.runner import Run, execute, judge  # noqa: E402
 
-KNOWN_BREAKS = [
-    "unexpected:*", "hang", "error-names-no-path", "stderr-text:*", "check-passes-bad-weights",
-    "accepted-unreadable-output", "output-left", "temp-left",
-]
+KNOWN_BREAKS = ["error-names-no-path", "unexpected-word", "unexpected:RuntimeError", "unexpected:OverflowError", "hang"]
 
 
 def _known(cls: str) -> bool:
