@@ -106,6 +106,8 @@ def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter directory or file (header only; tensors are read lazily)."""
     p = Path(path)
     if not p.exists():
+        if os.path.lexists(p):
+            raise InspectError(f"{p}: a symbolic link that leads nowhere (dangling, or a loop)")
         raise InspectError(f"{p}: no such file or directory")
     if p.is_file() and p.name in ("adapter_config.json",):
         p = p.parent
