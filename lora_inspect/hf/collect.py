@@ -29,8 +29,9 @@ def moment_bytes(in_dims: Iterable[int]) -> int:
 
 def collect_moments(model: nn.Module, layers: dict[str, nn.Module], run: Callable[[nn.Module], Iterable[torch.Tensor]],
                     max_bytes: int = MAX_MOMENT_BYTES) -> tuple[dict[str, torch.Tensor], int]:
-    """({layer path: Σ float64 on CPU}, rows n). ``run(model)`` is a generator that, per batch, yields the
-    boolean mask (batch, seq) of the token rows to count and *then* runs that batch's forward pass."""
+    """({layer path: Σ float64 on CPU}, rows n of the layer that saw most). ``run(model)`` is a generator that, per batch, yields the
+    boolean mask (batch, seq) of the token rows to count (None: every row) and *then* runs that batch's
+    forward pass."""
     dims = {name: linear_shape(m, _transposed(m))[1] for name, m in layers.items()}
     need = moment_bytes(dims.values())
     if need > max_bytes:
@@ -39,6 +40,7 @@ def collect_moments(model: nn.Module, layers: dict[str, nn.Module], run: Callabl
                            f"largest {big} with in = {dims[big]}); the limit is {max_bytes / 2**30:.0f} GiB")
     dev = next(model.parameters()).device
     acc = {name: torch.zeros(d, d, dtype=torch.float64, device=dev) for name, d in dims.items()}
+    count = dict.fromkeys(dims, 0)
     mask: list[torch.Tensor | None] = [None]
 
     def hook(name: str):
@@ -48,21 +50,21 @@ def collect_moments(model: nn.Module, layers: dict[str, nn.Module], run: Callabl
             rows = x[keep] if keep is not None and keep.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
             rows = rows.to(torch.float64)
             acc[name].addmm_(rows.T, rows)
+            count[name] += rows.shape[0]
         return pre
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
-    n = 0
     try:
         with torch.no_grad():
             for keep in run(model):
                 mask[0] = keep
-                n += int(keep.sum()) if keep is not None else 0
     finally:
         for h in handles:
             h.remove()
-    if n == 0:
-        raise InspectError("the calibration text gave no tokens")
-    return {name: (a / n).cpu() for name, a in acc.items()}, n
+    unreached = [name for name, c in count.items() if c == 0]
+    if unreached:
+        raise InspectError(f"the calibration text never reached layer {unreached[0]!r}")
+    return {name: (a / count[name]).cpu() for name, a in acc.items()}, max(count.values())
 
 
 def _transposed(m: nn.Module) -> bool:
