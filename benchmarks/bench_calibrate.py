@@ -45,8 +45,21 @@ REPORT = ROOT / "reports" / "calibrate.md"
 def _rows(ks, plain, cal):
     out = []
     for k, p, c in zip(ks, plain, cal):
-        out.append(f"| {k} | {p[0]:.4g} | {c[0]:.4g} | {c[0] / p[0]:.2f}× | {p[1]:.5g} | {c[1]:.5g} |")
+        out.append(f"| {k} | {p[0]:.4g} | {c[0]:.4g} | {c[0] / p[0]:.2f}× | {p[1]:.5g} | {c[1]:.5g} | "
+                   f"{c[2]:.3f} / {c[3]:.3f} |")
     return out
+
+
+def _layer_errors(res) -> tuple[float, float]:
+    """Mean over modules of the relative output error: calibrated, plain (from the calibrated result)."""
+    m = res.modules
+    return sum(c.relative_error for c in m) / len(m), sum(c.output_error_plain for c in m) / len(m)
+
+
+def _spread(moments) -> float:
+    """Mean over modules of the effective dimension (tr Σ)²/‖Σ‖²_F divided by in: 1 = isotropic inputs."""
+    vals = [float(torch.trace(s) ** 2 / (s * s).sum()) / s.shape[0] for s in moments.values()]
+    return sum(vals) / len(vals)
 
 
 def own_text_task(ks, ridge, tmp: Path) -> tuple[list, list, dict]:
@@ -75,11 +88,11 @@ def own_text_task(ks, ridge, tmp: Path) -> tuple[list, list, dict]:
     plain, cal = [], []
     for k in ks:
         truncate(ad, tmp / f"own-plain-{k}", TruncateSpec(rank=k))
-        calibrated_truncate(ad, tmp / f"own-cal-{k}", TruncateSpec(rank=k), moments, ridge=ridge)
+        res = calibrated_truncate(ad, tmp / f"own-cal-{k}", TruncateSpec(rank=k), moments, ridge=ridge)
         r = verify(run, [tmp / f"own-plain-{k}", tmp / f"own-cal-{k}"])["results"]
         plain.append((r[1]["kl_to_first"], r[1]["loss"]))
-        cal.append((r[2]["kl_to_first"], r[2]["loss"]))
-    return plain, cal, {"calibration_tokens": n, "heldout_windows": len(task.heldout), "seq_len": seq,
+        cal.append((r[2]["kl_to_first"], r[2]["loss"], *_layer_errors(res)))
+    return plain, cal, {"calibration_tokens": n, "spread": _spread(moments), "heldout_windows": len(task.heldout), "seq_len": seq,
                         "original_loss": r[0]["loss"]}
 
 
@@ -102,7 +115,7 @@ def stdlib_text(max_chars: int = 600_000) -> str:
     return "\n".join(parts)
 
 
-def build_hf(tmp: Path, text: str, steps: int) -> tuple[Path, Path, Path, Path, float]:
+def build_hf(tmp: Path, text: str, steps: int, lr: float) -> tuple[Path, Path, Path, Path, float]:
     """Tiny Llama + word-level tokenizer (top 2000 words) + PEFT r=16 all-linear trained ``steps`` steps."""
     from collections import Counter
 
@@ -110,6 +123,7 @@ def build_hf(tmp: Path, text: str, steps: int) -> tuple[Path, Path, Path, Path, 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    tmp.mkdir(parents=True, exist_ok=True)
     pre = pre_tokenizers.Whitespace()
     words = [w for w, _ in pre.pre_tokenize_str(text)]
     vocab = {"[UNK]": 0, "[PAD]": 1}
@@ -131,7 +145,7 @@ def build_hf(tmp: Path, text: str, steps: int) -> tuple[Path, Path, Path, Path, 
     (tmp / "heldout.txt").write_text(tok.decode(held.tolist()))
     model = LlamaForCausalLM.from_pretrained(str(base))
     pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -145,26 +159,27 @@ def build_hf(tmp: Path, text: str, steps: int) -> tuple[Path, Path, Path, Path, 
     return base, tmp / "hf-lora", tmp / "calib.txt", tmp / "heldout.txt", time.perf_counter() - t0
 
 
-def hf_task(ks, ridge, tmp: Path, steps: int) -> tuple[list, list, dict]:
+def hf_task(ks, ridge, tmp: Path, steps: int, lr: float) -> tuple[list, list, dict]:
     from lora_inspect.hf.model import load_hf
     from lora_inspect.hf.verify import prepare_text, verify_hf
 
-    base, lora, calib, held, train_s = build_hf(tmp, stdlib_text(), steps)
+    base, lora, calib, held, train_s = build_hf(tmp, stdlib_text(), steps, lr)
     ad = load_adapter(lora)
     hf = load_hf(base, "cpu")
     bound = bind_adapter(lora, hf.model, ad)
     moments, n = input_moments(hf.model, bound, prepare_text(hf, calib, 8192), 8)
-    plain, cal = [], []
+    plain, cal, layer = [], [], []
     for k in ks:
         truncate(ad, tmp / f"hf-plain-{k}", TruncateSpec(rank=k))
-        calibrated_truncate(ad, tmp / f"hf-cal-{k}", TruncateSpec(rank=k), moments, ridge=ridge)
+        layer.append(_layer_errors(calibrated_truncate(ad, tmp / f"hf-cal-{k}", TruncateSpec(rank=k), moments,
+                                                       ridge=ridge)))
     res = verify_hf([lora] + [tmp / f"hf-{w}-{k}" for k in ks for w in ("plain", "cal")], base, held, device="cpu",
                     max_tokens=16384)
     for i in range(len(ks)):
         p, c = res.results[1 + 2 * i], res.results[2 + 2 * i]
         plain.append((p.kl_to_first, p.loss))
-        cal.append((c.kl_to_first, c.loss))
-    return plain, cal, {"calibration_tokens": n, "heldout_tokens": res.tokens, "train_steps": steps,
+        cal.append((c.kl_to_first, c.loss, *layer[i]))
+    return plain, cal, {"calibration_tokens": n, "spread": _spread(moments), "heldout_tokens": res.tokens, "train_steps": steps,
                         "train_s": train_s, "original_loss": res.results[0].loss, "base_loss": res.base_loss}
 
 
@@ -172,6 +187,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--ridge", type=float, default=1e-2)
+    ap.add_argument("--lr", type=float, nargs="+", default=[3e-3, 1e-2], help="one HF run per learning rate")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -180,23 +196,30 @@ def main() -> None:
         own_ks = [1, 2, 4]
         own = own_text_task(own_ks, args.ridge, tmp)
         hf_ks = [2, 4, 8]
-        hf = hf_task(hf_ks, args.ridge, tmp, args.steps)
-    head = "| k | KL plain | KL calibrated | ratio | loss plain | loss calibrated |\n|---|---|---|---|---|---|"
+        hfs = [hf_task(hf_ks, args.ridge, tmp / f"lr{lr:g}", args.steps, lr) for lr in args.lr]
+    head = ("| k | KL plain | KL calibrated | ratio | loss plain | loss calibrated | layer output error cal / plain |\n"
+            "|---|---|---|---|---|---|---|")
     body = [
         "# Calibrated vs plain truncation", "",
-        f"`python benchmarks/bench_calibrate.py --steps {args.steps} --ridge {args.ridge:g}` "
+        f"`python benchmarks/bench_calibrate.py --steps {args.steps} --ridge {args.ridge:g} --lr "
+        f"{' '.join(f'{x:g}' for x in args.lr)}` "
         f"({platform.machine()}, torch {torch.__version__}, 1 thread, {time.perf_counter() - t0:.0f} s in all). "
         "KL(original ‖ truncated) in nats per held-out token; the original adapter is the reference. "
         "Goal: calibrated ≤ 0.7 × plain.", "",
         f"## Project text task (samples/text, r = 8, q/k/v/o; {own[2]['calibration_tokens']} calibration bytes from the "
         f"training text, {own[2]['heldout_windows']} held-out windows of {own[2]['seq_len']}; original loss "
-        f"{own[2]['original_loss']:.5g})", "", head, *_rows(own_ks, own[0], own[1]), "",
-        f"## Tiny Hugging Face Llama (PEFT r = 16 all-linear, {hf[2]['train_steps']} AdamW steps in "
-        f"{hf[2]['train_s']:.0f} s; {hf[2]['calibration_tokens']} calibration tokens, {hf[2]['heldout_tokens']} "
-        f"held-out tokens; base loss {hf[2]['base_loss']:.5g}, original adapter {hf[2]['original_loss']:.5g})", "",
-        head, *_rows(hf_ks, hf[0], hf[1]), "",
+        f"{own[2]['original_loss']:.5g}; input spread {own[2]['spread']:.2f})", "", head, *_rows(own_ks, own[0], own[1]), "",
     ]
-    REPORT.write_text("\n".join(body))
+    for lr, hf in zip(args.lr, hfs):
+        body += [
+            f"## Tiny Hugging Face Llama, lr {lr:g} (PEFT r = 16 all-linear, {hf[2]['train_steps']} AdamW steps in "
+            f"{hf[2]['train_s']:.0f} s; {hf[2]['calibration_tokens']} calibration tokens, {hf[2]['heldout_tokens']} "
+            f"held-out tokens; base loss {hf[2]['base_loss']:.5g}, original adapter {hf[2]['original_loss']:.5g}; "
+            f"input spread {hf[2]['spread']:.2f})", "", head, *_rows(hf_ks, hf[0], hf[1]), "",
+        ]
+    old = REPORT.read_text() if REPORT.exists() else ""
+    reading = old[old.index("## Reading") :] if "## Reading" in old else ""  # hand-written: kept across reruns
+    REPORT.write_text("\n".join(body) + ("\n" + reading if reading else ""))
     print("\n".join(body))
 
 
