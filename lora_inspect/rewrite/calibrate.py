@@ -37,7 +37,7 @@ from .ranks import TruncateSpec, choose_ranks
 from .results import TruncateResult
 from .selfcheck import Expected, write_checked
 from .tensors import extras_tensors, torch_dtype
-from .truncate import _assemble, _Factored, _fixed_bytes, _warnings, adapter_markers, layout_of, to_stored
+from .truncation import _assemble, _Factored, _fixed_bytes, _warnings, adapter_markers, layout_of, to_stored
 
 __all__ = ["DEFAULT_RIDGE", "CalibratedModule", "whiten", "calibrated_factors", "calibrated_truncate", "ridge_cholesky"]
 
