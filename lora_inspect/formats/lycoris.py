@@ -87,6 +87,7 @@ class _Ctx:
 
     def __init__(self, name: str, roles: dict[str, str], source: TensorSource) -> None:
         self.name, self.roles, self.source = name, roles, source
+        self.algo = _algo(roles, source)
 
     def shape(self, role: str) -> tuple[int, ...]:
         return tuple(self.source.info(self.roles[role]).shape)
@@ -95,7 +96,8 @@ class _Ctx:
         missing = [r for r in roles if r not in self.roles]
         if missing:
             have = ", ".join(sorted(self.roles))
-            raise InspectError(f"{self.source.path}: module {self.name!r}: missing half — no {missing[0]!r} tensor "
+            raise InspectError(f"{self.source.path}: LyCORIS {self.algo} module {self.name!r}: missing half — no "
+                               f"{missing[0]!r} tensor "
                                f"beside {have} (incomplete save or renamed keys?)")
 
     def fail(self, what: str) -> InspectError:
@@ -278,7 +280,7 @@ class LycorisLayout(Layout):
         unread: dict[str, list[int]] = {}
         for name in sorted(groups):
             c = _Ctx(name, groups[name], source)
-            algo = _algo(c.roles, source)
+            algo = c.algo
             if algo in _READERS:
                 modules.append(_module(c, algo))
                 extra = [k for r, k in c.roles.items() if r in ("diff_b", "bias_indices", "bias_values", "bias_size")]
