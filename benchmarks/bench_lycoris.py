@@ -145,7 +145,7 @@ def main() -> None:
                      f"{r['dense']:.0f} s | {r['dense'] / r['ours']:.0f}× | {r['dense'] / r['cmd']:.0f}× | {r['worst']:.1e} |")
     lines += ["", "Dense route: ΔW formed in float64 and `torch.linalg.svdvals` (one thread), timed on "
               f"{args.sample} module(s) of each distinct shape and multiplied by the number of modules of that shape "
-              "(an extrapolation, not a measured full run):", "",
+              "(an extrapolation, not a measured full run; single samples on a loaded machine are noisy):", "",
               "| file | shape | modules | dense s/module |", "|---|---|---|---|"]
     for label, r in rows:
         for s, t in r["per_shape"].items():

@@ -217,8 +217,8 @@ def uniform_rank(ranks: Iterable[int], cap: int) -> int:
 def _params_at(modules: list[Module], ranks: dict[str, int]) -> tuple[int, int]:
     params = nbytes = 0
     for m in modules:
-        k = ranks.get(m.name, m.rank)
-        p = k * (m.shape[0] + m.shape[1])
+        k = ranks.get(m.name)  # no new rank: as stored (a LoHa/LoKr module's own count, not r·(out + in))
+        p = m.params if k is None else k * (m.shape[0] + m.shape[1])
         params += p
         nbytes += p * DTYPE_SIZES.get(m.dtype, 4)
     return params, nbytes

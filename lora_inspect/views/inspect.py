@@ -154,6 +154,10 @@ def action_line(report: RankReport) -> str:
                 f"({names_line(s.non_finite)}): retrain or repair the adapter before truncating it")
     if s.analysed == 0:
         return "no module could be analysed: nothing to recommend"
+    if any(m.algo not in ("lora",) for m in report.adapter.modules):  # LyCORIS: a rewrite is a conversion
+        more = " (larger than the file as stored)" if pat > now else ""
+        return (f"truncate --energy {report.energy:g} writes a kohya LoRA keeping ≥ {pct} energy in every module: "
+                f"{fmt_count(now)} → {fmt_count(pat)} parameters{more}")
     if s.uniform_rank < s.max_rank:
         return (
             f"truncate --rank {s.uniform_rank} keeps ≥ {pct} energy in every module: "
