@@ -84,9 +84,11 @@ class Update:
     def decomposition(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
         """What a truncation cuts: an object with ``s`` (descending σ, torch) and ``factors(keep, stored)``
         (``spectrum.Decomposition``'s interface). Raises ValueError on NaN/inf."""
-        from .spectrum import decompose
+        from .spectrum import all_finite, decompose
 
         b, a = self.factors(source, dtype)
+        if not (all_finite(b) and all_finite(a)):
+            raise ValueError("non-finite factors")
         return decompose(b, a, scale)
 
     @property

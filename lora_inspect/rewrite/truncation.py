@@ -89,6 +89,8 @@ def _decompose_all(ad: Adapter, spec: TruncateSpec, one_rank: bool,
         except ValueError:
             raise InspectError(f"{ad.path}: module {m.name!r} holds NaN/inf values: refusing to rewrite a "
                                "corrupt adapter") from None
+        except InspectError as e:
+            raise InspectError(f"{ad.path}: module {m.name!r}: {e}") from e
         sv = np.zeros(m.rank)
         sv[: d.s.shape[0]] = d.s.numpy()
         if stream:
