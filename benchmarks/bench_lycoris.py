@@ -86,8 +86,9 @@ def make_files(r: int = 8, seed: int = 0) -> tuple[Path, Path]:
 
 
 def bench(path: Path, sample: int) -> dict:
-    from lora_inspect.cli import main
     from click.testing import CliRunner
+
+    from lora_inspect.cli import main
 
     ad = load_adapter(path)
     t0 = time.perf_counter()

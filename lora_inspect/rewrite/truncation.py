@@ -95,7 +95,8 @@ def _decompose_all(ad: Adapter, spec: TruncateSpec, one_rank: bool,
         sv[: d.s.shape[0]] = d.s.numpy()
         if stream:
             assert spec.rank is not None
-            return sv, None, to_stored(m, *d.factors(min(spec.rank, m.rank)), torch_dtype(m.dtype))
+            b_new, a_new = d.factors(min(spec.rank, m.rank))
+            return sv, None, to_stored(m, b_new, a_new, torch_dtype(m.dtype))
         return sv, d, None
 
     got = _Factored()
