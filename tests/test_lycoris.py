@@ -153,6 +153,7 @@ def test_truncate_says_when_lora_is_larger(built, tmp_path):
     ("lokr-full-matrix", ("--factor", "2.5"), 2.5),  # α ignored: baked into lokr_w1
     ("full", ("--factor", "0.5"), 0.5),
     ("lokr-both-lowrank", ("--factor", "3"), 3.0),
+    ("loha-tucker", ("--factor", "2", "--bake"), 2.0),  # baked into hada_w1_a
 ])
 def test_rescale(built, case, args, factor, tmp_path):
     _, _, path = built[case]
