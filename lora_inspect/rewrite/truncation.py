@@ -166,7 +166,8 @@ def _assemble(ad: Adapter, got: _Factored, choice: RankChoice):
     return tensors, changes, dropped, expected, ranks
 
 
-def _warnings(ad: Adapter, spec: TruncateSpec, dropped: list[str], changes: list[ModuleChange]) -> list[str]:
+def _warnings(ad: Adapter, spec: TruncateSpec, dropped: list[str],
+              changes: list[ModuleChange] | None = None) -> list[str]:
     out = []
     if ad.use_dora:
         out.append("DoRA: magnitudes copied unchanged; truncating the low-rank part is not the optimal approximation "
@@ -181,7 +182,7 @@ def _warnings(ad: Adapter, spec: TruncateSpec, dropped: list[str], changes: list
             what = "every module" if len(same) == len(ad.modules) else f"{len(same)} of {len(ad.modules)} modules"
             out.append(f"{what} already {'has' if len(same) == 1 else 'have'} rank ≤ {spec.rank}: copied unchanged "
                        "(same ΔW, scale baked into the factors)")
-    larger = [m.name for m, c in zip(ad.modules, changes) if c.params_after > m.params]
+    larger = [m.name for m, c in zip(ad.modules, changes or []) if c.params_after > m.params]
     if larger:
         out.append(f"{len(larger)} modules are larger as LoRA at the chosen rank than as stored "
                    f"({', '.join(larger[:3])}{' …' if len(larger) > 3 else ''}): LoHa/LoKr/full store ΔW more compactly")
