@@ -176,6 +176,12 @@ def compute_spectra(
         dtype = compute_dtype(m.dtype, precision)
         if m.rank == 0:
             return m, None, None, []
+        try:  # update types with a direct spectrum (LoKr products, dense SVD); None: the factor route
+            direct = m.update.singular_values(m.source, dtype, m.scale)
+        except ValueError:
+            return m, None, None, [FLAG_NON_FINITE]
+        if direct is not None:
+            return m, direct, None, [] if direct.any() else [FLAG_ZERO_B]
         b, a = m.factors(dtype)
         if not (all_finite(b) and all_finite(a)):
             return m, None, None, [FLAG_NON_FINITE]
@@ -190,8 +196,10 @@ def compute_spectra(
             out[m.name] = (None, flags)
         elif rb is None:
             out[m.name] = (np.zeros(0), flags)
-        else:
-            by_rank[m.rank].append((m, rb, ra, flags))
+        elif ra is None:  # a direct spectrum
+            out[m.name] = (rb, flags)
+        else:  # cores batched by factor width (m.rank, except LoHa's r₁r₂-wide face-split factors)
+            by_rank[rb.shape[1]].append((m, rb, ra, flags))
     for r, items in by_rank.items():
         sv = core_singular_values(
             [rb for _, rb, _, _ in items], [ra for _, _, ra, _ in items], [m.scale for m, _, _, _ in items], r
@@ -216,8 +224,8 @@ def uniform_rank(ranks: Iterable[int], cap: int) -> int:
 def _params_at(modules: list[Module], ranks: dict[str, int]) -> tuple[int, int]:
     params = nbytes = 0
     for m in modules:
-        k = ranks.get(m.name, m.rank)
-        p = k * (m.shape[0] + m.shape[1])
+        k = ranks.get(m.name)  # no new rank: as stored (a LoHa/LoKr module's own count, not r·(out + in))
+        p = m.params if k is None else k * (m.shape[0] + m.shape[1])
         params += p
         nbytes += p * DTYPE_SIZES.get(m.dtype, 4)
     return params, nbytes

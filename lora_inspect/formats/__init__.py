@@ -20,6 +20,7 @@ from .diffusers import DiffusersLayout
 from .diffusers_attn import DiffusersAttnProcsLayout
 from .kohya import KohyaLayout
 from .layout import Capabilities, Found, Layout
+from .lycoris import LycorisLayout
 from .mlx import MlxLayout
 from .peft import PeftLayout, read_config
 from .tensors import TensorSource, open_tensors
@@ -29,6 +30,7 @@ __all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities",
 
 # Tried in order, first match wins (as PEFT's dispatchers). A new layout: one file, one line here.
 LAYOUTS: list[Layout] = [
+    LycorisLayout(),  # any LyCORIS-only key (hada_, lokr_, lora_mid, dora_scale, diff …); plain LoCon stays kohya
     KohyaLayout(),
     MlxLayout(),
     DiffusersLayout(),  # only without a config beside the file: with one, PEFT reads it
