@@ -11,10 +11,11 @@ Rules (the readers' own, :mod:`lora_inspect.formats`):
   adapter gets an error row saying so, the line ``lora-inspect info`` prints;
 - a file given on the command line with a weight suffix is an adapter; any other file is a manifest:
   one path per line (relative to the manifest's directory), blank lines and ``#`` comments skipped;
-  each entry is discovered as if given on the command line (a missing entry still gets a row).
+  an entry naming an adapter (file or directory) is that adapter alone, a directory that is not one is
+  walked as above, and a missing entry still gets its (error) row.
 
 Order is deterministic: roots in the order given, names sorted by code point within a directory, a
-directory's own adapter before its subfolders. The walk is linear in the tree: each directory is
+directory's files (or the directory itself, when it is an adapter) before its subfolders, depth first. The walk is linear in the tree: each directory is
 listed once (``os.scandir``), symlinked directories are followed but a directory already seen (same
 device and inode) is not entered again, so symlink loops end. Nothing is opened here: special files
 (FIFOs, devices, sockets) with a weight suffix are listed, and the reader refuses them in one line
@@ -116,14 +117,17 @@ def _manifest(path: Path) -> list[Path]:
 
 def _one(p: Path, seen: set[tuple[int, int]], manifests: bool) -> Iterator[Path]:
     if p.is_dir():
-        yield from _walk(p, seen)
-    elif not p.exists() or p.suffix in _suffixes() or p.name == "adapter_config.json" or not manifests:
-        yield p.parent if p.name == "adapter_config.json" else p  # a missing path: its error row says so
-    elif p.is_file() or not p.exists():
+        if not manifests and is_adapter_dir(p):
+            yield p  # a manifest names adapters: exactly this one, not its subfolders
+        else:
+            yield from _walk(p, seen)
+    elif p.name == "adapter_config.json":
+        yield p.parent
+    elif manifests and p.is_file() and p.suffix not in _suffixes():
         for entry in _manifest(p):
             yield from _one(entry, seen, manifests=False)  # a manifest does not name manifests
     else:
-        yield p
+        yield p  # an adapter file, a special file or a missing path: its row says which
 
 
 def discover(roots: list[str | Path]) -> list[Path]:
