@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from builders import _hub_peft, run_cli, write_hub, write_kohya, write_mlx
+
 from lora_inspect.scan import ScanConfig, discover, run_scan, scan_one, summarise_rows
 from lora_inspect.scan.journal import Journal, read_rows
 from lora_inspect.views.schemas import SCAN_ROW_SCHEMA
@@ -52,7 +52,7 @@ def test_discovery_order_nesting_loops_and_special_files(tmp_path):
 
 
 def test_manifest_relative_paths_comments_and_missing(tmp_path):
-    root = _tree(tmp_path)
+    _tree(tmp_path)
     man = tmp_path / "list.txt"
     man.write_text("# adapters\nhub/b/peft\n\nhub/a/k.safetensors\nhub/missing\n")
     assert discover([man]) == [tmp_path / "hub/b/peft", tmp_path / "hub/a/k.safetensors", tmp_path / "hub/missing"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import InspectError
@@ -130,7 +130,7 @@ def _one(p: Path, seen: set[tuple[int, int]], manifests: bool) -> Iterator[Path]
         yield p  # an adapter file, a special file or a missing path: its row says which
 
 
-def discover(roots: list[str | Path]) -> list[Path]:
+def discover(roots: Sequence[str | Path]) -> list[Path]:
     """Every adapter under ``roots`` (directories, adapter files, manifests), each once, in a deterministic order."""
     seen: set[tuple[int, int]] = set()
     out: dict[Path, None] = {}

@@ -11,6 +11,7 @@ the largest adapter times the number of workers; the driver holds rows only.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import signal
 import time
@@ -107,17 +108,15 @@ def run_local(paths: list[str], cfg: ScanConfig, on_result: Result, *, jobs: int
                 elif time.monotonic() >= w.deadline:
                     message = (f"{w.task[1]}: no result after {timeout:g} s (the per-adapter time limit); "
                                "its worker was stopped")
-                if message is not None:
+                if message is not None and w.task is not None:
                     index, path = w.task
                     on_result(index, error_row(path, message, cfg).to_dict())
                     _stop(w)
                     workers[i] = _start(ctx, cfg, memory)
     finally:
         for w in workers:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 w.conn.send(None)
-            except (OSError, ValueError):
-                pass
         for w in workers:
             w.proc.join(2)
             _stop(w)
