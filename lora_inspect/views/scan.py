@@ -26,9 +26,10 @@ def scan_view(summary: ScanSummary, outcome: ScanOutcome, out: str, backend: str
     data["failing_rules"] = [{"rule": k, "adapters": n} for k, n in s.failing_rules]
     data["error_examples"] = [{"path": p, "error": e} for p, e in s.error_examples]
     rate = outcome.new / outcome.seconds if outcome.seconds > 0 else 0.0
+    data["rate"] = round(rate, 3)
     header = [f"{s.adapters} adapters in {out}: {s.analysed} analysed, {s.errors} unreadable, "
-              f"{s.check_failed} failing the policy; {outcome.new} new rows in {outcome.seconds:.1f} s "
-              f"({rate:.1f}/s, {backend}, {jobs} job{'s' if jobs != 1 else ''}), {outcome.skipped} skipped"]
+              f"{s.check_failed} failing the policy; {outcome.new} new rows, {outcome.skipped} skipped "
+              f"({backend}, {jobs} job{'s' if jobs != 1 else ''}; {outcome.seconds:.1f} s wall)"]
     if outcome.not_adapters:
         header.append(f"{outcome.not_adapters} tensor files without LoRA keys (base weights) were not counted")
     tables = [
