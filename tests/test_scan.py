@@ -132,11 +132,18 @@ def test_killed_scans_resume_to_the_rows_of_an_uninterrupted_scan(tmp_path):
     cmd = [sys.executable, "-m", "lora_inspect", "scan", str(hub), "-o", str(out), "--jobs", "2", "--json"]
     rnd = random.Random(7)
     for attempt in range(3):
+        before = len(read_rows(out))
+        target = rnd.randint(before + 1, before + 8)  # kill mid-scan: after a few more rows, mid-write or not
         proc = subprocess.Popen(cmd + (["--resume"] if attempt else []), env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rnd.uniform(1.5, 4.0))
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-write or not
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and (
+                not out.exists() or out.read_bytes().count(b"\n") < target):
+            time.sleep(0.01)
+        time.sleep(rnd.uniform(0, 0.05))
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers
         proc.wait()
+        assert before < len(read_rows(out)) < len(full)  # each run added rows and was cut short
     res = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert _canon(read_rows(out)) == _canon(full)
