@@ -57,11 +57,11 @@ TOURS: dict[str, Tour] = {
                    "--out runs/planted",), slow=True),
     "footprint": Tour(("footprint samples/planted",)),
     "check": Tour(("check samples/planted planted-r4 --serving vllm:16 --max-size 1MB",)),
-    "scan": Tour(("scan samples -o scan.jsonl",)),
     "check-markdown": Tour(("check planted-r4 --serving vllm:16 --max-size 1MB --min-energy 0.95@4 "
                             "--format markdown",), fence=None, prompt=False),
     "diff": Tour(("diff samples/planted planted-r4 --format markdown",), fence=None, prompt=False, head=14),
     "report": Tour(("report samples/planted planted-r4 -o report.html",)),
+    "scan": Tour(("scan samples -o scan.jsonl",)),
 }
 
 # Timings vary from run to run; they are replaced by a placeholder before comparing.
