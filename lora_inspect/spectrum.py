@@ -150,7 +150,12 @@ def gram_r_factor(x: torch.Tensor, rows: bool = False) -> torch.Tensor | None:
         return None
     x64 = x if x.dtype == torch.float64 else x.to(torch.float64)
     g = x64 @ x64.T if rows else x64.T @ x64
-    ev = torch.linalg.eigvalsh(g)
+    if not bool(torch.isfinite(g).all()):  # entries past ~1e154 overflow when squared: QR handles them
+        return None
+    try:
+        ev = torch.linalg.eigvalsh(g)
+    except RuntimeError:  # LinAlgError: no convergence
+        return None
     if not (bool(torch.isfinite(ev).all()) and ev[0] > 0 and ev[-1] <= GRAM_MAX_COND**2 * ev[0]):
         return None
     chol, info = torch.linalg.cholesky_ex(g)

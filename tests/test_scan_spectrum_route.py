@@ -66,3 +66,8 @@ def test_compute_spectra_same_on_both_routes(tmp_path, monkeypatch, decades):
     gram = compute_spectra(ad.modules)
     for name, (sv, _) in qr.items():
         assert np.max(np.abs(gram[name][0] - sv)) <= 1e-6 * sv[0]
+
+
+def test_factors_whose_gram_overflows_take_qr():
+    b = torch.randn(32, 4, dtype=torch.float64) * 1e160  # finite, but BᵀB is not
+    assert gram_r_factor(b) is None
