@@ -130,31 +130,24 @@ def r_factor(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(x, mode="r")[1]
 
 
-# The Gram/Cholesky reduction (``analysis.compute_spectra``) is taken when κ(X) ≤ this: the R of the
-# float64 Gram's Cholesky factor then carries a relative error ≈ u₆₄·κ² ≤ 1.1e-16·1e8 ≈ 1e-8 (Higham,
-# "Accuracy and Stability of Numerical Algorithms", §19.8; Fukaya et al. 2014), below the 6e-8 of the
-# float32 Householder QR it replaces for 16-bit factors. Beyond it (e.g. eight decades of spectrum),
-# Householder QR is used as before.
+# κ(X) up to which ``compute_spectra`` takes R from the float64 Gram's Cholesky factor: error ≈ u₆₄·κ² ≤ 1e-8
+# (Higham §19.8; Fukaya et al. 2014), below float32 QR's 6e-8; beyond it, Householder QR (docs/metrics.md).
 GRAM_MAX_COND = 1e4
 
 
 def gram_r_factor(x: torch.Tensor, rows: bool = False) -> torch.Tensor | None:
-    """R (float64, upper, n×n) with RᵀR = XᵀX for X = x (m, n), or X = xᵀ when ``rows`` (x is A, (r, in)),
-    from the Cholesky factor of the float64 Gram matrix — or None when X is rank deficient, shorter than
-    wide, or κ(X) > :data:`GRAM_MAX_COND` (κ² = λmax/λmin of the Gram, exactly; one r×r eigvalsh).
-
-    One conversion to float64 (the only copy), one syrk-sized product, two r×r factorisations: for a
-    14336×64 factor this is cheaper than a float32 Householder QR, and more accurate when κ ≤ 1e4."""
+    """R (float64, upper) with RᵀR = XᵀX, X = x (m, n) or xᵀ when ``rows``, from the float64 Gram's Cholesky
+    factor; None when X is rank deficient, wider than tall, or κ(X) > :data:`GRAM_MAX_COND` (κ² = λmax/λmin)."""
     m, n = (x.shape[1], x.shape[0]) if rows else x.shape
     if m < n or n == 0:
         return None
     x64 = x if x.dtype == torch.float64 else x.to(torch.float64)
     g = x64 @ x64.T if rows else x64.T @ x64
-    if not bool(torch.isfinite(g).all()):  # entries past ~1e154 overflow when squared: QR handles them
-        return None
-    try:
-        ev = torch.linalg.eigvalsh(g)
-    except RuntimeError:  # LinAlgError: no convergence
+    try:  # entries past ~1e154 overflow when squared (LinAlgError): QR handles them
+        ev = torch.linalg.eigvalsh(g) if bool(torch.isfinite(g).all()) else None
+    except RuntimeError:
+        ev = None
+    if ev is None:
         return None
     if not (bool(torch.isfinite(ev).all()) and ev[0] > 0 and ev[-1] <= GRAM_MAX_COND**2 * ev[0]):
         return None

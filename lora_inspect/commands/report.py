@@ -4,10 +4,8 @@ the pages in :mod:`lora_inspect.report`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
-import tempfile
 from pathlib import Path
 
 import click
@@ -16,6 +14,7 @@ from ..analysis import analyse
 from ..defaults import DEFAULT_ENERGY
 from ..diff import diff_adapters
 from ..errors import InspectError
+from ..files import AtomicOutput, write_bytes
 from ..formats import load_adapter
 from ..report import REPORT_FORMATS, build_report, require_matplotlib
 from ..views.diff import diff_view
@@ -26,12 +25,13 @@ __all__ = ["report", "diff"]
 
 
 def _inputs(adapters) -> list[Path]:
-    """Every path an adapter argument covers (its directory, or the file and a sidecar config)."""
-    return [Path(a).resolve() for a in adapters]
+    """Every path an adapter argument covers (its directory, or the file and a sidecar config).
+    ``realpath``, not ``Path.resolve``: a symlink loop is then an unreadable input, not a crash."""
+    return [Path(os.path.realpath(a)) for a in adapters]
 
 
 def _check_target(path: Path, inputs: list[Path], force: bool) -> None:
-    rp = path.resolve()
+    rp = Path(os.path.realpath(path))
     for src in inputs:
         if rp == src or (src.is_dir() and src in rp.parents):
             raise InspectError(f"{path}: refusing to write into the input adapter {src}")
@@ -44,19 +44,11 @@ def _check_target(path: Path, inputs: list[Path], force: bool) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target and rename over it: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write beside the target and rename over it: readers never see a half-written file; an OS
+    error is one line, and the temporary is removed."""
+    with AtomicOutput(path, suffix=path.suffix) as atomic:
+        write_bytes(atomic.tmp, data)
+        atomic.commit()
 
 
 def _report_format(out: Path, fmt: str | None) -> str:

@@ -64,7 +64,10 @@ def _from_file(found: Found) -> Adapter:
         raise InspectError(f"{path}: the file holds no tensors")
     layout = _layout_for(keys, found)
     if layout is not None:
-        ad = layout.read(source, found)
+        try:
+            ad = layout.read(source, found)
+        except InspectError as e:  # inner messages name the module; the user also needs the file
+            raise e.located(found.shown) from e
         ad.layout = layout
         return ad
     named = next((k for k in keys if _ADAPTER_NAMED.search(k)), None)
@@ -103,6 +106,8 @@ def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter directory or file (header only; tensors are read lazily)."""
     p = Path(path)
     if not p.exists():
+        if os.path.lexists(p):
+            raise InspectError(f"{p}: a symbolic link that leads nowhere (dangling, or a loop)")
         raise InspectError(f"{p}: no such file or directory")
     if p.is_file() and p.name in ("adapter_config.json",):
         p = p.parent

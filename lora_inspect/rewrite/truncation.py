@@ -27,6 +27,7 @@ from ..formats.layout import Layout
 from ..formats.tensors import DTYPE_SIZES
 from ..spectrum import (
     Decomposition,
+    all_finite,
     compute_dtype,
     decompose,
     parallel_map,
@@ -61,7 +62,11 @@ def to_stored(m: Module, b_lin: torch.Tensor, a_lin: torch.Tensor, dtype: torch.
     """Linear-orientation factors → (A_stored, B_stored) in the module's orientation and ``dtype``."""
     lr = m.low_rank
     a_st, b_st = lr.orient.to_stored(b_lin, a_lin, m.source.info(lr.a_key).shape, m.source.info(lr.b_key).shape)
-    return a_st.to(dtype).contiguous(), b_st.to(dtype).contiguous()
+    a_st, b_st = a_st.to(dtype).contiguous(), b_st.to(dtype).contiguous()
+    if not (all_finite(a_st) and all_finite(b_st)):  # the scale, baked into the factors, leaves the dtype's range
+        raise InspectError(f"{m.source.path}: module {m.name!r}: overflow: the truncated factors (scale {m.scale:g} "
+                           f"baked in) exceed the range of {str(dtype).removeprefix('torch.')}")
+    return a_st, b_st
 
 
 @dataclass
