@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .adapter import Adapter, LowRankUpdate, Module, module_layer, module_type
+from .cholesky import gram_r_factor
 from .defaults import DEFAULT_ENERGY
 from .errors import InspectError
 from .formats.tensors import DTYPE_SIZES
@@ -28,7 +29,6 @@ from .spectrum import (
     all_finite,
     compute_dtype,
     core_singular_values,
-    gram_r_factor,
     parallel_map,
     r_factor,
     retained_energy,
@@ -195,7 +195,7 @@ def compute_spectra(
     saves), so batching happens at the core, where it pays.
 
     Reduction route (``precision="auto"``): R from the Cholesky factor of the float64 Gram matrix when
-    the factor is well conditioned (:func:`spectrum.gram_r_factor`, κ ≤ 1e4), else Householder QR as
+    the factor is well conditioned (:func:`cholesky.gram_r_factor`, κ ≤ 1e4), else Householder QR as
     before; ``LORA_INSPECT_REDUCTION=qr`` forces QR (benchmarks compare the two, reports/scan.md).
     """
     gram = precision == "auto" and os.environ.get("LORA_INSPECT_REDUCTION", "auto") != "qr"

@@ -39,8 +39,6 @@ __all__ = [
     "Decomposition",
     "decompose",
     "r_factor",
-    "gram_r_factor",
-    "GRAM_MAX_COND",
     "core_singular_values",
     "singular_values",
     "svd_factors",
@@ -128,31 +126,6 @@ def all_finite(x: torch.Tensor) -> bool:
 def r_factor(x: torch.Tensor) -> torch.Tensor:
     """R of the reduced QR of x (…, m, n): (…, min(m, n), n). Only R is needed for singular values."""
     return torch.linalg.qr(x, mode="r")[1]
-
-
-# κ(X) up to which ``compute_spectra`` takes R from the float64 Gram's Cholesky factor: error ≈ u₆₄·κ² ≤ 1e-8
-# (Higham §19.8; Fukaya et al. 2014), below float32 QR's 6e-8; beyond it, Householder QR (docs/metrics.md).
-GRAM_MAX_COND = 1e4
-
-
-def gram_r_factor(x: torch.Tensor, rows: bool = False) -> torch.Tensor | None:
-    """R (float64, upper) with RᵀR = XᵀX, X = x (m, n) or xᵀ when ``rows``, from the float64 Gram's Cholesky
-    factor; None when X is rank deficient, wider than tall, or κ(X) > :data:`GRAM_MAX_COND` (κ² = λmax/λmin)."""
-    m, n = (x.shape[1], x.shape[0]) if rows else x.shape
-    if m < n or n == 0:
-        return None
-    x64 = x if x.dtype == torch.float64 else x.to(torch.float64)
-    g = x64 @ x64.T if rows else x64.T @ x64
-    try:  # entries past ~1e154 overflow when squared (LinAlgError): QR handles them
-        ev = torch.linalg.eigvalsh(g) if bool(torch.isfinite(g).all()) else None
-    except RuntimeError:
-        ev = None
-    if ev is None:
-        return None
-    if not (bool(torch.isfinite(ev).all()) and ev[0] > 0 and ev[-1] <= GRAM_MAX_COND**2 * ev[0]):
-        return None
-    chol, info = torch.linalg.cholesky_ex(g)
-    return None if int(info) else chol.T
 
 
 def core_singular_values(

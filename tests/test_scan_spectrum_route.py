@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_inspect.spectrum import GRAM_MAX_COND, core_singular_values, gram_r_factor, r_factor
+from lora_inspect.cholesky import GRAM_MAX_COND, gram_r_factor
+from lora_inspect.spectrum import core_singular_values, r_factor
 
 
 def _factors(seed: int, out: int, inp: int, r: int, decades: float, dtype=torch.float64):
