@@ -52,7 +52,7 @@ def _iter_lines(path: Path) -> Iterator[dict]:
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise InspectError(f"{path}: line {n} is not a JSON row ({e.msg})") from e
+                raise InspectError(f"{path}: line {n} is not a JSON row ({e})") from e
             if isinstance(row, dict):
                 yield row
 
