@@ -14,11 +14,13 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .adapter import Adapter, LowRankUpdate, Module, module_layer, module_type
+from .basemetrics import BaseAnalysis, BasisCache, analyse_base
 from .cholesky import gram_r_factor
 from .defaults import DEFAULT_ENERGY
 from .errors import InspectError
@@ -34,6 +36,9 @@ from .spectrum import (
     retained_energy,
     spectrum_stats,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .basecheckpoint import BaseCheckpoint, BaseTensor
 
 __all__ = [
     "ModuleResult", "RankReport", "RankSummary", "GroupSummary", "Sizes", "analyse", "summarise",
@@ -138,6 +143,7 @@ class RankReport:
     energy: float
     modules: list[ModuleResult]
     summary: RankSummary
+    base: BaseAnalysis | None = None  # base-aware metrics (``rank --base``), :mod:`lora_inspect.basemetrics`
 
 
 SAFE_SIGMA = (1e-100, 1e100)  # σ₁ in this range: σ² and Σσ² are far from float64's limits
@@ -262,9 +268,14 @@ def analyse(
     module_regex: str | None = None,
     precision: str = "auto",
     progress: Callable[[int], None] | None = None,
+    base: BaseCheckpoint | None = None,
+    intruders: bool = False,
+    basis_cache: BasisCache | None = None,
 ) -> RankReport:
     """Spectra of every module (in layer order) and the summary; ``module_regex`` keeps the modules
-    whose name it matches (``re.search``)."""
+    whose name it matches (``re.search``). With ``base`` (a :class:`~lora_inspect.basecheckpoint.BaseCheckpoint`),
+    the base-aware metrics too (:func:`lora_inspect.basemetrics.analyse_base`; ``intruders`` adds intruder
+    dimensions, whose bases ``basis_cache`` keeps); adapter/base mismatches are refused before any work."""
     if not 0 < energy <= 1:
         raise InspectError(f"energy τ must be in (0, 1], got {energy}")
     modules = adapter.modules  # in layer order (Adapter keeps them so)
@@ -276,6 +287,7 @@ def analyse(
         modules = [m for m in modules if rx.search(m.name)]
         if not modules:
             raise InspectError(f"module pattern {module_regex!r} matches none of the {len(adapter.modules)} modules")
+    base_tensors = base.check(adapter, modules) if base is not None else None
     spectra = compute_spectra(modules, precision=precision, progress=progress)
     results = []
     for m in modules:
@@ -287,7 +299,24 @@ def analyse(
             if res.stats.spike and FLAG_ZERO_B not in flags:
                 res.flags.append(FLAG_SPIKE)
         results.append(res)
-    return RankReport(adapter=adapter, energy=energy, modules=results, summary=summarise(results))
+    part = None
+    if base is not None and base_tensors is not None:
+        part = _with_base(results, base, base_tensors, intruders, basis_cache, progress)
+    return RankReport(adapter=adapter, energy=energy, modules=results, summary=summarise(results), base=part)
+
+
+def _with_base(results: list[ModuleResult], base: BaseCheckpoint, tensors: list[BaseTensor], intruders: bool,
+               cache: BasisCache | None, progress: Callable[[int], None] | None) -> BaseAnalysis:
+    """Base-aware metrics of the modules with a finite, non-zero spectrum; their flags join the module's."""
+    keep = [i for i, r in enumerate(results) if r.singular_values is not None and r.sigma1]
+    part = analyse_base([results[i].module for i in keep], base, [tensors[i] for i in keep],
+                        intruders=intruders, cache=cache, progress=progress)
+    part.skipped = [r.name for r in results if r.name not in part.modules]
+    for r in results:
+        got = part.modules.get(r.name)
+        if got is not None:
+            r.flags.extend(got.flags)
+    return part
 
 
 def _group_stats(results: list[ModuleResult], uniform: dict[str, int], pattern: dict[str, int]) -> GroupSummary:

@@ -62,6 +62,7 @@ TOURS: dict[str, Tour] = {
     "diff": Tour(("diff samples/planted planted-r4 --format markdown",), fence=None, prompt=False, head=14),
     "report": Tour(("report samples/planted planted-r4 -o report.html",)),
     "scan": Tour(("scan samples -o scan.jsonl",)),
+    "rank-base": Tour(("rank samples/planted --base samples/planted/base --intruders",), head=0, tail=23),
 }
 
 # Timings vary from run to run; they are replaced by a placeholder before comparing.

@@ -6,7 +6,9 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
+from ..defaults import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
 from ..naming import names_line
+from .base import base_doc, base_lines, base_module_doc, base_table
 from .render import Table, View, fmt_bytes, fmt_count, fmt_float, sparkline
 from .schemas import INFO_SCHEMA, RANK_SCHEMA
 
@@ -177,7 +179,7 @@ def integrity_lines(report: RankReport) -> list[tuple[str, str]]:
     for f, n in s.flags.items():
         if f == "spike":
             out.append(("·", f"{n} modules are dominated by one direction (σ₁ ≥ 10·σ₂)"))
-        elif f not in ("non_finite", "zero_b"):
+        elif f not in ("non_finite", "zero_b", FLAG_LARGE_UPDATE, FLAG_INTRUDERS):  # base flags: base_lines
             out.append(("·", f"{n} modules flagged {f}"))
     return out
 
@@ -210,14 +212,19 @@ def _type_table(s: RankSummary, pct: str) -> Table:
 
 def rank_view(report: RankReport, max_rows: int | None = 40) -> View:
     s = report.summary
-    data = {
+    modules = [_module_doc(r) for r in report.modules]
+    data: dict[str, Any] = {
         "schema": RANK_SCHEMA,
         "adapter": adapter_summary(report.adapter),
         "energy": report.energy,
-        "modules": [_module_doc(r) for r in report.modules],
+        "modules": modules,
         "summary": summary_doc(s),
         "notes": list(report.adapter.notes),
     }
+    if report.base is not None:  # additive: only with --base
+        data["base"] = base_doc(report.base)
+        for doc in modules:
+            doc["base"] = base_module_doc(report.base.modules.get(doc["name"]))
     shown = report.modules if max_rows is None else report.modules[:max_rows]
     pct = f"{report.energy * 100:g}%"
     more = max_rows is not None and len(report.modules) > max_rows
@@ -229,7 +236,9 @@ def rank_view(report: RankReport, max_rows: int | None = 40) -> View:
         kinds=["name"] + ["fixed"] * 10,
         optional=RANK_OPTIONAL,
     ), _type_table(s, pct)]
-    footer = [f"{sev} {text}" for sev, text in integrity_lines(report)]
+    if report.base is not None:
+        tables.append(base_table(report, max_rows))
+    footer = [f"{sev} {text}" for sev, text in integrity_lines(report) + base_lines(report)]
     footer += [f"note: {n}" for n in report.adapter.notes]
     footer.append(action_line(report))
     return View(data, tables, footer=footer)
