@@ -8,16 +8,20 @@ and turns singular values into metrics (:mod:`lora_inspect.spectrum`). Returns d
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
-from .adapter import Adapter, Module, module_layer, module_type
+from .adapter import Adapter, LowRankUpdate, Module, module_layer, module_type
 from .basemetrics import BaseAnalysis, BasisCache, analyse_base
+from .cholesky import gram_r_factor
 from .defaults import DEFAULT_ENERGY
 from .errors import InspectError
 from .formats.tensors import DTYPE_SIZES
@@ -157,6 +161,30 @@ def unit_spectrum(sv: np.ndarray) -> np.ndarray:
     return s
 
 
+_BUFFERS = threading.local()
+
+
+def _into(x: torch.Tensor, slot: int) -> torch.Tensor:
+    """x converted to float64 in this thread's reusable buffer ``slot`` (valid until the next call):
+    converting into memory already mapped is 3× faster here than a fresh tensor per factor, whose
+    pages the kernel must fault in and zero (reports/scan.md, "rank speed")."""
+    bufs = getattr(_BUFFERS, "bufs", None) or [torch.empty(0, dtype=torch.float64)] * 2
+    if bufs[slot].numel() < x.numel():
+        bufs[slot] = torch.empty(x.numel(), dtype=torch.float64)
+    _BUFFERS.bufs = bufs
+    return bufs[slot][: x.numel()].view(x.shape).copy_(x)
+
+
+def _factors64(m: Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) in float64, linear orientation, as ``m.factors(torch.float64)`` but read as stored and
+    converted once, into per-thread buffers."""
+    u = m.update
+    if not isinstance(u, LowRankUpdate) or u.e_key is not None:
+        return m.factors(torch.float64)
+    b, a = u.orient.to_linear(m.source.get(u.a_key), m.source.get(u.b_key))
+    return _into(b, 0), _into(a, 1)
+
+
 def compute_spectra(
     modules: list[Module],
     *,
@@ -171,7 +199,13 @@ def compute_spectra(
     Measured on the Llama-3-8B-shaped r=64 adapter: stacking whole factors of same-shaped modules
     into one batched QR was 2.4× *slower* than per-module QRs (the stacking copy costs more than it
     saves), so batching happens at the core, where it pays.
+
+    Reduction route (``precision="auto"``): R from the Cholesky factor of the float64 Gram matrix when
+    the factor is well conditioned (:func:`cholesky.gram_r_factor`, κ ≤ 1e4), else Householder QR as
+    before; ``LORA_INSPECT_REDUCTION=qr`` forces QR (benchmarks compare the two, reports/scan.md).
     """
+    gram = precision == "auto" and os.environ.get("LORA_INSPECT_REDUCTION", "auto") != "qr"
+
     def reduce(m: Module):
         dtype = compute_dtype(m.dtype, precision)
         if m.rank == 0:
@@ -182,11 +216,15 @@ def compute_spectra(
             return m, None, None, [FLAG_NON_FINITE]
         if direct is not None:
             return m, direct, None, [] if direct.any() else [FLAG_ZERO_B]
-        b, a = m.factors(dtype)
+        b, a = _factors64(m) if gram else m.factors(dtype)
         if not (all_finite(b) and all_finite(a)):
             return m, None, None, [FLAG_NON_FINITE]
-        rb = r_factor(b)
-        return m, rb, r_factor(a.T), [] if rb.any() else [FLAG_ZERO_B]  # R_b = 0 exactly when B = 0
+        rb = gram_r_factor(b) if gram else None
+        ra = gram_r_factor(a, rows=True) if gram else None
+        # ill-conditioned or rank-deficient: Householder QR in the compute dtype (exact: bf16 → f64 → f32)
+        rb = r_factor(b.to(dtype)) if rb is None else rb
+        ra = r_factor(a.T.to(dtype)) if ra is None else ra
+        return m, rb, ra, [] if rb.any() else [FLAG_ZERO_B]  # R_b = 0 exactly when B = 0
 
     reduced = parallel_map(reduce, modules, workers=workers, progress=progress)
     out: dict[str, tuple[np.ndarray | None, list[str]]] = {}

@@ -61,6 +61,7 @@ TOURS: dict[str, Tour] = {
                             "--format markdown",), fence=None, prompt=False),
     "diff": Tour(("diff samples/planted planted-r4 --format markdown",), fence=None, prompt=False, head=14),
     "report": Tour(("report samples/planted planted-r4 -o report.html",)),
+    "scan": Tour(("scan samples -o scan.jsonl",)),
     "rank-base": Tour(("rank samples/planted --base samples/planted/base --intruders",), head=0, tail=23),
 }
 

@@ -265,6 +265,56 @@ def meta_causal_lm(config_fields: dict):
 __all__ += ["edit_peft_tensors", "edit_peft_config", "meta_causal_lm"]
 
 
+def write_hub(root: Path, n: int, seed: int = 0, corrupt: float = 0.02) -> dict[str, int]:
+    """A tree of ``n`` small generated adapters for ``scan`` (mixed layouts, sizes and ranks; about
+    ``corrupt`` of them damaged), seeded. Returns counts by kind. Layouts: PEFT directories (some with a
+    second named adapter in a subfolder, as save_pretrained writes several), kohya files, mlx-lm directories."""
+    import random
+
+    rnd = random.Random(seed)
+    counts: dict[str, int] = {}
+    for i in range(n):
+        group = root / f"org{i % 7}" / f"batch{i // 50}"
+        group.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(seed * 100_003 + i)
+        hidden, r, layers = rnd.choice([16, 32, 64]), rnd.choice([2, 4, 8, 16]), rnd.choice([1, 2])
+        kind = rnd.choices(["peft", "kohya", "mlx", "peft-multi"], weights=[5, 3, 1, 1])[0]
+        mods = {f"model.layers.{layer}.self_attn.{p}": (torch.randn(hidden, r, generator=g) * torch.logspace(0, -1, r),
+                                                         torch.randn(r, hidden, generator=g))
+                for layer in range(layers) for p in ("q_proj", "v_proj")}
+        if kind in ("peft", "peft-multi"):
+            path = _hub_peft(group / f"a{i:05d}", mods, r)
+            if kind == "peft-multi":
+                _hub_peft(path / "second", {k: (b[:, :2], a[:2]) for k, (b, a) in mods.items()}, 2)
+        elif kind == "kohya":
+            path = write_kohya(group / f"a{i:05d}.safetensors",
+                               {f"lora_te_text_model_encoder_layers_{k.split('.')[2]}_self_attn_{k.split('.')[-1]}": (a, b, r / 2)
+                                for k, (b, a) in mods.items()})
+        else:
+            path = write_mlx(group / f"a{i:05d}", mods, scale=2.0)
+        if rnd.random() < corrupt:
+            kind = "corrupt"
+            target = path / "adapter_model.safetensors" if path.is_dir() and (path / "adapter_model.safetensors").exists() \
+                else (path / "adapters.safetensors" if path.is_dir() else path)
+            data = target.read_bytes()
+            target.write_bytes(data[: rnd.randrange(1, len(data) // 2)])
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def _hub_peft(path: Path, mods: dict[str, tuple[torch.Tensor, torch.Tensor]], r: int) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {}
+    for name, (b, a) in mods.items():
+        sd[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        sd[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    save_file(sd, str(path / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"],
+           "base_model_name_or_path": "tiny", "task_type": "CAUSAL_LM"}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
 # ---- tiny Hugging Face models, tokenizers and PEFT adapters on them (hfverify) ----
 TINY_TEXT = ("the quick brown fox jumps over the lazy dog and the dog sleeps while the fox runs "
              "over the hill to the river where the fish swim and the birds sing in the trees ") * 6

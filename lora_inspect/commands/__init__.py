@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "check": "lora_inspect.commands.check:check",
     "diff": "lora_inspect.commands.report:diff",
     "report": "lora_inspect.commands.report:report",
+    "scan": "lora_inspect.commands.scan:scan",
     "train": "lora_inspect.train.cli:train",
     "verify": "lora_inspect.train.cli:verify",
 }

@@ -8,7 +8,8 @@ is removed, renamed or changes meaning; adding a field or reordering a list does
 from __future__ import annotations
 
 __all__ = ["SCHEMAS", "schema_id", "INFO_SCHEMA", "RANK_SCHEMA", "FOOTPRINT_SCHEMA", "CHECK_SCHEMA", "DIFF_SCHEMA",
-           "TRUNCATE_SCHEMA", "RESCALE_SCHEMA", "VERIFY_SCHEMA", "TASK_SCHEMA"]
+           "TRUNCATE_SCHEMA", "RESCALE_SCHEMA", "VERIFY_SCHEMA", "TASK_SCHEMA",
+           "SCAN_SCHEMA", "SCAN_ROW_SCHEMA"]
 
 SCHEMAS: dict[str, int] = {
     "info": 1,  # `info`: layout, settings, sizes (views.inspect)
@@ -20,6 +21,8 @@ SCHEMAS: dict[str, int] = {
     "rescale": 1,  # `rescale` (views.rewrite)
     "verify": 1,  # `verify` (train.verify); with --base HF_DIR also task "hf", base, data, tokens … (views.verify)
     "task": 1,  # task.json beside a trained adapter (train.tasks)
+    "scan": 1,  # `scan`: the summary document (views.scan)
+    "scan-row": 1,  # `scan`: one JSONL/Parquet row per adapter (scan.row.ScanRow)
 }
 
 
@@ -37,3 +40,5 @@ TRUNCATE_SCHEMA = schema_id("truncate")
 RESCALE_SCHEMA = schema_id("rescale")
 VERIFY_SCHEMA = schema_id("verify")
 TASK_SCHEMA = schema_id("task")
+SCAN_SCHEMA = schema_id("scan")
+SCAN_ROW_SCHEMA = schema_id("scan-row")

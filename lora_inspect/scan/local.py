@@ -1,0 +1,122 @@
+"""The local backend: a pool of worker processes, one adapter per task, with a time and memory limit each.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot stop one task that hangs, and one worker
+killed by the kernel (out of memory) breaks the whole pool and every task in flight. Here each worker
+is a process of our own (``multiprocessing`` forkserver context, spawn where there is none) with a pipe;
+the driver sends one path at a time, waits on every pipe and process sentinel with the nearest deadline
+as timeout, and when a task runs past ``timeout`` or its worker dies, that adapter gets an error row,
+the worker is killed and replaced, and the scan goes on. Memory is bounded by what one worker needs for
+the largest adapter times the number of workers; the driver holds rows only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+from typing import Any
+
+from .row import ScanConfig, error_row
+
+__all__ = ["run_local"]
+
+Result = Callable[[int, "dict[str, Any] | str"], None]
+
+
+def _context():
+    try:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["lora_inspect.scan.worker"])
+        return ctx
+    except ValueError:  # pragma: no cover - no forkserver on this platform
+        return mp.get_context("spawn")
+
+
+@dataclass
+class _Worker:
+    proc: Any
+    conn: Any
+    task: tuple[int, str] | None = None
+    deadline: float = 0.0
+
+
+def _start(ctx, cfg: ScanConfig, memory: int | None) -> _Worker:
+    from .worker import serve
+
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=serve, args=(child, cfg, memory), daemon=True)
+    proc.start()
+    child.close()
+    return _Worker(proc, parent)
+
+
+def _stop(w: _Worker) -> None:
+    if w.proc.is_alive():
+        w.proc.kill()
+    w.proc.join(5)
+    w.conn.close()
+
+
+def _died(w: _Worker, memory: int | None) -> str:
+    code = w.proc.exitcode
+    how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+    limit = f"; the memory limit is {memory / 2**30:.3g} GiB" if memory else ""
+    return f"{w.task[1] if w.task else '?'}: the worker reading it ended ({how}){limit}"
+
+
+def run_local(paths: list[str], cfg: ScanConfig, on_result: Result, *, jobs: int = 1,
+              timeout: float | None = None, memory: int | None = None) -> None:
+    """Scan ``paths`` with ``jobs`` worker processes; ``on_result(index, row dict | "skipped")`` is called
+    in the driver as each adapter finishes (in completion order)."""
+    if not paths:
+        return
+    ctx = _context()
+    todo = deque(enumerate(paths))
+    workers = [_start(ctx, cfg, memory) for _ in range(max(1, min(jobs, len(paths))))]
+    try:
+        while todo or any(w.task for w in workers):
+            for w in workers:
+                if w.task is None and todo:
+                    w.task = todo.popleft()
+                    w.deadline = time.monotonic() + timeout if timeout else float("inf")
+                    w.conn.send(w.task)
+            busy = [w for w in workers if w.task is not None]
+            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            ready = set(wait([x for w in busy for x in (w.conn, w.proc.sentinel)],
+                             None if wait_s == float("inf") else wait_s))
+            for i, w in enumerate(workers):
+                if w.task is None:
+                    continue
+                message = None
+                if w.conn in ready:
+                    try:
+                        index, res = w.conn.recv()
+                        on_result(index, res)
+                        w.task = None
+                        continue
+                    except (EOFError, OSError):
+                        w.proc.join(5)
+                        message = _died(w, memory)
+                elif w.proc.sentinel in ready:
+                    w.proc.join(5)
+                    message = _died(w, memory)
+                elif time.monotonic() >= w.deadline:
+                    message = (f"{w.task[1]}: no result after {timeout:g} s (the per-adapter time limit); "
+                               "its worker was stopped")
+                if message is not None and w.task is not None:
+                    index, path = w.task
+                    on_result(index, error_row(path, message, cfg).to_dict())
+                    _stop(w)
+                    workers[i] = _start(ctx, cfg, memory)
+    finally:
+        for w in workers:
+            with contextlib.suppress(OSError, ValueError):
+                w.conn.send(None)
+        for w in workers:
+            w.proc.join(2)
+            _stop(w)
