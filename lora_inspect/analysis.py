@@ -14,7 +14,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -185,6 +185,28 @@ def _factors64(m: Module) -> tuple[torch.Tensor, torch.Tensor]:
     return _into(b, 0), _into(a, 1)
 
 
+def _reduce(m: Module, precision: str, gram: bool) -> tuple[Module, Any, Any, list[str]]:
+    """One module read once: R factors for the batched core SVD, or a direct spectrum, plus flags."""
+    dtype = compute_dtype(m.dtype, precision)
+    if m.rank == 0:
+        return m, None, None, []
+    try:  # update types with a direct spectrum (LoKr products, dense SVD); None: the factor route
+        direct = m.update.singular_values(m.source, dtype, m.scale)
+    except ValueError:
+        return m, None, None, [FLAG_NON_FINITE]
+    if direct is not None:
+        return m, direct, None, [] if direct.any() else [FLAG_ZERO_B]
+    b, a = _factors64(m) if gram else m.factors(dtype)
+    if not (all_finite(b) and all_finite(a)):
+        return m, None, None, [FLAG_NON_FINITE]
+    rb = gram_r_factor(b) if gram else None
+    ra = gram_r_factor(a, rows=True) if gram else None
+    # ill-conditioned or rank-deficient: Householder QR in the compute dtype (exact: bf16 → f64 → f32)
+    rb = r_factor(b.to(dtype)) if rb is None else rb
+    ra = r_factor(a.T.to(dtype)) if ra is None else ra
+    return m, rb, ra, [] if rb.any() else [FLAG_ZERO_B]  # R_b = 0 exactly when B = 0
+
+
 def compute_spectra(
     modules: list[Module],
     *,
@@ -205,28 +227,7 @@ def compute_spectra(
     before; ``LORA_INSPECT_REDUCTION=qr`` forces QR (benchmarks compare the two, reports/scan.md).
     """
     gram = precision == "auto" and os.environ.get("LORA_INSPECT_REDUCTION", "auto") != "qr"
-
-    def reduce(m: Module):
-        dtype = compute_dtype(m.dtype, precision)
-        if m.rank == 0:
-            return m, None, None, []
-        try:  # update types with a direct spectrum (LoKr products, dense SVD); None: the factor route
-            direct = m.update.singular_values(m.source, dtype, m.scale)
-        except ValueError:
-            return m, None, None, [FLAG_NON_FINITE]
-        if direct is not None:
-            return m, direct, None, [] if direct.any() else [FLAG_ZERO_B]
-        b, a = _factors64(m) if gram else m.factors(dtype)
-        if not (all_finite(b) and all_finite(a)):
-            return m, None, None, [FLAG_NON_FINITE]
-        rb = gram_r_factor(b) if gram else None
-        ra = gram_r_factor(a, rows=True) if gram else None
-        # ill-conditioned or rank-deficient: Householder QR in the compute dtype (exact: bf16 → f64 → f32)
-        rb = r_factor(b.to(dtype)) if rb is None else rb
-        ra = r_factor(a.T.to(dtype)) if ra is None else ra
-        return m, rb, ra, [] if rb.any() else [FLAG_ZERO_B]  # R_b = 0 exactly when B = 0
-
-    reduced = parallel_map(reduce, modules, workers=workers, progress=progress)
+    reduced = parallel_map(lambda m: _reduce(m, precision, gram), modules, workers=workers, progress=progress)
     out: dict[str, tuple[np.ndarray | None, list[str]]] = {}
     by_rank: dict[int, list] = defaultdict(list)
     for m, rb, ra, flags in reduced:
