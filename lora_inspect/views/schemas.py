@@ -8,7 +8,8 @@ is removed, renamed or changes meaning; adding a field or reordering a list does
 from __future__ import annotations
 
 __all__ = ["SCHEMAS", "schema_id", "INFO_SCHEMA", "RANK_SCHEMA", "FOOTPRINT_SCHEMA", "CHECK_SCHEMA", "DIFF_SCHEMA",
-           "TRUNCATE_SCHEMA", "RESCALE_SCHEMA", "VERIFY_SCHEMA", "TASK_SCHEMA"]
+           "TRUNCATE_SCHEMA", "RESCALE_SCHEMA", "VERIFY_SCHEMA", "TASK_SCHEMA",
+           "CONVERT_SCHEMA", "MERGE_SCHEMA"]
 
 SCHEMAS: dict[str, int] = {
     "info": 1,  # `info`: layout, settings, sizes (views.inspect)
@@ -20,6 +21,8 @@ SCHEMAS: dict[str, int] = {
     "rescale": 1,  # `rescale` (views.rewrite)
     "verify": 1,  # `verify` (train.verify)
     "task": 1,  # task.json beside a trained adapter (train.tasks)
+    "convert": 1,  # `convert` (views.algebra)
+    "merge": 1,  # `merge` (views.algebra)
 }
 
 
@@ -37,3 +40,5 @@ TRUNCATE_SCHEMA = schema_id("truncate")
 RESCALE_SCHEMA = schema_id("rescale")
 VERIFY_SCHEMA = schema_id("verify")
 TASK_SCHEMA = schema_id("task")
+CONVERT_SCHEMA = schema_id("convert")
+MERGE_SCHEMA = schema_id("merge")
