@@ -74,7 +74,9 @@ class Canon:
 def _name(ad: "Adapter", m: "Module") -> tuple[str | None, str]:
     if ad.format == "kohya":
         return kohya_to_dotted(m.name)
-    return split_component(m.name)
+    if ad.format.startswith("diffusers"):
+        return split_component(m.name)
+    return None, m.name  # one model (PEFT, mlx-lm): GPT-2's "transformer.h.0…" is a path, not a component
 
 
 def _module(ad: "Adapter", m: "Module") -> CanonModule:
