@@ -61,6 +61,8 @@ TOURS: dict[str, Tour] = {
                             "--format markdown",), fence=None, prompt=False),
     "diff": Tour(("diff samples/planted planted-r4 --format markdown",), fence=None, prompt=False, head=14),
     "report": Tour(("report samples/planted planted-r4 -o report.html",)),
+    "convert": Tour(("convert samples/planted --to mlx -o planted-mlx",), head=8, tail=2),
+    "merge": Tour(("merge samples/planted samples/text --weights 0.7,0.3 --rank 8 -o merged",), head=8, tail=4),
 }
 
 # Timings vary from run to run; they are replaced by a placeholder before comparing.

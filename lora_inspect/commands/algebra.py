@@ -10,8 +10,8 @@ from ..errors import InspectError, OptionError
 from ..formats import load_adapter
 from ..rewrite import TruncateSpec
 from ..views.render import emit, warn
-from .rewrite import _as_usage, _count, _size, _with_flag
 from ._options import output_options
+from .rewrite import _as_usage, _count, _size, _with_flag
 
 __all__ = ["convert", "merge"]
 

@@ -13,7 +13,7 @@ from ..errors import InspectError
 from ..files import AtomicOutput, check_output_path, dump_json, write_safetensors, write_text
 from .canon import Canon, CanonModule, from_adapter
 from .check import diff_norm, lowrank_norm, tolerance
-from .gguf_out import base_config, plan_gguf, read_gguf, write_gguf, llama_permute, PERMUTE_ARCHS, GgufPlan
+from .gguf_out import PERMUTE_ARCHS, GgufPlan, base_config, llama_permute, plan_gguf, read_gguf, write_gguf
 from .results import ConvertResult, ModuleOut
 from .writers import WRITERS, Written
 
@@ -79,7 +79,7 @@ def _gguf_modules(path: Path, canon: Canon, plan: GgufPlan, records: list[Module
     for k, val in want.items():
         if fields.get(k) != val:
             raise InspectError(f"self-check failed: GGUF field {k} is {fields.get(k)!r}, expected {val!r}")
-    alpha = float(fields["adapter.lora.alpha"])
+    alpha = float(fields["adapter.lora.alpha"])  # type: ignore[arg-type]
     out = []
     for m, rec in zip(canon.modules, records):
         a = torch.from_numpy(tensors[rec.target + ".lora_a"].astype("float64"))

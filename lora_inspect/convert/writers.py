@@ -13,7 +13,6 @@ per module. How each stores the scale s (docs/formats.md, "convert", capability 
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from typing import Any
 
 import torch
 
-from ..adapter import module_type
 from ..errors import InspectError
 from ..peft_rules import PEFT_PREFIX
 from .canon import Canon, CanonModule
@@ -70,7 +68,7 @@ def _alpha(m: CanonModule) -> float:
 
 
 def _single_model(canon: Canon, target: str) -> None:
-    comps = canon.components() - {None}
+    comps = {c for c in canon.components() if c is not None}
     if len(comps) > 1:
         raise InspectError(f"a {target} adapter holds one model; this one has modules of {', '.join(sorted(comps))} "
                            "(a pipeline): write diffusers or kohya instead")
@@ -207,4 +205,3 @@ def write_mlx(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor])
 
 
 WRITERS = {"peft": write_peft, "kohya": write_kohya, "diffusers": write_diffusers, "mlx": write_mlx}
-_ = (math, module_type)
