@@ -33,9 +33,9 @@ _EXPORTS: dict[str, str] = {
     "estimate_footprint": "lora_inspect.footprint:footprint",  # not `footprint`: that is a submodule's name
     "load_base": "lora_inspect.basemodels:load_base",
     # the CI gate (`check`)
-    "Policy": "lora_inspect.gate:Policy",
-    "evaluate": "lora_inspect.gate:evaluate",
-    "nonfinite_tensors": "lora_inspect.gate:nonfinite_tensors",
+    "Policy": "lora_inspect.checks:Policy",
+    "evaluate": "lora_inspect.checks:evaluate",
+    "nonfinite_tensors": "lora_inspect.checks:nonfinite_tensors",
 }
 
 __all__ = [
@@ -66,8 +66,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ resolve
     from .adapter import Adapter, Module
     from .analysis import ModuleResult, RankReport, analyse
     from .basemodels import load_base
+    from .checks import Policy, evaluate, nonfinite_tensors
     from .errors import InspectError
     from .footprint import footprint as estimate_footprint
     from .formats import load_adapter
-    from .gate import Policy, evaluate, nonfinite_tensors
     from .rewrite import RescaleResult, TruncateResult, TruncateSpec, rescale, truncate

@@ -191,7 +191,8 @@ def compute_spectra(
             [rb for _, rb, _, _ in items], [ra for _, _, ra, _ in items], [m.scale for m, _, _, _ in items], r
         )
         for (m, _, _, flags), s in zip(items, sv):
-            out[m.name] = (s, flags)
+            # NaN: finite factors whose product overflows float64 — ΔW cannot be applied either
+            out[m.name] = (None, [*flags, FLAG_NON_FINITE]) if np.isnan(s).any() else (s, flags)
     return out
 
 

@@ -30,7 +30,7 @@ import torch
 
 from .adapter import Adapter, module_layer, module_type
 from .analysis import SAFE_SIGMA, unit_spectrum
-from .errors import InspectError
+from .errors import InspectError, NonFiniteUpdate
 from .naming import natural_sorted
 from .spectrum import energy_rank, singular_values, svd_factors
 
@@ -142,8 +142,12 @@ def compare_factors(
     if not all(bool(torch.isfinite(t).all()) for t in (b1, a1, b2, a2)) or not (math.isfinite(s1) and math.isfinite(s2)):
         d.status = STATUS_NON_FINITE
         return d
-    u1, sv1, _ = svd_factors(b1, a1, s1)
-    u2, sv2, _ = svd_factors(b2, a2, s2)
+    try:
+        u1, sv1, _ = svd_factors(b1, a1, s1)
+        u2, sv2, _ = svd_factors(b2, a2, s2)
+    except NonFiniteUpdate:  # finite factors, but ΔW overflows float64
+        d.status = STATUS_NON_FINITE
+        return d
     sv1n, sv2n = sv1.numpy(), sv2.numpy()
     d.norm_a = _norm(sv1n)
     d.norm_b = _norm(sv2n)
@@ -153,8 +157,11 @@ def compare_factors(
         d.distance = d.spectral_distance = 0.0  # the same factors: exactly the same ΔW
     else:
         d.distance, d.spectral_distance = factor_distance(b1, a1, s1, b2, a2, s2)
+        if not math.isfinite(d.distance):
+            d.notes.append("ΔW_A − ΔW_B overflows float64: distance unknown")
+            d.distance = d.spectral_distance = None
     if d.norm_a > 0:
-        d.rel_distance = d.distance / d.norm_a
+        d.rel_distance = None if d.distance is None else d.distance / d.norm_a
     else:
         d.notes.append("ΔW_A is zero: relative distance undefined")
     if d.norm_a > 0 and d.norm_b > 0:

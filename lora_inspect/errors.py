@@ -34,6 +34,14 @@ class UnpairedFactorError(InspectError):
     (no server can load such an adapter), so the gate reports it per adapter instead of stopping."""
 
 
+class NonFiniteUpdate(InspectError):
+    """Finite factors whose product is not: ΔW overflows float64 (entries beyond ~1.8e308), so no
+    consumer can apply it. Analyses flag the module (as for NaN/inf weights); rewrites refuse it."""
+
+    def __init__(self, message: str = "ΔW overflows float64 (its factors' product is not finite)"):
+        super().__init__(message)
+
+
 class OptionError(InspectError):
     """A bad request value (a rank, an energy, a factor): the message names the parameter as the
     library calls it (``energy``), ``option`` holds that name so a command can name its flag."""

@@ -6,7 +6,7 @@ Sources (peft 0.21): ``peft.utils.save_and_load.get_peft_model_state_dict`` (key
 ``peft.tuners.lora.layer.LoraLayer.update_layer`` (s = α/r, α/√r with rsLoRA) and
 ``peft.tuners.adalora.layer`` (s = α/(r + 1e-5)); ``LoraConfig.lora_alpha`` defaults to 8.
 See docs/formats.md. Patterns come from files, so they are matched through
-:func:`lora_inspect.validate.compile_pattern` (linear time), never with ``re`` on file text.
+:mod:`lora_inspect.validate` (linear time), never with ``re`` on file text.
 Torch- and numpy-free.
 """
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from .validate import compile_pattern
+from .validate import compile_fullmatch, compile_pattern_table
 
 __all__ = [
     "PEFT_PREFIX",
@@ -40,44 +41,44 @@ def strip_prefix(name: str) -> str:
 
 def target_matches(name: str, targets: str | Iterable[str] | None, where: str = "target_modules") -> bool:
     """PEFT's ``check_target_module_exists``: a list matches a name equal to an entry or ending in
-    ``"." + entry``; a string must match the whole name (PEFT: ``re.fullmatch``): a plain name is
-    compared literally, anything else goes through :func:`~lora_inspect.validate.compile_pattern`
-    (linear time; it matches at a ``.`` boundary, which equals ``fullmatch`` for the usual ``.*\\.NAME``
-    forms). ``None`` matches nothing: PEFT then takes the targets from its table for the model type,
-    which the adapter file does not name."""
+    ``"." + entry``; a string must match the whole name as PEFT's ``re.fullmatch`` does, through
+    :func:`~lora_inspect.validate.compile_fullmatch` (linear time; file text never reaches ``re``).
+    ``None`` matches nothing: PEFT then takes the targets from its table for the model type, which the
+    adapter file does not name."""
     if targets is None:
         return False
     if isinstance(targets, str):
-        if _plain(targets):
-            return name == targets
-        return compile_pattern(targets, where)(name)
+        return compile_fullmatch(targets, where)(name)
     return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def _plain(key: str) -> bool:
-    return bool(key) and all(c.isalnum() or c in "_-" or c == "." for c in key) and not key.startswith(".")
 
 
 def pattern_lookup(pattern: Mapping[str, Any] | None, name: str, default: Any, where: str = "pattern") -> Any:
     """PEFT's rule for ``rank_pattern`` / ``alpha_pattern``: the first key (in dict order) whose pattern
-    ``(.*\\.)?KEY$`` matches the name wins (peft.utils.other.get_pattern_key); otherwise ``default``."""
-    if pattern:
-        for key, value in pattern.items():
-            if compile_pattern(key, where)(name):
-                return value
-    return default
+    ``(.*\\.)?KEY$`` matches the name wins (peft.utils.other.get_pattern_key); otherwise ``default``.
+    For many names, compile the table once with :func:`compiled_patterns`."""
+    return lookup_compiled(compiled_patterns(pattern, where), name, default)
 
 
-def compiled_patterns(pattern: Mapping[str, Any] | None, where: str) -> list[tuple[Callable[[str], bool], Any]]:
-    """Compile every key once (refusing unsafe ones up front); use with :func:`lookup_compiled`."""
-    return [(compile_pattern(k, where), v) for k, v in (pattern or {}).items()]
+@dataclass(frozen=True)
+class CompiledPatterns:
+    """A ``rank_pattern``/``alpha_pattern`` compiled once: every key checked (an unsafe one refused) up
+    front, and a lookup that does not try the keys one by one (one key per module is common: the table
+    of :func:`lora_inspect.validate.compile_pattern_table` keeps that linear)."""
+
+    values: list[Any]
+    first_match: Callable[[str], int | None]
 
 
-def lookup_compiled(compiled: list[tuple[Callable[[str], bool], Any]], name: str, default: Any) -> Any:
-    for match, value in compiled:
-        if match(name):
-            return value
-    return default
+def compiled_patterns(pattern: Mapping[str, Any] | None, where: str) -> CompiledPatterns:
+    keys = list(pattern or {})
+    return CompiledPatterns([pattern[k] for k in keys] if pattern else [], compile_pattern_table(keys, where))
+
+
+def lookup_compiled(compiled: CompiledPatterns, name: str, default: Any) -> Any:
+    if not compiled.values:
+        return default
+    i = compiled.first_match(name)
+    return default if i is None else compiled.values[i]
 
 
 def scale_for(alpha: float, rank: int, rslora: bool = False) -> float:

@@ -4,7 +4,7 @@ For ΔW = s·B@A with B (out, r) and A (r, in), take reduced QR factorisations B
 Aᵀ = Q_a R_a. Then ΔW = Q_b (s·R_b R_aᵀ) Q_aᵀ with orthonormal Q's, so the singular values of ΔW are
 those of the r×r core s·R_b R_aᵀ, and its singular vectors are U = Q_b U_core, V = Q_a V_core.
 Cost O((out + in)·r²) instead of O(out·in·min(out, in)) for a dense SVD. The QR route keeps small
-singular values that the Gram route (eigenvalues of BᵀB·AAᵀ) loses (``../shared/docs/metrics.md``).
+singular values that the Gram route (eigenvalues of BᵀB·AAᵀ) loses (``docs/metrics.md``).
 The core is always decomposed in float64.
 
 Rank metrics (σ₁ ≥ … ≥ σ_r ≥ 0):
@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+from .errors import NonFiniteUpdate
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -68,7 +71,7 @@ def compute_dtype(stored: str, precision: str = "auto") -> torch.dtype:
 @contextmanager
 def single_threaded_torch() -> Iterator[None]:
     """One intra-op thread: LAPACK on thin factors ran best, and steadily, single-threaded on this class
-    of machine (``../shared/docs/metrics.md``: two threads were erratic under load); callers that want
+    of machine (``docs/metrics.md``: two threads were erratic under load); callers that want
     parallelism run modules in worker threads instead."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -140,7 +143,11 @@ def core_singular_values(
         pb[i, : rb.shape[0]] = rb
         pa[i, : ra.shape[0]] = ra
     core = (pb @ pa.transpose(-1, -2)) * torch.tensor(scales, dtype=torch.float64).reshape(-1, 1, 1)
-    return torch.linalg.svdvals(core).abs().numpy()
+    finite = torch.isfinite(core).flatten(1).all(dim=1)
+    out = np.full((n, r), np.nan)  # a core that overflows float64 (finite factors, huge values) stays NaN
+    if bool(finite.any()):
+        out[finite.numpy()] = torch.linalg.svdvals(core[finite]).abs().numpy()
+    return out
 
 
 def singular_values(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> np.ndarray:
@@ -157,7 +164,7 @@ def svd_factors(
     a = a.to(torch.float64)
     qb, rb = torch.linalg.qr(b)  # (out, p), (p, r)
     qa, ra = torch.linalg.qr(a.T)  # (in, q), (q, r)
-    uc, s, vch = torch.linalg.svd(scale * (rb @ ra.T), full_matrices=False)
+    uc, s, vch = _core_svd(scale, rb, ra)
     return qb @ uc, s, vch @ qa.T
 
 
@@ -185,22 +192,11 @@ _SOLVE_MAX_COND = {torch.float32: 1e3, torch.float64: 1e8}
 
 @dataclass
 class Decomposition:
-    """ΔW = s·B@A = (B M_b) diag(S) (N_a A) with B M_b = Q_b U and N_a A = Vᵀ Q_aᵀ orthonormal.
+    """ΔW = s·B@A = (B M_b) diag(S) (N_a A) with B M_b = Q_b U and N_a A = Vᵀ Q_aᵀ orthonormal, from
+    the float64 SVD U diag(S) Vh of the core s·R_b R_aᵀ (B = Q_b R_b, Aᵀ = Q_a R_a). Two routes reach
+    the R factors — :class:`CholeskyDecomposition` and :class:`HouseholderDecomposition` — and differ
+    only in how they map the kept directions back to factors (:meth:`factors`)."""
 
-    Two routes to the same R factors (B = Q_b R_b, Aᵀ = Q_a R_a): CholeskyQR (R = chol(BᵀB)ᵀ, then
-    Q_b = B R_b⁻¹ is never formed: only the small r×k product R_b⁻¹ U_k √S_k is) for well-conditioned
-    factors, or Householder reflectors (``geqrf``/``ormqr``) otherwise."""
-
-    b: torch.Tensor | None  # CholeskyQR route: the factors themselves
-    a: torch.Tensor | None
-    rb: torch.Tensor | None  # float64 upper-triangular R factors (Cholesky route)
-    ra: torch.Tensor | None
-    hb: torch.Tensor | None  # Householder route
-    tb: torch.Tensor | None
-    ha: torch.Tensor | None
-    ta: torch.Tensor | None
-    out_dim: int
-    in_dim: int
     u: torch.Tensor  # (p, r') float64
     s: torch.Tensor  # (r',) float64, descending
     vh: torch.Tensor  # (r', q) float64
@@ -209,30 +205,63 @@ class Decomposition:
     def singular_values(self) -> np.ndarray:
         return self.s.numpy().copy()
 
+    def _scaled(self, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """U_k √S_k (p, k) and V_k √S_k (q, k), float64."""
+        root = self.s[:keep].sqrt()
+        return self.u[:, :keep] * root, self.vh[:keep].T * root
+
     def factors(self, keep: int, stored: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B′ (out, stored), A′ (stored, in)) in the compute dtype: B′@A′ is the best rank-``keep``
         approximation of ΔW (scale included); columns/rows past ``keep`` are zero."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+
+@dataclass
+class CholeskyDecomposition(Decomposition):
+    """CholeskyQR route (well-conditioned factors): R = chol(BᵀB)ᵀ; Q_b = B R_b⁻¹ is never formed,
+    only the small r×k product R_b⁻¹ U_k √S_k."""
+
+    b: torch.Tensor  # set by decompose
+    a: torch.Tensor
+    rb: torch.Tensor  # float64 upper-triangular
+    ra: torch.Tensor
+
+    def factors(self, keep: int, stored: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         stored = keep if stored is None else stored
         keep = min(keep, self.s.shape[0])
-        dt = (self.b if self.b is not None else self.hb).dtype
-        root = self.s[:keep].sqrt()
-        if self.b is not None:
-            mb = torch.zeros(self.rb.shape[0], stored, dtype=torch.float64)
-            ma = torch.zeros(self.ra.shape[0], stored, dtype=torch.float64)
-            if keep:  # B′ = B R_b⁻¹ U_k √S_k, A′ = √S_k V_kᵀ R_a⁻ᵀ A
-                mb[:, :keep] = torch.linalg.solve_triangular(self.rb, self.u[:, :keep] * root, upper=True)
-                ma[:, :keep] = torch.linalg.solve_triangular(self.ra, self.vh[:keep].T * root, upper=True)
-            return self.b @ mb.to(dt), ma.T.to(dt) @ self.a
+        mb = torch.zeros(self.rb.shape[0], stored, dtype=torch.float64)
+        ma = torch.zeros(self.ra.shape[0], stored, dtype=torch.float64)
+        if keep:  # B′ = B R_b⁻¹ U_k √S_k, A′ = √S_k V_kᵀ R_a⁻ᵀ A
+            us, vs = self._scaled(keep)
+            mb[:, :keep] = torch.linalg.solve_triangular(self.rb, us, upper=True)
+            ma[:, :keep] = torch.linalg.solve_triangular(self.ra, vs, upper=True)
+        dt = self.b.dtype
+        return self.b @ mb.to(dt), ma.T.to(dt) @ self.a
+
+
+@dataclass
+class HouseholderDecomposition(Decomposition):
+    """Householder route (``geqrf``/``ormqr``): the reflectors are applied to the small (·, k) blocks."""
+
+    hb: torch.Tensor  # set by decompose
+    tb: torch.Tensor
+    ha: torch.Tensor
+    ta: torch.Tensor
+    out_dim: int
+    in_dim: int
+
+    def factors(self, keep: int, stored: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        stored = keep if stored is None else stored
+        keep = min(keep, self.s.shape[0])
+        dt = self.hb.dtype
         cb = torch.zeros(self.out_dim, stored, dtype=dt)
         ca = torch.zeros(self.in_dim, stored, dtype=dt)
-        if keep:
-            cb[: self.u.shape[0], :keep] = (self.u[:, :keep] * root).to(dt)
-            ca[: self.vh.shape[1], :keep] = (self.vh[:keep].T * root).to(dt)
-            b = torch.ormqr(self.hb, self.tb, cb)
-            at = torch.ormqr(self.ha, self.ta, ca)
-        else:
-            b, at = cb, ca
-        return b, at.T
+        if not keep:
+            return cb, ca.T
+        us, vs = self._scaled(keep)
+        cb[: us.shape[0], :keep] = us.to(dt)
+        ca[: vs.shape[0], :keep] = vs.to(dt)
+        return torch.ormqr(self.hb, self.tb, cb), torch.ormqr(self.ha, self.ta, ca).T
 
 
 def _chol_r(x: torch.Tensor, xt_first: bool) -> torch.Tensor | None:
@@ -243,14 +272,16 @@ def _chol_r(x: torch.Tensor, xt_first: bool) -> torch.Tensor | None:
     ``_CHOL_MAX_COND`` R is its Cholesky factor (CholeskyQR); up to ``_SOLVE_MAX_COND`` it is taken
     from a Householder QR instead (accurate R, and X R⁻¹ still near-orthonormal)."""
     g = ((x @ x.T) if xt_first else (x.T @ x)).to(torch.float64)
+    if not bool(torch.isfinite(g).all()):  # the Gram overflows (huge values): Householder needs no Gram
+        return None
     ev = torch.linalg.eigvalsh(g)
     if not (torch.isfinite(ev).all() and ev[0] > 0):
         return None
     kappa2 = float(ev[-1] / ev[0])
     if kappa2 <= _CHOL_MAX_COND.get(x.dtype, 1e2) ** 2:
-        l, info = torch.linalg.cholesky_ex(g)
+        low, info = torch.linalg.cholesky_ex(g)
         if int(info) == 0:
-            return l.T
+            return low.T
     if kappa2 <= _SOLVE_MAX_COND.get(x.dtype, 1e3) ** 2:
         return r_factor(x.T if xt_first else x).to(torch.float64)
     return None
@@ -258,28 +289,29 @@ def _chol_r(x: torch.Tensor, xt_first: bool) -> torch.Tensor | None:
 
 def decompose(b: torch.Tensor, a: torch.Tensor, scale: float) -> Decomposition:
     """R factors of B and Aᵀ (CholeskyQR when well conditioned, else Householder) and the float64 SVD of
-    the core s·R_b R_aᵀ. Raises ValueError when the factors hold NaN/inf."""
+    the core s·R_b R_aᵀ. The factors must be finite (callers check with :func:`all_finite`, which is
+    how they name the module); a non-finite core after the QR (an overflow) is an InspectError."""
     out_dim, r = b.shape
     in_dim = a.shape[1]
-    if not (all_finite(b) and all_finite(a)):
-        raise ValueError("non-finite factors")
     rb = _chol_r(b, False) if out_dim >= r else None
     ra = _chol_r(a, True) if rb is not None and in_dim >= r else None
     if rb is not None and ra is not None:
-        hb = tb = ha = ta = None
-        keep_b, keep_a = b, a
-    else:
-        hb, tb = torch.geqrf(b)
-        ha, ta = torch.geqrf(a.T.contiguous())
-        rb = torch.triu(hb[: min(out_dim, r)]).to(torch.float64)
-        ra = torch.triu(ha[: min(in_dim, r)]).to(torch.float64)
-        keep_b = keep_a = None
-    if not (torch.isfinite(rb).all() and torch.isfinite(ra).all()):
-        raise ValueError("non-finite factors")
-    u, s, vh = torch.linalg.svd(scale * (rb @ ra.T), full_matrices=False)
-    if keep_b is not None:
-        return Decomposition(keep_b, keep_a, rb, ra, None, None, None, None, out_dim, in_dim, u, s, vh)
-    return Decomposition(None, None, None, None, hb, tb, ha, ta, out_dim, in_dim, u, s, vh)
+        u, s, vh = _core_svd(scale, rb, ra)
+        return CholeskyDecomposition(u, s, vh, b=b, a=a, rb=rb, ra=ra)
+    hb, tb = torch.geqrf(b)
+    ha, ta = torch.geqrf(a.T.contiguous())
+    rb = torch.triu(hb[: min(out_dim, r)]).to(torch.float64)
+    ra = torch.triu(ha[: min(in_dim, r)]).to(torch.float64)
+    u, s, vh = _core_svd(scale, rb, ra)
+    return HouseholderDecomposition(u, s, vh, hb=hb, tb=tb, ha=ha, ta=ta, out_dim=out_dim, in_dim=in_dim)
+
+
+def _core_svd(scale: float, rb: torch.Tensor, ra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    core = scale * (rb @ ra.T)
+    if not torch.isfinite(core).all():
+        raise NonFiniteUpdate()
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    return u, s, vh
 
 
 def _energy(sv: np.ndarray) -> np.ndarray:

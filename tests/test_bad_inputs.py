@@ -22,7 +22,7 @@ MOD = "base_model.model.model.layers.0.self_attn.q_proj"
 def _peft_state(nan=False, zero_b=False):
     g = torch.Generator().manual_seed(0)
     sd = {}
-    for i, name in enumerate([MOD, "base_model.model.model.layers.0.self_attn.v_proj"]):
+    for name in [MOD, "base_model.model.model.layers.0.self_attn.v_proj"]:
         sd[f"{name}.lora_A.weight"] = torch.randn(R, 16, generator=g)
         sd[f"{name}.lora_B.weight"] = torch.randn(12, R, generator=g)
     if nan:

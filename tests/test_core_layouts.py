@@ -313,9 +313,9 @@ def test_detect_format_names_layouts(kohya):
 
 
 def test_too_many_tensors_refused_in_one_line(tmp_path, monkeypatch):
-    import lora_inspect.formats as formats
+    import lora_inspect.validate as validate
 
-    monkeypatch.setattr(formats, "MAX_TENSORS", 3)
+    monkeypatch.setattr(validate, "MAX_TENSORS", 3)
     g = torch.Generator().manual_seed(0)
     sd = {f"lora_unet_b{i}_proj.lora_down.weight": torch.randn(2, 4, generator=g) for i in range(2)}
     sd.update({f"lora_unet_b{i}_proj.lora_up.weight": torch.randn(4, 2, generator=g) for i in range(2)})

@@ -9,7 +9,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from builders import build_peft, rel_close, run_cli, tiny_gpt2, tiny_llama
 
 from lora_inspect.formats import load_adapter
@@ -135,7 +134,7 @@ def test_truncate_energy_stores_spectrum_ranks_and_drops_zero_module(llama, tmp_
     assert cfg["exclude_modules"] == ["model.layers.1.self_attn.v_proj"]
     assert all(k.startswith("model.") for k in cfg["rank_pattern"])  # full names
     _check_truncation(llama, tmp_path / "out", "llama", want)
-    for n, m in doc["by_type"].items():
+    for m in doc["by_type"].values():
         assert m["params_after"] <= m["params_before"]
     assert doc["worst_module"]["relative_error"] == max(x["relative_error"] for x in doc["modules"])
 

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 
 from lora_inspect.spectrum import (
     core_singular_values,
-    r_factor,
     energy_rank,
     entropy_rank,
+    r_factor,
     relative_error,
     retained_energy,
     singular_values,

@@ -159,12 +159,15 @@ def evaluate(
     report: "RankReport | None" = None,
     values: ValueScan | None = None,
 ) -> list[Result]:
-    """All rule rows for one adapter. ``report`` is required for min-energy, ``values``
-    (:func:`scan_values`) for the integrity rule."""
+    """All rule rows for one adapter. The rules that read tensor data use ``report`` (the spectra,
+    for min-energy) and ``values`` (:func:`scan_values`, for the integrity rule) when given, and
+    compute them when not (pass them to reuse one read across calls)."""
     out = _size_rules(ad, policy)
     if policy.min_energy is not None:
         if report is None:
-            raise ValueError("min-energy needs the adapter's spectra (analysis.analyse)")
+            from ..analysis import analyse
+
+            report = analyse(ad)
         out.append(_energy_rule(report, *policy.min_energy))
     if policy.allow_dora is not None:
         ok = policy.allow_dora or not ad.use_dora
@@ -172,7 +175,7 @@ def evaluate(
                           "" if ok else "DoRA adapters are denied (--deny-dora)"))
     if policy.integrity:
         if values is None:
-            raise ValueError("the integrity rule needs scan_values(adapter)")
+            values = scan_values(ad, report)
         out.extend(_integrity_rules(values, policy.require_finite))
     for name, rank in policy.serving:
         out.extend(profile_results(name, rank, ad, base))

@@ -3,6 +3,8 @@ the work lives in :mod:`lora_inspect.rewrite`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -32,11 +34,31 @@ def _with_flag(e: InspectError) -> InspectError:
 
 
 def _as_usage(e: OptionError) -> click.UsageError:
-    flag = FLAGS.get(e.option, e.option)
-    msg = e.message.replace(f"{e.option} must", f"{flag} must").replace(f"{e.option} goes", f"{flag} goes")
+    option = e.option or ""
+    flag = FLAGS.get(option, option)
+    msg = e.message.replace(f"{option} must", f"{flag} must").replace(f"{option} goes", f"{flag} goes")
     if msg == e.message and not msg.startswith(flag):
         msg = f"{flag}: {msg}"
     return click.UsageError(msg)
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """Library errors that name a request parameter become messages that name the command's flag."""
+    try:
+        yield
+    except OptionError as e:
+        raise _as_usage(e) from e
+    except InspectError as e:
+        raise _with_flag(e) from e
+
+
+def _say(warnings: list[str], notes: list[str]) -> None:
+    for w in warnings:
+        warn(w)
+    for n in notes:
+        if n.startswith("removed "):  # a stale temporary of a killed run: said on stderr too
+            click.echo(f"lora-inspect: note: {n}", err=True)
 
 
 def _exactly_one(**given) -> None:
@@ -100,25 +122,12 @@ def truncate_cmd(adapter, out, rank, energy, max_params, max_size, uniform, forc
     """
     _exactly_one(rank=rank, energy=energy, max_params=max_params, max_bytes=max_size)
     spec = TruncateSpec(rank=rank, energy=energy, max_params=max_params, max_bytes=max_size, uniform=uniform)
-    try:
+    with _mapped_errors():
         spec.validate()
-    except OptionError as e:
-        raise _as_usage(e) from e
-    except InspectError as e:
-        raise _with_flag(e) from e
     ad = load_adapter(adapter)
-    try:
-        with progress(len(ad.modules), "truncating", enabled=fmt == "table") as advance:
-            res = do_truncate(ad, Path(out), spec, force=force, progress=advance)
-    except OptionError as e:
-        raise _as_usage(e) from e
-    except InspectError as e:
-        raise _with_flag(e) from e
-    for w in res.warnings:
-        warn(w)
-    for n in res.notes:
-        if n.startswith("removed "):  # a stale temporary of a killed run: said on stderr too
-            click.echo(f"lora-inspect: note: {n}", err=True)
+    with _mapped_errors(), progress(len(ad.modules), "truncating", enabled=fmt == "table") as advance:
+        res = do_truncate(ad, Path(out), spec, force=force, progress=advance)
+    _say(res.warnings, res.notes)
     emit(truncate_view(res, adapter_summary(ad), max_rows=None if show_all or fmt != "table" else 40), fmt)
 
 
@@ -148,18 +157,9 @@ def rescale_cmd(adapter, out, alpha, factor, bake, force, show_all, fmt):
     """
     _exactly_one(alpha=alpha, factor=factor)
     ad = load_adapter(adapter)
-    try:
-        with progress(len(ad.modules), "spectra", enabled=fmt == "table") as advance:
-            res = do_rescale(ad, Path(out), factor=factor, alpha=alpha, bake=bake, force=force, progress=advance)
-    except OptionError as e:
-        raise _as_usage(e) from e
-    except InspectError as e:
-        raise _with_flag(e) from e
-    for w in res.warnings:
-        warn(w)
-    for n in res.notes:
-        if n.startswith("removed "):  # a stale temporary of a killed run: said on stderr too
-            click.echo(f"lora-inspect: note: {n}", err=True)
+    with _mapped_errors(), progress(len(ad.modules), "spectra", enabled=fmt == "table") as advance:
+        res = do_rescale(ad, Path(out), factor=factor, alpha=alpha, bake=bake, force=force, progress=advance)
+    _say(res.warnings, res.notes)
     emit(rescale_view(res, adapter_summary(ad), max_rows=None if show_all or fmt != "table" else 40), fmt)
 
 

@@ -9,11 +9,13 @@ is one file in this package and one line in :data:`LAYOUTS`.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from ..adapter import Adapter
 from ..errors import InspectError
+from ..validate import require_regular_file
 from .diffusers import DiffusersLayout
 from .diffusers_attn import DiffusersAttnProcsLayout
 from .kohya import KohyaLayout
@@ -22,7 +24,7 @@ from .mlx import MlxLayout
 from .peft import PeftLayout, read_config
 from .tensors import TensorSource, open_tensors
 
-__all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "MAX_TENSORS",
+__all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named",
            "ADAPTER_MARKERS"]
 
 # Tried in order, first match wins (as PEFT's dispatchers). A new layout: one file, one line here.
@@ -33,11 +35,6 @@ LAYOUTS: list[Layout] = [
     DiffusersAttnProcsLayout(),
     PeftLayout(),
 ]
-
-# Reading is linear in the number of tensors, but at 200,000 tensors even linear work (the header's
-# JSON, one table row per tensor) takes tens of seconds; the largest real adapters hold ~10,000
-# (SDXL kohya all-layers: ~6,600; Llama-3-70B all-linear: 1,120), so more is refused in one line.
-MAX_TENSORS = 100_000
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # a directory holding one of these is an adapter (--force may replace it; nothing else)
@@ -65,9 +62,6 @@ def _from_file(found: Found) -> Adapter:
     keys = source.keys()
     if not keys:
         raise InspectError(f"{path}: the file holds no tensors")
-    if len(keys) > MAX_TENSORS:
-        raise InspectError(f"{path}: {len(keys)} tensors, more than the {MAX_TENSORS} an adapter can hold here "
-                           "(the largest real adapters have ~10,000)")
     layout = _layout_for(keys, found)
     if layout is not None:
         ad = layout.read(source, found)
@@ -97,6 +91,14 @@ def _named_adapter_dirs(p: Path) -> list[str]:
     return sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "adapter_config.json").is_file())
 
 
+def _refuse_special(*paths: Path) -> None:
+    """A file an adapter is known by (adapter_config.json …) that exists but is not a regular file (a
+    FIFO, a directory, a dangling link) is named as such, not reported missing."""
+    for q in paths:
+        if os.path.lexists(q) and not q.is_file():
+            require_regular_file(q)
+
+
 def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter directory or file (header only; tensors are read lazily)."""
     p = Path(path)
@@ -106,6 +108,7 @@ def load_adapter(path: str | Path) -> Adapter:
         p = p.parent
     if p.is_dir():
         cfg_path = p / "adapter_config.json"
+        _refuse_special(cfg_path, p / "adapters.safetensors", *(p / n for n in PEFT_WEIGHTS))
         if (p / "adapters.safetensors").is_file():  # mlx-lm
             cfg = read_config(cfg_path) if cfg_path.is_file() else None
             return _from_file(Found(p / "adapters.safetensors", p, cfg, cfg_path if cfg is not None else None))
@@ -137,6 +140,7 @@ def load_adapter(path: str | Path) -> Adapter:
     if p.suffix not in WEIGHT_SUFFIXES:
         raise InspectError(f"{p}: not an adapter file (expected .safetensors or .bin, or a directory)")
     side = p.parent / "adapter_config.json"
+    _refuse_special(side)
     if side.is_file():
         return _from_file(Found(p, p, read_config(side), side))
     return _from_file(Found(p, p))

@@ -18,7 +18,7 @@ from .. import validate as v
 from ..adapter import Adapter, Module
 from ..errors import InspectError
 from ..orientation import EMBEDDING, PEFT
-from ..peft_rules import PEFT_DEFAULT_ALPHA, PEFT_PREFIX, compiled_patterns, lookup_compiled
+from ..peft_rules import PEFT_DEFAULT_ALPHA, PEFT_PREFIX, CompiledPatterns, compiled_patterns, lookup_compiled
 from .common import build_module, group_keys
 from .diffusers import looks_like_diffusers
 from .layout import Capabilities, DirectoryLayout, Found, Rewrite, write_weights
@@ -65,8 +65,8 @@ class _Settings:
     rslora: bool
     r: int | None
     alpha: float | None
-    rank_pattern: list
-    alpha_pattern: list
+    rank_pattern: CompiledPatterns
+    alpha_pattern: CompiledPatterns
     use_dora: bool
     base_model: str | None
     target_modules: Any

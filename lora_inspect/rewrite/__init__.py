@@ -7,7 +7,7 @@ result atomically, re-read it and check its spectrum (:mod:`.selfcheck`), and re
 (:mod:`.results`) for the views (:mod:`lora_inspect.views.rewrite`).
 
 - :mod:`.ranks` — rank choice (numpy only): :class:`TruncateSpec`, :func:`choose_ranks`, :func:`greedy_budget_ranks`;
-- :mod:`.truncate`, :mod:`.rescale` — the two operations;
+- :mod:`.truncation`, :mod:`.rescaling` — the two operations;
 - :mod:`.selfcheck` — write, re-read, compare, commit.
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from ..defaults import SCALE_RANGE
 from .ranks import RankChoice, TruncateSpec, choose_ranks, greedy_budget_ranks
-from .rescale import rescale
+from .rescaling import rescale
 from .results import ModuleChange, ModuleRescale, RescaleResult, TruncateResult
-from .truncate import truncate
+from .truncation import truncate
 
 __all__ = [
     "TruncateSpec",

@@ -7,13 +7,14 @@ import torch
 from ..adapter import Adapter
 from ..errors import InspectError
 from ..formats.tensors import ST_TO_TORCH
+from ..spectrum import all_finite
 
 __all__ = ["check_finite", "torch_dtype", "extras_tensors", "header_reserve", "module_tensors"]
 
 
 def check_finite(ad: Adapter, name: str, *ts: torch.Tensor) -> None:
     for t in ts:
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not all_finite(t):
             raise InspectError(f"{ad.path}: module {name!r} holds NaN/inf values: refusing to rewrite a corrupt adapter")
 
 

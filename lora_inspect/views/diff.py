@@ -131,7 +131,7 @@ def diff_view(res: DiffResult, max_rows: int | None = 40) -> View:
         footer.append(f"! {s.shape_mismatches} modules differ in shape: not comparable")
     if s.non_finite:
         bad = [d.name for d in res.modules if d.status == "non_finite"]
-        footer.append(f"! {s.non_finite} modules hold NaN/inf values, not compared: {names_line(bad)}")
+        footer.append(f"! {s.non_finite} modules have a non-finite ΔW (NaN/inf weights, or a product that overflows float64), not compared: {names_line(bad)}")
     if res.only_in_a:
         footer.append(f"only in A ({len(res.only_in_a)}): {names_line(res.only_in_a, 8)}")
     if res.only_in_b:

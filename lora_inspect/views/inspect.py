@@ -146,7 +146,7 @@ def action_line(report: RankReport) -> str:
     pct = f"{report.energy * 100:g}%"
     now, uni, pat = s.params.now, s.params.uniform, s.params.pattern
     if s.non_finite:
-        return (f"{len(s.non_finite)} module{'s' if len(s.non_finite) != 1 else ''} hold NaN/inf "
+        return (f"{len(s.non_finite)} module{'s' if len(s.non_finite) != 1 else ''} with a non-finite ΔW "
                 f"({names_line(s.non_finite)}): retrain or repair the adapter before truncating it")
     if s.analysed == 0:
         return "no module could be analysed: nothing to recommend"
@@ -169,7 +169,7 @@ def integrity_lines(report: RankReport) -> list[tuple[str, str]]:
     s = report.summary
     out: list[tuple[str, str]] = []
     if s.non_finite:
-        out.append(("!", f"{len(s.non_finite)} modules hold NaN/inf values, their spectra are unknown: "
+        out.append(("!", f"{len(s.non_finite)} modules have a non-finite ΔW (NaN/inf weights, or a product that overflows float64), their spectra are unknown: "
                          f"{names_line(s.non_finite)}"))
     if s.zero_b:
         out.append(("!", f"{len(s.zero_b)} modules have an all-zero B, they change nothing (untrained?): "

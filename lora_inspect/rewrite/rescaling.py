@@ -26,7 +26,7 @@ from ..spectrum import single_threaded_torch
 from .results import ModuleRescale, RescaleResult
 from .selfcheck import Expected, write_checked
 from .tensors import extras_tensors, module_tensors, torch_dtype
-from .truncate import adapter_markers, layout_of
+from .truncation import adapter_markers, layout_of
 
 __all__ = ["rescale", "resolve_factor"]
 

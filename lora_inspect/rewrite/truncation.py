@@ -79,11 +79,11 @@ def _decompose_all(ad: Adapter, spec: TruncateSpec, one_rank: bool,
 
     def work(m: Module):
         b, a = m.factors(compute_dtype(m.dtype))
+        check_finite(ad, m.name, b, a)
         try:
             d = decompose(b, a, m.scale)
-        except ValueError:
-            check_finite(ad, m.name, b, a)
-            raise
+        except InspectError as e:
+            raise InspectError(f"{ad.path}: module {m.name!r}: {e}") from e
         del b, a
         sv = np.zeros(m.rank)
         sv[: d.s.shape[0]] = d.s.numpy()
