@@ -90,6 +90,7 @@ def run(tmp: Path, layers: int, out: Path) -> None:
                 spec=TruncateSpec(rank=R), dtype="fp32")
     ours = time.perf_counter() - t
     ours_32 = ours * 32 / layers
+    print(f"ours: {ours:.2f} s for {layers} layers", flush=True)
     rows, peft_layer, worst_sigma = [], 0.0, 0.0
     done: dict[tuple[int, int], float] = {}
     for m, shape in SHAPES.items():
@@ -102,6 +103,7 @@ def run(tmp: Path, layers: int, out: Path) -> None:
             err = float((ours_sv[:n] - sv64[:n]).abs().max() / sv64[0])
             worst_sigma = max(worst_sigma, err)
             rows.append(f"| {m} | {shape[0]}×{shape[1]} | {sec:.2f} | {err:.2e} |")
+            print(rows[-1], flush=True)
         peft_layer += done[shape]
     peft_32 = peft_layer * 32
     src = tmp / "a" / "adapter_model.safetensors"

@@ -205,3 +205,36 @@ def test_convert_json_and_existing_output(llama_rs, tmp_path):
     assert len(doc["modules"]) == 14
     res = run_cli("convert", llama_rs.path, "--to", "kohya", "-o", out)
     assert res.exit_code == 2 and "exists" in res.stderr
+
+
+@pytest.mark.slow
+def test_diffusers_loader_applies_our_diffusers_file(tmp_path):
+    """kohya (linear, 1×1 and 3×3 conv) → our diffusers file → diffusers' own loader on a tiny UNet built from a
+    config: the fused weights change by exactly kohya's (α/r)·up@down."""
+    diffusers = pytest.importorskip("diffusers")
+    from tests.builders import kohya_delta, write_kohya
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    base = {k: v.double().clone() for k, v in unet.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    mods = {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (torch.randn(4, 32, generator=g), torch.randn(32, 4, generator=g), 2.0),
+        "down_blocks.0.attentions.0.proj_in": (torch.randn(4, 32, 1, 1, generator=g), torch.randn(32, 4, 1, 1, generator=g), 8.0),
+        "down_blocks.0.resnets.0.conv1": (torch.randn(4, 32, 3, 3, generator=g), torch.randn(32, 4, 1, 1, generator=g), 1.0),
+    }
+    src = write_kohya(tmp_path / "k.safetensors", {"lora_unet_" + k.replace(".", "_"): v for k, v in mods.items()})
+    convert(load_adapter(src), tmp_path / "d.safetensors", "diffusers")
+    sd, alphas = diffusers.StableDiffusionPipeline.lora_state_dict(str(tmp_path / "d.safetensors"))
+    diffusers.StableDiffusionPipeline.load_lora_into_unet(sd, alphas, unet, adapter_name="x")
+    unet.fuse_lora()
+    unet.unload_lora()
+    st = unet.state_dict()
+    for path, (down, up, alpha) in mods.items():
+        key = path + ".weight"
+        d = (st[key].double() - base[key]).reshape(st[key].shape[0], -1)
+        want = kohya_delta(down, up, alpha)
+        assert float((d - want).abs().max() / want.abs().max()) < 1e-6, path
