@@ -157,9 +157,13 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
     if partial:
         notes.insert(0, f"{partial} modules are present in only some inputs (absent terms are zero)")
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) if out.is_dir() else out.stat().st_size
-    mode = "exact" if spec is None else spec.mode
+    mode = "exact" if spec is None else f"{spec.mode} {_value(spec):g}"
     return MergeResult(paths, [ad.format for ad in ads], ws, mode, out, tgt, dt, facts, records, size, notes,
                        worst, ratio)
+
+
+def _value(spec: TruncateSpec) -> float:
+    return next(float(x) for x in (spec.rank, spec.energy, spec.max_params, spec.max_bytes) if x is not None)
 
 
 def _markers() -> tuple[str, ...]:

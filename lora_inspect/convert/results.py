@@ -58,7 +58,7 @@ class MergeResult:
     inputs: list[Path]
     input_formats: list[str]
     weights: list[float]
-    mode: str  # "exact" | "rank" | "energy" | "max_params" | "max_size"
+    mode: str  # "exact", or the rank rule and its value: "rank 64", "energy 0.99", "max_params 2e+07" …
     output: Path
     target: str
     dtype: str
