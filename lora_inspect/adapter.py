@@ -51,10 +51,16 @@ ORIENT_MLX = MLX.name  # lora_a (in, r), lora_b (r, out)
 
 class Update:
     """How a module's ΔW is stored: the seam where other update types (LoHa's Hadamard product,
-    LoKr's Kronecker product) plug in as one class each. Every update knows its tensor keys, its
-    rank and parameter count, and how to produce the dense ΔW (unscaled)."""
+    LoKr's Kronecker product; ``formats/lycoris_updates.py``) plug in as one class each. Every update
+    knows its tensor keys, its rank and parameter count, and how to produce the dense ΔW (unscaled).
+
+    The spectra (``analysis.compute_spectra``) and truncations (``rewrite.truncate``) dispatch on two
+    methods: :meth:`singular_values` returns the exact spectrum directly (LoKr's products, a dense
+    SVD) or None, meaning "use the low-rank factor route on :meth:`factors`"; :meth:`decomposition`
+    returns what a truncation cuts (by default the QR/core-SVD of :meth:`factors`)."""
 
     rank: int
+    algo = "lora"
 
     @property
     def keys(self) -> list[str]:  # pragma: no cover - interface
@@ -65,6 +71,34 @@ class Update:
 
     def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":  # pragma: no cover
         raise NotImplementedError
+
+    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(B, A) with B@A = the unscaled ΔW exactly (the low-rank route)."""
+        raise InspectError(f"{type(self).__name__}: no low-rank factor pair")  # pragma: no cover
+
+    def singular_values(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+        """The exact spectrum of scale·ΔW (numpy, descending) when it is not taken from :meth:`factors`;
+        None for the factor route. Raises ValueError on NaN/inf."""
+        return None
+
+    def decomposition(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+        """What a truncation cuts: an object with ``s`` (descending σ, torch) and ``factors(keep, stored)``
+        (``spectrum.Decomposition``'s interface). Raises ValueError on NaN/inf."""
+        from .spectrum import all_finite, decompose
+
+        b, a = self.factors(source, dtype)
+        if not (all_finite(b) and all_finite(a)):
+            raise ValueError("non-finite factors")
+        return decompose(b, a, scale)
+
+    @property
+    def bake_key(self) -> str:
+        """The stored tensor ΔW is linear in (a rescale without α multiplies it)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def lora_keys(self) -> tuple[str, str]:
+        """(A key, B key) that a LoRA rewrite of this module writes."""
+        raise NotImplementedError  # pragma: no cover
 
 
 @dataclass
@@ -96,6 +130,13 @@ class LowRankUpdate(Update):
         b, a = self.factors(source, dtype)
         return b @ a
 
+    @property
+    def bake_key(self) -> str:
+        return self.b_key
+
+    def lora_keys(self) -> tuple[str, str]:
+        return self.a_key, self.b_key
+
 
 @dataclass
 class Module:
@@ -124,11 +165,18 @@ class Module:
 
     @property
     def a_key(self) -> str:
-        return self.low_rank.a_key
+        """A's key (for other update types: the key a LoRA rewrite writes A under)."""
+        return self.update.lora_keys()[0]
 
     @property
     def b_key(self) -> str:
-        return self.low_rank.b_key
+        """B's key (for other update types: the key a LoRA rewrite writes B under)."""
+        return self.update.lora_keys()[1]
+
+    @property
+    def algo(self) -> str:
+        """The update's algorithm: ``lora``, ``locon``, ``loha``, ``lokr``, ``full``."""
+        return self.update.algo
 
     @property
     def e_key(self) -> str | None:
@@ -161,7 +209,7 @@ class Module:
         """Read (B, A) in linear orientation, *unscaled*: ΔW = self.scale · B @ A (float64 by default)."""
         import torch
 
-        return self.low_rank.factors(self.source, dtype or torch.float64)
+        return self.update.factors(self.source, dtype or torch.float64)
 
     def delta(self, dtype: "torch.dtype | None" = None) -> torch.Tensor:
         """The dense ΔW (out, in) — for tests and small models only."""

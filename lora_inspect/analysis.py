@@ -12,10 +12,12 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .adapter import Adapter, Module, module_layer, module_type
+from .basemetrics import BaseAnalysis, BasisCache, analyse_base
 from .defaults import DEFAULT_ENERGY
 from .errors import InspectError
 from .formats.tensors import DTYPE_SIZES
@@ -30,6 +32,9 @@ from .spectrum import (
     retained_energy,
     spectrum_stats,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .basecheckpoint import BaseCheckpoint, BaseTensor
 
 __all__ = [
     "ModuleResult", "RankReport", "RankSummary", "GroupSummary", "Sizes", "analyse", "summarise",
@@ -134,6 +139,7 @@ class RankReport:
     energy: float
     modules: list[ModuleResult]
     summary: RankSummary
+    base: BaseAnalysis | None = None  # base-aware metrics (``rank --base``), :mod:`lora_inspect.basemetrics`
 
 
 SAFE_SIGMA = (1e-100, 1e100)  # σ₁ in this range: σ² and Σσ² are far from float64's limits
@@ -170,6 +176,12 @@ def compute_spectra(
         dtype = compute_dtype(m.dtype, precision)
         if m.rank == 0:
             return m, None, None, []
+        try:  # update types with a direct spectrum (LoKr products, dense SVD); None: the factor route
+            direct = m.update.singular_values(m.source, dtype, m.scale)
+        except ValueError:
+            return m, None, None, [FLAG_NON_FINITE]
+        if direct is not None:
+            return m, direct, None, [] if direct.any() else [FLAG_ZERO_B]
         b, a = m.factors(dtype)
         if not (all_finite(b) and all_finite(a)):
             return m, None, None, [FLAG_NON_FINITE]
@@ -184,8 +196,10 @@ def compute_spectra(
             out[m.name] = (None, flags)
         elif rb is None:
             out[m.name] = (np.zeros(0), flags)
-        else:
-            by_rank[m.rank].append((m, rb, ra, flags))
+        elif ra is None:  # a direct spectrum
+            out[m.name] = (rb, flags)
+        else:  # cores batched by factor width (m.rank, except LoHa's r₁r₂-wide face-split factors)
+            by_rank[rb.shape[1]].append((m, rb, ra, flags))
     for r, items in by_rank.items():
         sv = core_singular_values(
             [rb for _, rb, _, _ in items], [ra for _, _, ra, _ in items], [m.scale for m, _, _, _ in items], r
@@ -210,8 +224,8 @@ def uniform_rank(ranks: Iterable[int], cap: int) -> int:
 def _params_at(modules: list[Module], ranks: dict[str, int]) -> tuple[int, int]:
     params = nbytes = 0
     for m in modules:
-        k = ranks.get(m.name, m.rank)
-        p = k * (m.shape[0] + m.shape[1])
+        k = ranks.get(m.name)  # no new rank: as stored (a LoHa/LoKr module's own count, not r·(out + in))
+        p = m.params if k is None else k * (m.shape[0] + m.shape[1])
         params += p
         nbytes += p * DTYPE_SIZES.get(m.dtype, 4)
     return params, nbytes
@@ -224,9 +238,14 @@ def analyse(
     module_regex: str | None = None,
     precision: str = "auto",
     progress: Callable[[int], None] | None = None,
+    base: BaseCheckpoint | None = None,
+    intruders: bool = False,
+    basis_cache: BasisCache | None = None,
 ) -> RankReport:
     """Spectra of every module (in layer order) and the summary; ``module_regex`` keeps the modules
-    whose name it matches (``re.search``)."""
+    whose name it matches (``re.search``). With ``base`` (a :class:`~lora_inspect.basecheckpoint.BaseCheckpoint`),
+    the base-aware metrics too (:func:`lora_inspect.basemetrics.analyse_base`; ``intruders`` adds intruder
+    dimensions, whose bases ``basis_cache`` keeps); adapter/base mismatches are refused before any work."""
     if not 0 < energy <= 1:
         raise InspectError(f"energy τ must be in (0, 1], got {energy}")
     modules = adapter.modules  # in layer order (Adapter keeps them so)
@@ -238,6 +257,7 @@ def analyse(
         modules = [m for m in modules if rx.search(m.name)]
         if not modules:
             raise InspectError(f"module pattern {module_regex!r} matches none of the {len(adapter.modules)} modules")
+    base_tensors = base.check(adapter, modules) if base is not None else None
     spectra = compute_spectra(modules, precision=precision, progress=progress)
     results = []
     for m in modules:
@@ -249,7 +269,24 @@ def analyse(
             if res.stats.spike and FLAG_ZERO_B not in flags:
                 res.flags.append(FLAG_SPIKE)
         results.append(res)
-    return RankReport(adapter=adapter, energy=energy, modules=results, summary=summarise(results))
+    part = None
+    if base is not None and base_tensors is not None:
+        part = _with_base(results, base, base_tensors, intruders, basis_cache, progress)
+    return RankReport(adapter=adapter, energy=energy, modules=results, summary=summarise(results), base=part)
+
+
+def _with_base(results: list[ModuleResult], base: BaseCheckpoint, tensors: list[BaseTensor], intruders: bool,
+               cache: BasisCache | None, progress: Callable[[int], None] | None) -> BaseAnalysis:
+    """Base-aware metrics of the modules with a finite, non-zero spectrum; their flags join the module's."""
+    keep = [i for i, r in enumerate(results) if r.singular_values is not None and r.sigma1]
+    part = analyse_base([results[i].module for i in keep], base, [tensors[i] for i in keep],
+                        intruders=intruders, cache=cache, progress=progress)
+    part.skipped = [r.name for r in results if r.name not in part.modules]
+    for r in results:
+        got = part.modules.get(r.name)
+        if got is not None:
+            r.flags.extend(got.flags)
+    return part
 
 
 def _group_stats(results: list[ModuleResult], uniform: dict[str, int], pattern: dict[str, int]) -> GroupSummary:

@@ -7,6 +7,8 @@ The CLI turns it into that line on stderr and exit code 2; ``--debug`` shows the
 
 from __future__ import annotations
 
+import copy
+
 __all__ = ["InspectError", "OptionError", "UnpairedFactorError", "EXIT_OK", "EXIT_RULE_FAILED", "EXIT_BAD_INPUT"]
 
 EXIT_OK = 0
@@ -27,6 +29,18 @@ class InspectError(Exception):
 
     def __str__(self) -> str:
         return self.message if self.hint is None else f"{self.message} ({self.hint})"
+
+    def located(self, where: object) -> "InspectError":
+        """The same error naming the file it is about (``FILE: message``), unless it already does;
+        raised where a file is read, so messages from inner code (a module's shapes) still say which
+        file they are about."""
+        w = str(where)
+        if self.message.startswith(w):
+            return self
+        new = copy.copy(self)
+        new.message = f"{w}: {self.message}"
+        new.args = (str(new),)
+        return new
 
 
 class UnpairedFactorError(InspectError):

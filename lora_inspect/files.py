@@ -38,6 +38,7 @@ __all__ = [
     "AtomicOutput",
     "check_output_path",
     "dump_json",
+    "write_bytes",
     "os_error",
     "TMP_MARK",
 ]
@@ -59,8 +60,12 @@ def dump_json(obj: Any) -> str:
 
 
 def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
     try:
-        path.write_text(text, encoding="utf-8")
+        path.write_bytes(data)
     except OSError as e:
         raise os_error(path, e) from e
 

@@ -38,6 +38,9 @@ from . import _plain_keys, _safe_re
 from .errors import InspectError
 
 __all__ = [
+    "is_number",
+    "is_count",
+    "utf8_reason",
     "MAX_JSON_BYTES",
     "MAX_JSON_DEPTH",
     "MAX_NAME_LENGTH",
@@ -118,7 +121,7 @@ def _decode(raw: bytes, where: str) -> str:
         return raw.decode(enc)
     except UnicodeDecodeError as e:
         name = {"utf-8-sig": "UTF-8"}.get(enc, enc.upper())
-        raise InspectError(f"{where}: not valid {name} text ({e.reason} at byte {e.start})") from e
+        raise InspectError(f"{where}: not valid {name} text ({utf8_reason(e)} at byte {e.start})") from e
 
 
 _STRINGS = re.compile(rb'"[^"]*"')
@@ -352,3 +355,18 @@ def _compile(text: str, key: str, where: str, *, full: bool) -> Callable[[str], 
     except _safe_re.PatternRefused as e:
         raise InspectError(f"{where}: pattern {_show(key)} refused: {e} "
                            "(patterns are matched by a linear-time subset of Python regular expressions)") from e
+
+
+def utf8_reason(e: UnicodeDecodeError) -> str:
+    """The codec's reason in our words ("unexpected end of data" reads like a crash report)."""
+    return {"unexpected end of data": "a character cut off at the end"}.get(e.reason, e.reason)
+
+
+def is_number(x: Any) -> bool:
+    """What :func:`number` accepts, as a predicate for values inside a mapping (``alpha_pattern``)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and abs(x) <= MAX_NUMBER
+
+
+def is_count(x: Any) -> bool:
+    """A positive integer (``rank_pattern`` values), as a predicate."""
+    return isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_NUMBER

@@ -263,3 +263,61 @@ def meta_causal_lm(config_fields: dict):
 
 
 __all__ += ["edit_peft_tensors", "edit_peft_config", "meta_causal_lm"]
+
+
+# ---- tiny Hugging Face models, tokenizers and PEFT adapters on them (hfverify) ----
+TINY_TEXT = ("the quick brown fox jumps over the lazy dog and the dog sleeps while the fox runs "
+             "over the hill to the river where the fish swim and the birds sing in the trees ") * 6
+
+
+def tiny_tokenizer(words: str = TINY_TEXT):
+    """A word-level ``PreTrainedTokenizerFast`` over the words of ``words`` (+ [UNK], [PAD])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1}
+    for w in words.split():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def tiny_hf_model(directory: Path, arch: str = "llama", *, seed: int = 0, vocab: int = 64, tokenizer: bool = True,
+                  hidden: int = 32, layers: int = 2) -> Path:
+    """A tiny seeded Llama or GPT-2 causal LM (float32) saved with ``save_pretrained`` (+ a tokenizer)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128)
+        model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(str(directory))
+    return Path(directory)
+
+
+def tiny_hf_peft(base_dir: Path, out: Path, targets: list[str], *, r: int = 4, alpha: float = 8.0, seed: int = 1,
+                 std: float = 0.2) -> Path:
+    """A PEFT LoRA adapter on a tiny HF model with seeded random A and B (B ≠ 0), saved to ``out``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+    fan = getattr(model.config, "model_type", "") == "gpt2"
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, fan_in_fan_out=fan))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    pm.save_pretrained(str(out))
+    return Path(out)
+
+
+__all__ += ["TINY_TEXT", "tiny_tokenizer", "tiny_hf_model", "tiny_hf_peft"]

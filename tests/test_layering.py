@@ -21,7 +21,8 @@ PKG = Path(__file__).resolve().parents[1] / "lora_inspect"
 LOWER_LAYER = [
     "adapter.py", "orientation.py", "naming.py", "spectrum.py", "analysis.py", "validate.py", "_safe_re.py",
     "_plain_keys.py", "files.py", "peft_rules.py", "footprint.py", "diff.py", "checks/*.py", "units.py",
-    "defaults.py", "errors.py", "basemodels.py", "formats/*.py", "formats/**/*.py", "rewrite/*.py",
+    "defaults.py", "errors.py", "basemodels.py", "formats/*.py", "formats/**/*.py", "rewrite/*.py", "hf/*.py",
+    "basecheckpoint.py", "basemetrics.py",
 ]
 # at least these must be found, or the globs above are out of date
 MUST_EXIST = ["adapter.py", "spectrum.py", "analysis.py", "validate.py", "files.py", "formats/layout.py",

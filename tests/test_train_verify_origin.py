@@ -124,7 +124,7 @@ def test_cli(runs):
                                       ({"task": "vision"}, "task must be 'planted' or 'text'"),
                                       ({"planted_rank": None}, "planted_rank is missing"),
                                       ({"strength": float("nan")}, "strength must be finite"),
-                                      ({"targets": [1]}, "targets must be a list of strings")])
+                                      ({"targets": [1]}, r"targets\[0\] must be a string")])
 def test_task_json_values_are_checked(runs, tmp_path, edit, msg):
     bad = tmp_path / "bad"
     shutil.copytree(runs["a"], bad)

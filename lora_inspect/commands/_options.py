@@ -8,7 +8,7 @@ import click
 
 from ..views.render import FORMATS
 
-__all__ = ["output_options", "resolve_format", "ENERGY"]
+__all__ = ["output_options", "resolve_format", "ENERGY", "base_options", "open_base"]
 
 # τ, the fraction of Σσ² a recommendation keeps: the library checks it too, in words without flags
 ENERGY = click.FloatRange(0.0, 1.0, min_open=True)
@@ -33,3 +33,34 @@ def resolve_format(as_json: bool, fmt: str | None) -> str:
     if as_json and fmt not in (None, "json"):
         raise click.UsageError("--json and --format markdown/table contradict each other")
     return "json" if as_json else (fmt or "table")
+
+
+def base_options(func):
+    """``--base DIR|FILE`` (a base checkpoint: base-aware metrics), ``--intruders``, ``--basis-cache DIR``;
+    the command receives ``base``, ``intruders``, ``basis_cache``."""
+    func = click.option(
+        "--basis-cache", "basis_cache", type=click.Path(file_okay=False), default=None,
+        help="With --intruders: keep each base matrix's singular basis here (safetensors, keyed by file, "
+        "tensor, offset, size and mtime) for the next run.")(func)
+    func = click.option(
+        "--intruders", is_flag=True,
+        help="With --base: count intruder dimensions (Shuttleworth et al. 2024, k=10, ε=0.5); needs one dense "
+        "SVD per base matrix.")(func)
+    return click.option(
+        "--base", "base", type=click.Path(), default=None, metavar="DIR|FILE",
+        help="The base checkpoint (a Hugging Face model directory, a diffusers pipeline, or one .safetensors "
+        "file): adds ‖ΔW‖/‖W‖, σ₁ ratio, amplification and overlap per module.")(func)
+
+
+def open_base(base: str | None, intruders: bool, basis_cache: str | None):
+    """(checkpoint or None, basis cache or None); usage errors name the flags."""
+    if base is None:
+        if intruders or basis_cache:
+            raise click.UsageError("--intruders and --basis-cache need --base")
+        return None, None
+    from pathlib import Path
+
+    from ..basecheckpoint import open_base_checkpoint
+    from ..basemetrics import BasisCache
+
+    return open_base_checkpoint(base), BasisCache(Path(basis_cache) if basis_cache else None)

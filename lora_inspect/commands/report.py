@@ -4,10 +4,8 @@ the pages in :mod:`lora_inspect.report`."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
-import tempfile
 from pathlib import Path
 
 import click
@@ -16,22 +14,24 @@ from ..analysis import analyse
 from ..defaults import DEFAULT_ENERGY
 from ..diff import diff_adapters
 from ..errors import InspectError
+from ..files import AtomicOutput, write_bytes
 from ..formats import load_adapter
 from ..report import REPORT_FORMATS, build_report, require_matplotlib
 from ..views.diff import diff_view
 from ..views.render import emit, progress, stderr_console
-from ._options import ENERGY, output_options
+from ._options import ENERGY, base_options, open_base, output_options
 
 __all__ = ["report", "diff"]
 
 
 def _inputs(adapters) -> list[Path]:
-    """Every path an adapter argument covers (its directory, or the file and a sidecar config)."""
-    return [Path(a).resolve() for a in adapters]
+    """Every path an adapter argument covers (its directory, or the file and a sidecar config).
+    ``realpath``, not ``Path.resolve``: a symlink loop is then an unreadable input, not a crash."""
+    return [Path(os.path.realpath(a)) for a in adapters]
 
 
 def _check_target(path: Path, inputs: list[Path], force: bool) -> None:
-    rp = path.resolve()
+    rp = Path(os.path.realpath(path))
     for src in inputs:
         if rp == src or (src.is_dir() and src in rp.parents):
             raise InspectError(f"{path}: refusing to write into the input adapter {src}")
@@ -44,19 +44,11 @@ def _check_target(path: Path, inputs: list[Path], force: bool) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target and rename over it: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write beside the target and rename over it: readers never see a half-written file; an OS
+    error is one line, and the temporary is removed."""
+    with AtomicOutput(path, suffix=path.suffix) as atomic:
+        write_bytes(atomic.tmp, data)
+        atomic.commit()
 
 
 def _report_format(out: Path, fmt: str | None) -> str:
@@ -77,6 +69,7 @@ Examples:
   lora-inspect report ./my-adapter -o report.html
   lora-inspect report ./run-r8 ./run-r64 -o compare.html --energy 0.99
   lora-inspect report ./my-adapter -o report.md      # Markdown + PNGs beside it (PR comment)
+  lora-inspect report ./my-adapter --base ./base-model --intruders -o report.html
 """
 )
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
@@ -95,7 +88,9 @@ Examples:
     help="QR precision (as for `rank`).",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def report(adapters: tuple[str, ...], output: str, fmt: str | None, energy: float, precision: str, force: bool) -> None:
+@base_options
+def report(adapters: tuple[str, ...], output: str, fmt: str | None, energy: float, precision: str, force: bool,
+           base: str | None, intruders: bool, basis_cache: str | None) -> None:
     """A report page for one or more ADAPTERS, side by side: the `info` summary, heatmaps of energy rank
     and σ₁ (layers × module types), singular-value and cumulative-energy curves per module type, the
     footprint now and at the recommendation, integrity flags, and the `truncate` command lines.
@@ -108,14 +103,18 @@ def report(adapters: tuple[str, ...], output: str, fmt: str | None, energy: floa
     fmt = _report_format(out, fmt)
     require_matplotlib()  # before any work
     loaded = [load_adapter(a) for a in adapters]
-    total = sum(len(ad.modules) for ad in loaded)
+    ck, cache = open_base(base, intruders, basis_cache)
+    total = sum(len(ad.modules) for ad in loaded) * (2 if ck is not None else 1)
     reports = []
     with progress(total, "spectra") as advance:
         for ad in loaded:
-            reports.append(analyse(ad, energy, precision=precision, progress=advance))
+            reports.append(analyse(ad, energy, precision=precision, progress=advance, base=ck, intruders=intruders,
+                                   basis_cache=cache))
     command = "lora-inspect report " + " ".join(shlex.quote(a) for a in adapters) + f" -o {shlex.quote(out.name)}"
     if energy != DEFAULT_ENERGY:
         command += f" --energy {energy:g}"
+    if base is not None:
+        command += f" --base {shlex.quote(base)}" + (" --intruders" if intruders else "")
     result = build_report(reports, fmt, image_prefix=out.stem, command=command)
     images = {out.parent / name: data for name, data in result.images.items()}
     for p in images:

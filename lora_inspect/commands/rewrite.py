@@ -100,6 +100,7 @@ Examples:
   lora-inspect truncate ./my-adapter -o ./small --energy 0.95 --uniform   # one r (vLLM, mlx-lm)
   lora-inspect truncate lora.safetensors -o lora-20M.safetensors --max-params 20M
   lora-inspect truncate ./my-adapter -o ./small --max-size 512MiB --json
+  lora-inspect truncate ./my-adapter -o ./r8-cal --rank 8 --calibrate eval.txt --base ./Llama-3.2-1B
 """,
 )
 @click.argument("adapter", type=click.Path())
@@ -112,8 +113,17 @@ Examples:
 @click.option("--uniform", is_flag=True, help="With --energy or a budget: one rank for every module (zero-padded).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
+@click.option("--calibrate", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Text (.txt, .jsonl): keep the rank-k ΔW with the least output error on it (needs --base).")
+@click.option("--base", type=click.Path(file_okay=False), default=None, help="With --calibrate: the Hugging Face base model directory.")
+@click.option("--ridge", type=float, default=1e-2, show_default=True, help="With --calibrate: λ = ridge·tr(Σ)/in added to Σ.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="With --calibrate: at most N tokens (default 65536).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="With --calibrate: sequences per forward pass (8).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="With --calibrate: where the base runs.")
 @output_options
-def truncate_cmd(adapter, out, rank, energy, max_params, max_size, uniform, force, show_all, fmt):
+def truncate_cmd(adapter, out, rank, energy, max_params, max_size, uniform, force, show_all, calibrate, base, ridge,
+                 max_tokens, batch_size, device, fmt):
     """Write the best rank-k approximation of every module of ADAPTER to OUT.
 
     Each ΔW is replaced by its Eckart–Young truncation (QR of the factors + an r×r SVD), split
@@ -125,8 +135,16 @@ def truncate_cmd(adapter, out, rank, energy, max_params, max_size, uniform, forc
     with _mapped_errors():
         spec.validate()
     ad = load_adapter(adapter)
-    with _mapped_errors(), progress(len(ad.modules), "truncating", enabled=fmt == "table") as advance:
-        res = do_truncate(ad, Path(out), spec, force=force, progress=advance)
+    if calibrate is not None:
+        from .calibrate import calibrated
+
+        with _mapped_errors():
+            res = calibrated(ad, out, spec, calibrate, base, ridge, max_tokens, batch_size, device, force, fmt == "table")
+    else:
+        if base is not None:
+            raise click.UsageError("--base goes with --calibrate FILE")
+        with _mapped_errors(), progress(len(ad.modules), "truncating", enabled=fmt == "table") as advance:
+            res = do_truncate(ad, Path(out), spec, force=force, progress=advance)
     _say(res.warnings, res.notes)
     emit(truncate_view(res, adapter_summary(ad), max_rows=None if show_all or fmt != "table" else 40), fmt)
 

@@ -20,6 +20,7 @@ from .diffusers import DiffusersLayout
 from .diffusers_attn import DiffusersAttnProcsLayout
 from .kohya import KohyaLayout
 from .layout import Capabilities, Found, Layout
+from .lycoris import LycorisLayout
 from .mlx import MlxLayout
 from .peft import PeftLayout, read_config
 from .tensors import TensorSource, open_tensors
@@ -29,6 +30,7 @@ __all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities",
 
 # Tried in order, first match wins (as PEFT's dispatchers). A new layout: one file, one line here.
 LAYOUTS: list[Layout] = [
+    LycorisLayout(),  # any LyCORIS-only key (hada_, lokr_, lora_mid, dora_scale, diff …); plain LoCon stays kohya
     KohyaLayout(),
     MlxLayout(),
     DiffusersLayout(),  # only without a config beside the file: with one, PEFT reads it
@@ -64,7 +66,10 @@ def _from_file(found: Found) -> Adapter:
         raise InspectError(f"{path}: the file holds no tensors")
     layout = _layout_for(keys, found)
     if layout is not None:
-        ad = layout.read(source, found)
+        try:
+            ad = layout.read(source, found)
+        except InspectError as e:  # inner messages name the module; the user also needs the file
+            raise e.located(found.shown) from e
         ad.layout = layout
         return ad
     named = next((k for k in keys if _ADAPTER_NAMED.search(k)), None)
@@ -103,40 +108,13 @@ def load_adapter(path: str | Path) -> Adapter:
     """Read an adapter directory or file (header only; tensors are read lazily)."""
     p = Path(path)
     if not p.exists():
+        if os.path.lexists(p):
+            raise InspectError(f"{p}: a symbolic link that leads nowhere (dangling, or a loop)")
         raise InspectError(f"{p}: no such file or directory")
     if p.is_file() and p.name in ("adapter_config.json",):
         p = p.parent
     if p.is_dir():
-        cfg_path = p / "adapter_config.json"
-        _refuse_special(cfg_path, p / "adapters.safetensors", *(p / n for n in PEFT_WEIGHTS))
-        if (p / "adapters.safetensors").is_file():  # mlx-lm
-            cfg = read_config(cfg_path) if cfg_path.is_file() else None
-            return _from_file(Found(p / "adapters.safetensors", p, cfg, cfg_path if cfg is not None else None))
-        for name in PEFT_WEIGHTS:
-            if (p / name).is_file():
-                if not cfg_path.is_file():
-                    raise InspectError(f"{p}: has {name} but no adapter_config.json (copy it from the training run)")
-                cfg = read_config(cfg_path)
-                ad = _from_file(Found(p / name, p, cfg, cfg_path))
-                subs = _named_adapter_dirs(p)
-                if subs:  # save_pretrained of several adapters: "default" here, the others in subfolders
-                    ad.notes.append(f"{len(subs)} more adapters in subfolders ({', '.join(subs[:5])}"
-                                    f"{' …' if len(subs) > 5 else ''}): only the top-level one is read here")
-                return ad
-        if cfg_path.is_file():
-            raise InspectError(f"{p}: has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
-        weights = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
-        if len(weights) == 1:
-            return _from_file(Found(weights[0], weights[0]))
-        if not weights:
-            subs = _named_adapter_dirs(p)
-            if subs:  # save_pretrained of a PeftModel with several adapters: one subfolder per named adapter
-                raise InspectError(
-                    f"{p}: no adapter at the top level, but adapters in subfolders: {', '.join(subs[:5])}"
-                    + (" …" if len(subs) > 5 else "") + f"; name one (e.g. {p / subs[0]})"
-                )
-            raise InspectError(f"{p}: no adapter here (no adapter_config.json, adapters.safetensors or .safetensors file)")
-        raise InspectError(f"{p}: {len(weights)} weight files here; name the one to read")
+        return _from_directory(p)
     if p.suffix not in WEIGHT_SUFFIXES:
         raise InspectError(f"{p}: not an adapter file (expected .safetensors or .bin, or a directory)")
     side = p.parent / "adapter_config.json"
@@ -144,3 +122,36 @@ def load_adapter(path: str | Path) -> Adapter:
     if side.is_file():
         return _from_file(Found(p, p, read_config(side), side))
     return _from_file(Found(p, p))
+
+
+def _from_directory(p: Path) -> Adapter:
+    """An mlx-lm or PEFT directory by its marker files, else the one weight file in it."""
+    cfg_path = p / "adapter_config.json"
+    _refuse_special(cfg_path, p / "adapters.safetensors", *(p / n for n in PEFT_WEIGHTS))
+    if (p / "adapters.safetensors").is_file():  # mlx-lm
+        cfg = read_config(cfg_path) if cfg_path.is_file() else None
+        return _from_file(Found(p / "adapters.safetensors", p, cfg, cfg_path if cfg is not None else None))
+    for name in PEFT_WEIGHTS:
+        if (p / name).is_file():
+            if not cfg_path.is_file():
+                raise InspectError(f"{p}: has {name} but no adapter_config.json (copy it from the training run)")
+            ad = _from_file(Found(p / name, p, read_config(cfg_path), cfg_path))
+            subs = _named_adapter_dirs(p)
+            if subs:  # save_pretrained of several adapters: "default" here, the others in subfolders
+                ad.notes.append(f"{len(subs)} more adapters in subfolders ({', '.join(subs[:5])}"
+                                f"{' …' if len(subs) > 5 else ''}): only the top-level one is read here")
+            return ad
+    if cfg_path.is_file():
+        raise InspectError(f"{p}: has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
+    weights = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    if len(weights) == 1:
+        return _from_file(Found(weights[0], weights[0]))
+    if weights:
+        raise InspectError(f"{p}: {len(weights)} weight files here; name the one to read")
+    subs = _named_adapter_dirs(p)
+    if subs:  # save_pretrained of a PeftModel with several adapters: one subfolder per named adapter
+        raise InspectError(
+            f"{p}: no adapter at the top level, but adapters in subfolders: {', '.join(subs[:5])}"
+            + (" …" if len(subs) > 5 else "") + f"; name one (e.g. {p / subs[0]})"
+        )
+    raise InspectError(f"{p}: no adapter here (no adapter_config.json, adapters.safetensors or .safetensors file)")

@@ -50,8 +50,8 @@ def _component_alpha(config: dict, name: str, where: str) -> tuple[float | None,
     alpha = v.number(cfg, "lora_alpha", where, default=None)
     if alpha is None:
         return None, False
-    is_num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")  # noqa: E731
-    pattern = v.mapping(cfg, "alpha_pattern", where, values=is_num, what="a finite number")
+    pattern = v.mapping(cfg, "alpha_pattern", where, values=v.is_number,
+                        what=f"a finite number of magnitude ≤ {v.MAX_NUMBER}")
     alpha = lookup_compiled(compiled_patterns(pattern, f"{where}: alpha_pattern"), inner, alpha)
     return alpha, v.boolean(cfg, "use_rslora", where)
 

@@ -84,10 +84,10 @@ def _settings(cfg: dict, where: str, found: Found, source: TensorSource, notes: 
         notes.append(f"{found.config_path.name} has no lora_alpha: PEFT's default {PEFT_DEFAULT_ALPHA} applies")
     if alpha is None:
         alpha = metadata_alpha(source, notes)
-    is_int = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 1  # noqa: E731
-    is_num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")  # noqa: E731
-    rank_pattern = {} if adalora else v.mapping(cfg, "rank_pattern", where, values=is_int, what="a positive integer")
-    alpha_pattern = v.mapping(cfg, "alpha_pattern", where, values=is_num, what="a finite number")
+    rank_pattern = {} if adalora else v.mapping(cfg, "rank_pattern", where, values=v.is_count,
+                                                what="a positive integer")
+    alpha_pattern = v.mapping(cfg, "alpha_pattern", where, values=v.is_number,
+                              what=f"a finite number of magnitude ≤ {v.MAX_NUMBER}")
     return _Settings(
         peft_type="ADALORA" if adalora else (peft_type.upper() if peft_type else None),
         adalora=adalora,

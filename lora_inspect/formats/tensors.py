@@ -138,7 +138,7 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str]]:
     try:
         text = raw.decode("utf-8")  # the format is UTF-8 without a BOM (safetensors refuses anything else)
     except UnicodeDecodeError as e:
-        raise InspectError(f"{path}: safetensors header is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+        raise InspectError(f"{path}: safetensors header is not valid UTF-8 ({validate.utf8_reason(e)} at byte {e.start})") from e
     header = validate.parse_json(text, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise InspectError(f"{path}: safetensors header is not a JSON object")
@@ -367,3 +367,4 @@ def open_tensors(path: Path) -> TensorSource:
     if path.suffix in (".bin", ".pt", ".pth"):
         return load_bin(path)
     return SafetensorsSource(path)
+

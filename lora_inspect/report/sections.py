@@ -17,6 +17,7 @@ from typing import Union
 from ..analysis import RankReport
 from ..naming import natural_sorted
 from ..units import fmt_bytes
+from ..views.base import base_lines, base_table
 from ..views.inspect import action_line, info_view, integrity_lines, rank_view
 from ..views.render import Table, fmt_count
 from .figures import AdapterFigures, Figure
@@ -214,6 +215,34 @@ def _spectra(labels: list[str], figs: list[AdapterFigures]) -> list[Grid]:
     return grids
 
 
+BASE_SECTION = ("base", "Against the base model")  # only with report --base
+BASE_CAPTION = (
+    "‖ΔW‖/‖W‖ and σ₁(ΔW)/σ₁(W): how large the update is next to the base weight (flag: σ₁ ratio ≥ 0.5). "
+    "Amplification ‖ΔW‖_F / ‖U_ΔᵀWV_Δ‖_F (Hu et al. 2021, §7.3): how much ΔW amplifies directions W does not "
+    "emphasise. Overlap: normalised subspace similarity of ΔW's directions with W's top-k (k = its rank), beside "
+    "a random subspace's k/out. Intruders: top-10 singular vectors of W+ΔW with |cos| < 0.5 to every singular "
+    "vector of W (Shuttleworth et al. 2024). Definitions: docs/metrics.md."
+)
+
+
+def _base_blocks(report: RankReport) -> list[Block]:
+    if report.base is None:
+        return [Text("no base given", "empty")]
+    out: list[Block] = []
+    items = base_lines(report)
+    if items:
+        out.append(Bullets(items))
+    out.append(TableBlock(base_table(report, max_rows=None)))
+    return out
+
+
+def _base_sections(reports: list[RankReport], labels: list[str]) -> list[Section]:
+    if all(r.base is None for r in reports):
+        return []
+    return [Section(BASE_SECTION[0], BASE_SECTION[1], [Text(BASE_CAPTION, "meta")],
+                    [_per_adapter(labels, [_base_blocks(r) for r in reports])])]
+
+
 def build_sections(reports: list[RankReport], figs: list[AdapterFigures]) -> list[Section]:
     """Every section of the page, in :data:`SECTIONS` order."""
     labels = labels_for(reports)
@@ -230,6 +259,7 @@ def build_sections(reports: list[RankReport], figs: list[AdapterFigures]) -> lis
         Section("spectra", title["spectra"], [Text(SPECTRA_CAPTION, "meta")], _spectra(labels, figs)),
         Section("footprint", title["footprint"], grids=[_per_adapter(labels, [[_footprint(r)] for r in reports])]),
         Section("integrity", title["integrity"], grids=[_per_adapter(labels, [_integrity(r) for r in reports])]),
+        *_base_sections(reports, labels),
         Section("apply", title["apply"], grids=[_per_adapter(labels, [_apply(r) for r in reports])]),
         Section("modules", title["modules"], grids=[_per_adapter(labels, [
             [Details("show the table", [TableBlock(t) for t in rank_view(r, max_rows=None).tables])]

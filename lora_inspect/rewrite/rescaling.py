@@ -69,7 +69,7 @@ def _check_range(ad: Adapter, spectra: dict, factor: float, bake: bool, tensors:
         top = float(sv[0]) if len(sv) else 0.0
         values = [(top * factor, fi)]
         if bake:
-            b = tensors[m.b_key]
+            b = tensors[m.update.bake_key]
             values.append((float(b.abs().max()) * factor if b.numel() else 0.0, fi))
         elif m.alpha_key:  # a stored .alpha tensor × F must fit its own dtype
             values.append((abs(m.alpha) * factor, _finfo(m.source.info(m.alpha_key).dtype)))
@@ -84,7 +84,7 @@ def _check_range(ad: Adapter, spectra: dict, factor: float, bake: bool, tensors:
 
 def _bake(ad: Adapter, tensors: dict[str, torch.Tensor], factor: float) -> None:
     for m in ad.modules:
-        for key in (m.b_key, m.bias_key):
+        for key in (m.update.bake_key, m.bias_key):
             if key:
                 t = tensors[key]
                 tensors[key] = (t.to(torch.float64) * factor).to(t.dtype)

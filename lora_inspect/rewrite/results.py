@@ -30,6 +30,11 @@ class ModuleChange:
     retained_energy: float
     relative_error: float
     singular_values: list[float] = field(repr=False, default_factory=list)
+    # calibrated truncation only (--calibrate): retained_energy, relative_error and singular_values are
+    # then those of the output (ΔW·L, L Cholesky of Σ + λI); these are the weight error ‖ΔW − ΔW_k‖_F/‖ΔW‖_F
+    # and the output error plain truncation would have at the same k
+    weight_error: float | None = None
+    output_error_plain: float | None = None
 
 
 @dataclass
@@ -61,6 +66,7 @@ class TruncateResult:
     notes: list[str]
     readme_copied: bool
     max_check_error: float
+    calibration: dict[str, Any] | None = None  # calibrated truncation: data, tokens, ridge, objective
 
     @property
     def ranks(self) -> dict[str, int]:

@@ -111,7 +111,10 @@ def write_checked(ad: Adapter, layout: Layout, out: Path, rw: Rewrite, expected:
     with AtomicOutput(out, suffix=layout.tmp_suffix(ad, rw.fmt)) as atomic:
         layout.write(atomic, ad, rw)
         with single_threaded_torch():
-            max_err = verify(atomic.tmp, expected, dropped, list(ad.extras))
+            try:
+                max_err = verify(atomic.tmp, expected, dropped, list(ad.extras))
+            except InspectError as e:  # about what was written from ad: name the input, nothing was written
+                raise e.located(ad.path) from e
         atomic.commit()
     weights = layout.weights_file(out)
     size = weights.stat().st_size if weights.is_file() else 0

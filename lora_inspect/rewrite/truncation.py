@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapter import Adapter, Module, module_type
+from ..adapter import Adapter, LowRankUpdate, Module, module_type
 from ..errors import InspectError
 from ..files import check_output_path
 from ..formats.layout import Layout
 from ..formats.tensors import DTYPE_SIZES
 from ..spectrum import (
     Decomposition,
+    all_finite,
     compute_dtype,
-    decompose,
     parallel_map,
     relative_error,
     retained_energy,
@@ -59,9 +59,20 @@ def layout_of(ad: Adapter) -> Layout:
 
 def to_stored(m: Module, b_lin: torch.Tensor, a_lin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear-orientation factors → (A_stored, B_stored) in the module's orientation and ``dtype``."""
+    if not isinstance(m.update, LowRankUpdate):  # another update type: written as a kohya LoRA/LoCon pair
+        k = b_lin.shape[1]
+        if m.kernel is not None:
+            kh, kw = m.kernel
+            return (a_lin.reshape(k, m.shape[1] // (kh * kw), kh, kw).to(dtype).contiguous(),
+                    b_lin.reshape(m.shape[0], k, 1, 1).to(dtype).contiguous())
+        return a_lin.to(dtype).contiguous(), b_lin.to(dtype).contiguous()
     lr = m.low_rank
     a_st, b_st = lr.orient.to_stored(b_lin, a_lin, m.source.info(lr.a_key).shape, m.source.info(lr.b_key).shape)
-    return a_st.to(dtype).contiguous(), b_st.to(dtype).contiguous()
+    a_st, b_st = a_st.to(dtype).contiguous(), b_st.to(dtype).contiguous()
+    if not (all_finite(a_st) and all_finite(b_st)):  # the scale, baked into the factors, leaves the dtype's range
+        raise InspectError(f"{m.source.path}: module {m.name!r}: overflow: the truncated factors (scale {m.scale:g} "
+                           f"baked in) exceed the range of {str(dtype).removeprefix('torch.')}")
+    return a_st, b_st
 
 
 @dataclass
@@ -78,18 +89,19 @@ def _decompose_all(ad: Adapter, spec: TruncateSpec, one_rank: bool,
     stream = spec.rank is not None and not one_rank  # ranks known up front: no need to keep decompositions
 
     def work(m: Module):
-        b, a = m.factors(compute_dtype(m.dtype))
-        check_finite(ad, m.name, b, a)
-        try:
-            d = decompose(b, a, m.scale)
+        try:  # the QR/core SVD of the factors, or the update's own (LoKr products, dense SVD)
+            d = m.update.decomposition(m.source, compute_dtype(m.dtype), m.scale)
+        except ValueError:
+            raise InspectError(f"{ad.path}: module {m.name!r} holds NaN/inf values: refusing to rewrite a "
+                               "corrupt adapter") from None
         except InspectError as e:
             raise InspectError(f"{ad.path}: module {m.name!r}: {e}") from e
-        del b, a
         sv = np.zeros(m.rank)
         sv[: d.s.shape[0]] = d.s.numpy()
         if stream:
             assert spec.rank is not None
-            return sv, None, to_stored(m, *d.factors(min(spec.rank, m.rank)), torch_dtype(m.dtype))
+            b_new, a_new = d.factors(min(spec.rank, m.rank))
+            return sv, None, to_stored(m, b_new, a_new, torch_dtype(m.dtype))
         return sv, d, None
 
     got = _Factored()
@@ -154,17 +166,26 @@ def _assemble(ad: Adapter, got: _Factored, choice: RankChoice):
     return tensors, changes, dropped, expected, ranks
 
 
-def _warnings(ad: Adapter, spec: TruncateSpec, dropped: list[str]) -> list[str]:
+def _warnings(ad: Adapter, spec: TruncateSpec, dropped: list[str],
+              changes: list[ModuleChange] | None = None) -> list[str]:
     out = []
     if ad.use_dora:
         out.append("DoRA: magnitudes copied unchanged; truncating the low-rank part is not the optimal approximation "
                    "of DoRA's full-rank change (rows are renormalised to m)")
     if spec.rank is not None:
-        same = [m.name for m in ad.modules if m.rank <= spec.rank]
+        same = [m.name for m in ad.modules if m.rank <= spec.rank and isinstance(m.update, LowRankUpdate)]
+        exact = [m.name for m in ad.modules if m.rank <= spec.rank and not isinstance(m.update, LowRankUpdate)]
+        if exact:
+            out.append(f"{len(exact)} LyCORIS modules have rank(ΔW) ≤ {spec.rank}: written as LoRA pairs holding "
+                       "their exact ΔW")
         if same:
             what = "every module" if len(same) == len(ad.modules) else f"{len(same)} of {len(ad.modules)} modules"
             out.append(f"{what} already {'has' if len(same) == 1 else 'have'} rank ≤ {spec.rank}: copied unchanged "
                        "(same ΔW, scale baked into the factors)")
+    larger = [m.name for m, c in zip(ad.modules, changes or []) if c.params_after > m.params]
+    if larger:
+        out.append(f"{len(larger)} modules are larger as LoRA at the chosen rank than as stored "
+                   f"({', '.join(larger[:3])}{' …' if len(larger) > 3 else ''}): LoHa/LoKr/full store ΔW more compactly")
     if dropped:
         out.append(f"{len(dropped)} modules keep rank 0 and are dropped: {', '.join(dropped[:3])}"
                    + (" …" if len(dropped) > 3 else ""))
@@ -200,6 +221,6 @@ def truncate(ad: Adapter, out: Path, spec: TruncateSpec, *, force: bool = False,
     size, max_err, written = write_checked(ad, layout, out, rw, expected, set(dropped))
     return TruncateResult(
         adapter=ad, output=out, output_format=out_fmt, spec=spec, modules=changes, choice=choice.facts,
-        file_bytes_before=ad.file_bytes, file_bytes_after=size, warnings=_warnings(ad, spec, dropped),
+        file_bytes_before=ad.file_bytes, file_bytes_after=size, warnings=_warnings(ad, spec, dropped, changes),
         notes=notes + written, readme_copied=bool(layout.copied_files(ad, out_fmt)), max_check_error=max_err,
     )

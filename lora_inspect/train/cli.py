@@ -137,22 +137,39 @@ Examples:
   lora-inspect verify runs/planted
   lora-inspect verify runs/planted truncated-r4/ planted-kohya.safetensors --json
   lora-inspect verify runs/text --data other.txt
+  lora-inspect verify ./adapter ./adapter-r16 --base ./Llama-3.2-1B --data eval.jsonl
 
 \b
-Every adapter must fit DIR's base (same module names and shapes). An adapter that is itself a
-training output directory must also record the same base weights (else: refused, exit 2); one
-trained on another task is evaluated with a note on stderr (its numbers are its loss on DIR's task).
+DIRECTORY is a training output directory: every adapter must fit its base (same module names and
+shapes). An adapter that is itself a training output directory must also record the same base weights
+(else: refused, exit 2); one trained on another task is evaluated with a note on stderr.
+With --base HF_DIR (a Hugging Face model directory), every argument is an adapter (PEFT dir, kohya,
+mlx-lm or bare file), merged into the base in turn and run on --data (.txt, or .jsonl with a "text"
+field), tokenised with HF_DIR's tokenizer; the first adapter is the reference for KL and agreement.
 """)
-@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("directory", type=click.Path())
 @click.argument("adapters", nargs=-1, type=click.Path())
-@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Evaluate on this UTF-8 text instead (text tasks).")
-@click.option("--device", default="cpu", show_default=True, help="auto, cpu or cuda.")
+@click.option("--base", "base", type=click.Path(), default=None, help="A Hugging Face model directory: evaluate the adapters on it.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Evaluate on this text (.txt; with --base also .jsonl).")
+@click.option("--max-tokens", type=POSITIVE, default=None, help="With --base: at most N tokens of --data (default 65536).")
+@click.option("--batch-size", type=POSITIVE, default=None, help="With --base: sequences per forward pass (default 8).")
+@click.option("--device", default=None, help="auto, cpu or cuda (default: cpu; with --base: auto).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (schema lora-inspect/verify/1) to stdout.")
-def verify(directory, adapters, data, device, as_json):
-    """Evaluate DIRECTORY's adapter and further ADAPTERS (PEFT dirs, kohya files) on its held-out data."""
+def verify(directory, adapters, base, data, max_tokens, batch_size, device, as_json):
+    """Evaluate DIRECTORY's adapter and further ADAPTERS (PEFT dirs, kohya files) on its held-out data,
+    or, with --base HF_DIR, each adapter given on a Hugging Face model and --data."""
+    if base is not None:
+        from ..commands.verify_hf import run_hf_verify
+
+        run_hf_verify([directory, *adapters], base, data, max_tokens, batch_size, device or "auto", as_json)
+        return
+    if max_tokens is not None or batch_size is not None:
+        raise click.UsageError("--max-tokens and --batch-size go with --base HF_DIR")
+    if os.path.isfile(directory):
+        raise click.BadParameter(f"Directory '{directory}' is a file.", param_hint="'DIRECTORY'")
     from .verify import verify as run_verify
 
-    r = run_verify(directory, list(adapters), data=data, device=device, note=_note)
+    r = run_verify(directory, list(adapters), data=data, device=device or "cpu", note=_note)
     if as_json:
         click.echo(json.dumps({"schema": r["schema"], "base_loss": r["base_loss"], "results": r["results"]}, indent=2))
         return

@@ -6,7 +6,9 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
+from ..defaults import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
 from ..naming import names_line
+from .base import base_doc, base_lines, base_module_doc, base_table
 from .render import Table, View, fmt_bytes, fmt_count, fmt_float, sparkline
 from .schemas import INFO_SCHEMA, RANK_SCHEMA
 
@@ -41,6 +43,7 @@ def _target_list(t) -> str:
 
 def info_view(ad: Adapter) -> View:
     kinds = Counter(m.kind for m in ad.modules)
+    algos = Counter(m.algo for m in ad.modules)
     ranks = Counter(m.rank for m in ad.modules)
     alphas = Counter(m.alpha for m in ad.modules)
     extras: list[dict[str, Any]] = [
@@ -54,6 +57,7 @@ def info_view(ad: Adapter) -> View:
         "target_modules": sorted(ad.target_modules) if isinstance(ad.target_modules, (list, set)) else ad.target_modules,
         "modules": len(ad.modules),
         "kinds": dict(sorted(kinds.items())),
+        "algos": dict(sorted(algos.items())),
         "ranks": {str(k): v for k, v in sorted(ranks.items())},
         "alphas": {f"{k:g}": v for k, v in sorted(alphas.items())},
         "params": ad.params,
@@ -78,6 +82,7 @@ def info_view(ad: Adapter) -> View:
         ("DoRA", "yes" if ad.use_dora else "no"),
         ("targets", _target_list(ad.target_modules)),
         ("modules", f"{len(ad.modules)} (" + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")"),
+        *([("algorithms", ", ".join(f"{k} {v}" for k, v in sorted(algos.items())))] if set(algos) - {"lora"} else []),
         ("LoRA params", f"{ad.params:,} ({fmt_count(ad.params)})"),
         ("full-tensor params", f"{ad.extra_params:,} in {len(ad.extras)} tensors ({fmt_bytes(ad.extra_bytes)})"),
         ("tensor bytes", fmt_bytes(ad.tensor_bytes)),
@@ -97,6 +102,7 @@ def _module_doc(r: ModuleResult) -> dict[str, Any]:
     return {
         "name": m.name,
         "kind": m.kind,
+        "algo": m.algo,
         "shape": list(m.shape),
         "rank": m.rank,
         "alpha": m.alpha,
@@ -150,6 +156,10 @@ def action_line(report: RankReport) -> str:
                 f"({names_line(s.non_finite)}): retrain or repair the adapter before truncating it")
     if s.analysed == 0:
         return "no module could be analysed: nothing to recommend"
+    if any(m.algo not in ("lora",) for m in report.adapter.modules):  # LyCORIS: a rewrite is a conversion
+        more = " (larger than the file as stored)" if pat > now else ""
+        return (f"truncate --energy {report.energy:g} writes a kohya LoRA keeping ≥ {pct} energy in every module: "
+                f"{fmt_count(now)} → {fmt_count(pat)} parameters{more}")
     if s.uniform_rank < s.max_rank:
         return (
             f"truncate --rank {s.uniform_rank} keeps ≥ {pct} energy in every module: "
@@ -177,7 +187,7 @@ def integrity_lines(report: RankReport) -> list[tuple[str, str]]:
     for f, n in s.flags.items():
         if f == "spike":
             out.append(("·", f"{n} modules are dominated by one direction (σ₁ ≥ 10·σ₂)"))
-        elif f not in ("non_finite", "zero_b"):
+        elif f not in ("non_finite", "zero_b", FLAG_LARGE_UPDATE, FLAG_INTRUDERS):  # base flags: base_lines
             out.append(("·", f"{n} modules flagged {f}"))
     return out
 
@@ -210,26 +220,36 @@ def _type_table(s: RankSummary, pct: str) -> Table:
 
 def rank_view(report: RankReport, max_rows: int | None = 40) -> View:
     s = report.summary
-    data = {
+    modules = [_module_doc(r) for r in report.modules]
+    data: dict[str, Any] = {
         "schema": RANK_SCHEMA,
         "adapter": adapter_summary(report.adapter),
         "energy": report.energy,
-        "modules": [_module_doc(r) for r in report.modules],
+        "modules": modules,
         "summary": summary_doc(s),
         "notes": list(report.adapter.notes),
     }
+    if report.base is not None:  # additive: only with --base
+        data["base"] = base_doc(report.base)
+        for doc in modules:
+            doc["base"] = base_module_doc(report.base.modules.get(doc["name"]))
     shown = report.modules if max_rows is None else report.modules[:max_rows]
     pct = f"{report.energy * 100:g}%"
     more = max_rows is not None and len(report.modules) > max_rows
+    cols = ["module", "shape", "r", "scale", "σ₁", f"rank@{pct}", "stable", "entropy", "rec r", "spectrum (log)", "flags"]
+    rows = [_rank_row(r) for r in shown]
+    justify = ["left", "right", "right", "right", "right", "right", "right", "right", "right", "left", "left"]
+    if any(r.module.algo != "lora" for r in report.modules):  # LyCORIS: the algorithm per module
+        cols.insert(1, "algo")
+        justify.insert(1, "left")
+        rows = [(row[0], r.module.algo, *row[1:]) for row, r in zip(rows, shown)]
     tables = [Table(
         f"{len(report.modules)} modules, energy τ = {report.energy:g}" + (f" (first {max_rows}; --all for every module)" if more else ""),
-        ["module", "shape", "r", "scale", "σ₁", f"rank@{pct}", "stable", "entropy", "rec r", "spectrum (log)", "flags"],
-        [_rank_row(r) for r in shown],
-        justify=["left", "right", "right", "right", "right", "right", "right", "right", "right", "left", "left"],
-        kinds=["name"] + ["fixed"] * 10,
-        optional=RANK_OPTIONAL,
+        cols, rows, justify=justify, kinds=["name"] + ["fixed"] * (len(cols) - 1), optional=RANK_OPTIONAL,
     ), _type_table(s, pct)]
-    footer = [f"{sev} {text}" for sev, text in integrity_lines(report)]
+    if report.base is not None:
+        tables.append(base_table(report, max_rows))
+    footer = [f"{sev} {text}" for sev, text in integrity_lines(report) + base_lines(report)]
     footer += [f"note: {n}" for n in report.adapter.notes]
     footer.append(action_line(report))
     return View(data, tables, footer=footer)

@@ -61,7 +61,7 @@ def truncate_doc(res: TruncateResult, adapter_block: dict) -> dict:
             {"name": c.name, "type": c.type, "kind": c.kind, "shape": list(c.shape), "rank_before": c.rank_before,
              "rank_after": c.rank_after, "stored_rank": c.stored_rank, "params_before": c.params_before,
              "params_after": c.params_after, "bytes_before": c.bytes_before, "bytes_after": c.bytes_after,
-             "retained_energy": c.retained_energy, "relative_error": c.relative_error}
+             "retained_energy": c.retained_energy, "relative_error": c.relative_error, **_calibrated_fields(c)}
             for c in res.modules
         ],
         "by_type": {t: _group(v) for t, v in sorted(by_type.items())},
@@ -72,7 +72,26 @@ def truncate_doc(res: TruncateResult, adapter_block: dict) -> dict:
         "self_check": {"passed": True, "max_error_over_tolerance": res.max_check_error},
         "warnings": list(res.warnings),
         "notes": list(res.notes) + list(res.adapter.notes),
+        **({"calibration": res.calibration} if res.calibration is not None else {}),
     }
+
+
+def _calibrated_fields(c: ModuleChange) -> dict:
+    """--calibrate: retained_energy/relative_error are of the output; these two are added."""
+    if c.weight_error is None:
+        return {}
+    return {"output_error": c.relative_error, "weight_error": c.weight_error, "output_error_plain": c.output_error_plain}
+
+
+def _calibrated_table(res: TruncateResult, max_rows: int | None) -> Table:
+    shown = res.modules if max_rows is None else res.modules[:max_rows]
+    rows = [(c.name, "×".join(map(str, c.shape)), c.rank_before, c.rank_after, fmt_count(c.params_after),
+             fmt_float(c.relative_error), fmt_float(c.output_error_plain or 0.0), fmt_float(c.weight_error or 0.0))
+            for c in shown]
+    title = f"{len(res.modules)} modules, calibrated on {(res.calibration or {}).get('tokens', '?')} tokens" + (
+        f" (first {max_rows}; --all for every module)" if max_rows is not None and len(res.modules) > max_rows else "")
+    return Table(title, ["module", "shape", "r", "→ k", "params", "output error", "plain's output error",
+                         "weight error"], rows, optional=["weight error"])
 
 
 def truncate_view(res: TruncateResult, adapter_block: dict, max_rows: int | None = 40):
@@ -87,6 +106,8 @@ def truncate_view(res: TruncateResult, adapter_block: dict, max_rows: int | None
     title = f"{len(res.modules)} modules" + (f" (first {max_rows}; --all for every module)"
                                               if max_rows is not None and len(res.modules) > max_rows else "")
     tables = [Table(title, ["module", "shape", "r", "→ k", "params", "energy kept", "rel. error"], rows)]
+    if res.calibration is not None:
+        tables = [_calibrated_table(res, max_rows)]
     trows: list[Sequence[Any]] = []
     for t, g in list(doc["by_type"].items()) + [("total", doc["total"])]:
         trows.append((t, g["modules"], ",".join(map(str, g["ranks_after"])) or "0",
@@ -108,6 +129,10 @@ def truncate_view(res: TruncateResult, adapter_block: dict, max_rows: int | None
                       f"that fits (k={res.choice['uniform_rank_in_budget']}) {res.choice['uniform_energy']:.6g}: "
                       f"kept the {res.choice['chosen']} choice")
     footer += [f"note: {n}" for n in doc["notes"]]
+    if res.calibration is not None:
+        footer.append(f"calibrated on {res.calibration.get('tokens')} tokens of {res.calibration.get('data')} "
+                      f"(ridge {res.calibration.get('ridge'):g}): energies and errors are of the output ‖ΔW·X‖, "
+                      "relative; plain truncation at the same k beside it")
     footer.append("self-check passed: the written adapter re-reads with the intended spectrum")
     return View(doc, tables, header=header, footer=footer)
 

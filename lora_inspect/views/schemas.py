@@ -19,7 +19,7 @@ SCHEMAS: dict[str, int] = {
     "diff": 1,  # `diff`: two adapters module by module (views.diff)
     "truncate": 1,  # `truncate` (views.rewrite)
     "rescale": 1,  # `rescale` (views.rewrite)
-    "verify": 1,  # `verify` (train.verify)
+    "verify": 1,  # `verify` (train.verify); with --base HF_DIR also task "hf", base, data, tokens … (views.verify)
     "task": 1,  # task.json beside a trained adapter (train.tasks)
     "convert": 1,  # `convert` (views.algebra)
     "merge": 1,  # `merge` (views.algebra)

@@ -1,0 +1,364 @@
+"""The LyCORIS update types: one :class:`~lora_inspect.adapter.Update` per algorithm, with the exact
+spectrum of each without the dense ΔW where one exists (docs/formats.md, "LyCORIS").
+
+ΔW is in linear orientation (out, in·kh·kw), before the module's scale s (applied once, as LyCORIS
+``forward``, ComfyUI and A1111 do — LyCORIS's own ``get_diff_weight`` applies it twice for LoHa/LoKr):
+
+- LoCon Tucker: ΔW = up₂d · M, M = einsum("a b k l, b i -> a i k l", mid, down₂d).reshape(r, I·K).
+- LoHa: ΔW = (U₁V₁) ⊙ (U₂V₂) = (U₁ •ᵣ U₂)(V₁ •ᶜ V₂) (face-splitting product: column a·r₂+b of the left
+  factor is U₁[:, a]·U₂[:, b], row a·r₂+b of the right one V₁[a]·V₂[b]), a pair of rank ≤ r₁r₂ that the
+  QR/core-SVD route decomposes exactly; when r₁r₂ ≥ min(out, in)/2 the dense SVD is cheaper
+  (O((out+in)·r⁴ + r⁶) against O(out·in·min(out, in))). Tucker: Uᵢ = hada_wi_aᵀ,
+  Vᵢ = einsum("i j k l, j q -> i q k l", hada_ti, hada_wi_b).reshape(r, I·K).
+- LoKr: ΔW = kron(W₁, W₂₂d) (conv: reshape(kron(w1[..., None, None], w2)) = kron(w1, w2.reshape(b, -1))),
+  so σ(ΔW) = {σᵢ(W₁)·σⱼ(W₂)} with singular vectors u₁ᵢ⊗u₂ⱼ, v₁ᵢ⊗v₂ⱼ (mixed-product property).
+- full/diff: ΔW = diff; dense SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..adapter import Update
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .tensors import TensorSource
+
+__all__ = ["LoConUpdate", "LoHaUpdate", "LoKrUpdate", "FullUpdate", "DenseDecomposition", "KronDecomposition"]
+
+
+def _finite(*ts: "torch.Tensor") -> None:
+    from ..spectrum import all_finite
+
+    for t in ts:
+        if not all_finite(t):
+            raise ValueError("non-finite factors")
+
+
+def _get(source: "TensorSource", key: str, dtype: "torch.dtype") -> "torch.Tensor":
+    return source.get(key).to(dtype)
+
+
+def _tucker_right(t: "torch.Tensor", wb: "torch.Tensor") -> "torch.Tensor":
+    """einsum("i j k l, j q -> i q k l", t, wb) flattened to (r, q·K)."""
+    import torch
+
+    return torch.einsum("ijkl,jq->iqkl", t, wb.reshape(wb.shape[0], -1)).reshape(t.shape[0], -1)
+
+
+class DenseDecomposition:
+    """Full SVD of a dense ΔW (scale included): the truncation interface of ``spectrum.Decomposition``."""
+
+    def __init__(self, delta: "torch.Tensor", rank: int | None = None) -> None:
+        import torch
+
+        _finite(delta)
+        u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+        keep = s.shape[0] if rank is None else rank  # LoHa: σ past r₁r₂ are rounding
+        self.u, self.s, self.vh = u[:, :keep], s[:keep], vh[:keep]
+        self.dtype = delta.dtype
+
+    @property
+    def singular_values(self) -> np.ndarray:
+        return self.s.numpy().copy()
+
+    def factors(self, keep: int, stored: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        import torch
+
+        stored = keep if stored is None else stored
+        keep = min(keep, self.s.shape[0])
+        root = self.s[:keep].sqrt()
+        b = torch.zeros(self.u.shape[0], stored, dtype=torch.float64)
+        a = torch.zeros(stored, self.vh.shape[1], dtype=torch.float64)
+        b[:, :keep] = self.u[:, :keep] * root
+        a[:keep] = self.vh[:keep] * root[:, None]
+        return b.to(self.dtype), a.to(self.dtype)
+
+
+class KronDecomposition:
+    """SVD of s·kron(W₁, W₂) from the SVDs of W₁ and W₂: σ = s·σ₁ᵢσ₂ⱼ (sorted descending), and the
+    rank-k truncation keeps the k largest products with vectors kron(u₁ᵢ, u₂ⱼ), kron(v₁ᵢ, v₂ⱼ)."""
+
+    def __init__(self, svd1: tuple, svd2: tuple, scale: float, dtype: "torch.dtype") -> None:
+        import torch
+
+        (self.u1, s1, self.v1h), (self.u2, s2, self.v2h) = svd1, svd2
+        prod = abs(scale) * (s1[:, None] * s2[None, :]).reshape(-1)
+        self.s, order = torch.sort(prod, descending=True)
+        self.i, self.j = order // s2.shape[0], order % s2.shape[0]
+        self.sign = -1.0 if scale < 0 else 1.0
+        self.dtype = dtype
+
+    @property
+    def singular_values(self) -> np.ndarray:
+        return self.s.numpy().copy()
+
+    def factors(self, keep: int, stored: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        import torch
+
+        stored = keep if stored is None else stored
+        keep = min(keep, self.s.shape[0])
+        i, j, root = self.i[:keep], self.j[:keep], self.s[:keep].sqrt()
+        out, inp = self.u1.shape[0] * self.u2.shape[0], self.v1h.shape[1] * self.v2h.shape[1]
+        b = torch.zeros(out, stored, dtype=torch.float64)
+        a = torch.zeros(stored, inp, dtype=torch.float64)
+        b[:, :keep] = (self.u1[:, i][:, None, :] * self.u2[:, j][None, :, :]).reshape(out, keep) * root * self.sign
+        a[:keep] = (self.v1h[i][:, :, None] * self.v2h[j][:, None, :]).reshape(keep, inp) * root[:, None]
+        return b.to(self.dtype), a.to(self.dtype)
+
+
+class _LyUpdate(Update):
+    """Common parts: the module's name (for the LoRA keys a rewrite writes) and its key roles."""
+
+    name: str
+    roles: dict[str, str]
+    dim: int  # LyCORIS's lora_dim (the r of s = α/r), 0 when there is none
+
+    @property
+    def keys(self) -> list[str]:
+        return [self.roles[k] for k in self.role_order if k in self.roles]
+
+    role_order: tuple[str, ...] = ()
+
+    def lora_keys(self) -> tuple[str, str]:
+        return f"{self.name}.lora_down.weight", f"{self.name}.lora_up.weight"
+
+    def params(self, shape: tuple[int, int]) -> int:
+        return self._numel
+
+    _numel: int = 0
+
+    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+        b, a = self.factors(source, dtype)
+        return b @ a
+
+
+@dataclass(eq=False)
+class LoConUpdate(_LyUpdate):
+    """LoCon with a Tucker middle factor (plain LoCon is read as a :class:`~lora_inspect.adapter.LowRankUpdate`):
+    B = up₂d, A = einsum("a b k l, b i -> a i k l", mid, down₂d).reshape(r, I·K)."""
+
+    name: str
+    roles: dict[str, str]
+    dim: int
+    rank: int
+    _numel: int = 0
+    algo = "locon"
+    role_order = ("lora_down.weight", "lora_mid.weight", "lora_up.weight")
+
+    @property
+    def bake_key(self) -> str:
+        return self.roles["lora_up.weight"]
+
+    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+        up = _get(source, self.roles["lora_up.weight"], dtype)
+        down = _get(source, self.roles["lora_down.weight"], dtype)
+        mid = _get(source, self.roles["lora_mid.weight"], dtype)
+        return up.reshape(up.shape[0], -1), _mid_down(mid, down)
+
+
+def _mid_down(mid: "torch.Tensor", down: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    return torch.einsum("abkl,bi->aikl", mid, down.reshape(down.shape[0], -1)).reshape(mid.shape[0], -1)
+
+
+@dataclass(eq=False)
+class LoHaUpdate(_LyUpdate):
+    """ΔW = (U₁V₁) ⊙ (U₂V₂) through the face-splitting factors (B₁ •ᵣ B₂, A₁ •ᶜ A₂)."""
+
+    name: str
+    roles: dict[str, str]
+    dim: int
+    rank: int
+    widths: tuple[int, int]  # r₁, r₂
+    out_in: tuple[int, int]
+    _numel: int = 0
+    algo = "loha"
+    role_order = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+
+    @property
+    def tucker(self) -> bool:
+        return "hada_t1" in self.roles
+
+    @property
+    def bake_key(self) -> str:
+        return self.roles["hada_w1_a"]
+
+    @property
+    def dense_route(self) -> bool:
+        """Dense SVD when r₁r₂ ≥ min(out, in)/2 (cheaper than QR of r₁r₂-wide factors then)."""
+        return self.widths[0] * self.widths[1] >= min(self.out_in) / 2
+
+    def pairs(self, source: "TensorSource", dtype: "torch.dtype") -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+        """[(U₁, V₁), (U₂, V₂)] with ΔW = (U₁V₁) ⊙ (U₂V₂)."""
+        out = []
+        for i in ("1", "2"):
+            wa, wb = _get(source, self.roles[f"hada_w{i}_a"], dtype), _get(source, self.roles[f"hada_w{i}_b"], dtype)
+            if self.tucker:
+                out.append((wa.T, _tucker_right(_get(source, self.roles[f"hada_t{i}"], dtype), wb)))
+            else:
+                out.append((wa.reshape(wa.shape[0], -1), wb.reshape(wb.shape[0], -1)))
+        return out
+
+    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+        (u1, v1), (u2, v2) = self.pairs(source, dtype)
+        b = (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1)
+        a = (v1[:, None, :] * v2[None, :, :]).reshape(-1, v1.shape[1])
+        return b, a
+
+    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+        (u1, v1), (u2, v2) = self.pairs(source, dtype)
+        return (u1 @ v1) * (u2 @ v2)
+
+    def singular_values(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+        if not self.dense_route:
+            return None
+        import torch
+
+        d = self.dense(source, dtype)
+        _finite(d)
+        return (abs(scale) * torch.linalg.svdvals(d.to(torch.float64)))[: self.rank].numpy()
+
+    def decomposition(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+        if self.dense_route:
+            return DenseDecomposition(scale * self.dense(source, dtype), self.rank)
+        return super().decomposition(source, dtype, scale)
+
+
+@dataclass(eq=False)
+class LoKrUpdate(_LyUpdate):
+    """ΔW = kron(W₁, W₂₂d); W₁ full (``lokr_w1``) or w1a@w1b, W₂ full, w2a@w2b or Tucker."""
+
+    name: str
+    roles: dict[str, str]
+    dim: int
+    rank: int
+    _numel: int = 0
+    algo = "lokr"
+    role_order = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+    @property
+    def full_full(self) -> bool:
+        """Both W₁ and W₂ stored whole: LyCORIS ignores α then (s = 1)."""
+        return "lokr_w1" in self.roles and "lokr_w2" in self.roles
+
+    @property
+    def bake_key(self) -> str:
+        return self.roles.get("lokr_w1") or self.roles["lokr_w1_a"]
+
+    def w1_pair(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"] | None:
+        if "lokr_w1" in self.roles:
+            return None
+        return _get(source, self.roles["lokr_w1_a"], dtype), _get(source, self.roles["lokr_w1_b"], dtype)
+
+    def w2_pair(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"] | None:
+        if "lokr_w2" in self.roles:
+            return None
+        wa, wb = _get(source, self.roles["lokr_w2_a"], dtype), _get(source, self.roles["lokr_w2_b"], dtype)
+        if "lokr_t2" in self.roles:
+            return wa.T, _tucker_right(_get(source, self.roles["lokr_t2"], dtype), wb)
+        return wa, wb.reshape(wb.shape[0], -1)
+
+    def w1(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+        p = self.w1_pair(source, dtype)
+        return _get(source, self.roles["lokr_w1"], dtype) if p is None else p[0] @ p[1]
+
+    def w2(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+        p = self.w2_pair(source, dtype)
+        if p is None:
+            w = _get(source, self.roles["lokr_w2"], dtype)
+            return w.reshape(w.shape[0], -1)
+        return p[0] @ p[1]
+
+    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+        import torch
+
+        return torch.kron(self.w1(source, dtype), self.w2(source, dtype))
+
+    def _svd(self, full: "torch.Tensor | None", pair: tuple | None) -> tuple:
+        import torch
+
+        if pair is not None:
+            from ..spectrum import svd_factors
+
+            _finite(*pair)
+            return svd_factors(pair[0], pair[1], 1.0)
+        assert full is not None
+        _finite(full)
+        u, s, vh = torch.linalg.svd(full.to(torch.float64), full_matrices=False)
+        return u, s, vh
+
+    def _sv(self, full: "torch.Tensor | None", pair: tuple | None) -> np.ndarray:
+        import torch
+
+        if pair is not None:
+            from ..spectrum import singular_values as lowrank_sv
+
+            _finite(*pair)
+            return lowrank_sv(pair[0], pair[1], 1.0)
+        assert full is not None
+        _finite(full)
+        return torch.linalg.svdvals(full.to(torch.float64)).numpy()
+
+    def singular_values(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+        p1, p2 = self.w1_pair(source, dtype), self.w2_pair(source, dtype)
+        s1 = self._sv(None if p1 else self.w1(source, dtype), p1)
+        s2 = self._sv(None if p2 else self.w2(source, dtype), p2)
+        return np.sort(abs(scale) * np.outer(s1, s2).reshape(-1))[::-1].copy()
+
+    def decomposition(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+        p1, p2 = self.w1_pair(source, dtype), self.w2_pair(source, dtype)
+        svd1 = self._svd(None if p1 else self.w1(source, dtype), p1)
+        svd2 = self._svd(None if p2 else self.w2(source, dtype), p2)
+        return KronDecomposition(svd1, svd2, scale, dtype)
+
+    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """Exact factors of the unscaled ΔW: every product direction (width rank(W₁)·rank(W₂))."""
+        d = self.decomposition(source, dtype, 1.0)
+        return d.factors(d.s.shape[0])
+
+
+@dataclass(eq=False)
+class FullUpdate(_LyUpdate):
+    """``diff``: the dense ΔW itself (no α, s = 1); spectra by dense SVD."""
+
+    name: str
+    roles: dict[str, str]
+    dim: int
+    rank: int
+    _numel: int = 0
+    algo = "full"
+    role_order = ("diff",)
+
+    @property
+    def bake_key(self) -> str:
+        return self.roles["diff"]
+
+    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+        d = _get(source, self.roles["diff"], dtype)
+        return d.reshape(d.shape[0], -1)
+
+    def singular_values(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+        import torch
+
+        d = self.dense(source, dtype)
+        _finite(d)
+        return (abs(scale) * torch.linalg.svdvals(d.to(torch.float64))).numpy()
+
+    def decomposition(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+        return DenseDecomposition(scale * self.dense(source, dtype))
+
+    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+        d = self.decomposition(source, dtype, 1.0)
+        return d.factors(d.s.shape[0])
+
+
+def numel(shapes: list[tuple[int, ...]]) -> int:
+    return sum(math.prod(s) for s in shapes)
