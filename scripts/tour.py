@@ -62,6 +62,8 @@ TOURS: dict[str, Tour] = {
     "diff": Tour(("diff samples/planted planted-r4 --format markdown",), fence=None, prompt=False, head=14),
     "report": Tour(("report samples/planted planted-r4 -o report.html",)),
     "scan": Tour(("scan samples -o scan.jsonl",)),
+    "convert": Tour(("convert samples/planted --to mlx -o planted-mlx",), head=8, tail=2),
+    "merge": Tour(("merge samples/planted samples/text --weights 0.7,0.3 --rank 8 -o merged",), head=8, tail=4),
     "rank-base": Tour(("rank samples/planted --base samples/planted/base --intruders",), head=0, tail=23),
 }
 

@@ -12,6 +12,8 @@ COMMANDS: dict[str, str] = {
     "rank": "lora_inspect.commands.inspect:rank",
     "truncate": "lora_inspect.commands.rewrite:truncate",
     "rescale": "lora_inspect.commands.rewrite:rescale",
+    "convert": "lora_inspect.commands.algebra:convert",
+    "merge": "lora_inspect.commands.algebra:merge",
     "footprint": "lora_inspect.commands.footprint:footprint",
     "check": "lora_inspect.commands.check:check",
     "diff": "lora_inspect.commands.report:diff",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = ["SCHEMAS", "schema_id", "INFO_SCHEMA", "RANK_SCHEMA", "FOOTPRINT_SCHEMA", "CHECK_SCHEMA", "DIFF_SCHEMA",
            "TRUNCATE_SCHEMA", "RESCALE_SCHEMA", "VERIFY_SCHEMA", "TASK_SCHEMA",
-           "SCAN_SCHEMA", "SCAN_ROW_SCHEMA"]
+           "SCAN_SCHEMA", "SCAN_ROW_SCHEMA", "CONVERT_SCHEMA", "MERGE_SCHEMA"]
 
 SCHEMAS: dict[str, int] = {
     "info": 1,  # `info`: layout, settings, sizes (views.inspect)
@@ -23,6 +23,8 @@ SCHEMAS: dict[str, int] = {
     "task": 1,  # task.json beside a trained adapter (train.tasks)
     "scan": 1,  # `scan`: the summary document (views.scan)
     "scan-row": 1,  # `scan`: one JSONL/Parquet row per adapter (scan.row.ScanRow)
+    "convert": 1,  # `convert` (views.algebra)
+    "merge": 1,  # `merge` (views.algebra)
 }
 
 
@@ -42,3 +44,5 @@ VERIFY_SCHEMA = schema_id("verify")
 TASK_SCHEMA = schema_id("task")
 SCAN_SCHEMA = schema_id("scan")
 SCAN_ROW_SCHEMA = schema_id("scan-row")
+CONVERT_SCHEMA = schema_id("convert")
+MERGE_SCHEMA = schema_id("merge")

@@ -1,0 +1,1 @@
+"""Adapter algebra: a canonical in-memory form, writers for every layout, ``convert`` and ``merge``."""

@@ -1,0 +1,161 @@
+"""GGUF LoRA for llama.cpp, written with the ``gguf`` package (docs/formats.md, "convert").
+
+What llama.cpp checks on load (``src/llama-adapter.cpp``): ``general.type = adapter``,
+``general.architecture`` equal to the base's, ``adapter.type = lora``; tensors
+``<gguf name>.lora_a`` (numpy (r, in) → ggml ne [in, r]) and ``.lora_b`` ((out, r) → ne [r, out]).
+Its scale (``src/llama-adapter.h · get_scale``) is α/r with one global α (``adapter.lora.alpha``)
+and r = the tensor's own rank, so s_m·r_m/α is baked into each B. Names come from
+``gguf.get_tensor_name_map(arch, n_blocks)`` (``model.layers.3.self_attn.q_proj`` → ``blk.3.attn_q``).
+LLaMA-family converters permute Q/K rows (``convert_hf_to_gguf.py · LlamaModel.permute``); the same
+permutation is applied to B (A is unchanged), with K using the KV head count.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import validate as v
+from ..errors import InspectError
+from .canon import Canon, CanonModule
+from .results import ModuleOut
+from .writers import refuse
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+__all__ = ["GgufPlan", "plan_gguf", "write_gguf", "read_gguf", "llama_permute", "PERMUTE_ARCHS", "base_config"]
+
+# archs whose HF → GGUF converter subclasses LlamaModel and permutes q/k (convert_hf_to_gguf.py)
+PERMUTE_ARCHS = {"llama", "mistral", "granite", "granitemoe"}
+# HF model_type → gguf arch name where they differ
+_MODEL_TYPE = {"mistral": "llama", "mixtral": "llama"}
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass
+class GgufPlan:
+    arch: str
+    n_head: int | None
+    n_kv_head: int | None
+    alpha: float
+
+
+def base_config(path: Path | None) -> dict | None:
+    """The base model's config.json (a directory holding it, or the file), read through validation."""
+    if path is None:
+        return None
+    p = path / "config.json" if path.is_dir() else path
+    if not p.is_file():
+        return None
+    return v.read_json_object(p)
+
+
+def _arch(name: str | None, cfg: dict | None, where: str) -> str:
+    import gguf
+
+    names = set(gguf.MODEL_ARCH_NAMES.values())
+    if name is None and cfg is not None:
+        mt = v.string(cfg, "model_type", where)
+        name = _MODEL_TYPE.get(mt, mt) if isinstance(mt, str) else None
+    if name is None:
+        raise InspectError("GGUF needs the base model's architecture: none given and no base config.json found")
+    if name not in names:
+        raise InspectError(f"architecture {name!r} is not a gguf architecture name (e.g. llama, qwen2, qwen3, gemma2)")
+    return name
+
+
+def plan_gguf(canon: Canon, arch: str | None, cfg: dict | None, where: str) -> GgufPlan:
+    a = _arch(arch, cfg, where)
+    nh = nkv = None
+    if cfg is not None:
+        nh = v.integer(cfg, "num_attention_heads", where, default=None, minimum=1)
+        nkv = v.integer(cfg, "num_key_value_heads", where, default=None, minimum=1) or nh
+    alpha = Counter(m.scale * m.rank for m in canon.modules).most_common(1)[0][0]
+    return GgufPlan(a, nh, nkv, float(alpha))
+
+
+def llama_permute(w: torch.Tensor, n_head: int, n_kv_head: int | None) -> torch.Tensor:
+    """``convert_hf_to_gguf.py · LlamaModel.permute`` on the rows of ``w``."""
+    if n_kv_head is not None and n_head != n_kv_head:
+        n_head = n_kv_head
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _n_blocks(canon: Canon) -> int:
+    idx = [int(mt.group(1)) for m in canon.modules for mt in [_LAYER.search(m.path)] if mt]
+    return max(idx) + 1 if idx else 1
+
+
+def _check_module(m: CanonModule) -> None:
+    if m.magnitude is not None:
+        raise refuse("GGUF", m, "DoRA (llama.cpp has no magnitude vectors)")
+    if m.kind != "linear":
+        raise refuse("GGUF", m, f"{m.kind} LoRA is not written to GGUF here")
+
+
+def _permuted(m: CanonModule, b: torch.Tensor, plan: GgufPlan, gname: str) -> tuple[torch.Tensor, list[str]]:
+    if plan.arch not in PERMUTE_ARCHS or not gname.endswith(("attn_q", "attn_k")):
+        return b, []
+    if plan.n_head is None:
+        raise refuse("GGUF", m, f"{plan.arch} permutes Q/K rows and needs the head counts: give the base config")
+    kv = plan.n_kv_head if gname.endswith("attn_k") else plan.n_head
+    return llama_permute(b, plan.n_head, kv), [f"rows permuted as {plan.arch}'s converter does"]
+
+
+def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[ModuleOut]]:
+    import gguf
+
+    arch_enum = {n: k for k, n in gguf.MODEL_ARCH_NAMES.items()}[plan.arch]
+    tmap = gguf.get_tensor_name_map(arch_enum, _n_blocks(canon))
+    out, records = [], []
+    for m in canon.modules:
+        _check_module(m)
+        gname = tmap.get_name(m.path, try_suffixes=(".weight",))
+        if gname is None:
+            raise refuse("GGUF", m, f"no {plan.arch} GGUF tensor name for {m.path!r}")
+        f = m.scale * m.rank / plan.alpha if plan.alpha else m.scale
+        b, how = _permuted(m, m.b * f, plan, gname)
+        if f != 1.0:
+            how.insert(0, f"s·r/α = {f:.6g} baked into B (global α {plan.alpha:g})")
+        out.append((gname + ".weight", m.a, b))
+        records.append(ModuleOut(m.source_name or m.name, gname + ".weight", m.kind, m.shape, m.rank, m.rank,
+                                 m.scale, how))
+    return out, records
+
+
+def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> list[ModuleOut]:
+    import gguf
+
+    if dtype not in (torch.float32, torch.float16):
+        raise InspectError("GGUF output is written as fp32 or fp16")
+    tensors, records = _tensors(canon, plan)
+    np_dt = "float32" if dtype == torch.float32 else "float16"
+    w = gguf.GGUFWriter(str(path), arch=plan.arch)
+    try:
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
+        for name, a, b in tensors:
+            w.add_tensor(name + ".lora_a", a.numpy().astype(np_dt))
+            w.add_tensor(name + ".lora_b", b.numpy().astype(np_dt))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    return records
+
+
+def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, "np.ndarray"]]:
+    """(metadata fields, tensors by name) as ``gguf.GGUFReader`` sees them."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in r.fields.items()}
+    return fields, {t.name: t.data for t in r.tensors}
