@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # torch is imported where tensor data is touched: header-only commands (info, check) stay light.
 
-__all__ = ["Module", "Adapter", "Update", "LowRankUpdate", "module_type", "module_layer"]
+__all__ = ["require_mergeable", "Module", "Adapter", "Update", "LowRankUpdate", "module_type", "module_layer"]
 
 # Orientation names kept for callers that compare strings; the behaviour lives in lora_inspect.orientation.
 ORIENT_PEFT = PEFT.name  # A (r, in[, kh, kw]), B (out, r[, 1, 1])
@@ -325,3 +325,15 @@ def module_layer(name: str) -> str:
     # for decoder LMs keep only "...layers.N" (drop self_attn / mlp)
     m = re.match(r"^(.*?(?:layers|h|blocks|layer)[._]\d+)", rest)
     return m.group(1) if m else (rest or "(root)")
+
+
+def require_mergeable(ad: Adapter, where: object, who: str) -> None:
+    """One line unless every module's update is W + s·ΔW alone (what ``verify`` applies): DoRA
+    renormalises rows to its magnitude, and full tensors replace weights outright."""
+    if ad.use_dora or any(m.is_dora for m in ad.modules):
+        raise InspectError(f"{where}: DoRA adapters are not applied by {who} (W + ΔW would ignore the magnitude)")
+    if ad.extras:
+        raise InspectError(f"{where}: holds full tensors ({ad.extras[0]}…) that {who} cannot apply; "
+                           "only low-rank modules")
+    if not ad.modules:
+        raise InspectError(f"{where}: no LoRA modules")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from .errors import InspectError
 
-__all__ = ["parse_count", "parse_size", "COUNT_SUFFIXES", "SIZE_SUFFIXES", "fmt_count", "fmt_bytes", "fmt_float"]
+__all__ = ["json_safe", "parse_count", "parse_size", "COUNT_SUFFIXES", "SIZE_SUFFIXES", "fmt_count", "fmt_bytes", "fmt_float"]
 
 COUNT_SUFFIXES = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 SIZE_SUFFIXES = {
@@ -96,3 +97,14 @@ def fmt_float(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
     return f"{x:.{digits}g}"
+
+
+def json_safe(o: Any) -> Any:
+    """NaN/inf are not JSON: the same structure with them written as None (null)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [json_safe(v) for v in o]
+    return o

@@ -127,7 +127,7 @@ def _locon(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, in
             raise c.fail("a Tucker LoCon needs lora_mid (r, r, kh, kw) and lora_down (r, in, 1, 1)")
         kernel = (mid[2], mid[3])
         shape = (up[0], down[1] * mid[2] * mid[3])
-        return LoConUpdate(c.name, c.roles, r, min(r, *shape), c.numel()), shape, kernel, r
+        return LoConUpdate(c.name, c.roles, r, min(r, *shape), _numel=c.numel()), shape, kernel, r
     shape = (up[0], math.prod(down[1:]))
     upd = LowRankUpdate(c.roles["lora_down.weight"], c.roles["lora_up.weight"], r, PEFT)
     return upd, shape, kernel, r
@@ -156,7 +156,7 @@ def _loha(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, int
         kernel = (b1[2], b1[3]) if len(b1) == 4 else None
         shape, widths = (a1[0], n1), (a1[1], a2[1])
     dim = c.shape("hada_w1_b")[0]
-    upd = LoHaUpdate(c.name, c.roles, dim, min(widths[0] * widths[1], *shape), widths, shape, c.numel())
+    upd = LoHaUpdate(c.name, c.roles, dim, min(widths[0] * widths[1], *shape), widths, shape, _numel=c.numel())
     return upd, shape, kernel, dim
 
 
@@ -196,13 +196,13 @@ def _lokr(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, int
     b, dk, kernel, r2 = _lokr_w2(c)
     dim = r2 or r1  # LyCORIS: lokr_w2_b rows if W₂ is decomposed, else lokr_w1_b rows, else none (s = 1)
     rank = min(r1 or min(a, cc), a, cc) * min(r2 or min(b, dk), b, dk)
-    return LoKrUpdate(c.name, c.roles, dim, rank, c.numel()), (a * b, cc * dk), kernel, dim
+    return LoKrUpdate(c.name, c.roles, dim, rank, _numel=c.numel()), (a * b, cc * dk), kernel, dim
 
 
 def _full(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, int]:
     d = c.dims("diff", (2, 4))
     shape = (d[0], math.prod(d[1:]))
-    return FullUpdate(c.name, c.roles, 0, min(shape), c.numel()), shape, ((d[2], d[3]) if len(d) == 4 else None), 0
+    return FullUpdate(c.name, c.roles, 0, min(shape), _numel=c.numel()), shape, ((d[2], d[3]) if len(d) == 4 else None), 0
 
 
 _READERS = {"locon": _locon, "loha": _loha, "lokr": _lokr, "full": _full}

@@ -18,8 +18,8 @@ spectrum of each without the dense ΔW where one exists (docs/formats.md, "LyCOR
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -113,26 +113,27 @@ class KronDecomposition:
         return b.to(self.dtype), a.to(self.dtype)
 
 
+@dataclass(eq=False)
 class _LyUpdate(Update):
-    """Common parts: the module's name (for the LoRA keys a rewrite writes) and its key roles."""
+    """Common parts: the module's name (for the LoRA keys a rewrite writes), its key roles, LyCORIS's
+    ``lora_dim`` and the bound on rank(ΔW); ``numel`` is the parameter count as stored."""
 
     name: str
     roles: dict[str, str]
     dim: int  # LyCORIS's lora_dim (the r of s = α/r), 0 when there is none
+    rank: int
+    _numel: int = field(default=0, kw_only=True)
+    role_order: ClassVar[tuple[str, ...]] = ()
 
     @property
     def keys(self) -> list[str]:
         return [self.roles[k] for k in self.role_order if k in self.roles]
-
-    role_order: tuple[str, ...] = ()
 
     def lora_keys(self) -> tuple[str, str]:
         return f"{self.name}.lora_down.weight", f"{self.name}.lora_up.weight"
 
     def params(self, shape: tuple[int, int]) -> int:
         return self._numel
-
-    _numel: int = 0
 
     def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
         b, a = self.factors(source, dtype)
@@ -144,11 +145,6 @@ class LoConUpdate(_LyUpdate):
     """LoCon with a Tucker middle factor (plain LoCon is read as a :class:`~lora_inspect.adapter.LowRankUpdate`):
     B = up₂d, A = einsum("a b k l, b i -> a i k l", mid, down₂d).reshape(r, I·K)."""
 
-    name: str
-    roles: dict[str, str]
-    dim: int
-    rank: int
-    _numel: int = 0
     algo = "locon"
     role_order = ("lora_down.weight", "lora_mid.weight", "lora_up.weight")
 
@@ -173,13 +169,8 @@ def _mid_down(mid: "torch.Tensor", down: "torch.Tensor") -> "torch.Tensor":
 class LoHaUpdate(_LyUpdate):
     """ΔW = (U₁V₁) ⊙ (U₂V₂) through the face-splitting factors (B₁ •ᵣ B₂, A₁ •ᶜ A₂)."""
 
-    name: str
-    roles: dict[str, str]
-    dim: int
-    rank: int
     widths: tuple[int, int]  # r₁, r₂
     out_in: tuple[int, int]
-    _numel: int = 0
     algo = "loha"
     role_order = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
@@ -236,11 +227,6 @@ class LoHaUpdate(_LyUpdate):
 class LoKrUpdate(_LyUpdate):
     """ΔW = kron(W₁, W₂₂d); W₁ full (``lokr_w1``) or w1a@w1b, W₂ full, w2a@w2b or Tucker."""
 
-    name: str
-    roles: dict[str, str]
-    dim: int
-    rank: int
-    _numel: int = 0
     algo = "lokr"
     role_order = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -329,11 +315,6 @@ class LoKrUpdate(_LyUpdate):
 class FullUpdate(_LyUpdate):
     """``diff``: the dense ΔW itself (no α, s = 1); spectra by dense SVD."""
 
-    name: str
-    roles: dict[str, str]
-    dim: int
-    rank: int
-    _numel: int = 0
     algo = "full"
     role_order = ("diff",)
 

@@ -21,6 +21,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 
+from ..adapter import require_mergeable
 from ..errors import InspectError
 from .model import linear_modules, linear_shape
 
@@ -51,12 +52,7 @@ def bind_adapter(path: str | Path, model: nn.Module, adapter=None) -> Bound:
     from ..formats import load_adapter
 
     ad = adapter if adapter is not None else load_adapter(path)
-    if ad.use_dora or any(m.is_dora for m in ad.modules):
-        raise InspectError(f"{path}: DoRA adapters are not applied by this merge (W + ΔW would ignore the magnitude)")
-    if ad.extras:
-        raise InspectError(f"{path}: holds full tensors ({ad.extras[0]}…) that cannot be merged; only low-rank modules")
-    if not ad.modules:
-        raise InspectError(f"{path}: no LoRA modules")
+    require_mergeable(ad, path, "verify")
     layers = linear_modules(model)
     kohya = {p + n.replace(".", "_"): n for p in KOHYA_PREFIXES for n in layers}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -10,25 +10,17 @@ from the journal at the end (:func:`write_parquet`).
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from ..errors import InspectError
+from ..units import json_safe
 
 __all__ = ["Journal", "read_rows", "write_parquet"]
 
 
-def _clean(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
+_clean = json_safe  # NaN/inf → null (one home: units.json_safe)
 
 
 def _valid_prefix(data: bytes) -> int:

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..adapter import require_mergeable
 from ..errors import InspectError
 from .io import load_safetensors
 from .loop import resolve_device
@@ -82,12 +83,7 @@ def adapter_deltas(path: str | Path, weight_shapes: dict[str, tuple[int, ...]]) 
     from ..formats import load_adapter
 
     ad = load_adapter(path)
-    if ad.use_dora or any(m.is_dora for m in ad.modules):
-        raise InspectError(f"{path}: DoRA adapters are not supported by verify (W + ΔW would ignore the magnitude)")
-    if ad.extras:
-        raise InspectError(f"{path}: holds full tensors ({ad.extras[0]}…) that verify cannot apply; only low-rank modules")
-    if not ad.modules:
-        raise InspectError(f"{path}: no LoRA modules")
+    require_mergeable(ad, path, "verify")
     kohya = {p + n.replace(".", "_"): n for p in KOHYA_PREFIXES for n in weight_shapes}
     out: dict[str, torch.Tensor] = {}
     for m in ad.modules:

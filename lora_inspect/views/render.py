@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..units import fmt_bytes, fmt_count, fmt_float
+from ..units import fmt_bytes, fmt_count, fmt_float, json_safe
 from .layout import render_table
 
 __all__ = [
@@ -101,15 +101,7 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _clean(o: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
+_clean = json_safe  # NaN/inf → null (one home: units.json_safe)
 
 
 def to_json(view: View) -> str:
