@@ -364,7 +364,10 @@ def utf8_reason(e: UnicodeDecodeError) -> str:
 
 def is_number(x: Any) -> bool:
     """What :func:`number` accepts, as a predicate for values inside a mapping (``alpha_pattern``)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and abs(x) <= MAX_NUMBER
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    # an int beyond float range (10**400) must not reach math.isfinite, which raises OverflowError for it
+    return abs(x) <= MAX_NUMBER and (isinstance(x, int) or math.isfinite(x))
 
 
 def is_count(x: Any) -> bool:

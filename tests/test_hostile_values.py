@@ -79,3 +79,23 @@ def test_a_special_file_named_like_the_config_is_named_as_such(tmp_path):
         assert res.exit_code == 2
         line = res.stderr.strip()
         assert "adapter_config.json" in line and "not a regular file" in line and "\n" not in line
+
+
+def test_huge_integer_pattern_values_are_one_line(tmp_path):
+    """An alpha_pattern value of 10**40 (a JSON integer beyond float range) is refused in one line; it
+    used to escape as OverflowError from math.isfinite (found by the long fuzz run, input #4125)."""
+    import shutil
+    from pathlib import Path
+
+    from lora_inspect.validate import is_count, is_number
+
+    assert not is_number(10**40) and not is_number(float("inf")) and is_number(2**53) and not is_count(10**400)
+    d = tmp_path / "a"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "samples" / "planted", d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["alpha_pattern"] = {"q_proj": 7}
+    (d / "adapter_config.json").write_text(json.dumps(cfg).replace('"q_proj": 7', '"q_proj": ' + "1" + "0" * 40))
+    res = run_cli("info", d)
+    assert res.exit_code == 2
+    line = res.stderr.strip()
+    assert "alpha_pattern" in line and "unexpected" not in line and "\n" not in line
