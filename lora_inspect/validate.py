@@ -207,7 +207,7 @@ def _kind(v: Any) -> str:
 def _show(v: Any) -> str:
     """A short one-line rendering of any value (bounded work: huge ints and containers are summarised)."""
     if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 200:
-        return f"an integer of {len(str(v)) if v.bit_length() < 10_000 else 'thousands of'} digits"
+        return f"of {len(str(v)) if v.bit_length() < 10_000 else 'thousands of'} digits"
     if isinstance(v, str) and len(v) > 60:
         return repr(v[:57]) + "…"
     if isinstance(v, (list, dict)) and len(v) > 8:
@@ -236,7 +236,7 @@ def number(cfg: dict, key: str, where: str, *, default: Any = _MISSING, minimum:
     if isinstance(v, float) and not math.isfinite(v):
         raise InspectError(f"{where}: {key} must be finite, found {v}")
     if abs(v) > MAX_NUMBER:
-        raise InspectError(f"{where}: {key} is out of range (|value| ≤ 2^53), found {_show(v)}")
+        raise InspectError(f"{where}: {key} is out of range (|value| ≤ 2^53), found {_kind(v)} {_show(v)}")
     if positive and not v > 0:
         raise InspectError(f"{where}: {key} must be > 0, found {v}")
     if nonzero and v == 0:
