@@ -131,6 +131,7 @@ def test_killed_scans_resume_to_the_rows_of_an_uninterrupted_scan(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "lora_inspect", "scan", str(hub), "-o", str(out), "--jobs", "2", "--json"]
     rnd = random.Random(7)
+    cut_short = 0
     for attempt in range(3):
         before = len(read_rows(out))
         target = rnd.randint(before + 1, before + 8)  # kill mid-scan: after a few more rows, mid-write or not
@@ -143,7 +144,10 @@ def test_killed_scans_resume_to_the_rows_of_an_uninterrupted_scan(tmp_path):
         time.sleep(rnd.uniform(0, 0.05))
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers
         proc.wait()
-        assert before < len(read_rows(out)) < len(full)  # each run added rows and was cut short
+        got = len(read_rows(out))
+        assert before < got <= len(full)  # each run added rows (a loaded machine may let one finish first)
+        cut_short += got < len(full)
+    assert cut_short, "no kill landed before the scan finished"
     res = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert _canon(read_rows(out)) == _canon(full)
