@@ -371,3 +371,23 @@ def tiny_hf_peft(base_dir: Path, out: Path, targets: list[str], *, r: int = 4, a
 
 
 __all__ += ["TINY_TEXT", "tiny_tokenizer", "tiny_hf_model", "tiny_hf_peft"]
+
+
+def in_thread(fn, timeout: float = 20.0) -> dict:
+    """Run ``fn`` in a daemon thread and fail the test if it is still running after ``timeout`` s (it
+    blocked: a FIFO opened for reading, say); returns {"value": …} or {"error": exception}."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - the test inspects it
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "blocked"
+    return box

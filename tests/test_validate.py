@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import warnings
 from pathlib import Path
 
@@ -285,20 +284,7 @@ def test_size_limit(monkeypatch):
 # --- regular files ------------------------------------------------------------------------------------
 
 
-def _in_thread(fn, timeout=20.0):
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - the test inspects it
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "blocked"
-    return box
+from builders import in_thread as _in_thread  # noqa: E402
 
 
 def test_fifo_is_refused_without_blocking(tmp_path):

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import struct
-import threading
 import warnings
 from pathlib import Path
 
@@ -190,20 +189,7 @@ def test_file_changed_after_the_header_is_one_line(tmp_path):
         src.get("v")
 
 
-def _in_thread(fn, timeout=20.0):
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - the test inspects it
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    assert not t.is_alive(), "blocked"
-    return box
+from builders import in_thread as _in_thread  # noqa: E402
 
 
 @pytest.mark.parametrize("name", ["adapter.safetensors", "adapter.bin"])
