@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -183,18 +181,14 @@ def test_natural_key_orders_layers_and_is_linear_safe():
     assert natural_key(f"a{big}") > natural_key("a9")
 
 
-def test_ten_million_character_name_renders(tmp_path):
-    """A 10-million-character module name (issue 9, class 1) renders its table in linear time: run in
-    a subprocess with a generous limit, so a superlinear renderer fails instead of hanging the suite."""
-    code = (
-        "from lora_inspect.views.render import Table, View, to_text\n"
-        "name = 'model.layers.7.' + 'x' * 10_000_000 + '.q_proj'\n"
-        "t = Table('t', ['module', 'shape', 'flags'], [(name, '64×176', 'spike')], kinds=['name', 'fixed', 'fixed'])\n"
-        "out = to_text(View({}, [t]), 80)\n"
-        "assert max(map(len, out.splitlines())) <= 80, max(map(len, out.splitlines()))\n"
-        "assert '7…q_proj' in out and '64×176' in out and 'spike' in out\n"
-        "print('ok')\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
+def test_a_very_long_module_name_renders_shortened():
+    """A module name of 100,000 characters (issue 9, class 1) is shortened in the middle, keeping the layer
+    index and the type, and the row keeps its numbers and flags. That rendering is linear in the name is a
+    speed claim, measured by benchmarks/bench_render.py (reports/render.md), not asserted here."""
+    from lora_inspect.views.render import Table, View, to_text
+
+    name = "model.layers.7." + "x" * 100_000 + ".q_proj"
+    t = Table("t", ["module", "shape", "flags"], [(name, "64×176", "spike")], kinds=["name", "fixed", "fixed"])
+    out = to_text(View({}, [t]), 80)
+    assert max(map(len, out.splitlines())) <= 80
+    assert "7…q_proj" in out and "64×176" in out and "spike" in out

@@ -11,8 +11,6 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -188,18 +186,6 @@ def test_pathological_patterns_answer_correctly_on_long_names(key, name):
             "(a+)+$": name.rstrip("\n").split(".")[-1] != "" and set(name.rstrip("\n").split(".")[-1]) == {"a"},
             "(.*.*)*=": "=" in name, "[ab]*a[ab]{30}": len(name) > 30 and name[-31] == "a"}[key]
     assert got is want
-
-
-def test_pathological_patterns_do_not_hang_in_a_fresh_interpreter(tmp_path):
-    """Hang detector only (a generous wall-clock limit, no timing assert): ``re`` itself would run for
-    longer than the age of the universe on these."""
-    code = ("from lora_inspect import validate\n"
-            "cases = [('(.*)*x', 'a' * 100_000), ('(a|aa)*b', 'a' * 100_000), ('(a+)+$', 'a' * 99_999 + '!'), "
-            "('(a+)+$', 'a' * 100_000)]\n"
-            "print([validate.compile_pattern(k, 'c')(n) for k, n in cases])\n")
-    env = dict(os.environ, PYTHONPATH=str(Path(validate.__file__).parents[1]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0 and out.stdout.strip() == "[False, False, False, True]", out
 
 
 # --- JSON ------------------------------------------------------------------------------------------
