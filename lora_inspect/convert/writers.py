@@ -22,11 +22,11 @@ import torch
 
 from ..errors import InspectError
 from ..peft_rules import PEFT_PREFIX
-from .canon import Canon, CanonModule
+from .canon import Canon, CanonModule, times
 from .names import dotted_to_kohya
 from .results import ModuleOut
 
-__all__ = ["Written", "write_peft", "write_kohya", "write_diffusers", "write_mlx", "WRITERS", "refuse"]
+__all__ = ["Written", "write_peft", "write_kohya", "write_diffusers", "write_mlx", "WRITERS", "refuse", "record"]
 
 
 @dataclass
@@ -43,8 +43,14 @@ def refuse(target: str, m: CanonModule, why: str) -> InspectError:
     return InspectError(f"module {m.source_name or m.name!r}: {target} cannot hold it: {why}")
 
 
-def _record(m: CanonModule, target: str, k: int, how: list[str]) -> ModuleOut:
-    return ModuleOut(m.source_name or m.name, target, m.kind, m.shape, m.rank, k, m.scale, how)
+_AS_LORA = {"locon": "LoCon Tucker core folded into A", "loha": "LoHa as its exact LoRA (rank r₁·r₂, face-split)",
+            "lokr": "LoKr as its exact LoRA (rank = product of the factor ranks)",
+            "full": "full ΔW as its exact LoRA (rank = min(out, in))"}
+
+
+def record(m: CanonModule, target: str, k: int, how: list[str]) -> ModuleOut:
+    pre = [_AS_LORA[m.algo]] if m.algo in _AS_LORA else []
+    return ModuleOut(m.source_name or m.name, target, m.kind, m.shape, m.rank, k, m.scale, pre + how)
 
 
 def _conv_shapes(m: CanonModule, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -115,7 +121,7 @@ def write_peft(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor]
         if _alpha(m) != alpha:
             ap[re.escape(m.path)] = _alpha(m)
         how = ["α kept" if not m.rslora else "rsLoRA: α·√r written (use_rslora off)"]
-        records.append(_record(m, PEFT_PREFIX + m.path, m.rank, how))
+        records.append(record(m, PEFT_PREFIX + m.path, m.rank, how))
     tensors.update(extras)
     dora = any(m.magnitude is not None for m in canon.modules)
     targets = sorted({m.path for m in canon.modules})
@@ -141,7 +147,7 @@ def write_kohya(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor
         a, b = _stored(m, m.b, m.a, dtype)
         tensors[name + ".lora_down.weight"], tensors[name + ".lora_up.weight"] = a, b
         tensors[name + ".alpha"] = torch.tensor(_alpha(m), dtype=torch.float32)
-        records.append(_record(m, name, m.rank, ["α = s·r stored (fp32)"]))
+        records.append(record(m, name, m.rank, ["α = s·r stored (fp32)"]))
     return Written(tensors, None, None, {}, records)
 
 
@@ -154,13 +160,13 @@ def write_diffusers(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Te
                          "module has none: write peft instead")
         if m.kind == "embedding":
             raise refuse("diffusers", m, "embedding LoRA is not written to diffusers files")
-        a, b = _stored(m, m.b * m.scale, m.a, dtype)
+        a, b = _stored(m, times(m.b, m.scale), m.a, dtype)
         key = m.name
         tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
         if m.magnitude is not None:
             tensors[key + ".lora_magnitude_vector"] = m.magnitude.reshape(-1).to(dtype).contiguous()
         how = [] if m.scale == 1.0 else [f"s = {m.scale:.6g} baked into B (no α: s = 1)"]
-        records.append(_record(m, key, m.rank, how))
+        records.append(record(m, key, m.rank, how))
     return Written(tensors, None, None, {}, records)
 
 
@@ -189,15 +195,16 @@ def write_mlx(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor])
     records = []
     for m in canon.modules:
         f = m.scale / scale
-        b = torch.zeros(m.shape[0], rank, dtype=torch.float64)
-        a = torch.zeros(rank, m.shape[1], dtype=torch.float64)
-        b[:, : m.rank], a[: m.rank] = m.b * f, m.a
+        b, a = times(m.b, f), m.a
+        if m.rank < rank:  # zero rows/columns add nothing to B@A
+            b = torch.cat([b.double(), b.new_zeros(m.shape[0], rank - m.rank, dtype=torch.float64)], dim=1)
+            a = torch.cat([a.double(), a.new_zeros(rank - m.rank, m.shape[1], dtype=torch.float64)], dim=0)
         tensors[m.path + ".lora_a"] = a.T.to(dtype).contiguous()
         tensors[m.path + ".lora_b"] = b.T.to(dtype).contiguous()
         how = [] if f == 1.0 else [f"s = {m.scale:.6g} baked into B (scale {scale:g})"]
         if m.rank < rank:
             how.append(f"zero-padded {m.rank} → {rank}")
-        records.append(_record(m, m.path, rank, how))
+        records.append(record(m, m.path, rank, how))
     cfg = {"fine_tune_type": "lora", "num_layers": -1, "model": canon.base_model,
            "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": _mlx_keys([m.path for m in canon.modules])}}
     notes = ["num_layers = -1 (every layer): layers without tensors here keep lora_b = 0, i.e. ΔW = 0"]
