@@ -66,7 +66,9 @@ def _compare(expected: list[CanonModule], got: list[CanonModule], dtype: torch.d
         if g.shape != m.shape:
             raise InspectError(f"self-check failed: {m.name} reads back as {g.shape[0]}×{g.shape[1]}, expected "
                                f"{m.shape[0]}×{m.shape[1]}; nothing was written")
-        rel, ratio = _same_factors(m, g) if _identical(m, g) else _sketched(sk, m, g, dtype)
+        same = _identical(m, g)
+        rel, ratio = _same_factors(m, g) if same else _sketched(sk, m, g, dtype)
+        rec.check = "identical" if same else "sketched"
         if not ratio <= 1.0:
             raise InspectError(f"self-check failed: {m.name} ΔW after writing differs by {rel:.3g} of its norm "
                                f"({ratio:.3g}× the rounding tolerance); nothing was written")
@@ -88,10 +90,11 @@ def _same_factors(m: CanonModule, g: CanonModule) -> tuple[float, float]:
 
 def _sketched(sk: Sketch, m: CanonModule, g: CanonModule, dtype: torch.dtype) -> tuple[float, float]:
     """Changed factors: the sketched ‖ΔW′ − ΔW‖_F against 3× the rounding bound (:mod:`.check`)."""
-    y = sk.apply(m.b, m.a, m.scale)
+    b, a = m.b.double(), m.a.double()  # once, for the sketch and the tolerance
+    y = sk.apply(b, a, m.scale)
     err = sk.norm(sk.apply(g.b, g.a, g.scale) - y)
     norm = sk.norm(y)
-    return (err / norm if norm > 0 else err), err / (3 * tolerance(m.b, m.a, dtype, m.scale))
+    return (err / norm if norm > 0 else err), err / (3 * tolerance(b, a, dtype, m.scale))
 
 
 def _gguf_modules(path: Path, canon: Canon, plan: GgufPlan, records: list[ModuleOut]) -> list[CanonModule]:
