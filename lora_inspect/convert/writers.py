@@ -181,13 +181,23 @@ def _mlx_keys(paths: list[str]) -> list[str]:
     return sorted(keys)
 
 
+def _mlx_dora(canon: Canon) -> bool:
+    """mlx-lm's ``fine_tune_type: dora`` makes every adapted layer a DoRALinear (``mlx_lm/tuner/dora.py``:
+    W′ = m/‖W + s·BA‖_row · (W + s·BA), PEFT's formula), so DoRA is all modules or none."""
+    dora = [m.magnitude is not None for m in canon.modules]
+    if any(dora) and not all(dora):
+        m = canon.modules[dora.index(False)]
+        raise refuse("mlx-lm", m, "it has no DoRA magnitude while other modules do (mlx-lm's fine_tune_type dora "
+                     "applies to every adapted layer)")
+    return all(dora)
+
+
 def write_mlx(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor]) -> Written:
     _single_model(canon, "mlx-lm")
     for m in canon.modules:
         if m.kind != "linear":
             raise refuse("mlx-lm", m, f"{m.kind} LoRA (mlx-lm adapts Linear layers here)")
-        if m.magnitude is not None:
-            raise refuse("mlx-lm", m, "DoRA is not written to mlx-lm here")
+    dora = _mlx_dora(canon)
     rank = max(m.rank for m in canon.modules)
     scales = Counter(m.scale for m in canon.modules)
     scale = scales.most_common(1)[0][0] if len(scales) == 1 else 1.0
@@ -201,11 +211,13 @@ def write_mlx(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor])
             a = torch.cat([a.double(), a.new_zeros(rank - m.rank, m.shape[1], dtype=torch.float64)], dim=0)
         tensors[m.path + ".lora_a"] = a.T.to(dtype).contiguous()
         tensors[m.path + ".lora_b"] = b.T.to(dtype).contiguous()
+        if m.magnitude is not None:
+            tensors[m.path + ".m"] = m.magnitude.reshape(-1).to(dtype).contiguous()
         how = [] if f == 1.0 else [f"s = {m.scale:.6g} baked into B (scale {scale:g})"]
         if m.rank < rank:
             how.append(f"zero-padded {m.rank} → {rank}")
         records.append(record(m, m.path, rank, how))
-    cfg = {"fine_tune_type": "lora", "num_layers": -1, "model": canon.base_model,
+    cfg = {"fine_tune_type": "dora" if dora else "lora", "num_layers": -1, "model": canon.base_model,
            "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": _mlx_keys([m.path for m in canon.modules])}}
     notes = ["num_layers = -1 (every layer): layers without tensors here keep lora_b = 0, i.e. ΔW = 0"]
     return Written(tensors, "adapters.safetensors", cfg, {}, records, notes)
