@@ -234,3 +234,52 @@ def test_sketch_estimates_the_frobenius_difference():
         ratios.append(est / diff_norm(b1, a1, b2, a2))
     assert min(ratios) > 0.25 and max(ratios) < 3
     assert 0.8 < float(np.mean(np.square(ratios))) < 1.2  # E‖DX‖²/p = ‖D‖²
+
+
+def _tiny_unet(seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                attention_head_dim=2, norm_num_groups=4).eval()
+
+
+def test_peft_unet_adapter_placed_in_a_pipeline_loads_in_diffusers(tmp_path):
+    """A PEFT adapter trained on a UNet, `convert --component unet --to diffusers`: diffusers' own
+    load_lora_adapter + fuse_lora gives PEFT's merged weights."""
+    pytest.importorskip("diffusers")
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(_tiny_unet(0), LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_v", "proj_in"],
+                                                  rank_pattern={"to_v": 2}))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    merged = copy.deepcopy(pm).merge_and_unload().state_dict()
+    res = run_cli("convert", tmp_path / "peft", "--to", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert res.exit_code == 2 and "component" in res.stderr and res.stderr.count("\n") == 1
+    res = run_cli("convert", tmp_path / "peft", "--component", "unet", "--to", "diffusers", "-o",
+                  tmp_path / "d.safetensors", "--dtype", "fp32")
+    assert res.exit_code == 0, res.stderr
+    unet = _tiny_unet(0)
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.load_lora_adapter(str(tmp_path / "d.safetensors"), prefix="unet")
+    unet.fuse_lora()
+    got = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+    assert len(changed) >= 6
+    for k in changed:
+        assert torch.allclose(got[k].double(), merged[k].double(), atol=1e-5, rtol=0), k
+    # the kohya layout of the same adapter reads back with the same ΔW
+    res = run_cli("convert", tmp_path / "peft", "--component", "unet", "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert res.exit_code == 0, res.stderr
+    k = _written_deltas(tmp_path / "k.safetensors")
+    d = _written_deltas(tmp_path / "d.safetensors")
+    assert set(k) == set(d) and all(torch.allclose(k[n], d[n], atol=1e-6) for n in k)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ..errors import InspectError
 
-__all__ = ["KOHYA_TO_COMPONENT", "COMPONENT_TO_KOHYA", "kohya_to_dotted", "dotted_to_kohya", "split_component",
+__all__ = ["KOHYA_TO_COMPONENT", "COMPONENT_TO_KOHYA", "COMPONENTS", "kohya_to_dotted", "dotted_to_kohya", "split_component",
            "full_name"]
 
 KOHYA_TO_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",

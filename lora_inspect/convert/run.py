@@ -174,9 +174,25 @@ def _size(out: Path) -> tuple[int, list[str]]:
     return out.stat().st_size, [out.name]
 
 
+def place_in(canon: Canon, component: str) -> None:
+    """Name the pipeline component (``unet``, ``transformer`` …) of a one-model adapter (PEFT, mlx-lm), so
+    that pipeline layouts (diffusers, kohya) can name its modules."""
+    from .names import COMPONENTS
+
+    if component not in COMPONENTS:
+        raise InspectError(f"unknown pipeline component {component!r} (one of {', '.join(COMPONENTS)})")
+    named = sorted(c for c in canon.components() if c is not None)
+    if named:
+        raise InspectError(f"the adapter's modules already belong to {', '.join(named)}; a component is only given to "
+                           "one-model adapters (PEFT, mlx-lm)")
+    for m in canon.modules:
+        m.component = component
+
+
 def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str | None = None,
-            base: Path | None = None, force: bool = False) -> ConvertResult:
-    """Convert adapter ``ad`` into ``target`` at ``out`` (see the module docstring)."""
+            base: Path | None = None, force: bool = False, component: str | None = None) -> ConvertResult:
+    """Convert adapter ``ad`` into ``target`` at ``out`` (see the module docstring). ``component`` places a
+    one-model adapter in a pipeline (:func:`place_in`)."""
     if target not in TARGETS:
         raise InspectError(f"unknown target layout {target!r} (one of {', '.join(TARGETS)})")
     out = Path(out)
@@ -185,6 +201,8 @@ def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str |
     if target == "gguf" and dtype is None and dt_name == "bf16":
         dt_name = "fp16"
     canon = from_adapter(ad, native=True)
+    if component is not None:
+        place_in(canon, component)
     extras = _extras(ad, canon, target)
     if base is None and ad.base_model and target == "gguf":
         home = Path(ad.path) if Path(ad.path).is_dir() else Path(ad.path).parent

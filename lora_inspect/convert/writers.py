@@ -156,8 +156,8 @@ def write_diffusers(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Te
     records = []
     for m in canon.modules:
         if m.component is None:
-            raise refuse("diffusers", m, "diffusers files name a pipeline component (unet, text_encoder …); this "
-                         "module has none: write peft instead")
+            raise refuse("diffusers", m, "diffusers files name a pipeline component (unet, transformer, "
+                         "text_encoder …) and this module has none: name it, or write peft")
         if m.kind == "embedding":
             raise refuse("diffusers", m, "embedding LoRA is not written to diffusers files")
         a, b = _stored(m, times(m.b, m.scale), m.a, dtype)
