@@ -283,3 +283,45 @@ def test_peft_unet_adapter_placed_in_a_pipeline_loads_in_diffusers(tmp_path):
     k = _written_deltas(tmp_path / "k.safetensors")
     d = _written_deltas(tmp_path / "d.safetensors")
     assert set(k) == set(d) and all(torch.allclose(k[n], d[n], atol=1e-6) for n in k)
+
+
+def _tiny_bert(seed: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                     max_position_embeddings=32, num_labels=3)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_bert_with_modules_to_save_peft_to_peft_same_logits(tmp_path):
+    """PEFT → PEFT keeps modules_to_save (the classifier head) and rank/alpha patterns: PEFT's loader gives
+    the source's logits; a layout that cannot hold full tensors refuses in one line."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    cfg = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"],
+                     modules_to_save=["classifier"], alpha_pattern={"value": 2})
+    pm = get_peft_model(_tiny_bert(0), cfg)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(str(tmp_path / "src"))
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+
+    def logits(path: Path) -> torch.Tensor:
+        m = PeftModel.from_pretrained(_tiny_bert(0), str(path)).eval()
+        with torch.no_grad():
+            return m(input_ids=ids).logits.double()
+
+    res = run_cli("convert", tmp_path / "src", "--to", "peft", "-o", tmp_path / "out", "--dtype", "fp32")
+    assert res.exit_code == 0, res.stderr
+    ref, got = logits(tmp_path / "src"), logits(tmp_path / "out")
+    base = _tiny_bert(0)
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits.double()
+    assert float((ref - plain).abs().max()) > 1e-2  # the adapter and head change the logits
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+    res = run_cli("convert", tmp_path / "src", "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert res.exit_code == 2 and "modules_to_save" in res.stderr and res.stderr.count("\n") == 1
