@@ -92,6 +92,14 @@ def _peft_config(canon: Canon, r: int, alpha: float, rp: dict, ap: dict, targets
     }
 
 
+def _peft_magnitude(m: CanonModule, dtype: torch.dtype) -> torch.Tensor:
+    """PEFT's (and diffusers') DoRA magnitude: (out,) for linear, (1, out, 1, 1) for Conv2d, (1, out, 1) for
+    Conv1d (``peft/tuners/lora/dora.py · _DoraConvNdLayer``: weight norm kept with keepdim)."""
+    assert m.magnitude is not None
+    shape = {3: (1, -1, 1), 4: (1, -1, 1, 1)}.get(m.conv_ndim, (1, -1, 1, 1)) if m.kind == "conv" else (-1,)
+    return m.magnitude.reshape(shape).to(dtype).contiguous()
+
+
 def _peft_module(m: CanonModule, dtype: torch.dtype, tensors: dict) -> None:
     key = PEFT_PREFIX + m.path
     if m.kind == "embedding":  # PEFT applies s·(B_st@A_st)ᵀ: A_st = Bᵀ (k, vocab), B_st = Aᵀ (dim, k)
@@ -101,8 +109,7 @@ def _peft_module(m: CanonModule, dtype: torch.dtype, tensors: dict) -> None:
     a, b = _stored(m, m.b, m.a, dtype)
     tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
     if m.magnitude is not None:
-        mag = m.magnitude.reshape(1, -1, 1, 1) if m.kind == "conv" else m.magnitude.reshape(-1)
-        tensors[key + ".lora_magnitude_vector"] = mag.to(dtype).contiguous()
+        tensors[key + ".lora_magnitude_vector"] = _peft_magnitude(m, dtype)
 
 
 def write_peft(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor]) -> Written:
@@ -164,7 +171,7 @@ def write_diffusers(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Te
         key = m.name
         tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
         if m.magnitude is not None:
-            tensors[key + ".lora_magnitude_vector"] = m.magnitude.reshape(-1).to(dtype).contiguous()
+            tensors[key + ".lora_magnitude_vector"] = _peft_magnitude(m, dtype)
         how = [] if m.scale == 1.0 else [f"s = {m.scale:.6g} baked into B (no α: s = 1)"]
         records.append(record(m, key, m.rank, how))
     return Written(tensors, None, None, {}, records)
