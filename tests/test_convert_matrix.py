@@ -164,12 +164,14 @@ def test_pair(sources, source, target, tmp_path):
 
 
 def test_round_trips_back_to_peft_are_exact(sources, tmp_path):
-    """PEFT → X → PEFT for every X that reads back (GGUF is written, not read)."""
+    """PEFT → X → PEFT for every X that reads back (GGUF is written, not read); diffusers files name a
+    pipeline part, so the adapter is placed in one (``--component transformer``) on the way out."""
     src, expected = sources["peft"]
-    for via in ("kohya", "mlx", "peft"):
+    for via in ("kohya", "mlx", "peft", "diffusers"):
         mid, back = _out_path(tmp_path / via, via), tmp_path / via / "back"
         mid.parent.mkdir(exist_ok=True)
-        assert run_cli("convert", src, "--to", via, "-o", mid, "--dtype", "fp32").exit_code == 0
+        place = ["--component", "transformer"] if via == "diffusers" else []
+        assert run_cli("convert", src, "--to", via, "-o", mid, "--dtype", "fp32", *place).exit_code == 0
         res = run_cli("convert", mid, "--to", "peft", "-o", back, "--dtype", "fp32")
         assert res.exit_code == 0, res.stderr
         got = {p: d for (_, p), d in _written_deltas(back).items()}
