@@ -13,6 +13,7 @@ from ..errors import InspectError
 from ..files import AtomicOutput, check_output_path, dump_json, write_safetensors, write_text
 from .canon import Canon, CanonModule, from_adapter
 from .check import diff_norm, lowrank_norm, tolerance
+from .flux import flux_for_target
 from .gguf_out import PERMUTE_ARCHS, GgufPlan, base_config, llama_permute, plan_gguf, read_gguf, write_gguf
 from .results import ConvertResult, ModuleOut
 from .writers import WRITERS, Written
@@ -158,7 +159,7 @@ def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str |
     dt_name = dtype or default_dtype(ad)
     if target == "gguf" and dtype is None and dt_name == "bf16":
         dt_name = "fp16"
-    canon = from_adapter(ad)
+    canon = flux_for_target(from_adapter(ad), target)  # Flux: BFL fused ↔ diffusers split names
     extras = _extras(ad, canon, target)
     if base is None and ad.base_model and target == "gguf":
         home = Path(ad.path) if Path(ad.path).is_dir() else Path(ad.path).parent
