@@ -17,7 +17,7 @@ sd-scripts ``networks/convert_flux_lora.py``); the maths (docs/formats.md, "Flux
 - fuse (parts → fused): A = cat(A_q, A_k, A_v), B = block-diagonal(f_q·B_q, f_k·B_k, f_v·B_v) with
   f_j = s_j/s (rank Σr_j), or, when all parts hold the same A (a split that was never trained
   apart), A and B = cat(f_j·B_j) by rows (rank kept). A part the adapter lacks gets zero rows of B
-  (ΔW = 0 there, as for an unadapted layer), so ComfyUI, Forge and diffusers all load the file.
+  (ΔW = 0 there, as for an unadapted layer); diffusers' kohya converter splits it back.
 """
 
 from __future__ import annotations
