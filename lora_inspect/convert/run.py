@@ -13,6 +13,7 @@ from ..errors import InspectError
 from ..files import AtomicOutput, check_output_path, dump_json, write_safetensors, write_text
 from .canon import Canon, CanonModule, from_adapter
 from .check import UNIT_ROUNDOFF, Sketch, tolerance
+from .flux import flux_for_target
 from .gguf_out import PERMUTE_ARCHS, GgufPlan, base_config, llama_permute, plan_gguf, read_gguf, write_gguf
 from .results import ConvertResult, ModuleOut
 from .writers import WRITERS, Written
@@ -83,7 +84,10 @@ def _identical(m: CanonModule, g: CanonModule) -> bool:
 
 
 def _same_factors(m: CanonModule, g: CanonModule) -> tuple[float, float]:
-    """Bit-identical factors: ΔW differs by |s′ − s|/|s| exactly; the scale may only round as an fp32 α does."""
+    """Bit-identical factors: ΔW differs by |s′ − s|/|s| exactly (nothing when B or A is zero, e.g. an unadapted
+    part split out of a fused module); the scale may only round as an fp32 α does."""
+    if not (bool(m.b.any()) and bool(m.a.any())):
+        return 0.0, 0.0
     rel = abs(g.scale - m.scale) / abs(m.scale) if m.scale else abs(g.scale)
     return rel, rel / (4 * UNIT_ROUNDOFF[torch.float32])
 
@@ -203,6 +207,7 @@ def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str |
     canon = from_adapter(ad, native=True)
     if component is not None:
         place_in(canon, component)
+    canon = flux_for_target(canon, target)  # Flux: BFL fused ↔ diffusers split names
     extras = _extras(ad, canon, target)
     if base is None and ad.base_model and target == "gguf":
         home = Path(ad.path) if Path(ad.path).is_dir() else Path(ad.path).parent
