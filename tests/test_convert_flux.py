@@ -303,3 +303,22 @@ def test_refusals_and_non_flux_names(tmp_path):
     convert(load_adapter(src), tmp_path / "sd3_k.safetensors", "kohya")
     assert {k.split(".")[0] for k in load_file(str(tmp_path / "sd3_k.safetensors"))} == {
         f"lora_transformer_transformer_blocks_0_attn_to_{c}" for c in "qkv"}
+
+
+def test_merge_of_a_kohya_and_a_diffusers_flux_lora(flux, tmp_path):
+    """merge meets a BFL-named kohya file and a diffusers file of the same adapter on diffusers names:
+    0.25·ΔW + 0.75·ΔW is ΔW, written back as BFL kohya (fused) by default."""
+    from tests.builders import run_cli
+
+    d = tmp_path / "d.safetensors"
+    convert(load_adapter(flux["src"]), d, "diffusers", dtype="fp32")
+    res = run_cli("merge", flux["src"], d, "--weights", "0.25,0.75", "-o", tmp_path / "m.safetensors")
+    assert res.exit_code == 0, res.stderr
+    back = tmp_path / "m_d.safetensors"
+    convert(load_adapter(tmp_path / "m.safetensors"), back, "diffusers", dtype="fp32")
+    got = {m.path: m.delta() for m in from_adapter(load_adapter(back)).modules}
+    assert set(got) == set(flux["deltas"])
+    for p, want in flux["deltas"].items():
+        assert _close(got[p], want, want), p
+    names = {m.name for m in load_adapter(tmp_path / "m.safetensors").modules}
+    assert "lora_unet_double_blocks_0_img_attn_qkv" in names

@@ -24,6 +24,7 @@ from ..files import check_output_path
 from ..rewrite.ranks import TruncateSpec, choose_ranks
 from ..spectrum import decompose, relative_error, retained_energy
 from .canon import Canon, CanonModule, from_adapter
+from .flux import flux_for_target
 from .results import MergeModule, MergeResult
 from .run import DTYPES, TARGETS, default_dtype, write_canon
 
@@ -144,7 +145,7 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
     paths = [Path(ad.path) for ad in ads]
     canons = []
     for ad in ads:
-        c = from_adapter(ad)
+        c = flux_for_target(from_adapter(ad), "diffusers")  # kohya/BFL and diffusers Flux files meet on one naming
         if c.extras:
             raise InspectError(f"{ad.path}: full tensors ({c.extras[0]!r} …, modules_to_save) cannot be summed")
         canons.append(c)
@@ -153,7 +154,7 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
     if not merged:
         raise InspectError("every merged module is zero: nothing to write")
     first = canons[0]
-    canon = Canon(merged, "merge", first.base_model, first.fan_in_fan_out, first.config)
+    canon = flux_for_target(Canon(merged, "merge", first.base_model, first.fan_in_fan_out, first.config), tgt)
     dt = dtype or default_dtype(ads[0])
     records, notes, worst, ratio = write_canon(canon, out, tgt, DTYPES[dt], {})
     partial = sum(1 for f in facts if 0 in f.inputs)
