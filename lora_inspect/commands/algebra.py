@@ -135,7 +135,7 @@ Examples:
               help="ties, dare_ties: elect each entry's sign by sign(Σ τᵢ) (total, default) or sign(Σ sign τᵢ).")
 @click.option("--seed", type=int, default=None, help="dare_*: seed of the random masks (default 0).")
 @click.option("--dense-dtype", type=click.Choice(("fp64", "fp32")), default=None,
-              help="Dense methods: dtype of the dense tensors (default fp64; fp32 halves the memory).")
+              help="Dense methods: dtype of the dense tensors (default fp64; fp32 needs about half the memory).")
 @click.option("--dense-limit", callback=_size, default=None,
               help="Dense methods: refuse a module needing more memory than this (default 8GiB).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -151,21 +151,24 @@ def merge(adapters, out, weights, rank, energy, max_params, max_size, target, dt
     approximation (Eckart–Young), chosen as truncate does. Works across ranks, rsLoRA, patterns and
     layouts (module names must map onto each other); DoRA is refused. Atomic and self-checked.
 
-    \b
     Dense methods (PEFT's ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd): per module,
     form every input's dense ΔWᵢ = sᵢBᵢAᵢ and prune it elementwise to --density d:
+
+    \b
       magnitude_prune  keep each ΔWᵢ's ⌊d·out·in⌋ largest |entries|, then Σ wᵢ·ΔWᵢ
       dare_linear      keep each entry with probability d, divide by d, then Σ wᵢ·ΔWᵢ
       ties             magnitude prune, elect a sign per entry, average the weighted
                        entries that agree with it (a mean, not a sum)
       dare_ties        the random prune of dare_linear, then the election of ties
+
     They are functions of the dense ΔW, not of the factors, and ties/dare are not a weighted sum.
     The result has full rank in general: a dense SVD truncates it to max rᵢ of the module's inputs
     (PEFT's svd_rank=None) or by --rank/--energy/--max-params/--max-size (a budget merges every module
-    twice). Cost per module: one dense SVD, O(out·in·min(out, in)) time, and about (2n + 3)·out·in·8
-    bytes of memory for n inputs in fp64 (half in fp32): 3.3 GB for two 14336×4096 updates. One
-    module's dense tensors are alive at a time. dare_* draws from a generator seeded by --seed and
-    the module name: the same seed gives the same file, whatever the order of the modules.
+    twice). Cost per module: one dense SVD, O(out·in·min(out, in)) time, and about ((2n + 3)·8 + 8)·out·in
+    bytes of memory for n inputs in fp64 (((2n + 3)·4 + 8)·out·in in fp32): 3.8 GB for two 14336×4096
+    updates in fp64, 2.1 GB in fp32. One module's dense tensors are alive at a time. dare_* draws
+    from a generator seeded by --seed and the module name: the same seed and options give the same
+    file, whatever the order of the modules.
     """
     from ..convert.merge import merge as do_merge
     from ..views.algebra import merge_view
@@ -191,7 +194,7 @@ def merge(adapters, out, weights, rank, energy, max_params, max_size, target, dt
         raise _as_usage(e) from e
     except InspectError as e:
         if e.option == "max_bytes_dense":
-            raise InspectError(e.message, hint="--dense-dtype fp32 halves it; --dense-limit raises the limit") from e
+            raise InspectError(e.message, hint="--dense-dtype fp32 needs about half; --dense-limit raises the limit") from e
         raise _with_flag(e) from e
     for n in res.notes:
         if n.startswith("removed "):

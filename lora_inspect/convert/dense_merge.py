@@ -91,10 +91,12 @@ def module_seed(seed: int, key: str) -> int:
 
 
 def peak_bytes(n: int, shape: tuple[int, int], dtype: torch.dtype) -> int:
-    """Estimated peak memory of one module: (2n + 3)·out·in elements — the stacked updates, their signs
-    or masks, the merged ΔW and its SVD's U, Vᵀ and workspace."""
+    """Estimated peak memory of one module: ((2n + 3)·itemsize + 8)·out·in bytes — the stacked updates,
+    their signs, the election, the merged ΔW and its SVD's U, Vᵀ and workspace, plus the boolean masks and
+    ``topk``'s int64 indices. Measured peaks (resident set, 2048×3072): n=2 fp64 297 MiB (estimate 384),
+    n=3 fp64 391 MiB (480), n=2 fp32 196 MiB (216)."""
     item = torch.finfo(dtype).bits // 8
-    return (2 * n + 3) * shape[0] * shape[1] * item
+    return ((2 * n + 3) * item + 8) * shape[0] * shape[1]
 
 
 def dense_updates(mods: list[CanonModule], dtype: torch.dtype) -> torch.Tensor:
