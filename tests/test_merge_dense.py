@@ -215,3 +215,40 @@ def test_cli_json_and_refusals(pair, tmp_path):
     r = run_cli("merge", a, dora.path, "--method", "ties", "--density", "0.5", "-o", tmp_path / "y")
     assert r.exit_code == 2 and "DoRA" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "y").exists()
+
+
+def test_module_order_and_conv(tmp_path):
+    """A 3×3 conv (kohya) merges on its (out, in·3·3) flattening, as PEFT's flatten(1); reversing the
+    module order of the inputs leaves every DARE module unchanged (per-module generators)."""
+    from lora_inspect.convert.dense_merge import dense_merge_modules
+    from tests.builders import kohya_delta, write_kohya
+
+    g = torch.Generator().manual_seed(8)
+    specs = {}
+    for i in range(2):
+        specs[i] = {f"lora_unet_mid_block_resnets_0_conv{j}": (torch.randn(3, 6, 3, 3, generator=g),
+                                                            torch.randn(5, 3, 1, 1, generator=g), 1.5 + i)
+                    for j in (1, 2)}
+    paths = [write_kohya(tmp_path / f"k{i}.safetensors", specs[i]) for i in range(2)]
+    dense = DenseSpec("dare_ties", 0.6, seed=1)
+    res = merge([load_adapter(p) for p in paths], tmp_path / "m.safetensors", weights=[1.0, -0.7], dense=dense,
+                dtype="fp32")
+    out = {m.name: m for m in load_adapter(tmp_path / "m.safetensors").modules}
+    assert len(out) == 2 and all(f.rank_out == 3 for f in res.modules)
+    canons = [from_adapter(load_adapter(p)) for p in paths]
+    for f in res.modules:
+        mods = [m for c in canons for m in c.modules if m.path == f.name]
+        taus = [kohya_delta(*specs[i][mods[i].source_name]) for i in range(2)]
+        assert all(torch.allclose(t, u, atol=1e-12) for t, u in zip(taus, dense_updates(mods, torch.float64)))
+        full = dense_delta(mods, [1.0, -0.7], dense, f.name)
+        u, s, vh = torch.linalg.svd(full)
+        trunc = (u[:, :3] * s[:3]) @ vh[:3]
+        got = out[mods[0].source_name].delta()
+        assert float((got.reshape(trunc.shape) - trunc).norm() / trunc.norm()) < 1e-6
+    forward, _ = dense_merge_modules(canons, [1.0, -0.7], None, paths, dense)
+    for c in canons:
+        c.modules.reverse()
+    backward, _ = dense_merge_modules(canons, [1.0, -0.7], None, paths, dense)
+    fb = {m.path: m.delta() for m in backward}
+    assert [m.path for m in forward] == list(reversed(fb)) and all(torch.equal(m.delta(), fb[m.path])
+                                                                    for m in forward)
