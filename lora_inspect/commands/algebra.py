@@ -9,9 +9,10 @@ import click
 from ..errors import InspectError, OptionError
 from ..formats import load_adapter
 from ..rewrite import TruncateSpec
+from ..units import parse_size
 from ..views.render import emit, warn
 from ._options import output_options
-from .rewrite import _as_usage, _count, _size, _with_flag
+from .rewrite import _as_usage, _count, _positive, _size, _with_flag
 
 __all__ = ["convert", "merge"]
 
@@ -70,6 +71,7 @@ def _weights(_ctx, _param, value):
         raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from e
 
 
+_dense_size = _positive(parse_size, "--dense-limit")
 _METHODS = ("sum", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _DENSE_FLAGS = {"density": "--density", "majority_sign": "--majority-sign", "seed": "--seed",
                 "precision": "--dense-dtype", "max_bytes_dense": "--dense-limit", "method": "--method"}
@@ -136,7 +138,7 @@ Examples:
 @click.option("--seed", type=int, default=None, help="dare_*: seed of the random masks (default 0).")
 @click.option("--dense-dtype", type=click.Choice(("fp64", "fp32")), default=None,
               help="Dense methods: dtype of the dense tensors (default fp64; fp32 needs about half the memory).")
-@click.option("--dense-limit", callback=_size, default=None,
+@click.option("--dense-limit", callback=_dense_size, default=None,
               help="Dense methods: refuse a module needing more memory than this (default 8GiB).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
