@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from .canon import Canon, CanonModule, from_adapter
 from .flux import flux_for_target
 from .results import MergeModule, MergeResult
 from .run import DTYPES, TARGETS, default_dtype, write_canon
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dense_merge import DenseSpec
 
 __all__ = ["merge", "merge_modules", "target_of"]
 
@@ -132,13 +136,17 @@ def _parse_weights(weights: list[float] | None, n: int) -> list[float]:
 
 
 def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: TruncateSpec | None = None,
-          target: str | None = None, dtype: str | None = None, force: bool = False) -> MergeResult:
-    """Write Σ wᵢ·ΔWᵢ of the adapters ``ads`` to ``out`` (atomically, self-checked)."""
+          target: str | None = None, dtype: str | None = None, force: bool = False,
+          dense: DenseSpec | None = None) -> MergeResult:
+    """Write Σ wᵢ·ΔWᵢ of the adapters ``ads`` to ``out`` (atomically, self-checked); with ``dense``, the
+    dense merge it names instead (:mod:`lora_inspect.convert.dense_merge`)."""
     if len(ads) < 2:
         raise InspectError("merge needs at least two adapters")
     ws = _parse_weights(weights, len(ads))
     if spec is not None:
         spec.validate()
+    if dense is not None:
+        dense.validate()
     out = Path(out)
     for ad in ads:
         check_output_path(ad.path, ad.weights_path, out, force, _markers())
@@ -150,7 +158,12 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
             raise InspectError(f"{ad.path}: full tensors ({c.extras[0]!r} …, modules_to_save) cannot be summed")
         canons.append(c)
     tgt = target or target_of(ads[0].format)
-    merged, facts = merge_modules(canons, ws, spec, paths)
+    if dense is None:
+        merged, facts = merge_modules(canons, ws, spec, paths)
+    else:
+        from .dense_merge import dense_merge_modules
+
+        merged, facts = dense_merge_modules(canons, ws, spec, paths, dense)
     if not merged:
         raise InspectError("every merged module is zero: nothing to write")
     first = canons[0]
@@ -161,9 +174,15 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
     if partial:
         notes.insert(0, f"{partial} modules are present in only some inputs (absent terms are zero)")
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) if out.is_dir() else out.stat().st_size
-    mode = "exact" if spec is None else f"{spec.mode} {_value(spec):g}"
-    return MergeResult(paths, [ad.format for ad in ads], ws, mode, out, tgt, dt, facts, records, size, notes,
-                       worst, ratio)
+    mode = ("exact" if dense is None else "rank max rᵢ") if spec is None else f"{spec.mode} {_value(spec):g}"
+    res = MergeResult(paths, [ad.format for ad in ads], ws, mode, out, tgt, dt, facts, records, size, notes,
+                      worst, ratio)
+    if dense is not None:
+        res.method, res.density = dense.method, float(dense.density)
+        res.seed = dense.seed if dense.random else None
+        res.majority_sign = dense.majority_sign if dense.method.endswith("ties") else None
+        res.precision = dense.precision
+    return res
 
 
 def _value(spec: TruncateSpec) -> float:

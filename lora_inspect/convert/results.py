@@ -69,3 +69,8 @@ class MergeResult:
     notes: list[str]
     max_check_error: float
     max_check_ratio: float
+    method: str = "sum"  # "sum" (exact Σ wᵢΔWᵢ) or a dense method: ties, dare_linear, dare_ties, magnitude_prune
+    density: float | None = None  # dense methods: the fraction of each ΔWᵢ kept
+    majority_sign: str | None = None  # ties, dare_ties: "total" or "frequency"
+    seed: int | None = None  # dare_linear, dare_ties: the seed of the random masks
+    precision: str | None = None  # dense methods: dtype of the dense tensors ("fp64", "fp32")

@@ -65,6 +65,8 @@ def merge_doc(res: MergeResult) -> dict[str, Any]:
         "inputs": [{"path": str(p), "format": f, "weight": w} for p, f, w in
                    zip(res.inputs, res.input_formats, res.weights)],
         "mode": res.mode,
+        "method": {"name": res.method, "dense": res.method != "sum", "density": res.density,
+                   "majority_sign": res.majority_sign, "seed": res.seed, "precision": res.precision},
         "output": {"path": str(res.output), "format": res.target, "dtype": res.dtype, "bytes": res.output_bytes},
         "modules": [{"name": m.name, "kind": m.kind, "shape": list(m.shape), "input_ranks": m.inputs,
                      "rank_concat": m.rank_concat, "numerical_rank": m.numerical_rank, "rank_out": m.rank_out,
@@ -84,13 +86,28 @@ def merge_view(res: MergeResult, max_rows: int | None = 40) -> View:
                                  for m in shown]
     worst = max(res.modules, key=lambda m: (m.relative_error, m.name))
     ws = ", ".join(f"{w:g}" for w in res.weights)
-    header = [f"wrote {res.output} ({res.target}, {res.dtype}, {fmt_bytes(res.output_bytes)}): Σ wᵢ·ΔWᵢ of "
+    header = [f"wrote {res.output} ({res.target}, {res.dtype}, {fmt_bytes(res.output_bytes)}): {_what(res)} of "
               f"{len(res.inputs)} adapters (weights {ws}), {res.mode}"]
     footer = [f"worst module: {worst.name} keeps {worst.retained_energy:.6f} of its energy (relative error "
               f"{fmt_float(worst.relative_error)})"]
+    if res.method != "sum":
+        footer.append(f"dense method: the result is not Σ wᵢ·ΔWᵢ; energy and error are against the dense "
+                      f"{res.method} result before the SVD")
     footer += [f"note: {n}" for n in res.notes]
     footer.append(f"self-check passed: every written ΔW equals the intended one (worst relative error "
                   f"{fmt_float(res.max_check_error)})")
     table = Table(_title(len(res.modules), max_rows), ["module", "shape", "ranks in", "num. rank", "→ k",
                                                         "energy kept", "rel. error"], rows)
     return View(doc, [table], header=header, footer=footer)
+
+
+def _what(res: MergeResult) -> str:
+    if res.method == "sum":
+        return "Σ wᵢ·ΔWᵢ"
+    parts = [f"density {res.density:g}"]
+    if res.majority_sign:
+        parts.append(f"majority sign {res.majority_sign}")
+    if res.seed is not None:
+        parts.append(f"seed {res.seed}")
+    parts.append(res.precision or "fp64")
+    return f"{res.method} on the dense ΔWᵢ ({', '.join(parts)})"
