@@ -298,3 +298,22 @@ def test_sgm_refusals_one_line():
         "lora_unet_output_blocks_2_1_conv"
     assert dotted_to_kohya("unet", "up_blocks.1.upsamplers.0.conv", sgm=True) == "lora_unet_output_blocks_5_2_conv"
     assert up0_has_attention(["mid_block.attentions.0.proj_in"]) is None
+
+
+def test_every_text_encoder_module_matches_diffusers_names():
+    """Every Linear of a CLIP text encoder (with projection): the kohya name sd-scripts writes → our dotted path,
+    equal to what diffusers' kohya text-encoder converter and its PEFT renaming give."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    te = _text_encoders()["text_encoder_2"]
+    paths = [n for n, m in te.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert "text_projection" in paths and len(paths) == 13
+    for prefix, comp in (("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")):
+        names = {prefix + p.replace(".", "_"): p for p in paths}
+        assert {k: kohya_to_dotted(k) for k in names} == {k: (comp, p) for k, p in names.items()}
+        sd = {f"{k}.{s}": torch.zeros(1, 1) for k in names for s in ("lora_down.weight", "lora_up.weight")}
+        got, _ = _convert_non_diffusers_lora_to_diffusers(sd)
+        got = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
+            {k.removeprefix(comp + "."): v for k, v in got.items()}))
+        assert {k.split(".lora_A")[0] for k in got if ".lora_A" in k} == set(paths)
