@@ -184,7 +184,7 @@ def test_sdxl_sgm_kohya_to_diffusers_names_and_applied_weights(tmp_path):
     assert ours == set(SDXL_UNET.values())
     assert ours == _diffusers_names(src, unet.config)  # (a) diffusers' own kohya converter
     # (b) our file through diffusers' loaders, merged: W + (α/r)·up@down. (diffusers reading the kohya file itself
-    # drops the α of to_q/to_k/to_v that differ from the most common one: _get_alpha_name keeps
+    # applies the most common α to attention projections (to_q/k/v/out) whose α differs: _get_alpha_name keeps
     # "….processor.to_q_lora.down.weight" as the module name; our file bakes α into lora_B.)
     u, t1, t2 = _fresh(_sdxl_unet, unet), _fresh(lambda: _text_encoders()["text_encoder"], tes["text_encoder"]), \
         _fresh(lambda: _text_encoders()["text_encoder_2"], tes["text_encoder_2"])
