@@ -144,9 +144,9 @@ def kohya_names(canon: "Canon", unet_names: str = "auto") -> tuple[list[str], li
         src = _source_style(canon)
         style = src or ("sgm" if xl else "diffusers")
         if unet:
-            why = "as in the source" if src else ("SDXL: as sd-scripts writes" if xl else "SD1.x/2.x or unknown UNet")
-            notes.append(f"UNet modules named {'SGM (input_blocks_…)' if style == 'sgm' else 'diffusers-style'} "
-                         f"({why})")
+            why = "as in the source" if src else ("an SDXL adapter, as sd-scripts writes them" if xl else
+                                                  "as sd-scripts writes SD1.x/2.x; no SDXL module here")
+            notes.append(f"kohya UNet names: {'SGM (input_blocks_…)' if style == 'sgm' else 'diffusers-style'}, {why}")
     up0 = up0_has_attention(unet) if style == "sgm" else None
     te1 = any(m.source_name.startswith("lora_te1_") for m in canon.modules)
     te_prefix = "lora_te1_" if (xl or te1) else None
