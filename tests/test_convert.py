@@ -151,6 +151,38 @@ def test_mlx_loader_fused_weights(llama_rs, tmp_path):
         np.testing.assert_allclose(d, want, atol=2e-6 * np.abs(want).max() + 1e-6)
 
 
+def test_dora_to_mlx_fuses_like_peft(tmp_path):
+    """PEFT DoRA → mlx-lm ``fine_tune_type: dora``: mlx-lm's DoRALinear.fuse on the same base weights gives
+    PEFT's merged weights."""
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.utils import load_adapters
+
+    dora = build_peft(tmp_path, arch="llama", seed=6, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                      use_dora=True, rank_pattern={"v_proj": 2})
+    out = tmp_path / "mlx"
+    res = convert(load_adapter(dora.path), out, "mlx", dtype="fp32")
+    assert json.loads((out / "adapter_config.json").read_text())["fine_tune_type"] == "dora"
+    assert res.max_check_error < 1e-6
+    args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=56,
+                           num_attention_heads=4, rms_norm_eps=1e-5, vocab_size=96, num_key_value_heads=2,
+                           tie_word_embeddings=False)
+    model = llama.Model(args)
+    model.load_weights([(k, mx.array(v.float().numpy())) for k, v in dora.base_state.items()], strict=False)
+    load_adapters(model, str(out))
+    fused = {n: m.fuse() for n, m in model.named_modules() if hasattr(m, "m") and hasattr(m, "fuse")}
+    assert len(fused) == 4
+    for name, lin in fused.items():
+        got = np.array(lin.weight.astype(mx.float32)).astype(np.float64)
+        want = dora.merged_state[name + ".weight"].numpy()
+        np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    # poisoned control: the same file read as plain LoRA is not PEFT's DoRA weight
+    plain = dora.base_state["model.layers.0.self_attn.q_proj.weight"] + load_adapter(out).module(
+        "model.layers.0.self_attn.q_proj").delta()
+    assert float((plain - dora.merged_state["model.layers.0.self_attn.q_proj.weight"]).abs().max()) > 1e-3
+
+
 def test_refusals_one_line(tmp_path):
     dora = build_peft(tmp_path, arch="llama", seed=4, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
     base = tmp_path / "base"

@@ -114,3 +114,33 @@ def test_mixed_layouts_and_refusals(pair, tmp_path):
     res = run_cli("merge", pair[0].path, pair[1].path, "--weights", "1", "-o", tmp_path / "z")
     assert res.exit_code == 2 and "weights" in res.stderr
     assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
+
+
+def test_lycoris_loha_and_lokr_merge_with_a_lora_exactly(tmp_path):
+    """LoHa and LoKr modules enter the sum through their exact LoRA factors: the merge equals the dense
+    w₁·ΔW_LoHa + w₂·ΔW_LoKr + w₃·ΔW_LoRA computed from the raw tensors."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+
+    def r(*s):
+        return torch.randn(*s, generator=g)
+
+    w1a, w1b, w2a, w2b = r(16, 2), r(2, 16), r(16, 3), r(3, 16)
+    save_file({f"{name}.hada_w1_a": w1a, f"{name}.hada_w1_b": w1b, f"{name}.hada_w2_a": w2a,
+               f"{name}.hada_w2_b": w2b, f"{name}.alpha": torch.tensor(1.0)}, str(tmp_path / "loha.safetensors"))
+    k1, k2a, k2b = r(4, 4), r(4, 2), r(2, 4)
+    save_file({f"{name}.lokr_w1": k1, f"{name}.lokr_w2_a": k2a, f"{name}.lokr_w2_b": k2b,
+               f"{name}.alpha": torch.tensor(4.0)}, str(tmp_path / "lokr.safetensors"))
+    down, up = r(4, 16), r(16, 4)
+    lora = write_kohya(tmp_path / "lora.safetensors", {name: (down, up, 2.0)})
+    res = run_cli("merge", tmp_path / "loha.safetensors", tmp_path / "lokr.safetensors", lora, "--weights",
+                  "0.5,0.25,2", "-o", tmp_path / "m.safetensors")
+    assert res.exit_code == 0, res.stderr
+    d = lambda x: x.double()  # noqa: E731
+    loha = (1.0 / 2) * (d(w1a) @ d(w1b)) * (d(w2a) @ d(w2b))  # LoHa: α / r₁ with r = dim of w1
+    lokr = (4.0 / 2) * torch.kron(d(k1), d(k2a) @ d(k2b))  # LoKr: α / r of the low-rank w2
+    want = 0.5 * loha + 0.25 * lokr + 2 * (2.0 / 4) * (d(up) @ d(down))
+    got = load_adapter(tmp_path / "m.safetensors").modules[0].delta()
+    assert float((got - want).norm() / want.norm()) < 1e-6

@@ -17,6 +17,7 @@ __all__ = ["convert", "merge"]
 
 _TARGETS = ("peft", "kohya", "diffusers", "mlx", "gguf")
 _DTYPES = ("fp32", "bf16", "fp16")
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @click.command(
@@ -28,6 +29,7 @@ Examples:
   lora-inspect convert ./my-adapter --to kohya -o lora.safetensors
   lora-inspect convert lora.safetensors --to diffusers -o pytorch_lora_weights.safetensors
   lora-inspect convert ./mlx-adapter --to peft -o ./peft-adapter --json
+  lora-inspect convert ./peft-unet-adapter --component unet --to kohya -o lora.safetensors
 """,
 )
 @click.argument("adapter", type=click.Path())
@@ -38,10 +40,12 @@ Examples:
 @click.option("--arch", default=None, help="GGUF: the base's llama.cpp architecture (llama, qwen2 …).")
 @click.option("--base", type=click.Path(exists=True), default=None,
               help="GGUF: the base model directory or its config.json (architecture, head counts).")
+@click.option("--component", type=click.Choice(_COMPONENTS), default=None,
+              help="A one-model adapter (PEFT, mlx-lm) trained on this pipeline part, for diffusers/kohya output.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
 @output_options
-def convert(adapter, target, out, dtype, arch, base, force, show_all, fmt):
+def convert(adapter, target, out, dtype, arch, base, component, force, show_all, fmt):
     """Write ADAPTER in another layout with every ΔW unchanged.
 
     What the target cannot express is handled explicitly and listed per module: per-module α or
@@ -55,7 +59,7 @@ def convert(adapter, target, out, dtype, arch, base, force, show_all, fmt):
     ad = load_adapter(adapter)
     try:
         res = do_convert(ad, Path(out), target, dtype=dtype, arch=arch, base=Path(base) if base else None,
-                         force=force)
+                         force=force, component=component)
     except InspectError as e:
         raise _with_flag(e) from e
     emit(convert_view(res, max_rows=None if show_all or fmt != "table" else 40), fmt)

@@ -1,10 +1,15 @@
 """The canonical in-memory form of an adapter, the same for every layout (docs/formats.md, "convert").
 
 Per module: its canonical name (component, dotted path; :mod:`lora_inspect.convert.names`), kind,
-B (out × k) and A (k × in·kh·kw) in linear orientation and float64, the true scale s (ΔW = s·B@A:
+B (out × k) and A (k × in·kh·kw) in linear orientation, the true scale s (ΔW = s·B@A:
 α/r, α/√r with rsLoRA, mlx-lm's absolute scale, AdaLoRA's α/(r + 1e-5) with E folded into A), the
 conv kernel, a DoRA magnitude, and where it came from. Writers decide how to store s (an α per
 module, a global α with the rest baked into B, or all of it baked into B).
+
+Factors are float64 by default (``merge`` does arithmetic on them). ``convert`` reads them in their
+stored floating dtype (``native=True``): a plain LoRA pair is then a view of the memory-mapped file,
+so a conversion that changes only names and layout copies bytes and never rounds. Arithmetic on
+factors (a baked scale, a split, a padding) goes through :func:`times`, which works in float64.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from .names import full_name, kohya_to_dotted, split_component
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Adapter, Module
 
-__all__ = ["CanonModule", "Canon", "from_adapter"]
+__all__ = ["CanonModule", "Canon", "from_adapter", "times", "all_finite"]
+
+_NATIVE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 @dataclass
@@ -28,8 +35,8 @@ class CanonModule:
     component: str | None
     path: str
     kind: str  # "linear" | "conv" | "embedding"
-    b: torch.Tensor  # (out, k) float64
-    a: torch.Tensor  # (k, in·kh·kw) float64
+    b: torch.Tensor  # (out, k) float64, or the stored dtype (from_adapter(native=True))
+    a: torch.Tensor  # (k, in·kh·kw), same dtype as b
     scale: float
     kernel: tuple[int, int] | None = None
     conv_ndim: int = 4  # stored A dims for a conv (3 = Conv1d, 4 = Conv2d)
@@ -37,6 +44,7 @@ class CanonModule:
     source_name: str = ""
     alpha: float | None = None  # the source's α (s = α/r or α/√r) where one was stored
     rslora: bool = False
+    algo: str = "lora"  # the source's update type: lora, locon (Tucker), loha, lokr, full
 
     @property
     def name(self) -> str:
@@ -52,7 +60,20 @@ class CanonModule:
 
     def delta(self) -> torch.Tensor:
         """Dense ΔW (tests and small modules only)."""
-        return self.scale * (self.b @ self.a)
+        return self.scale * (self.b.double() @ self.a.double())
+
+
+def times(t: torch.Tensor, f: float) -> torch.Tensor:
+    """``f·t`` computed in float64 (``t`` itself when f = 1, so stored factors stay untouched)."""
+    return t if f == 1.0 else t.double() * f
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Every entry finite: min and max in one pass without a mask (NaN propagates through both)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
 @dataclass
@@ -72,32 +93,43 @@ class Canon:
 
 
 def _name(ad: "Adapter", m: "Module") -> tuple[str | None, str]:
-    if ad.format == "kohya":
+    if ad.format in ("kohya", "lycoris"):  # LyCORIS files use kohya's module names
         return kohya_to_dotted(m.name)
     if ad.format.startswith("diffusers"):
         return split_component(m.name)
     return None, m.name  # one model (PEFT, mlx-lm): GPT-2's "transformer.h.0…" is a path, not a component
 
 
-def _module(ad: "Adapter", m: "Module") -> CanonModule:
+def _read_dtype(m: "Module", native: bool) -> torch.dtype:
+    """The stored dtype for a plain pair (no arithmetic on read), float64 otherwise."""
+    from ..adapter import LowRankUpdate
+
+    if not (native and isinstance(m.update, LowRankUpdate) and m.update.e_key is None):
+        return torch.float64
+    stored = {m.source.info(k).dtype for k in (m.update.a_key, m.update.b_key)}
+    return _NATIVE.get(stored.pop(), torch.float64) if len(stored) == 1 else torch.float64
+
+
+def _module(ad: "Adapter", m: "Module", native: bool) -> CanonModule:
     if m.bias_key is not None:
         raise InspectError(f"{ad.path}: module {m.name!r} has a LoRA bias (lora_bias): convert and merge do not carry "
                            "it yet")
-    b, a = m.factors(torch.float64)
+    b, a = m.factors(_read_dtype(m, native))
     comp, path = _name(ad, m)
     ndim = len(m.source.info(m.a_key).shape) if m.kind == "conv" else 4
     rs = bool(ad.use_rslora)
     return CanonModule(comp, path, m.kind, b, a, float(m.scale), m.kernel, ndim, m.magnitude(), m.name,
-                       float(m.alpha), rs)
+                       float(m.alpha), rs, m.algo)
 
 
-def from_adapter(ad: "Adapter") -> Canon:
-    """Read every module's factors (float64) into the canonical form."""
+def from_adapter(ad: "Adapter", native: bool = False, finite: bool = True) -> Canon:
+    """Read every module's factors into the canonical form: float64, or with ``native`` the stored
+    dtype where no arithmetic is needed to read them. ``finite`` refuses NaN/inf factors."""
     if ad.peft_type not in (None, "LORA", "ADALORA"):
         raise InspectError(f"{ad.path}: peft_type {ad.peft_type}: only LoRA adapters are converted")
-    mods = [_module(ad, m) for m in ad.modules]
-    for m in mods:
-        if not (torch.isfinite(m.b).all() and torch.isfinite(m.a).all()):
+    mods = [_module(ad, m, native) for m in ad.modules]
+    for m in mods if finite else []:
+        if not (all_finite(m.b) and all_finite(m.a)):
             raise InspectError(f"{ad.path}: module {m.source_name!r} holds NaN or inf")
     seen: dict[str, str] = {}
     for m in mods:

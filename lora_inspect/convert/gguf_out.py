@@ -22,9 +22,9 @@ import torch
 
 from .. import validate as v
 from ..errors import InspectError
-from .canon import Canon, CanonModule
+from .canon import Canon, CanonModule, times
 from .results import ModuleOut
-from .writers import refuse
+from .writers import record, refuse
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -120,12 +120,11 @@ def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor
         if gname is None:
             raise refuse("GGUF", m, f"no {plan.arch} GGUF tensor name for {m.path!r}")
         f = m.scale * m.rank / plan.alpha if plan.alpha else m.scale
-        b, how = _permuted(m, m.b * f, plan, gname)
+        b, how = _permuted(m, times(m.b, f), plan, gname)
         if f != 1.0:
             how.insert(0, f"s·r/α = {f:.6g} baked into B (global α {plan.alpha:g})")
         out.append((gname + ".weight", m.a, b))
-        records.append(ModuleOut(m.source_name or m.name, gname + ".weight", m.kind, m.shape, m.rank, m.rank,
-                                 m.scale, how))
+        records.append(record(m, gname + ".weight", m.rank, how))
     return out, records
 
 
@@ -135,15 +134,14 @@ def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> 
     if dtype not in (torch.float32, torch.float16):
         raise InspectError("GGUF output is written as fp32 or fp16")
     tensors, records = _tensors(canon, plan)
-    np_dt = "float32" if dtype == torch.float32 else "float16"
     w = gguf.GGUFWriter(str(path), arch=plan.arch)
     try:
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
         for name, a, b in tensors:
-            w.add_tensor(name + ".lora_a", a.numpy().astype(np_dt))
-            w.add_tensor(name + ".lora_b", b.numpy().astype(np_dt))
+            w.add_tensor(name + ".lora_a", a.to(dtype).contiguous().numpy())
+            w.add_tensor(name + ".lora_b", b.to(dtype).contiguous().numpy())
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -33,7 +33,10 @@ _EPS = float(np.finfo(np.float64).eps)
 
 
 def target_of(fmt: str) -> str:
-    """The convert target that writes an input's format (``peft-bin`` → ``peft``)."""
+    """The convert target that writes an input's format (``peft-bin`` → ``peft``; a LyCORIS file's merged
+    LoRA is written as kohya, the naming LyCORIS files use)."""
+    if fmt == "lycoris":
+        return "kohya"
     for t in TARGETS:
         if fmt == t or fmt.startswith(t + "-") or (t == "peft" and fmt.startswith("peft")):
             return t

@@ -25,8 +25,8 @@ from .sgm import diffusers_to_sgm, is_sgm, is_sgm_kohya, sdxl_family, sgm_to_dif
 if TYPE_CHECKING:  # pragma: no cover
     from .canon import Canon
 
-__all__ = ["KOHYA_TO_COMPONENT", "COMPONENT_TO_KOHYA", "kohya_to_dotted", "dotted_to_kohya", "split_component",
-           "full_name", "kohya_names", "UNET_NAMES"]
+__all__ = ["KOHYA_TO_COMPONENT", "COMPONENT_TO_KOHYA", "COMPONENTS", "kohya_to_dotted", "dotted_to_kohya",
+           "split_component", "full_name", "kohya_names", "UNET_NAMES"]
 
 KOHYA_TO_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                       "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3", "lora_transformer_": "transformer"}
@@ -121,7 +121,7 @@ UNET_NAMES = ("auto", "sgm", "diffusers")
 
 
 def _source_style(canon: "Canon") -> str | None:
-    if canon.source_format != "kohya":
+    if canon.source_format not in ("kohya", "lycoris"):  # LyCORIS files use kohya names
         return None
     styles = {is_sgm_kohya(m.source_name) for m in canon.modules if m.component == "unet"}
     return None if len(styles) != 1 else ("sgm" if styles.pop() else "diffusers")

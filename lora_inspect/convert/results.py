@@ -21,6 +21,7 @@ class ModuleOut:
     scale_in: float
     how: list[str] = field(default_factory=list)  # "α kept", "s baked into B", "zero-padded to r=…", "Q rows permuted"
     check_error: float = 0.0  # ‖ΔW_written − ΔW‖_F / ‖ΔW‖_F after re-reading
+    check: str = ""  # "identical" (bit-identical factors; only the scale's rounding) or "sketched"
 
 
 @dataclass

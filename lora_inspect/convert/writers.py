@@ -22,11 +22,11 @@ import torch
 
 from ..errors import InspectError
 from ..peft_rules import PEFT_PREFIX
-from .canon import Canon, CanonModule
+from .canon import Canon, CanonModule, times
 from .names import kohya_names
 from .results import ModuleOut
 
-__all__ = ["Written", "write_peft", "write_kohya", "write_diffusers", "write_mlx", "WRITERS", "refuse"]
+__all__ = ["Written", "write_peft", "write_kohya", "write_diffusers", "write_mlx", "WRITERS", "refuse", "record"]
 
 
 @dataclass
@@ -43,8 +43,14 @@ def refuse(target: str, m: CanonModule, why: str) -> InspectError:
     return InspectError(f"module {m.source_name or m.name!r}: {target} cannot hold it: {why}")
 
 
-def _record(m: CanonModule, target: str, k: int, how: list[str]) -> ModuleOut:
-    return ModuleOut(m.source_name or m.name, target, m.kind, m.shape, m.rank, k, m.scale, how)
+_AS_LORA = {"locon": "LoCon Tucker core folded into A", "loha": "LoHa as its exact LoRA (rank r₁·r₂, face-split)",
+            "lokr": "LoKr as its exact LoRA (rank = product of the factor ranks)",
+            "full": "full ΔW as its exact LoRA (rank = min(out, in))"}
+
+
+def record(m: CanonModule, target: str, k: int, how: list[str]) -> ModuleOut:
+    pre = [_AS_LORA[m.algo]] if m.algo in _AS_LORA else []
+    return ModuleOut(m.source_name or m.name, target, m.kind, m.shape, m.rank, k, m.scale, pre + how)
 
 
 def _conv_shapes(m: CanonModule, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -86,6 +92,14 @@ def _peft_config(canon: Canon, r: int, alpha: float, rp: dict, ap: dict, targets
     }
 
 
+def _peft_magnitude(m: CanonModule, dtype: torch.dtype) -> torch.Tensor:
+    """PEFT's (and diffusers') DoRA magnitude: (out,) for linear, (1, out, 1, 1) for Conv2d, (1, out, 1) for
+    Conv1d (``peft/tuners/lora/dora.py · _DoraConvNdLayer``: weight norm kept with keepdim)."""
+    assert m.magnitude is not None
+    shape = {3: (1, -1, 1), 4: (1, -1, 1, 1)}.get(m.conv_ndim, (1, -1, 1, 1)) if m.kind == "conv" else (-1,)
+    return m.magnitude.reshape(shape).to(dtype).contiguous()
+
+
 def _peft_module(m: CanonModule, dtype: torch.dtype, tensors: dict) -> None:
     key = PEFT_PREFIX + m.path
     if m.kind == "embedding":  # PEFT applies s·(B_st@A_st)ᵀ: A_st = Bᵀ (k, vocab), B_st = Aᵀ (dim, k)
@@ -95,8 +109,7 @@ def _peft_module(m: CanonModule, dtype: torch.dtype, tensors: dict) -> None:
     a, b = _stored(m, m.b, m.a, dtype)
     tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
     if m.magnitude is not None:
-        mag = m.magnitude.reshape(1, -1, 1, 1) if m.kind == "conv" else m.magnitude.reshape(-1)
-        tensors[key + ".lora_magnitude_vector"] = mag.to(dtype).contiguous()
+        tensors[key + ".lora_magnitude_vector"] = _peft_magnitude(m, dtype)
 
 
 def write_peft(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor]) -> Written:
@@ -115,7 +128,7 @@ def write_peft(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor]
         if _alpha(m) != alpha:
             ap[re.escape(m.path)] = _alpha(m)
         how = ["α kept" if not m.rslora else "rsLoRA: α·√r written (use_rslora off)"]
-        records.append(_record(m, PEFT_PREFIX + m.path, m.rank, how))
+        records.append(record(m, PEFT_PREFIX + m.path, m.rank, how))
     tensors.update(extras)
     dora = any(m.magnitude is not None for m in canon.modules)
     targets = sorted({m.path for m in canon.modules})
@@ -137,7 +150,7 @@ def write_kohya(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor
         a, b = _stored(m, m.b, m.a, dtype)
         tensors[name + ".lora_down.weight"], tensors[name + ".lora_up.weight"] = a, b
         tensors[name + ".alpha"] = torch.tensor(_alpha(m), dtype=torch.float32)
-        records.append(_record(m, name, m.rank, ["α = s·r stored (fp32)"]))
+        records.append(record(m, name, m.rank, ["α = s·r stored (fp32)"]))
     return Written(tensors, None, None, {}, records, notes)
 
 
@@ -146,17 +159,17 @@ def write_diffusers(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Te
     records = []
     for m in canon.modules:
         if m.component is None:
-            raise refuse("diffusers", m, "diffusers files name a pipeline component (unet, text_encoder …); this "
-                         "module has none: write peft instead")
+            raise refuse("diffusers", m, "diffusers files name a pipeline component (unet, transformer, "
+                         "text_encoder …) and this module has none: name it, or write peft")
         if m.kind == "embedding":
             raise refuse("diffusers", m, "embedding LoRA is not written to diffusers files")
-        a, b = _stored(m, m.b * m.scale, m.a, dtype)
+        a, b = _stored(m, times(m.b, m.scale), m.a, dtype)
         key = m.name
         tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"] = a, b
         if m.magnitude is not None:
-            tensors[key + ".lora_magnitude_vector"] = m.magnitude.reshape(-1).to(dtype).contiguous()
+            tensors[key + ".lora_magnitude_vector"] = _peft_magnitude(m, dtype)
         how = [] if m.scale == 1.0 else [f"s = {m.scale:.6g} baked into B (no α: s = 1)"]
-        records.append(_record(m, key, m.rank, how))
+        records.append(record(m, key, m.rank, how))
     return Written(tensors, None, None, {}, records)
 
 
@@ -171,13 +184,23 @@ def _mlx_keys(paths: list[str]) -> list[str]:
     return sorted(keys)
 
 
+def _mlx_dora(canon: Canon) -> bool:
+    """mlx-lm's ``fine_tune_type: dora`` makes every adapted layer a DoRALinear (``mlx_lm/tuner/dora.py``:
+    W′ = m/‖W + s·BA‖_row · (W + s·BA), PEFT's formula), so DoRA is all modules or none."""
+    dora = [m.magnitude is not None for m in canon.modules]
+    if any(dora) and not all(dora):
+        m = canon.modules[dora.index(False)]
+        raise refuse("mlx-lm", m, "it has no DoRA magnitude while other modules do (mlx-lm's fine_tune_type dora "
+                     "applies to every adapted layer)")
+    return all(dora)
+
+
 def write_mlx(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor]) -> Written:
     _single_model(canon, "mlx-lm")
     for m in canon.modules:
         if m.kind != "linear":
             raise refuse("mlx-lm", m, f"{m.kind} LoRA (mlx-lm adapts Linear layers here)")
-        if m.magnitude is not None:
-            raise refuse("mlx-lm", m, "DoRA is not written to mlx-lm here")
+    dora = _mlx_dora(canon)
     rank = max(m.rank for m in canon.modules)
     scales = Counter(m.scale for m in canon.modules)
     scale = scales.most_common(1)[0][0] if len(scales) == 1 else 1.0
@@ -185,16 +208,19 @@ def write_mlx(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor])
     records = []
     for m in canon.modules:
         f = m.scale / scale
-        b = torch.zeros(m.shape[0], rank, dtype=torch.float64)
-        a = torch.zeros(rank, m.shape[1], dtype=torch.float64)
-        b[:, : m.rank], a[: m.rank] = m.b * f, m.a
+        b, a = times(m.b, f), m.a
+        if m.rank < rank:  # zero rows/columns add nothing to B@A
+            b = torch.cat([b.double(), b.new_zeros(m.shape[0], rank - m.rank, dtype=torch.float64)], dim=1)
+            a = torch.cat([a.double(), a.new_zeros(rank - m.rank, m.shape[1], dtype=torch.float64)], dim=0)
         tensors[m.path + ".lora_a"] = a.T.to(dtype).contiguous()
         tensors[m.path + ".lora_b"] = b.T.to(dtype).contiguous()
+        if m.magnitude is not None:
+            tensors[m.path + ".m"] = m.magnitude.reshape(-1).to(dtype).contiguous()
         how = [] if f == 1.0 else [f"s = {m.scale:.6g} baked into B (scale {scale:g})"]
         if m.rank < rank:
             how.append(f"zero-padded {m.rank} → {rank}")
-        records.append(_record(m, m.path, rank, how))
-    cfg = {"fine_tune_type": "lora", "num_layers": -1, "model": canon.base_model,
+        records.append(record(m, m.path, rank, how))
+    cfg = {"fine_tune_type": "dora" if dora else "lora", "num_layers": -1, "model": canon.base_model,
            "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.0, "keys": _mlx_keys([m.path for m in canon.modules])}}
     notes = ["num_layers = -1 (every layer): layers without tensors here keep lora_b = 0, i.e. ΔW = 0"]
     return Written(tensors, "adapters.safetensors", cfg, {}, records, notes)

@@ -27,9 +27,23 @@ def convert_doc(res: ConvertResult) -> dict[str, Any]:
                    "bytes": res.output_bytes},
         "modules": [{**asdict(m), "shape": list(m.shape)} for m in res.modules],
         "self_check": {"passed": True, "max_relative_error": res.max_check_error,
-                       "max_error_over_tolerance": res.max_check_ratio},
+                       "max_error_over_tolerance": res.max_check_ratio, **_check_counts(res.modules)},
         "notes": list(res.notes),
     }
+
+
+def _check_counts(mods: list) -> dict[str, int]:
+    return {"identical_factors": sum(m.check == "identical" for m in mods),
+            "sketched": sum(m.check == "sketched" for m in mods)}
+
+
+def _check_line(mods: list, worst: float) -> str:
+    c = _check_counts(mods)
+    parts = [f"{c['identical_factors']} with bit-identical factors"] if c["identical_factors"] else []
+    if c["sketched"]:
+        parts.append(f"{c['sketched']} within rounding by a Gaussian sketch")
+    return (f"self-check passed: every ΔW re-read equals the source's ({', '.join(parts) or 'no modules'}; worst "
+            f"relative error {fmt_float(worst)})")
 
 
 def convert_view(res: ConvertResult, max_rows: int | None = 40) -> View:
@@ -40,8 +54,7 @@ def convert_view(res: ConvertResult, max_rows: int | None = 40) -> View:
     header = [f"wrote {res.output} ({res.target}, {res.dtype}, {fmt_bytes(res.output_bytes)}) from {res.source} "
               f"({res.source_format})"]
     footer = [f"note: {n}" for n in res.notes]
-    footer.append(f"self-check passed: every ΔW re-read equals the source's (worst relative error "
-                  f"{fmt_float(res.max_check_error)})")
+    footer.append(_check_line(res.modules, res.max_check_error))
     return View(doc, [Table(_title(len(res.modules), max_rows), ["module", "written as", "r", "→ r", "how",
                                                                    "rel. error"], rows)], header=header, footer=footer)
 
