@@ -317,3 +317,39 @@ def test_every_text_encoder_module_matches_diffusers_names():
         got = convert_state_dict_to_peft(convert_state_dict_to_diffusers(
             {k.removeprefix(comp + "."): v for k, v in got.items()}))
         assert {k.split(".lora_A")[0] for k in got if ".lora_A" in k} == set(paths)
+
+
+def _canon(paths: dict[str, str], source: str):
+    from lora_inspect.convert.canon import Canon, CanonModule
+
+    mods = [CanonModule(*full.split(".", 1), "linear", torch.ones(2, 1), torch.ones(1, 2), 1.0, source_name=src)
+            for full, src in paths.items()]
+    return Canon(mods, source)
+
+
+def test_kohya_naming_choices():
+    from lora_inspect.convert.names import kohya_names
+
+    up0 = "unet.up_blocks.0.upsamplers.0.conv"
+    # SDXL evidence (a second text encoder) but nothing says whether up_blocks.0 has attentions
+    c = _canon({up0: up0, "text_encoder_2.text_model.encoder.layers.0.mlp.fc1": "x",
+                "text_encoder.text_model.encoder.layers.0.mlp.fc1": "y"}, "diffusers")
+    with pytest.raises(InspectError) as e:
+        kohya_names(c, "sgm")
+    assert len(str(e.value).splitlines()) == 1 and "up_blocks.0" in str(e.value)
+    names, notes = kohya_names(c)  # auto falls back to diffusers-style names and says why
+    assert names == ["lora_unet_up_blocks_0_upsamplers_0_conv", "lora_te2_text_model_encoder_layers_0_mlp_fc1",
+                     "lora_te1_text_model_encoder_layers_0_mlp_fc1"]
+    assert "not possible" in notes[0]
+    # an SGM kohya source decides that upsampler's slot by its own name, and keeps its names
+    for slot in ("1", "2"):
+        src = f"lora_unet_output_blocks_2_{slot}_conv"
+        assert kohya_names(_canon({up0: src}, "kohya"))[0] == [src]
+    # SD1.x evidence (down_blocks.3), from diffusers: sd-scripts' diffusers-style names, lora_te_
+    c = _canon({"unet.down_blocks.3.resnets.0.conv1": "a", up0: "b", "text_encoder.text_model.final_layer_norm": "c"},
+               "diffusers")
+    assert kohya_names(c)[0] == ["lora_unet_down_blocks_3_resnets_0_conv1", "lora_unet_up_blocks_0_upsamplers_0_conv",
+                                 "lora_te_text_model_final_layer_norm"]
+    assert kohya_names(c, "sgm")[0][:2] == ["lora_unet_input_blocks_10_0_in_layers_2", "lora_unet_output_blocks_2_1_conv"]
+    with pytest.raises(InspectError):
+        kohya_names(c, "compvis")

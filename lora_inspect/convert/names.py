@@ -127,29 +127,48 @@ def _source_style(canon: "Canon") -> str | None:
     return None if len(styles) != 1 else ("sgm" if styles.pop() else "diffusers")
 
 
+_UP0_SLOT = {"lora_unet_output_blocks_2_1_conv": False, "lora_unet_output_blocks_2_2_conv": True}
+
+
+def _up0(canon: "Canon") -> bool | None:
+    """:func:`~lora_inspect.convert.sgm.up0_has_attention`, else the slot an SGM kohya source gave that upsampler."""
+    up0 = up0_has_attention(m.path for m in canon.modules if m.component == "unet")
+    if up0 is None and canon.source_format in ("kohya", "lycoris"):
+        up0 = next((_UP0_SLOT[m.source_name] for m in canon.modules if m.source_name in _UP0_SLOT), None)
+    return up0
+
+
+def _named(canon: "Canon", sgm: bool, te_prefix: str | None) -> list[str]:
+    up0 = _up0(canon) if sgm else None
+    return [dotted_to_kohya(m.component, m.path, sgm=sgm, up0_attn=up0, te_prefix=te_prefix) for m in canon.modules]
+
+
 def kohya_names(canon: "Canon", unet_names: str = "auto") -> tuple[list[str], list[str]]:
     """The kohya name of every module of ``canon`` (in order), and notes on the choices made.
 
     ``unet_names``: ``sgm`` (``input_blocks_…``: what sd-scripts writes for SDXL), ``diffusers``
     (``down_blocks_…``: what it writes for SD1.x/2.x), or ``auto``: a kohya source keeps its own style;
     otherwise SGM for an SDXL-family adapter (:func:`~lora_inspect.convert.sgm.sdxl_family`), diffusers-style
-    names else. Text encoders are ``lora_te1_``/``lora_te2_`` for SDXL, ``lora_te_`` otherwise."""
+    names else; where SGM names cannot be given (a module without an SGM counterpart, an undecidable
+    layout) ``auto`` falls back to diffusers-style names and says why, ``sgm`` refuses.
+    Text encoders are ``lora_te1_``/``lora_te2_`` for SDXL, ``lora_te_`` otherwise."""
     if unet_names not in UNET_NAMES:
         raise InspectError(f"unknown UNet naming {unet_names!r} (one of {', '.join(UNET_NAMES)})")
     unet = [m.path for m in canon.modules if m.component == "unet"]
     xl = sdxl_family(unet, canon.components())
-    notes = []
-    style = unet_names
-    if style == "auto":
-        src = _source_style(canon)
-        style = src or ("sgm" if xl else "diffusers")
-        if unet:
-            why = "as in the source" if src else ("an SDXL adapter, as sd-scripts writes them" if xl else
-                                                  "as sd-scripts writes SD1.x/2.x; no SDXL module here")
-            notes.append(f"kohya UNet names: {'SGM (input_blocks_…)' if style == 'sgm' else 'diffusers-style'}, {why}")
-    up0 = up0_has_attention(unet) if style == "sgm" else None
     te1 = any(m.source_name.startswith("lora_te1_") for m in canon.modules)
     te_prefix = "lora_te1_" if (xl or te1) else None
-    names = [dotted_to_kohya(m.component, m.path, sgm=style == "sgm", up0_attn=up0, te_prefix=te_prefix)
-             for m in canon.modules]
-    return names, notes
+    if unet_names != "auto":
+        return _named(canon, unet_names == "sgm", te_prefix), []
+    src = _source_style(canon)
+    style = src or ("sgm" if xl else "diffusers")
+    why = "as in the source" if src else ("an SDXL adapter, as sd-scripts writes them" if xl else
+                                          "as sd-scripts writes SD1.x/2.x; no SDXL module here")
+    notes = [f"kohya UNet names: {'SGM (input_blocks_…)' if style == 'sgm' else 'diffusers-style'}, {why}"] \
+        if unet else []
+    if style == "sgm":
+        try:
+            return _named(canon, True, te_prefix), notes
+        except InspectError as e:
+            notes = [f"kohya UNet names: diffusers-style; SGM names were not possible: {e}"]
+    return _named(canon, False, te_prefix), notes
