@@ -222,10 +222,14 @@ def test_conv_to_mlx_refused_and_kohya_diffusers_round_trip(tmp_path):
     assert "unet.down_blocks.0.resnets.0.conv1" in names
     assert "text_encoder_2.text_model.encoder.layers.0.mlp.fc1" in names
     k2 = convert(load_adapter(tmp_path / "d.safetensors"), tmp_path / "k2.safetensors", "kohya")
-    assert {m.target for m in k2.modules} == set(mods)
+    # an SDXL pipeline (two text encoders): the UNet gets SGM names, as sd-scripts writes them (test_convert_sd.py)
+    sgm = {"lora_unet_down_blocks_0_resnets_0_conv1": "lora_unet_input_blocks_1_0_in_layers_2",
+           "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+           "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"}
+    assert {m.target for m in k2.modules} == {sgm.get(k, k) for k in mods}
     a, b = load_adapter(src), load_adapter(tmp_path / "k2.safetensors")
     for m in a.modules:
-        assert torch.allclose(b.module(m.name).delta(), m.delta(), atol=1e-5)
+        assert torch.allclose(b.module(sgm.get(m.name, m.name)).delta(), m.delta(), atol=1e-5)
 
 
 def test_convert_json_and_existing_output(llama_rs, tmp_path):

@@ -10,17 +10,23 @@ kohya names (sd-scripts ``networks/lora.py``) are ``lora_<prefix>_`` + the dotte
 multi-word identifiers that diffusers' own converter repairs (``src/diffusers/loaders/
 lora_conversion_utils.py · _convert_unet_lora_key``, ``_convert_text_encoder_lora_key``) plus the
 usual LLM projection names. A writer refuses a name whose kohya form does not map back to itself
-(docs/formats.md, "convert"). SDXL files written with SGM block names (``input_blocks``,
-``middle_block``, ``output_blocks``) are refused with one line: their block-index arithmetic is
-not implemented here.
+(docs/formats.md, "convert"). UNet names in SGM form (``input_blocks``, ``middle_block``,
+``output_blocks``: how sd-scripts names every SDXL LoRA) map to diffusers paths by
+:mod:`lora_inspect.convert.sgm`; :func:`kohya_names` picks SGM or diffusers-style UNet names when writing.
 """
 
 from __future__ import annotations
 
-from ..errors import InspectError
+from typing import TYPE_CHECKING
 
-__all__ = ["KOHYA_TO_COMPONENT", "COMPONENT_TO_KOHYA", "COMPONENTS", "kohya_to_dotted", "dotted_to_kohya", "split_component",
-           "full_name"]
+from ..errors import InspectError
+from .sgm import diffusers_to_sgm, is_sgm, is_sgm_kohya, sdxl_family, sgm_to_diffusers, up0_has_attention
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .canon import Canon
+
+__all__ = ["KOHYA_TO_COMPONENT", "COMPONENT_TO_KOHYA", "COMPONENTS", "kohya_to_dotted", "dotted_to_kohya",
+           "split_component", "full_name", "kohya_names", "UNET_NAMES"]
 
 KOHYA_TO_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                       "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3", "lora_transformer_": "transformer"}
@@ -40,7 +46,6 @@ _COMPOUNDS = sorted({
     "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "self_attention", "block_sparse_moe", "shared_expert",
     "in_proj", "x_proj", "dt_proj", "word_embeddings", "lora_magnitude",
 }, key=lambda s: -s.count("_"))
-_SGM = ("input_blocks", "middle_block", "output_blocks")
 
 
 def split_component(name: str) -> tuple[str | None, str]:
@@ -55,15 +60,7 @@ def full_name(component: str | None, path: str) -> str:
     return f"{component}.{path}" if component else path
 
 
-def kohya_to_dotted(name: str) -> tuple[str, str]:
-    """A kohya module name → (component, dotted path); an InspectError for names it cannot map."""
-    prefix = next((p for p in sorted(KOHYA_TO_COMPONENT, key=len, reverse=True) if name.startswith(p)), None)
-    if prefix is None:
-        raise InspectError(f"module {name!r}: not a kohya name (expected a lora_unet_/lora_te*_ prefix)")
-    rest = name[len(prefix):]
-    if any(s in rest for s in _SGM):
-        raise InspectError(f"module {name!r}: SDXL SGM block names (input_blocks/middle_block/output_blocks) are not "
-                           "mapped to diffusers names here")
+def _join(name: str, rest: str) -> str:
     toks = rest.split("_")
     out: list[str] = []
     i = 0
@@ -79,13 +76,37 @@ def kohya_to_dotted(name: str) -> tuple[str, str]:
             i += 1
     if any(not t for t in out):
         raise InspectError(f"module {name!r}: empty name part; cannot map it to a dotted module path")
-    return KOHYA_TO_COMPONENT[prefix], ".".join(out)
+    return ".".join(out)
 
 
-def dotted_to_kohya(component: str | None, path: str) -> str:
-    """(component, dotted path) → the kohya name; refuses a path that would not map back to itself."""
+def kohya_to_dotted(name: str) -> tuple[str, str]:
+    """A kohya module name → (component, dotted path); an InspectError for names it cannot map.
+    SGM UNet names become diffusers paths (:func:`lora_inspect.convert.sgm.sgm_to_diffusers`)."""
+    prefix = next((p for p in sorted(KOHYA_TO_COMPONENT, key=len, reverse=True) if name.startswith(p)), None)
+    if prefix is None:
+        raise InspectError(f"module {name!r}: not a kohya name (expected a lora_unet_/lora_te*_ prefix)")
+    rest = name[len(prefix):]
+    comp = KOHYA_TO_COMPONENT[prefix]
+    if comp == "unet" and is_sgm(rest):
+        return comp, sgm_to_diffusers(name, rest, lambda tail: _join(name, tail))
+    return comp, _join(name, rest)
+
+
+def dotted_to_kohya(component: str | None, path: str, *, sgm: bool = False, up0_attn: bool | None = None,
+                    te_prefix: str | None = None) -> str:
+    """(component, dotted path) → the kohya name; refuses a path that would not map back to itself.
+    ``sgm``: UNet paths get SGM names (``up0_attn`` as in :func:`~lora_inspect.convert.sgm.diffusers_to_sgm`);
+    ``te_prefix`` overrides the text encoder's prefix (``lora_te1_`` in SDXL files)."""
     comp = component or "text_encoder"
-    name = COMPONENT_TO_KOHYA[comp] + path.replace(".", "_")
+    prefix = te_prefix if (comp == "text_encoder" and te_prefix) else COMPONENT_TO_KOHYA[comp]
+    rest = path.replace(".", "_")
+    if sgm and comp == "unet":
+        got = diffusers_to_sgm(path, up0_attn)
+        if got is None:
+            raise InspectError(f"module {full_name(component, path)!r}: no SGM UNet module corresponds to it; "
+                               "write diffusers-style kohya names instead")
+        rest = got
+    name = prefix + rest
     try:
         back = kohya_to_dotted(name)[1]
     except InspectError:
@@ -94,3 +115,60 @@ def dotted_to_kohya(component: str | None, path: str) -> str:
         raise InspectError(f"module {full_name(component, path)!r}: its kohya name {name!r} would read back as "
                            f"{back!r}; this name cannot be mapped to kohya")
     return name
+
+
+UNET_NAMES = ("auto", "sgm", "diffusers")
+
+
+def _source_style(canon: "Canon") -> str | None:
+    if canon.source_format not in ("kohya", "lycoris"):  # LyCORIS files use kohya names
+        return None
+    styles = {is_sgm_kohya(m.source_name) for m in canon.modules if m.component == "unet"}
+    return None if len(styles) != 1 else ("sgm" if styles.pop() else "diffusers")
+
+
+_UP0_SLOT = {"lora_unet_output_blocks_2_1_conv": False, "lora_unet_output_blocks_2_2_conv": True}
+
+
+def _up0(canon: "Canon") -> bool | None:
+    """:func:`~lora_inspect.convert.sgm.up0_has_attention`, else the slot an SGM kohya source gave that upsampler."""
+    up0 = up0_has_attention(m.path for m in canon.modules if m.component == "unet")
+    if up0 is None and canon.source_format in ("kohya", "lycoris"):
+        up0 = next((_UP0_SLOT[m.source_name] for m in canon.modules if m.source_name in _UP0_SLOT), None)
+    return up0
+
+
+def _named(canon: "Canon", sgm: bool, te_prefix: str | None) -> list[str]:
+    up0 = _up0(canon) if sgm else None
+    return [dotted_to_kohya(m.component, m.path, sgm=sgm, up0_attn=up0, te_prefix=te_prefix) for m in canon.modules]
+
+
+def kohya_names(canon: "Canon", unet_names: str = "auto") -> tuple[list[str], list[str]]:
+    """The kohya name of every module of ``canon`` (in order), and notes on the choices made.
+
+    ``unet_names``: ``sgm`` (``input_blocks_…``: what sd-scripts writes for SDXL), ``diffusers``
+    (``down_blocks_…``: what it writes for SD1.x/2.x), or ``auto``: a kohya source keeps its own style;
+    otherwise SGM for an SDXL-family adapter (:func:`~lora_inspect.convert.sgm.sdxl_family`), diffusers-style
+    names else; where SGM names cannot be given (a module without an SGM counterpart, an undecidable
+    layout) ``auto`` falls back to diffusers-style names and says why, ``sgm`` refuses.
+    Text encoders are ``lora_te1_``/``lora_te2_`` for SDXL, ``lora_te_`` otherwise."""
+    if unet_names not in UNET_NAMES:
+        raise InspectError(f"unknown UNet naming {unet_names!r} (one of {', '.join(UNET_NAMES)})")
+    unet = [m.path for m in canon.modules if m.component == "unet"]
+    xl = sdxl_family(unet, canon.components())
+    te1 = any(m.source_name.startswith("lora_te1_") for m in canon.modules)
+    te_prefix = "lora_te1_" if (xl or te1) else None
+    if unet_names != "auto":
+        return _named(canon, unet_names == "sgm", te_prefix), []
+    src = _source_style(canon)
+    style = src or ("sgm" if xl else "diffusers")
+    why = "as in the source" if src else ("an SDXL adapter, as sd-scripts writes them" if xl else
+                                          "as sd-scripts writes SD1.x/2.x; no SDXL module here")
+    notes = [f"kohya UNet names: {'SGM (input_blocks_…)' if style == 'sgm' else 'diffusers-style'}, {why}"] \
+        if unet else []
+    if style == "sgm":
+        try:
+            return _named(canon, True, te_prefix), notes
+        except InspectError as e:
+            notes = [f"kohya UNet names: diffusers-style; SGM names were not possible: {e}"]
+    return _named(canon, False, te_prefix), notes

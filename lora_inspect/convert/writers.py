@@ -23,7 +23,7 @@ import torch
 from ..errors import InspectError
 from ..peft_rules import PEFT_PREFIX
 from .canon import Canon, CanonModule, times
-from .names import dotted_to_kohya
+from .names import kohya_names
 from .results import ModuleOut
 
 __all__ = ["Written", "write_peft", "write_kohya", "write_diffusers", "write_mlx", "WRITERS", "refuse", "record"]
@@ -136,13 +136,8 @@ def write_peft(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor]
     return Written(tensors, "adapter_model.safetensors", cfg, {"format": "pt"}, records)
 
 
-def _kohya_prefix_fix(canon: Canon, name: str) -> str:
-    if "text_encoder_2" in canon.components() and name.startswith("lora_te_"):
-        return "lora_te1_" + name[len("lora_te_"):]
-    return name
-
-
-def write_kohya(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor]) -> Written:
+def write_kohya(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor], unet_names: str = "auto") -> Written:
+    """``unet_names``: auto | sgm | diffusers (:func:`lora_inspect.convert.names.kohya_names`)."""
     tensors: dict[str, torch.Tensor] = {}
     records = []
     for m in canon.modules:
@@ -150,12 +145,13 @@ def write_kohya(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor
             raise refuse("kohya", m, "DoRA magnitudes (kohya's dora_scale axis is ambiguous)")
         if m.kind == "embedding":
             raise refuse("kohya", m, "embedding LoRA has no kohya form")
-        name = _kohya_prefix_fix(canon, dotted_to_kohya(m.component, m.path))
+    names, notes = kohya_names(canon, unet_names)
+    for m, name in zip(canon.modules, names):
         a, b = _stored(m, m.b, m.a, dtype)
         tensors[name + ".lora_down.weight"], tensors[name + ".lora_up.weight"] = a, b
         tensors[name + ".alpha"] = torch.tensor(_alpha(m), dtype=torch.float32)
         records.append(record(m, name, m.rank, ["α = s·r stored (fp32)"]))
-    return Written(tensors, None, None, {}, records)
+    return Written(tensors, None, None, {}, records, notes)
 
 
 def write_diffusers(canon: Canon, dtype: torch.dtype, extras: dict[str, torch.Tensor]) -> Written:
