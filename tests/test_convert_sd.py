@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from lora_inspect.convert.canon import from_adapter
 from lora_inspect.convert.names import dotted_to_kohya, kohya_to_dotted
 from lora_inspect.convert.run import convert
 from lora_inspect.convert.sgm import up0_has_attention
@@ -221,6 +222,26 @@ def test_sdxl_round_trip_and_kohya_from_diffusers(tmp_path):
         pipe.load_lora_into_text_encoder(sd, alphas, te, prefix=comp, adapter_name="x")
     te_spec = {k: v for k, v in spec.items() if not k.startswith("lora_unet_")}
     _check_applied(te_spec, {id(tes["text_encoder"]): t1, id(tes["text_encoder_2"]): t2}, bases)
+
+
+def test_unet_names_option_through_the_cli(tmp_path):
+    """`--unet-names diffusers` writes an SDXL kohya file with diffusers-style block names, `sgm` with SGM names;
+    both read back to the same ΔW."""
+    unet, tes = _sdxl_unet(), _text_encoders()
+    src = tmp_path / "sdxl.safetensors"
+    _kohya_file(src, unet, SDXL_UNET, tes)
+    outs = {}
+    for how in ("sgm", "diffusers"):
+        outs[how] = tmp_path / f"{how}.safetensors"
+        res = run_cli("convert", src, "--to", "kohya", "--unet-names", how, "-o", outs[how])
+        assert res.exit_code == 0, res.stderr
+    sgm, dif = set(read_st(outs["sgm"])), set(read_st(outs["diffusers"]))
+    assert any("input_blocks" in k for k in sgm) and not any("down_blocks" in k for k in sgm)
+    assert any("down_blocks" in k for k in dif) and not any("input_blocks" in k for k in dif)
+    a, b = load_adapter(outs["sgm"]), load_adapter(outs["diffusers"])
+    da = {(m.component, m.path): m.delta() for m in from_adapter(a).modules}
+    db = {(m.component, m.path): m.delta() for m in from_adapter(b).modules}
+    assert set(da) == set(db) and all(torch.allclose(da[k], db[k], atol=1e-6) for k in da)
 
 
 def test_sd15_sgm_names_and_applied_weights(tmp_path):

@@ -43,10 +43,13 @@ Examples:
               help="GGUF: the base model directory or its config.json (architecture, head counts).")
 @click.option("--component", type=click.Choice(_COMPONENTS), default=None,
               help="A one-model adapter (PEFT, mlx-lm) trained on this pipeline part, for diffusers/kohya output.")
+@click.option("--unet-names", type=click.Choice(("auto", "sgm", "diffusers")), default="auto", show_default=True,
+              help="kohya: UNet block names. auto = the source's own, else SGM (input_blocks…) for SDXL as "
+                   "sd-scripts writes, diffusers-style (down_blocks…) for SD1.x/2.x.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
 @output_options
-def convert(adapter, target, out, dtype, arch, base, component, force, show_all, fmt):
+def convert(adapter, target, out, dtype, arch, base, component, unet_names, force, show_all, fmt):
     """Write ADAPTER in another layout with every ΔW unchanged.
 
     What the target cannot express is handled explicitly and listed per module: per-module α or
@@ -60,7 +63,7 @@ def convert(adapter, target, out, dtype, arch, base, component, force, show_all,
     ad = load_adapter(adapter)
     try:
         res = do_convert(ad, Path(out), target, dtype=dtype, arch=arch, base=Path(base) if base else None,
-                         force=force, component=component)
+                         force=force, component=component, unet_names=unet_names)
     except InspectError as e:
         raise _with_flag(e) from e
     emit(convert_view(res, max_rows=None if show_all or fmt != "table" else 40), fmt)

@@ -16,7 +16,7 @@ from .check import UNIT_ROUNDOFF, Sketch, tolerance
 from .flux import flux_for_target
 from .gguf_out import PERMUTE_ARCHS, GgufPlan, base_config, llama_permute, plan_gguf, read_gguf, write_gguf
 from .results import ConvertResult, ModuleOut
-from .writers import WRITERS, Written
+from .writers import WRITERS, Written, write_kohya
 
 __all__ = ["convert", "write_canon", "TARGETS", "DTYPES", "default_dtype"]
 
@@ -132,7 +132,8 @@ def _unpermute(b: torch.Tensor, plan: GgufPlan, is_k: bool) -> torch.Tensor:
 
 
 def write_canon(canon: Canon, out: Path, target: str, dtype: torch.dtype, extras: dict[str, torch.Tensor],
-                arch: str | None = None, base: Path | None = None) -> tuple[list[ModuleOut], list[str], float, float]:
+                arch: str | None = None, base: Path | None = None, unet_names: str = "auto"
+                ) -> tuple[list[ModuleOut], list[str], float, float]:
     """Write ``canon`` to ``out`` in ``target`` atomically, re-read it and compare every ΔW.
     Returns (per-module records, notes, worst relative error, worst error/tolerance)."""
     from ..formats import load_adapter
@@ -148,7 +149,8 @@ def write_canon(canon: Canon, out: Path, target: str, dtype: torch.dtype, extras
             atomic.commit()
         return records, [f"general.architecture = {plan.arch}, adapter.lora.alpha = {plan.alpha:g}"] + atomic.notes, \
             worst, ratio
-    w: Written = WRITERS[target](canon, dtype, extras)
+    w: Written = write_kohya(canon, dtype, extras, unet_names) if target == "kohya" else \
+        WRITERS[target](canon, dtype, extras)
     if w.weights_name is not None and out.suffix in (".safetensors", ".bin", ".gguf"):
         raise InspectError(f"{out}: a {target} adapter is a directory; name a directory, not a {out.suffix} file")
     if w.weights_name is None and out.suffix != ".safetensors":
@@ -194,7 +196,8 @@ def place_in(canon: Canon, component: str) -> None:
 
 
 def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str | None = None,
-            base: Path | None = None, force: bool = False, component: str | None = None) -> ConvertResult:
+            base: Path | None = None, force: bool = False, component: str | None = None,
+            unet_names: str = "auto") -> ConvertResult:
     """Convert adapter ``ad`` into ``target`` at ``out`` (see the module docstring). ``component`` places a
     one-model adapter in a pipeline (:func:`place_in`)."""
     if target not in TARGETS:
@@ -213,7 +216,7 @@ def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str |
         home = Path(ad.path) if Path(ad.path).is_dir() else Path(ad.path).parent
         cand = Path(ad.base_model) if Path(ad.base_model).is_absolute() else home / ad.base_model
         base = cand if cand.exists() else None
-    records, notes, worst, ratio = write_canon(canon, out, target, DTYPES[dt_name], extras, arch, base)
+    records, notes, worst, ratio = write_canon(canon, out, target, DTYPES[dt_name], extras, arch, base, unet_names)
     size, files = _size(out)
     return ConvertResult(Path(ad.path), ad.format, out, target, dt_name, records, files, size,
                          canon.notes + notes + list(ad.notes), worst, ratio)
