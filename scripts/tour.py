@@ -64,6 +64,8 @@ TOURS: dict[str, Tour] = {
     "scan": Tour(("scan samples -o scan.jsonl",)),
     "convert": Tour(("convert samples/planted --to mlx -o planted-mlx",), head=8, tail=2),
     "merge": Tour(("merge samples/planted samples/text --weights 0.7,0.3 --rank 8 -o merged",), head=8, tail=4),
+    "merge-ties": Tour(("merge samples/planted samples/text --method ties --density 0.5 -o merged-ties",), head=4,
+                       tail=5),
     "rank-base": Tour(("rank samples/planted --base samples/planted/base --intruders",), head=0, tail=23),
 }
 
