@@ -2,7 +2,7 @@
 (tests/gguf_base.py), a real PEFT LoRA on the same transformers model, our GGUF LoRA loaded by
 llama.cpp (llama-cpp-python, ``lora_path=``), and llama.cpp's logits compared with PEFT's.
 
-Optional: skipped where llama-cpp-python (built from source) is not installed.
+The llama.cpp tests are skipped where llama-cpp-python (built from source) is not installed.
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.builders import build_peft, run_cli
-from tests.gguf_base import N_VOCAB, hf_logits, llamacpp_logits, tiny_llama_model, write_gguf_base
+from tests.builders import build_peft, edit_peft_tensors, run_cli
+from tests.gguf_base import N_VOCAB, hf_logits, llamacpp_logits, tiny_llama_config, tiny_llama_model, write_gguf_base
 
-pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CASES = {
-    "plain": dict(r=4, lora_alpha=12),
+    "plain": dict(r=4, lora_alpha=12, target_modules=TARGETS + ["lm_head"]),  # lm_head → output
     "rslora-patterns": dict(r=4, lora_alpha=8, use_rslora=True,
                             rank_pattern={"q_proj": 6, "model.layers.1.mlp.down_proj": 2},
                             alpha_pattern={"v_proj": 3, "k_proj": 5}),
@@ -36,6 +35,7 @@ def _tokens() -> list[int]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
+    pytest.importorskip("llama_cpp")
     d = tmp_path_factory.mktemp("gguf-base")
     model = tiny_llama_model(0)
     model.config.save_pretrained(d)  # config.json for convert's --base
@@ -48,6 +48,12 @@ def test_base_gguf_matches_transformers(base):
     got, want = llamacpp_logits(base, toks), hf_logits(tiny_llama_model(0), toks)
     assert np.abs(want).max() > 1  # logits that are not ~0
     assert np.abs(got - want).max() < TOL["fp32"], np.abs(got - want).max()
+
+
+def _drop_full_tensors(adapter):
+    """PEFT saves the whole lm_head when it is a target (save_embedding_layers); convert refuses full
+    tensors, so keep what ``save_pretrained(save_embedding_layers=False)`` writes: the LoRA factors."""
+    edit_peft_tensors(adapter, lambda sd: {k: t for k, t in sd.items() if ".lora_" in k})
 
 
 def _rewrite_lora(src, dst, edit) -> None:
@@ -77,6 +83,7 @@ def _unpermute(name: str, b: np.ndarray) -> np.ndarray:
 def test_llamacpp_logits_equal_peft(base, tmp_path, case, dtype):
     kw = {"target_modules": TARGETS, **CASES[case]}
     build = build_peft(tmp_path, model=tiny_llama_model(0), seed=7, std=0.2, **kw)
+    _drop_full_tensors(build.path)
     toks = _tokens()
     want = hf_logits(build.model.eval(), toks)
     out = tmp_path / "lora.gguf"
@@ -90,3 +97,18 @@ def test_llamacpp_logits_equal_peft(base, tmp_path, case, dtype):
     bad = tmp_path / "unpermuted.gguf"
     _rewrite_lora(out, bad, _unpermute)
     assert np.abs(llamacpp_logits(base, toks, lora_path=bad) - want).max() > 10 * TOL[dtype]
+
+
+def test_lm_head_refused_when_the_base_ties_embeddings(tmp_path):
+    """A tied base has no output.weight in its GGUF (llama-cpp-python 0.3.36 loads an output LoRA
+    on it and then crashes in decode): refused in one line naming the module, nothing written."""
+    build = build_peft(tmp_path, model=tiny_llama_model(0), seed=3, r=2, lora_alpha=4,
+                       target_modules=["q_proj", "lm_head"])
+    _drop_full_tensors(build.path)
+    cfg = tiny_llama_config()
+    cfg.tie_word_embeddings = True
+    cfg.save_pretrained(tmp_path / "tied")
+    out = tmp_path / "x.gguf"
+    res = run_cli("convert", build.path, "--to", "gguf", "-o", out, "--base", tmp_path / "tied")
+    assert res.exit_code == 2 and "lm_head" in res.stderr and "ties" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
