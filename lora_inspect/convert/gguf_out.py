@@ -44,6 +44,7 @@ class GgufPlan:
     n_head: int | None
     n_kv_head: int | None
     alpha: float
+    tied: bool = False  # the base's lm_head is its embedding matrix (no ``output`` tensor in its GGUF)
 
 
 def base_config(path: Path | None) -> dict | None:
@@ -73,11 +74,13 @@ def _arch(name: str | None, cfg: dict | None, where: str) -> str:
 def plan_gguf(canon: Canon, arch: str | None, cfg: dict | None, where: str) -> GgufPlan:
     a = _arch(arch, cfg, where)
     nh = nkv = None
+    tied = False
     if cfg is not None:
         nh = v.integer(cfg, "num_attention_heads", where, default=None, minimum=1)
         nkv = v.integer(cfg, "num_key_value_heads", where, default=None, minimum=1) or nh
+        tied = v.boolean(cfg, "tie_word_embeddings", where)
     alpha = Counter(m.scale * m.rank for m in canon.modules).most_common(1)[0][0]
-    return GgufPlan(a, nh, nkv, float(alpha))
+    return GgufPlan(a, nh, nkv, float(alpha), tied)
 
 
 def llama_permute(w: torch.Tensor, n_head: int, n_kv_head: int | None) -> torch.Tensor:
@@ -119,6 +122,9 @@ def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor
         gname = tmap.get_name(m.path, try_suffixes=(".weight",))
         if gname is None:
             raise refuse("GGUF", m, f"no {plan.arch} GGUF tensor name for {m.path!r}")
+        if gname == "output" and plan.tied:
+            # the base GGUF has no output.weight; llama-cpp-python 0.3.36 loads such a LoRA and then crashes
+            raise refuse("GGUF", m, "the base ties lm_head to the embeddings: its GGUF has no output tensor to adapt")
         f = m.scale * m.rank / plan.alpha if plan.alpha else m.scale
         b, how = _permuted(m, times(m.b, f), plan, gname)
         if f != 1.0:

@@ -1,0 +1,114 @@
+"""llama.cpp itself as the oracle for ``convert --to gguf``: a tiny Llama base written as GGUF
+(tests/gguf_base.py), a real PEFT LoRA on the same transformers model, our GGUF LoRA loaded by
+llama.cpp (llama-cpp-python, ``lora_path=``), and llama.cpp's logits compared with PEFT's.
+
+The llama.cpp tests are skipped where llama-cpp-python (built from source) is not installed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.builders import build_peft, edit_peft_tensors, run_cli
+from tests.gguf_base import N_VOCAB, hf_logits, llamacpp_logits, tiny_llama_config, tiny_llama_model, write_gguf_base
+
+gguf = pytest.importorskip("gguf")
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES = {
+    "plain": dict(r=4, lora_alpha=12, target_modules=TARGETS + ["lm_head"]),  # lm_head → output
+    "rslora-patterns": dict(r=4, lora_alpha=8, use_rslora=True,
+                            rank_pattern={"q_proj": 6, "model.layers.1.mlp.down_proj": 2},
+                            alpha_pattern={"v_proj": 3, "k_proj": 5}),
+}
+# max |llama.cpp − PEFT| logit (logits up to ~10): float32 both sides, summed in another order (seen: 2e-6 on
+# the base, 1.1e-5 with a LoRA); an F16 LoRA also rounds the activations fed to it (seen: 0.036)
+TOL = {"fp32": 1e-4, "fp16": 0.1}
+
+
+def _tokens() -> list[int]:
+    g = torch.Generator().manual_seed(11)
+    return [1] + torch.randint(3, N_VOCAB, (15,), generator=g).tolist()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    d = tmp_path_factory.mktemp("gguf-base")
+    model = tiny_llama_model(0)
+    model.config.save_pretrained(d)  # config.json for convert's --base
+    return write_gguf_base(model, d / "base.gguf")
+
+
+def test_base_gguf_matches_transformers(base):
+    """The oracle's own footing: llama.cpp on our GGUF base gives the transformers model's logits."""
+    toks = _tokens()
+    got, want = llamacpp_logits(base, toks), hf_logits(tiny_llama_model(0), toks)
+    assert np.abs(want).max() > 1  # logits that are not ~0
+    assert np.abs(got - want).max() < TOL["fp32"], np.abs(got - want).max()
+
+
+def _drop_full_tensors(adapter):
+    """PEFT saves the whole lm_head when it is a target (save_embedding_layers); convert refuses full
+    tensors, so keep what ``save_pretrained(save_embedding_layers=False)`` writes: the LoRA factors."""
+    edit_peft_tensors(adapter, lambda sd: {k: t for k, t in sd.items() if ".lora_" in k})
+
+
+def _rewrite_lora(src, dst, edit) -> None:
+    """Copy a GGUF LoRA, passing each (name, array) through ``edit`` (an independent gguf write)."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), arch="llama")
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(r.fields["adapter.lora.alpha"].contents()))
+    for t in r.tensors:
+        w.add_tensor(t.name, np.ascontiguousarray(edit(t.name, np.array(t.data)), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _unpermute(name: str, b: np.ndarray) -> np.ndarray:
+    """Undo LlamaModel.permute on the rows of a Q/K lora_b: the GGUF a naive converter would write."""
+    if not name.endswith(("attn_q.weight.lora_b", "attn_k.weight.lora_b")):
+        return b
+    n = 4 if "attn_q" in name else 2
+    return b.reshape(n, b.shape[0] // n // 2, 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
+
+
+@pytest.mark.parametrize(("case", "dtype"), [("plain", "fp32"), ("plain", "fp16"), ("rslora-patterns", "fp32")])
+def test_llamacpp_logits_equal_peft(base, tmp_path, case, dtype):
+    kw = {"target_modules": TARGETS, **CASES[case]}
+    build = build_peft(tmp_path, model=tiny_llama_model(0), seed=7, std=0.2, **kw)
+    _drop_full_tensors(build.path)
+    toks = _tokens()
+    want = hf_logits(build.model.eval(), toks)
+    out = tmp_path / "lora.gguf"
+    res = run_cli("convert", build.path, "--to", "gguf", "-o", out, "--base", base.parent, "--dtype", dtype)
+    assert res.exit_code == 0, res.output
+    got = llamacpp_logits(base, toks, lora_path=out)
+    plain = llamacpp_logits(base, toks)
+    assert np.abs(plain - want).max() > 0.5  # the adapter matters
+    assert np.abs(got - want).max() < TOL[dtype], np.abs(got - want).max()
+    # poisoned control: the same LoRA without the Q/K row permutation must not pass
+    bad = tmp_path / "unpermuted.gguf"
+    _rewrite_lora(out, bad, _unpermute)
+    assert np.abs(llamacpp_logits(base, toks, lora_path=bad) - want).max() > 10 * TOL[dtype]
+
+
+def test_lm_head_refused_when_the_base_ties_embeddings(tmp_path):
+    """A tied base has no output.weight in its GGUF (llama-cpp-python 0.3.36 loads an output LoRA
+    on it and then crashes in decode): refused in one line naming the module, nothing written."""
+    build = build_peft(tmp_path, model=tiny_llama_model(0), seed=3, r=2, lora_alpha=4,
+                       target_modules=["q_proj", "lm_head"])
+    _drop_full_tensors(build.path)
+    cfg = tiny_llama_config()
+    cfg.tie_word_embeddings = True
+    cfg.save_pretrained(tmp_path / "tied")
+    out = tmp_path / "x.gguf"
+    res = run_cli("convert", build.path, "--to", "gguf", "-o", out, "--base", tmp_path / "tied")
+    assert res.exit_code == 2 and "lm_head" in res.stderr and "ties" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and not out.exists()
