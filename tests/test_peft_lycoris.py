@@ -235,3 +235,12 @@ def test_bad_input_is_one_line_exit_2(case, built, tmp_path):
     assert res.exit_code == 2 and res.stdout == ""
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and words in lines[0], res.stderr
+
+
+def test_serving_profiles_refuse_loha(built):
+    """No serving profile (vLLM, llama.cpp, LoRAX, SGLang, Ollama) loads LoHa/LoKr: check says so."""
+    for profile in ("vllm", "ollama"):
+        res = run_cli("check", built["loha-llama"][1], "--serving", profile, "--json")
+        assert res.exit_code == 1
+        rows = {r["rule"]: r for r in json.loads(res.stdout)["adapters"][0]["results"]}
+        assert rows[f"{profile}: algorithm"]["ok"] is False and rows[f"{profile}: algorithm"]["value"] == "loha"

@@ -198,7 +198,9 @@ class PeftLycorisLayout(PeftLayout):
     """PEFT LoHa/LoKr: a ``save_pretrained`` directory (or its weight file with the config beside it)."""
 
     name = "peft-lycoris"
-    formats = ()  # type: ignore[assignment]  # reads as "peft" (peft_type LOHA/LOKR); "peft" names PeftLayout
+    # for layout_named only: the adapter's format stays "peft"/"peft-safetensors"/"peft-bin" (its peft_type says
+    # LOHA/LOKR), and "peft" keeps naming the PEFT LoRA layout
+    formats = ("peft-loha", "peft-lokr")  # type: ignore[assignment]
     caps = Capabilities(per_module_rank=True, per_module_alpha=True, dora=False, conv=True, embeddings=False,
                         alpha="config")
 
