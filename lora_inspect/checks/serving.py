@@ -206,6 +206,16 @@ _PROFILE_RULES: dict[str, Callable[[Adapter, dict[str, Any], "BaseModel | None"]
 }
 
 
+def _algo_rule(name: str, ad: Adapter) -> list[Result]:
+    """Every profile serves B·A pairs only: LoHa, LoKr, Tucker LoCon and full modules (LyCORIS files, PEFT
+    LOHA/LOKR) fail; a row only when there are such modules (plain LoRA adapters keep their rows)."""
+    other = sorted({m.algo for m in ad.modules} - {"lora"})
+    if not other:
+        return []
+    return [Result(f"{name}: algorithm", False, ", ".join(other), "LoRA",
+                   f"{name} serves LoRA pairs only, not {'/'.join(other)} (convert writes their exact LoRA)")]
+
+
 def profile_results(name: str, rank: int | None, ad: Adapter, base: "BaseModel | None") -> list[Result]:
     """The rows of one serving profile (``name`` from :data:`PROFILES`, ``rank`` its maximum rank)."""
-    return _rank_rule(name, ad, rank) + _PROFILE_RULES[name](ad, ad.config or {}, base)
+    return _algo_rule(name, ad) + _rank_rule(name, ad, rank) + _PROFILE_RULES[name](ad, ad.config or {}, base)

@@ -116,7 +116,8 @@ def _module(ad: "Adapter", m: "Module", native: bool) -> CanonModule:
                            "it yet")
     b, a = m.factors(_read_dtype(m, native))
     comp, path = _name(ad, m)
-    ndim = len(m.source.info(m.a_key).shape) if m.kind == "conv" else 4
+    stored_a = m.source.tensors.get(m.a_key)  # LoHa/LoKr: no A is stored (a 4-D Conv2d LoRA is written)
+    ndim = len(stored_a.shape) if m.kind == "conv" and stored_a is not None else 4
     rs = bool(ad.use_rslora)
     return CanonModule(comp, path, m.kind, b, a, float(m.scale), m.kernel, ndim, m.magnitude(), m.name,
                        float(m.alpha), rs, m.algo)
@@ -125,7 +126,7 @@ def _module(ad: "Adapter", m: "Module", native: bool) -> CanonModule:
 def from_adapter(ad: "Adapter", native: bool = False, finite: bool = True) -> Canon:
     """Read every module's factors into the canonical form: float64, or with ``native`` the stored
     dtype where no arithmetic is needed to read them. ``finite`` refuses NaN/inf factors."""
-    if ad.peft_type not in (None, "LORA", "ADALORA"):
+    if ad.peft_type not in (None, "LORA", "ADALORA", "LOHA", "LOKR"):
         raise InspectError(f"{ad.path}: peft_type {ad.peft_type}: only LoRA adapters are converted")
     mods = [_module(ad, m, native) for m in ad.modules]
     for m in mods if finite else []:

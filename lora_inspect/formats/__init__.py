@@ -23,6 +23,7 @@ from .layout import Capabilities, Found, Layout
 from .lycoris import LycorisLayout
 from .mlx import MlxLayout
 from .peft import PeftLayout, read_config
+from .peft_lycoris import PeftLycorisLayout
 from .tensors import TensorSource, open_tensors
 
 __all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named",
@@ -35,6 +36,7 @@ LAYOUTS: list[Layout] = [
     MlxLayout(),
     DiffusersLayout(),  # only without a config beside the file: with one, PEFT reads it
     DiffusersAttnProcsLayout(),
+    PeftLycorisLayout(),  # a config with peft_type LOHA/LOKR: PEFT's keys and scale rules
     PeftLayout(),
 ]
 

@@ -158,7 +158,8 @@ def action_line(report: RankReport) -> str:
         return "no module could be analysed: nothing to recommend"
     if any(m.algo not in ("lora",) for m in report.adapter.modules):  # LyCORIS: a rewrite is a conversion
         more = " (larger than the file as stored)" if pat > now else ""
-        return (f"truncate --energy {report.energy:g} writes a kohya LoRA keeping ≥ {pct} energy in every module: "
+        target = "PEFT" if report.adapter.format.startswith("peft") else "kohya"  # PEFT LoHa/LoKr → PEFT LoRA
+        return (f"truncate --energy {report.energy:g} writes a {target} LoRA keeping ≥ {pct} energy in every module: "
                 f"{fmt_count(now)} → {fmt_count(pat)} parameters{more}")
     if s.uniform_rank < s.max_rank:
         return (
