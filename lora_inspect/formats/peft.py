@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..files import AtomicOutput
 
-__all__ = ["PeftLayout", "read_config", "PEFT_PREFIX", "PEFT_SUFFIXES", "looks_like_peft"]
+__all__ = ["PeftLayout", "read_config", "PEFT_PREFIX", "PEFT_SUFFIXES", "looks_like_peft", "peft_format"]
 
 PEFT_SUFFIXES = {
     ".lora_A.weight": "A",
@@ -179,6 +179,13 @@ def _prefix_notes(notes: list[str], unknown_alpha: bool, prefixed: int, total: i
         notes.append(f"keys lack the {PEFT_PREFIX!r} prefix: PEFT would load this adapter as a silent no-op")
 
 
+def peft_format(source: TensorSource, found: Found) -> str:
+    """The format name of a PEFT adapter: a directory, or a bare .safetensors / .bin file."""
+    if found.is_dir:
+        return "peft"
+    return "peft-safetensors" if source.path.suffix == ".safetensors" else "peft-bin"
+
+
 class PeftLayout(DirectoryLayout):
     """PEFT: a ``save_pretrained`` directory, or one file with PEFT keys (config beside it, in the
     ``lora_adapter_metadata`` header entry, or none)."""
@@ -194,11 +201,7 @@ class PeftLayout(DirectoryLayout):
         return looks_like_peft(keys) or looks_like_diffusers(keys)
 
     def read(self, source: TensorSource, found: Found) -> Adapter:
-        if found.is_dir:
-            fmt = "peft"
-        else:
-            fmt = "peft-safetensors" if source.path.suffix == ".safetensors" else "peft-bin"
-        return read_peft(source, found, fmt)
+        return read_peft(source, found, peft_format(source, found))
 
     # ------------------------------------------------------------------ rewriting
     def output_format(self, ad: Adapter, out: Path) -> str:

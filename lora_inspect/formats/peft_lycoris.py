@@ -30,7 +30,7 @@ from ..peft_rules import PEFT_PREFIX, compiled_patterns, lookup_compiled
 from .layout import Capabilities, Found, Rewrite
 from .lycoris import _Ctx, _loha, _lokr
 from .lycoris_updates import LoHaUpdate, LoKrUpdate
-from .peft import PeftLayout
+from .peft import PeftLayout, peft_format
 from .peft_config import truncated_config
 from .tensors import TensorSource
 
@@ -208,11 +208,7 @@ class PeftLycorisLayout(PeftLayout):
         return peft_lycoris_type(found.config, str(found.config_path or found.shown)) is not None
 
     def read(self, source: TensorSource, found: Found) -> Adapter:
-        if found.is_dir:
-            fmt = "peft"
-        else:
-            fmt = "peft-safetensors" if source.path.suffix == ".safetensors" else "peft-bin"
-        return read_peft_lycoris(source, found, fmt)
+        return read_peft_lycoris(source, found, peft_format(source, found))
 
     def global_alpha(self, ad: Adapter) -> float | None:
         return ad.alpha

@@ -67,6 +67,8 @@ def _commands_for(cfg: Config, index: int) -> list[str]:
 def _out_path(mut: Mutated, out_dir: Path, kind: str) -> Path:
     if kind == "report.html":
         return out_dir / "report.html"
+    if kind == "kohya.safetensors":  # convert/merge --to kohya: one file
+        return out_dir / "OUT.safetensors"
     name = mut.path.name
     suffix = Path(name).suffix if Path(name).suffix in (".safetensors", ".bin") else ""
     return out_dir / ("OUT" + suffix)

@@ -75,6 +75,8 @@ COMMANDS: dict[str, tuple[list[str], str | None]] = {
     "report": (["report", "{in}", "-o", "{out}"], "report.html"),
     "truncate": (["truncate", "{in}", "--rank", "2", "-o", "{out}"], "adapter"),
     "rescale": (["rescale", "{in}", "--factor", "2", "-o", "{out}"], "adapter"),
+    "convert": (["convert", "{in}", "--to", "kohya", "-o", "{out}"], "kohya.safetensors"),
+    "merge": (["merge", "{orig}", "{in}", "--to", "kohya", "-o", "{out}"], "kohya.safetensors"),
 }
 QUICK = ["info", "rank --json", "check", "truncate"]
 

@@ -2,7 +2,8 @@
 
 Layouts and key names follow docs/formats.md: PEFT (directory, bare .safetensors, .bin), kohya,
 diffusers (``lora_A``/``lora_B`` with a ``lora_adapter_metadata`` header, the older ``.lora.down`` keys
-in a .bin, and the attention-processor ``to_q_lora.down`` keys), mlx-lm (directory, transposed factors).
+in a .bin, and the attention-processor ``to_q_lora.down`` keys), mlx-lm (directory, transposed factors),
+LyCORIS (LoHa, LoKr, Tucker LoCon) and a PEFT LoHa directory.
 """
 
 from __future__ import annotations
@@ -156,4 +157,39 @@ def make_seeds(dst: Path, seed: int = 0) -> list[Seed]:
         {"fine_tune_type": "lora", "num_layers": 2,
          "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]}}))
     seeds.append(Seed("mlx-dir", d, d / "adapters.safetensors", d / "adapter_config.json", "mlx"))
+    seeds += _lycoris_seeds(dst, rng)
     return seeds
+
+
+def _lycoris_seeds(dst: Path, rng: np.random.Generator) -> list[Seed]:
+    """A LyCORIS file (LoHa, LoKr, LoCon with a Tucker core; kohya names) and a PEFT LoHa directory."""
+    le: list[Entry] = []
+    h = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    le += [Entry(f"{h}.hada_w1_a", "F32", [8, 2], _f32(rng, 8, 2)), Entry(f"{h}.hada_w1_b", "F32", [2, 8], _f32(rng, 2, 8)),
+           Entry(f"{h}.hada_w2_a", "F32", [8, 2], _f32(rng, 8, 2)), Entry(f"{h}.hada_w2_b", "F32", [2, 8], _f32(rng, 2, 8)),
+           Entry(f"{h}.alpha", "F32", [], np.float32(1.0).tobytes())]
+    k = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    le += [Entry(f"{k}.lokr_w1", "F32", [2, 2], _f32(rng, 2, 2)), Entry(f"{k}.lokr_w2_a", "F32", [6, 2], _f32(rng, 6, 2)),
+           Entry(f"{k}.lokr_w2_b", "F32", [2, 6], _f32(rng, 2, 6)), Entry(f"{k}.alpha", "F32", [], np.float32(2.0).tobytes())]
+    c = "lora_unet_conv_in"
+    le += [Entry(f"{c}.lora_down.weight", "F32", [2, 3, 1, 1], _f32(rng, 2, 3, 1, 1)),
+           Entry(f"{c}.lora_mid.weight", "F32", [2, 2, 3, 3], _f32(rng, 2, 2, 3, 3)),
+           Entry(f"{c}.lora_up.weight", "F32", [8, 2, 1, 1], _f32(rng, 8, 2, 1, 1)),
+           Entry(f"{c}.alpha", "F32", [], np.float32(2.0).tobytes())]
+    f = dst / "lycoris.safetensors"
+    f.write_bytes(build(SFile(le, {"ss_network_module": "lycoris.kohya"})))
+    pe: list[Entry] = []
+    for m in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
+        pre = f"base_model.model.{m}"
+        pe += [Entry(f"{pre}.hada_w1_a", "F32", [16, 2], _f32(rng, 16, 2)),
+               Entry(f"{pre}.hada_w1_b", "F32", [2, 16], _f32(rng, 2, 16)),
+               Entry(f"{pre}.hada_w2_a", "F32", [16, 2], _f32(rng, 16, 2)),
+               Entry(f"{pre}.hada_w2_b", "F32", [2, 16], _f32(rng, 2, 16))]
+    d = dst / "peft-loha"
+    d.mkdir()
+    (d / "adapter_model.safetensors").write_bytes(build(SFile(pe, {"format": "pt"})))
+    (d / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LOHA", "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {},
+         "alpha_pattern": {}, "module_dropout": 0.0, "rank_dropout": 0.0, "use_effective_conv2d": False}))
+    return [Seed("lycoris", f, f, None, "kohya"),
+            Seed("peft-loha", d, d / "adapter_model.safetensors", d / "adapter_config.json", "peft")]
