@@ -148,6 +148,11 @@ What the routes do:
   written with the `gguf` package and read back with `gguf.GGUFReader`; checked by the sketch.
 - kohya (fp16) from fp32/bf16: every factor rounded to fp16, so every module is checked by the sketch
   (float64, 8 Gaussian columns).
+
+Reading the ratios: where the factors are written unchanged, the cost over a copy is the re-read and the
+bit-for-bit comparison (and for mlx-lm the transpose). Where they change (a new dtype, GGUF's permutation
+and baking), every factor is also widened to float64 for the sketch: 4× the bytes of a bf16 source,
+which is why those rows cost the most relative to a copy of a bf16 file.
 """
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -60,16 +60,27 @@ def full_name(component: str | None, path: str) -> str:
     return f"{component}.{path}" if component else path
 
 
+def _by_first_token() -> dict[str, list[list[str]]]:
+    """The compounds as token lists, indexed by their first token (longest first, as in _COMPOUNDS)."""
+    table: dict[str, list[list[str]]] = {}
+    for c in _COMPOUNDS:
+        toks = c.split("_")
+        table.setdefault(toks[0], []).append(toks)
+    return table
+
+
+_BY_FIRST = _by_first_token()
+
+
 def _join(name: str, rest: str) -> str:
     toks = rest.split("_")
     out: list[str] = []
     i = 0
     while i < len(toks):
-        for c in _COMPOUNDS:
-            n = c.count("_") + 1
-            if toks[i:i + n] == c.split("_"):
-                out.append(c)
-                i += n
+        for c in _BY_FIRST.get(toks[i], ()):
+            if toks[i:i + len(c)] == c:
+                out.append("_".join(c))
+                i += len(c)
                 break
         else:
             out.append(toks[i])

@@ -86,7 +86,7 @@ def _identical(m: CanonModule, g: CanonModule) -> bool:
 def _same_factors(m: CanonModule, g: CanonModule) -> tuple[float, float]:
     """Bit-identical factors: ΔW differs by |s′ − s|/|s| exactly (nothing when B or A is zero, e.g. an unadapted
     part split out of a fused module); the scale may only round as an fp32 α does."""
-    if not (bool(m.b.any()) and bool(m.a.any())):
+    if g.scale == m.scale or not (bool(m.b.any()) and bool(m.a.any())):
         return 0.0, 0.0
     rel = abs(g.scale - m.scale) / abs(m.scale) if m.scale else abs(g.scale)
     return rel, rel / (4 * UNIT_ROUNDOFF[torch.float32])
