@@ -53,9 +53,11 @@ def convert(adapter, target, out, dtype, arch, base, component, unet_names, forc
     """Write ADAPTER in another layout with every ΔW unchanged.
 
     What the target cannot express is handled explicitly and listed per module: per-module α or
-    rsLoRA baked into B, unequal ranks zero-padded (mlx-lm), Q/K rows permuted (llama GGUF).
-    A module the target cannot hold at all (DoRA or conv to GGUF, conv to mlx-lm) is refused in
-    one line. OUT is written atomically and re-read (GGUF: with gguf.GGUFReader) before it appears.
+    rsLoRA baked into B, unequal ranks zero-padded (mlx-lm), Q/K rows permuted (llama GGUF),
+    LoHa/LoKr written as their exact LoRA, kohya SGM (SDXL) and Flux names mapped (Flux q/k/v split
+    or fused exactly). A module the target cannot hold at all (DoRA or conv to GGUF, conv to
+    mlx-lm, DoRA to kohya) is refused in one line. OUT is written atomically and re-read (GGUF:
+    with gguf.GGUFReader) and every ΔW checked before it appears.
     """
     from ..convert.run import convert as do_convert
     from ..views.algebra import convert_view
