@@ -27,7 +27,7 @@ from ..spectrum import decompose, relative_error, retained_energy
 from .canon import Canon, CanonModule, from_adapter
 from .flux import flux_for_target
 from .results import MergeModule, MergeResult
-from .run import DTYPES, TARGETS, default_dtype, write_canon
+from .run import DTYPES, TARGETS, default_dtype, named_file, write_canon
 
 if TYPE_CHECKING:  # pragma: no cover
     from .dense_merge import DenseSpec
@@ -151,25 +151,21 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
     for ad in ads:
         check_output_path(ad.path, ad.weights_path, out, force, _markers())
     paths = [Path(ad.path) for ad in ads]
-    canons = []
-    for ad in ads:
-        c = flux_for_target(from_adapter(ad), "diffusers")  # kohya/BFL and diffusers Flux files meet on one naming
-        if c.extras:
-            raise InspectError(f"{ad.path}: full tensors ({c.extras[0]!r} …, modules_to_save) cannot be summed")
-        canons.append(c)
+    canons = _read_inputs(ads, out)
     tgt = target or target_of(ads[0].format)
-    if dense is None:
-        merged, facts = merge_modules(canons, ws, spec, paths)
-    else:
-        from .dense_merge import dense_merge_modules
-
-        merged, facts = dense_merge_modules(canons, ws, spec, paths, dense)
-    if not merged:
-        raise InspectError("every merged module is zero: nothing to write")
-    first = canons[0]
-    canon = flux_for_target(Canon(merged, "merge", first.base_model, first.fan_in_fan_out, first.config), tgt)
     dt = dtype or default_dtype(ads[0])
-    records, notes, worst, ratio = write_canon(canon, out, tgt, DTYPES[dt], {})
+    with named_file(out, out):  # errors about the sum or its layout name OUT
+        if dense is None:
+            merged, facts = merge_modules(canons, ws, spec, paths)
+        else:
+            from .dense_merge import dense_merge_modules
+
+            merged, facts = dense_merge_modules(canons, ws, spec, paths, dense)
+        if not merged:
+            raise InspectError("every merged module is zero: nothing to write")
+        first = canons[0]
+        canon = flux_for_target(Canon(merged, "merge", first.base_model, first.fan_in_fan_out, first.config), tgt)
+        records, notes, worst, ratio = write_canon(canon, out, tgt, DTYPES[dt], {})
     partial = sum(1 for f in facts if 0 in f.inputs)
     if partial:
         notes.insert(0, f"{partial} modules are present in only some inputs (absent terms are zero)")
@@ -183,6 +179,17 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
         res.majority_sign = dense.majority_sign if dense.method.endswith("ties") else None
         res.precision = dense.precision
     return res
+
+
+def _read_inputs(ads: list, out: Path) -> list[Canon]:
+    canons = []
+    for ad in ads:
+        with named_file(ad.path, out):
+            c = flux_for_target(from_adapter(ad), "diffusers")  # kohya/BFL and diffusers Flux files meet on one naming
+        if c.extras:
+            raise InspectError(f"{ad.path}: full tensors ({c.extras[0]!r} …, modules_to_save) cannot be summed")
+        canons.append(c)
+    return canons
 
 
 def _value(spec: TruncateSpec) -> float:

@@ -123,8 +123,9 @@ def dotted_to_kohya(component: str | None, path: str, *, sgm: bool = False, up0_
     except InspectError:
         back = None
     if back != path:
-        raise InspectError(f"module {full_name(component, path)!r}: its kohya name {name!r} would read back as "
-                           f"{back!r}; this name cannot be mapped to kohya")
+        again = f"would read back as {back!r}" if back is not None else "would not read back as a module path"
+        raise InspectError(f"module {full_name(component, path)!r}: its kohya name {name!r} {again}; this name "
+                           "cannot be mapped to kohya")
     return name
 
 

@@ -5,11 +5,13 @@ rounding), written atomically and checked by re-reading before it appears (GGUF:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ..errors import InspectError
+from ..errors import InspectError, OptionError
 from ..files import AtomicOutput, check_output_path, dump_json, write_safetensors, write_text
 from .canon import Canon, CanonModule, from_adapter
 from .check import UNIT_ROUNDOFF, Sketch, tolerance
@@ -180,6 +182,20 @@ def _size(out: Path) -> tuple[int, list[str]]:
     return out.stat().st_size, [out.name]
 
 
+@contextmanager
+def named_file(src: object, out: Path) -> Iterator[None]:
+    """Errors from the conversion name the file they are about: the source, unless they already name it,
+    OUT, or another path (a base model)."""
+    try:
+        yield
+    except OptionError:
+        raise
+    except InspectError as e:
+        if e.message.startswith("/") or e.message.startswith(str(out)) or e.message.startswith(str(src)):
+            raise
+        raise e.located(src) from e
+
+
 def place_in(canon: Canon, component: str) -> None:
     """Name the pipeline component (``unet``, ``transformer`` …) of a one-model adapter (PEFT, mlx-lm), so
     that pipeline layouts (diffusers, kohya) can name its modules."""
@@ -207,16 +223,18 @@ def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str |
     dt_name = dtype or default_dtype(ad)
     if target == "gguf" and dtype is None and dt_name == "bf16":
         dt_name = "fp16"
-    canon = from_adapter(ad, native=True)
-    if component is not None:
-        place_in(canon, component)
-    canon = flux_for_target(canon, target)  # Flux: BFL fused ↔ diffusers split names
-    extras = _extras(ad, canon, target)
-    if base is None and ad.base_model and target == "gguf":
-        home = Path(ad.path) if Path(ad.path).is_dir() else Path(ad.path).parent
-        cand = Path(ad.base_model) if Path(ad.base_model).is_absolute() else home / ad.base_model
-        base = cand if cand.exists() else None
-    records, notes, worst, ratio = write_canon(canon, out, target, DTYPES[dt_name], extras, arch, base, unet_names)
+    with named_file(ad.path, out):
+        canon = from_adapter(ad, native=True)
+        if component is not None:
+            place_in(canon, component)
+        canon = flux_for_target(canon, target)  # Flux: BFL fused ↔ diffusers split names
+        extras = _extras(ad, canon, target)
+        if base is None and ad.base_model and target == "gguf":
+            home = Path(ad.path) if Path(ad.path).is_dir() else Path(ad.path).parent
+            cand = Path(ad.base_model) if Path(ad.base_model).is_absolute() else home / ad.base_model
+            base = cand if cand.exists() else None
+        records, notes, worst, ratio = write_canon(canon, out, target, DTYPES[dt_name], extras, arch, base,
+                                                   unet_names)
     size, files = _size(out)
     return ConvertResult(Path(ad.path), ad.format, out, target, dt_name, records, files, size,
                          canon.notes + notes + list(ad.notes), worst, ratio)

@@ -306,6 +306,18 @@ def m_junk(rng, seed, inp):
 
 # ---- tensor values and A/B structure (re-serialised consistently) ----------------------------------------
 
+def _pairs_any(sf: SFile) -> list[tuple[Entry, Entry]]:
+    """A/B pairs; for a file without any (LoHa, LoKr), two factors of one module (e.g. hada_w1_a, hada_w1_b)."""
+    pairs = _ab_pairs(sf)
+    if pairs:
+        return pairs
+    groups: dict[str, list[Entry]] = {}
+    for e in sf.entries:
+        if ".hada_" in e.name or ".lokr_" in e.name:
+            groups.setdefault(e.name.rsplit(".", 1)[0], []).append(e)
+    return [(g[0], g[1]) for g in (sorted(v, key=lambda e: e.name) for v in groups.values()) if len(g) >= 2]
+
+
 def _ab_pairs(sf: SFile) -> list[tuple[Entry, Entry]]:
     """(A, B) entries of every module, by the key conventions of every layout."""
     pairs = []
@@ -333,7 +345,7 @@ def _fill(e: Entry, value: float) -> None:
 def m_values(rng, seed, inp, out: Mutated):
     w = _weights(seed, inp)
     sf = parse(w.read_bytes())
-    pairs = _ab_pairs(sf)
+    pairs = _pairs_any(sf)
     kind = _rx(rng, ["nan", "inf", "zero-B-all", "zero-B-one", "huge", "alpha-nan", "alpha-neg", "alpha-zero", "tiny"])
     a, b = _rx(rng, pairs)
     if kind in ("nan", "inf", "huge", "tiny"):
@@ -379,10 +391,26 @@ def _alpha_add(sf: SFile, w: Path, b: Entry, kind: str) -> str:
     return f"added {kind} .alpha for {stem[-40:]}"
 
 
+def _lycoris_structure(rng, sf: SFile, w: Path) -> str:
+    """Files without A/B pairs (LoHa, LoKr): drop one factor, or transpose its declared shape."""
+    facs = [e for e in sf.entries if ".hada_" in e.name or ".lokr_" in e.name]
+    e = _rx(rng, facs)
+    if rng.random() < 0.5 or len(e.shape) < 2:
+        sf.entries.remove(e)
+        desc = f"dropped {e.name[-40:]}"
+    else:
+        e.shape = list(reversed(e.shape))
+        desc = f"transposed the shape of {e.name[-40:]}"
+    w.write_bytes(build(sf))
+    return desc
+
+
 def m_structure(rng, seed, inp):
     w = _weights(seed, inp)
     sf = parse(w.read_bytes())
     pairs = _ab_pairs(sf)
+    if not pairs:
+        return _lycoris_structure(rng, sf, w)
     a, b = _rx(rng, pairs)
     kind = _rx(rng, ["drop-A", "drop-B", "swap", "rank-mismatch", "1-D", "zero-rank", "transpose-A", "dup-name",
                      "drop-all-B", "only-extras"])
@@ -439,7 +467,7 @@ def _dup_header(sf: SFile) -> bytes:
 def m_names(rng, seed, inp):
     w = _weights(seed, inp)
     sf = parse(w.read_bytes())
-    a, b = _rx(rng, _ab_pairs(sf))
+    a, b = _rx(rng, _pairs_any(sf))
     kind = _rx(rng, ["long", "very-long", "unicode", "empty", "newline", "dots", "control", "rtl", "path"])
     ins = {"long": "m" * 10000, "very-long": "m" * _rx(rng, [10 ** 6, 10 ** 7]), "unicode": "模块_ß_🙂",
            "empty": "", "newline": "a\nb\r\nc", "dots": "....", "control": "\x1b[31mred\x07", "rtl": "\u202eevil",
