@@ -332,3 +332,20 @@ def test_bert_with_modules_to_save_peft_to_peft_same_logits(tmp_path):
     assert torch.allclose(got, ref, atol=1e-5, rtol=0)
     res = run_cli("convert", tmp_path / "src", "--to", "kohya", "-o", tmp_path / "k.safetensors")
     assert res.exit_code == 2 and "modules_to_save" in res.stderr and res.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.0, -2.0])
+@pytest.mark.parametrize("target", ["kohya", "peft", "diffusers"])
+def test_zero_or_negative_scale_is_baked(tmp_path, scale, target):
+    """An mlx-lm scale ≤ 0 cannot be a stored α (0 means α = r; negative α is refused): it is baked into B and
+    the written ΔW is still scale·B@A."""
+    g = torch.Generator().manual_seed(9)
+    b, a = torch.randn(16, 4, generator=g), torch.randn(4, 16, generator=g)
+    src = write_mlx(tmp_path / "mx", {"model.layers.0.self_attn.q_proj": (b, a)}, scale=scale)
+    out = _out_path(tmp_path, target)
+    place = ["--component", "transformer"] if target == "diffusers" else []
+    res = run_cli("convert", src, "--to", target, "-o", out, "--dtype", "fp32", *place)
+    assert res.exit_code == 0, res.stderr
+    (got,) = _written_deltas(out).values()
+    want = scale * (b.double() @ a.double())
+    assert float((got - want).norm()) <= 1e-6 * max(float(want.norm()), 1.0)

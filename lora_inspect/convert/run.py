@@ -7,13 +7,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..errors import InspectError, OptionError
 from ..files import AtomicOutput, check_output_path, dump_json, write_safetensors, write_text
-from .canon import Canon, CanonModule, from_adapter
+from .canon import Canon, CanonModule, from_adapter, times
 from .check import UNIT_ROUNDOFF, Sketch, tolerance
 from .flux import flux_for_target
 from .gguf_out import PERMUTE_ARCHS, GgufPlan, base_config, llama_permute, plan_gguf, read_gguf, write_gguf
@@ -133,6 +134,18 @@ def _unpermute(b: torch.Tensor, plan: GgufPlan, is_k: bool) -> torch.Tensor:
     return b[inv]
 
 
+def _positive_scales(canon: Canon) -> tuple[Canon, list[str]]:
+    """A module whose scale is zero or negative (an mlx-lm ``scale`` of 0 or below) gets it baked into B with
+    s = 1: a stored α of 0 means α = r to kohya and diffusers readers, and a negative α is refused."""
+    bad = [m for m in canon.modules if not m.scale > 0]
+    if not bad:
+        return canon, []
+    mods = [replace(m, b=times(m.b, m.scale), scale=1.0) if not m.scale > 0 else m for m in canon.modules]
+    n = f"{len(bad)} module{'s' if len(bad) > 1 else ''}"
+    return replace(canon, modules=mods), [f"{n} with a scale ≤ 0 (first {bad[0].name}: s = {bad[0].scale:g}): "
+                                          "baked into B"]
+
+
 def write_canon(canon: Canon, out: Path, target: str, dtype: torch.dtype, extras: dict[str, torch.Tensor],
                 arch: str | None = None, base: Path | None = None, unet_names: str = "auto"
                 ) -> tuple[list[ModuleOut], list[str], float, float]:
@@ -151,8 +164,10 @@ def write_canon(canon: Canon, out: Path, target: str, dtype: torch.dtype, extras
             atomic.commit()
         return records, [f"general.architecture = {plan.arch}, adapter.lora.alpha = {plan.alpha:g}"] + atomic.notes, \
             worst, ratio
+    canon, baked = _positive_scales(canon)
     w: Written = write_kohya(canon, dtype, extras, unet_names) if target == "kohya" else \
         WRITERS[target](canon, dtype, extras)
+    w.notes += baked
     if w.weights_name is not None and out.suffix in (".safetensors", ".bin", ".gguf"):
         raise InspectError(f"{out}: a {target} adapter is a directory; name a directory, not a {out.suffix} file")
     if w.weights_name is None and out.suffix != ".safetensors":
