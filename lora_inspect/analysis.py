@@ -204,7 +204,9 @@ def _reduce(m: Module, precision: str, gram: bool) -> tuple[Module, Any, Any, li
     # ill-conditioned or rank-deficient: Householder QR in the compute dtype (exact: bf16 → f64 → f32)
     rb = r_factor(b.to(dtype)) if rb is None else rb
     ra = r_factor(a.T.to(dtype)) if ra is None else ra
-    return m, rb, ra, [] if rb.any() else [FLAG_ZERO_B]  # R_b = 0 exactly when B = 0
+    # R_b = 0 exactly when B = 0; a product update (LoHa's face-split factors) is also zero when its A side is
+    zero = not rb.any() or (not isinstance(m.update, LowRankUpdate) and not ra.any())
+    return m, rb, ra, [FLAG_ZERO_B] if zero else []
 
 
 def compute_spectra(

@@ -244,3 +244,25 @@ def test_serving_profiles_refuse_loha(built):
         assert res.exit_code == 1
         rows = {r["rule"]: r for r in json.loads(res.stdout)["adapters"][0]["results"]}
         assert rows[f"{profile}: algorithm"]["ok"] is False and rows[f"{profile}: algorithm"]["value"] == "loha"
+
+
+@pytest.mark.parametrize("factor", ["hada_w2_b", "hada_w1_a"])
+def test_untrained_loha_fails_the_trained_row(tmp_path, factor):
+    """PEFT starts a LoHa with hada_w2_b = 0, so ΔW = 0: `check` fails its `trained` row like an all-zero LoRA B
+    (found by the fuzzer: zeroing one LoHa factor passed `check`)."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.fuzz.seeds import make_seeds
+
+    seed = next(s for s in make_seeds(tmp_path / "seeds") if s.name == "peft-loha")
+    sd = load_file(str(seed.weights))
+    key = next(k for k in sd if k.endswith(factor) and "layers.1" in k)
+    sd[key] = torch.zeros_like(sd[key])
+    save_file(sd, str(seed.weights))
+    res = run_cli("check", seed.path, "--json")
+    assert res.exit_code == 1, res.stdout
+    rows = {r["rule"]: r for r in json.loads(res.stdout)["adapters"][0]["results"]}
+    assert not rows["trained"]["ok"] and "layers.1" in rows["trained"]["message"]
+    res = run_cli("rank", seed.path, "--json")
+    flagged = [m["name"] for m in json.loads(res.stdout)["modules"] if "zero_b" in m["flags"]]
+    assert flagged == ["model.layers.1.self_attn.v_proj"]

@@ -40,7 +40,7 @@ def scan_values(adapter: Adapter, report: "RankReport | None" = None, *, finite:
 
     done: set[str] = set()
     zero_b: list[str] = []
-    b_keys = {m.b_key: m.name for m in adapter.modules}
+    b_keys = zero_keys(adapter)
     if report is not None:
         done = {k for r in report.modules if "non_finite" not in r.flags for k in (r.module.a_key, r.module.b_key)}
         zero_b = list(report.summary.zero_b)
@@ -51,9 +51,22 @@ def scan_values(adapter: Adapter, report: "RankReport | None" = None, *, finite:
         t = adapter.source.get(key)
         if finite and t.is_floating_point() and t.numel() and not all_finite(t):
             bad.append(key)
-        if key in b_keys and report is None and t.numel() and not bool(t.any()):
+        if key in b_keys and report is None and t.numel() and not bool(t.any()) and b_keys[key] not in zero_b:
             zero_b.append(b_keys[key])
     return ValueScan(natural_sorted(bad) if finite else None, natural_sorted(zero_b))
+
+
+def zero_keys(adapter: Adapter) -> dict[str, str]:
+    """Tensor key → module, for the tensors that make a module's update zero when they are all zero: B of a
+    LoRA pair (A starts random, B at zero: Hu et al. 2021, §4.1), and every factor of a product update (LoHa
+    (W₁a W₁b) ⊙ (W₂a W₂b), LoKr W₁ ⊗ W₂, a Tucker LoCon, a full ΔW): PEFT's LoHa starts with hada_w2_b = 0."""
+    from ..adapter import LowRankUpdate
+
+    out = {}
+    for m in adapter.modules:
+        keys = [m.b_key] if isinstance(m.update, LowRankUpdate) else list(m.update.keys)
+        out.update({k: m.name for k in keys})
+    return out
 
 
 def nonfinite_tensors(adapter: Adapter, report: "RankReport | None" = None) -> list[str]:
@@ -146,7 +159,8 @@ def _integrity_rules(values: ValueScan, finite: bool) -> list[Result]:
                           "" if not bad else f"{len(bad)} tensors hold NaN/inf: {names_line(bad)}"))
     zb = values.zero_b
     out.append(Result("trained", not zb, len(zb), 0, "" if not zb else (
-        f"{len(zb)} modules have an all-zero B factor, so they change nothing (saved before training?): "
+        f"{len(zb)} modules have an all-zero B factor (LoHa/LoKr: any factor), so they change nothing (saved "
+        f"before training?): "
         f"{names_line(zb)}")))
     return out
 

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write every break as JSON lines here")
     ap.add_argument("--quick", action="store_true", help=f"commands {', '.join(QUICK)} only (see --full-every)")
     ap.add_argument("--commands", help="comma-separated subset of: " + ", ".join(COMMANDS))
-    ap.add_argument("--full-every", type=int, default=0, help="all nine commands on every k-th input")
+    ap.add_argument("--full-every", type=int, default=0, help="every command on every k-th input")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--limit", type=float, default=20.0, help="seconds per command run")
     ap.add_argument("--exec", dest="mode", choices=["fork", "spawn"], default="fork",

@@ -6,6 +6,7 @@ import statistics
 from collections import Counter, defaultdict
 
 from .core import Result
+from .runner import COMMANDS
 
 __all__ = ["markdown", "break_classes"]
 
@@ -34,7 +35,7 @@ def markdown(result: Result, command: str) -> str:
         f"- seed {cfg.seed}, {len(result.inputs)} mutated inputs, {len(runs)} command runs "
         f"({sum(i.skipped for i in result.inputs)} skipped after a hang), exec mode `{cfg.mode}`, jobs {cfg.jobs}, "
         f"time limit {cfg.limit:g} s per run",
-        f"- commands: {', '.join(cfg.commands)}" + (f"; all nine on every {cfg.full_every}th input" if cfg.full_every else ""),
+        f"- commands: {', '.join(cfg.commands)}" + (f"; all {len(COMMANDS)} on every {cfg.full_every}th input" if cfg.full_every else ""),
         f"- wall time {result.wall:.0f} s; per input mean {statistics.mean(per_input) if per_input else 0:.2f} s, "
         f"median {statistics.median(per_input) if per_input else 0:.2f} s",
         f"- exit statuses: {', '.join(f'{k}: {v}' for k, v in sorted(rcs.items(), key=lambda kv: str(kv[0])))}",
