@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from lora_inspect.convert.gguf_out import read_gguf
 from tests.builders import build_peft, edit_peft_tensors, run_cli
 from tests.gguf_base import N_VOCAB, hf_logits, llamacpp_logits, tiny_llama_config, tiny_llama_model, write_gguf_base
 
@@ -27,8 +28,11 @@ CASES = {
                             alpha_pattern={"v_proj": 3, "k_proj": 5}),
 }
 # max |llama.cpp − PEFT| logit (logits up to ~10): float32 both sides, summed in another order (seen: 2e-6 on
-# the base, 1.1e-5 with a LoRA); an F16 LoRA also rounds the activations fed to it (seen: 0.036)
-TOL = {"fp32": 1e-4, "fp16": 0.1}
+# the base, 1.1e-5 with a LoRA); an F16 LoRA also rounds the activations fed to it (seen: 0.036); BF16 has 8
+# significant bits (seen: 0.36, of which 0.28 is PEFT's own logits moved by rounding its factors to bf16)
+TOL = {"fp32": 1e-4, "fp16": 0.1, "bf16": 0.75}
+# the unpermuted-Q/K control must miss PEFT's logits by more than this (seen: 5.5-11)
+CONTROL = {"fp32": 1e-3, "fp16": 1.0, "bf16": 4.0}
 
 
 def _tokens() -> list[int]:
@@ -60,9 +64,9 @@ def _drop_full_tensors(adapter):
 
 
 def _rewrite_lora(src, dst, edit) -> None:
-    """Copy a GGUF LoRA, passing its {name: array} through ``edit`` (an independent gguf write)."""
+    """Copy a GGUF LoRA as F32, passing its {name: array} through ``edit`` (an independent gguf write)."""
     r = gguf.GGUFReader(str(src))
-    tensors = edit({t.name: np.array(t.data) for t in r.tensors})
+    tensors = edit({k: np.array(t) for k, t in read_gguf(src)[1].items()})  # BF16 as float32 values
     w = gguf.GGUFWriter(str(dst), arch="llama")
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -83,7 +87,8 @@ def _unpermute(name: str, b: np.ndarray) -> np.ndarray:
     return b.reshape(n, b.shape[0] // n // 2, 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
 
 
-@pytest.mark.parametrize(("case", "dtype"), [("plain", "fp32"), ("plain", "fp16"), ("rslora-patterns", "fp32")])
+@pytest.mark.parametrize(("case", "dtype"), [("plain", "fp32"), ("plain", "fp16"), ("plain", "bf16"),
+                                             ("rslora-patterns", "fp32")])
 def test_llamacpp_logits_equal_peft(base, tmp_path, case, dtype):
     kw = {"target_modules": TARGETS, **CASES[case]}
     build = build_peft(tmp_path, model=tiny_llama_model(0), seed=7, std=0.2, **kw)
@@ -100,7 +105,15 @@ def test_llamacpp_logits_equal_peft(base, tmp_path, case, dtype):
     # poisoned control: the same LoRA without the Q/K row permutation must not pass
     bad = tmp_path / "unpermuted.gguf"
     _rewrite_lora(out, bad, lambda ts: {k: _unpermute(k, t) for k, t in ts.items()})
-    assert np.abs(llamacpp_logits(base, toks, lora_path=bad) - want).max() > 10 * TOL[dtype]
+    assert np.abs(llamacpp_logits(base, toks, lora_path=bad) - want).max() > CONTROL[dtype]
+    if dtype == "bf16":  # the BF16 tensors read back as the fp32 ones rounded by torch, bit for bit
+        f32 = tmp_path / "lora32.gguf"
+        assert run_cli("convert", build.path, "--to", "gguf", "-o", f32, "--base", base.parent).exit_code == 0
+        want16 = {k: torch.from_numpy(np.array(t)).to(torch.bfloat16).float() for k, t in read_gguf(f32)[1].items()}
+        got16 = read_gguf(out)[1]
+        assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors} == {"BF16"}
+        assert set(got16) == set(want16) and all(torch.equal(torch.from_numpy(np.array(got16[k])), want16[k])
+                                                 for k in want16)
 
 
 @pytest.mark.parametrize("module", ["lm_head", "embed_tokens"])

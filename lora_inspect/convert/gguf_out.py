@@ -160,8 +160,8 @@ def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor
 def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> list[ModuleOut]:
     import gguf
 
-    if dtype not in (torch.float32, torch.float16):
-        raise InspectError("GGUF output is written as fp32 or fp16")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InspectError("GGUF output is written as fp32, fp16 or bf16")
     tensors, records = _tensors(canon, plan)
     w = gguf.GGUFWriter(str(path), arch=plan.arch)
     try:
@@ -169,8 +169,8 @@ def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> 
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
         for name, a, b in tensors:
-            w.add_tensor(name + ".lora_a", a.to(dtype).contiguous().numpy())
-            w.add_tensor(name + ".lora_b", b.to(dtype).contiguous().numpy())
+            for suffix, t in ((".lora_a", a), (".lora_b", b)):
+                _add(w, name + suffix, t.to(dtype).contiguous())
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -179,10 +179,32 @@ def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> 
     return records
 
 
+def _add(w, name: str, t: torch.Tensor) -> None:
+    """numpy has no bfloat16: a BF16 tensor goes in as its uint16 words with ``raw_dtype=BF16`` (gguf 0.19)."""
+    import gguf
+
+    if t.dtype == torch.bfloat16:
+        w.add_tensor(name, t.view(torch.int16).numpy().view("uint16"), raw_dtype=gguf.GGMLQuantizationType.BF16)
+    else:
+        w.add_tensor(name, t.numpy())
+
+
+def _array(t) -> "np.ndarray":
+    """A tensor's values as numpy: GGUFReader (gguf 0.19) gives BF16 data as raw bytes (rows × 2·cols uint8);
+    bf16 → float32 is exact (the 16 bits become the float32's high half)."""
+    import gguf
+    import numpy as np
+
+    if t.tensor_type != gguf.GGMLQuantizationType.BF16:
+        return t.data
+    words = np.ascontiguousarray(t.data).view(np.uint16)
+    return (words.astype(np.uint32) << 16).view(np.float32)
+
+
 def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, "np.ndarray"]]:
-    """(metadata fields, tensors by name) as ``gguf.GGUFReader`` sees them."""
+    """(metadata fields, tensors by name as float arrays) as ``gguf.GGUFReader`` sees them."""
     import gguf
 
     r = gguf.GGUFReader(str(path))
     fields = {k: f.contents() for k, f in r.fields.items()}
-    return fields, {t.name: t.data for t in r.tensors}
+    return fields, {t.name: _array(t) for t in r.tensors}
