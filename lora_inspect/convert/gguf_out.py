@@ -8,6 +8,12 @@ and r = the tensor's own rank, so s_m·r_m/α is baked into each B. Names come f
 ``gguf.get_tensor_name_map(arch, n_blocks)`` (``model.layers.3.self_attn.q_proj`` → ``blk.3.attn_q``).
 LLaMA-family converters permute Q/K rows (``convert_hf_to_gguf.py · LlamaModel.permute``); the same
 permutation is applied to B (A is unchanged), with K using the KV head count.
+
+An embedding LoRA (``token_embd``) is stored the other way round, as llama.cpp's converter writes it
+(``convert_lora_to_gguf.py``: ``lora_a = lora_embedding_Aᵀ``): ``lora_a`` numpy (vocab, r) and ``lora_b``
+(dim, r), so ``llm_build_inp_embd`` adds ``lora_b @ lora_a[token]`` and ``get_scale`` takes r from ``lora_b``;
+``llama-adapter.cpp`` refuses the linear orientation ("incorrect shape"). Found by running llama.cpp
+(docs/formats.md, "GGUF output checked against llama.cpp itself").
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from .writers import record, refuse
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-__all__ = ["GgufPlan", "plan_gguf", "write_gguf", "read_gguf", "llama_permute", "PERMUTE_ARCHS", "base_config"]
+__all__ = ["GgufPlan", "plan_gguf", "write_gguf", "read_gguf", "llama_permute", "PERMUTE_ARCHS", "base_config",
+           "gguf_factors", "canon_factors"]
 
 # archs whose HF → GGUF converter subclasses LlamaModel and permutes q/k (convert_hf_to_gguf.py)
 PERMUTE_ARCHS = {"llama", "mistral", "granite", "granitemoe"}
@@ -98,8 +105,19 @@ def _n_blocks(canon: Canon) -> int:
 def _check_module(m: CanonModule) -> None:
     if m.magnitude is not None:
         raise refuse("GGUF", m, "DoRA (llama.cpp has no magnitude vectors)")
-    if m.kind != "linear":
+    if m.kind not in ("linear", "embedding"):
         raise refuse("GGUF", m, f"{m.kind} LoRA is not written to GGUF here")
+
+
+def gguf_factors(kind: str, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_a, lora_b) as numpy-order tensors for llama.cpp from canonical B (out × r), A (r × in):
+    (A, B) for a linear module; for an embedding (ΔW vocab × dim) (B (vocab, r), Aᵀ (dim, r))."""
+    return (b, a.T) if kind == "embedding" else (a, b)
+
+
+def canon_factors(kind: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of :func:`gguf_factors`: canonical (B, A) from a GGUF's lora_a, lora_b."""
+    return (lora_a, lora_b.T) if kind == "embedding" else (lora_b, lora_a)
 
 
 def _permuted(m: CanonModule, b: torch.Tensor, plan: GgufPlan, gname: str) -> tuple[torch.Tensor, list[str]]:
@@ -112,6 +130,7 @@ def _permuted(m: CanonModule, b: torch.Tensor, plan: GgufPlan, gname: str) -> tu
 
 
 def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[ModuleOut]]:
+    """(GGUF tensor name, lora_a, lora_b) per module, with the records."""
     import gguf
 
     arch_enum = {n: k for k, n in gguf.MODEL_ARCH_NAMES.items()}[plan.arch]
@@ -125,11 +144,15 @@ def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor
         if gname == "output" and plan.tied:
             # the base GGUF has no output.weight; llama-cpp-python 0.3.36 loads such a LoRA and then crashes
             raise refuse("GGUF", m, "the base ties lm_head to the embeddings: its GGUF has no output tensor to adapt")
+        if gname == "token_embd" and plan.tied:
+            # llama.cpp then uses token_embd as the output matrix too and applies this LoRA there (GGML_ASSERT)
+            raise refuse("GGUF", m, "the base ties lm_head to the embeddings: llama.cpp would apply an embedding "
+                         "LoRA to its output matrix too")
         f = m.scale * m.rank / plan.alpha if plan.alpha else m.scale
         b, how = _permuted(m, times(m.b, f), plan, gname)
         if f != 1.0:
             how.insert(0, f"s·r/α = {f:.6g} baked into B (global α {plan.alpha:g})")
-        out.append((gname + ".weight", m.a, b))
+        out.append((gname + ".weight", *gguf_factors(m.kind, b, m.a)))
         records.append(record(m, gname + ".weight", m.rank, how))
     return out, records
 
@@ -137,8 +160,8 @@ def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor
 def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> list[ModuleOut]:
     import gguf
 
-    if dtype not in (torch.float32, torch.float16):
-        raise InspectError("GGUF output is written as fp32 or fp16")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InspectError("GGUF output is written as fp32, fp16 or bf16")
     tensors, records = _tensors(canon, plan)
     w = gguf.GGUFWriter(str(path), arch=plan.arch)
     try:
@@ -146,8 +169,8 @@ def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> 
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
         for name, a, b in tensors:
-            w.add_tensor(name + ".lora_a", a.to(dtype).contiguous().numpy())
-            w.add_tensor(name + ".lora_b", b.to(dtype).contiguous().numpy())
+            for suffix, t in ((".lora_a", a), (".lora_b", b)):
+                _add(w, name + suffix, t.to(dtype).contiguous())
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -156,10 +179,32 @@ def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> 
     return records
 
 
+def _add(w, name: str, t: torch.Tensor) -> None:
+    """numpy has no bfloat16: a BF16 tensor goes in as its uint16 words with ``raw_dtype=BF16`` (gguf 0.19)."""
+    import gguf
+
+    if t.dtype == torch.bfloat16:
+        w.add_tensor(name, t.view(torch.int16).numpy().view("uint16"), raw_dtype=gguf.GGMLQuantizationType.BF16)
+    else:
+        w.add_tensor(name, t.numpy())
+
+
+def _array(t) -> "np.ndarray":
+    """A tensor's values as numpy: GGUFReader (gguf 0.19) gives BF16 data as raw bytes (rows × 2·cols uint8);
+    bf16 → float32 is exact (the 16 bits become the float32's high half)."""
+    import gguf
+    import numpy as np
+
+    if t.tensor_type != gguf.GGMLQuantizationType.BF16:
+        return t.data
+    words = np.ascontiguousarray(t.data).view(np.uint16)
+    return (words.astype(np.uint32) << 16).view(np.float32)
+
+
 def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, "np.ndarray"]]:
-    """(metadata fields, tensors by name) as ``gguf.GGUFReader`` sees them."""
+    """(metadata fields, tensors by name as float arrays) as ``gguf.GGUFReader`` sees them."""
     import gguf
 
     r = gguf.GGUFReader(str(path))
     fields = {k: f.contents() for k, f in r.fields.items()}
-    return fields, {t.name: t.data for t in r.tensors}
+    return fields, {t.name: _array(t) for t in r.tensors}

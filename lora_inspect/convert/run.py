@@ -105,8 +105,10 @@ def _sketched(sk: Sketch, m: CanonModule, g: CanonModule, dtype: torch.dtype) ->
 
 
 def _gguf_modules(path: Path, canon: Canon, plan: GgufPlan, records: list[ModuleOut]) -> list[CanonModule]:
-    """The written GGUF as canonical modules: ΔW = (α/r)·lora_b@lora_a, Q/K rows un-permuted by
-    comparing against the permuted expectation (so the check covers the permutation too)."""
+    """The written GGUF as canonical modules: ΔW = (α/r)·lora_b@lora_a (an embedding: lora_a@lora_bᵀ), Q/K
+    rows un-permuted by comparing against the permuted expectation (so the check covers the permutation too)."""
+    from .gguf_out import canon_factors
+
     fields, tensors = read_gguf(path)
     want = {"general.type": "adapter", "adapter.type": "lora", "general.architecture": plan.arch}
     for k, val in want.items():
@@ -115,8 +117,8 @@ def _gguf_modules(path: Path, canon: Canon, plan: GgufPlan, records: list[Module
     alpha = float(fields["adapter.lora.alpha"])  # type: ignore[arg-type]
     out = []
     for m, rec in zip(canon.modules, records):
-        a = torch.from_numpy(tensors[rec.target + ".lora_a"].astype("float64"))
-        b = torch.from_numpy(tensors[rec.target + ".lora_b"].astype("float64"))
+        b, a = canon_factors(m.kind, *(torch.from_numpy(tensors[rec.target + s].astype("float64"))
+                                       for s in (".lora_a", ".lora_b")))
         if plan.arch in PERMUTE_ARCHS and rec.target.endswith(("attn_q.weight", "attn_k.weight")):
             b = _unpermute(b, plan, rec.target.endswith("attn_k.weight"))
         r = b.shape[1]
