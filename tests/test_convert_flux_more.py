@@ -184,3 +184,31 @@ def test_flux_pipeline_clip_l_is_lora_te1(tmp_path, single):
         kb = ka.replace(".lora_A.", ".lora_B.")
         ref = 0.5 * (sd["text_encoder." + kb].double() @ sd["text_encoder." + ka].double())
         assert _close(te_sd[kb].double() @ te_sd[ka].double(), ref, ref), ka
+
+
+def test_comfy_clip_l_prefix(tmp_path):
+    """ComfyUI's text_encoders.clip_l.transformer.… beside diffusion_model.…: our diffusers output names CLIP-L as
+    diffusers' own converter (its ComfyUI branch) and loader do, with the same ΔW (s = α/r = 1/2)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    g = torch.Generator().manual_seed(8)
+    sd = {}
+    for n, w in (("diffusion_model.double_blocks.0.img_attn.proj", 16),
+                 ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj", 8),
+                 ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.out_proj", 8)):
+        sd[n + ".lora_down.weight"], sd[n + ".lora_up.weight"] = torch.randn(2, w, generator=g), \
+            torch.randn(w, 2, generator=g)
+        sd[n + ".alpha"] = torch.tensor(1.0)
+    src, out = tmp_path / "clip.safetensors", tmp_path / "clip_diffusers.safetensors"
+    save_file(sd, str(src))
+    convert(load_adapter(src), out, "diffusers", dtype="fp32")
+    ours = {k.removeprefix("text_encoder."): v for k, v in load_file(str(out)).items() if k.startswith("text_encoder.")}
+    theirs = _convert_kohya_flux_lora_to_diffusers(dict(sd))
+    theirs = {k.removeprefix("text_encoder."): v for k, v in theirs.items() if k.startswith("text_encoder.")}
+    theirs = convert_state_dict_to_peft(convert_state_dict_to_diffusers(theirs))  # as load_lora_into_text_encoder
+    assert set(ours) == set(theirs) and len(ours) == 4
+    for ka in (k for k in ours if ".lora_A." in k):
+        kb = ka.replace(".lora_A.", ".lora_B.")
+        ref = theirs[kb].double() @ theirs[ka].double()
+        assert _close(ours[kb].double() @ ours[ka].double(), ref, ref), ka
