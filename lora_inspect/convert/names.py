@@ -26,12 +26,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .canon import Canon
 
 __all__ = ["KOHYA_TO_COMPONENT", "COMPONENT_TO_KOHYA", "COMPONENTS", "kohya_to_dotted", "dotted_to_kohya",
-           "split_component", "full_name", "kohya_names", "UNET_NAMES"]
+           "split_component", "full_name", "kohya_names", "UNET_NAMES", "DOTTED_PREFIXES", "kohya_equivalent"]
 
 KOHYA_TO_COMPONENT = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                       "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3", "lora_transformer_": "transformer"}
 COMPONENT_TO_KOHYA = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_",
                       "text_encoder_3": "lora_te3_", "transformer": "lora_transformer_"}
+# ComfyUI's dotted prefixes for the same modules (ComfyUI ``comfy/lora.py · model_lora_keys_unet/_clip``;
+# diffusers ``_convert_kohya_flux_lora_to_diffusers`` maps them to lora_unet_/lora_te_ the same way)
+DOTTED_PREFIXES = {"diffusion_model.": "lora_unet_", "text_encoders.clip_l.transformer.": "lora_te1_"}
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 
 # identifiers that contain "_" (longest first when they share a first token)
@@ -90,9 +93,20 @@ def _join(name: str, rest: str) -> str:
     return ".".join(out)
 
 
+def kohya_equivalent(name: str) -> str:
+    """A ComfyUI dotted name (``diffusion_model.double_blocks.0.img_attn.qkv``) → its kohya name
+    (``lora_unet_double_blocks_0_img_attn_qkv``); any other name is returned as is."""
+    for dotted, kohya in DOTTED_PREFIXES.items():
+        if name.startswith(dotted):
+            return kohya + name[len(dotted):].replace(".", "_")
+    return name
+
+
 def kohya_to_dotted(name: str) -> tuple[str, str]:
     """A kohya module name → (component, dotted path); an InspectError for names it cannot map.
-    SGM UNet names become diffusers paths (:func:`lora_inspect.convert.sgm.sgm_to_diffusers`)."""
+    SGM UNet names become diffusers paths (:func:`lora_inspect.convert.sgm.sgm_to_diffusers`); ComfyUI's
+    dotted names (:data:`DOTTED_PREFIXES`) map as their kohya equivalent."""
+    name = kohya_equivalent(name)
     prefix = next((p for p in sorted(KOHYA_TO_COMPONENT, key=len, reverse=True) if name.startswith(p)), None)
     if prefix is None:
         raise InspectError(f"module {name!r}: not a kohya name (expected a lora_unet_/lora_te*_ prefix)")
@@ -135,7 +149,7 @@ UNET_NAMES = ("auto", "sgm", "diffusers")
 def _source_style(canon: "Canon") -> str | None:
     if canon.source_format not in ("kohya", "lycoris"):  # LyCORIS files use kohya names
         return None
-    styles = {is_sgm_kohya(m.source_name) for m in canon.modules if m.component == "unet"}
+    styles = {is_sgm_kohya(kohya_equivalent(m.source_name)) for m in canon.modules if m.component == "unet"}
     return None if len(styles) != 1 else ("sgm" if styles.pop() else "diffusers")
 
 
@@ -146,13 +160,22 @@ def _up0(canon: "Canon") -> bool | None:
     """:func:`~lora_inspect.convert.sgm.up0_has_attention`, else the slot an SGM kohya source gave that upsampler."""
     up0 = up0_has_attention(m.path for m in canon.modules if m.component == "unet")
     if up0 is None and canon.source_format in ("kohya", "lycoris"):
-        up0 = next((_UP0_SLOT[m.source_name] for m in canon.modules if m.source_name in _UP0_SLOT), None)
+        slots = (kohya_equivalent(m.source_name) for m in canon.modules)
+        up0 = next((_UP0_SLOT[n] for n in slots if n in _UP0_SLOT), None)
     return up0
 
 
 def _named(canon: "Canon", sgm: bool, te_prefix: str | None) -> list[str]:
     up0 = _up0(canon) if sgm else None
     return [dotted_to_kohya(m.component, m.path, sgm=sgm, up0_attn=up0, te_prefix=te_prefix) for m in canon.modules]
+
+
+def _dit_pipeline(canon: "Canon") -> bool:
+    """A transformer (Flux, SD3) pipeline: sd-scripts writes its CLIP-L as ``lora_te1_`` (``networks/lora_flux.py``,
+    ``LORA_PREFIX_TEXT_ENCODER_CLIP``), as diffusers' Flux kohya converter and ComfyUI read it."""
+    return "transformer" in canon.components() or any(
+        m.component == "unet" and m.path.replace(".", "_").startswith(("double_blocks_", "single_blocks_"))
+        for m in canon.modules)
 
 
 def kohya_names(canon: "Canon", unet_names: str = "auto") -> tuple[list[str], list[str]]:
@@ -163,13 +186,13 @@ def kohya_names(canon: "Canon", unet_names: str = "auto") -> tuple[list[str], li
     otherwise SGM for an SDXL-family adapter (:func:`~lora_inspect.convert.sgm.sdxl_family`), diffusers-style
     names else; where SGM names cannot be given (a module without an SGM counterpart, an undecidable
     layout) ``auto`` falls back to diffusers-style names and says why, ``sgm`` refuses.
-    Text encoders are ``lora_te1_``/``lora_te2_`` for SDXL, ``lora_te_`` otherwise."""
+    Text encoders are ``lora_te1_``/``lora_te2_`` for SDXL and beside a Flux/SD3 transformer, ``lora_te_`` otherwise."""
     if unet_names not in UNET_NAMES:
         raise InspectError(f"unknown UNet naming {unet_names!r} (one of {', '.join(UNET_NAMES)})")
     unet = [m.path for m in canon.modules if m.component == "unet"]
     xl = sdxl_family(unet, canon.components())
-    te1 = any(m.source_name.startswith("lora_te1_") for m in canon.modules)
-    te_prefix = "lora_te1_" if (xl or te1) else None
+    te1 = any(kohya_equivalent(m.source_name).startswith("lora_te1_") for m in canon.modules)
+    te_prefix = "lora_te1_" if (xl or te1 or _dit_pipeline(canon)) else None
     if unet_names != "auto":
         return _named(canon, unet_names == "sgm", te_prefix), []
     src = _source_style(canon)

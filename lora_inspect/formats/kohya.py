@@ -2,6 +2,12 @@
 
 ``lora_unet_…`` / ``lora_te[12]_…`` + ``.lora_down.weight`` (r, in[, kh, kw]), ``.lora_up.weight``
 (out, r[, 1, 1]), ``.alpha`` (scalar); ΔW = (α/r)·up@down, a missing or zero alpha meaning α = r.
+
+ComfyUI's dotted form of a Flux file is read here too: ``diffusion_model.double_blocks.0.img_attn.qkv`` +
+``.lora_down.weight``/``.lora_up.weight`` or PEFT-style ``.lora_A.weight``/``.lora_B.weight``, ``.alpha``
+(``text_encoders.clip_l.transformer.…`` for CLIP-L): the same modules and the same rule (s = α/r, α = r
+without ``.alpha``), as ComfyUI ``comfy/lora.py · load_lora`` applies them and diffusers'
+``_convert_kohya_flux_lora_to_diffusers`` maps them (``diffusion_model.`` → ``lora_unet_``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ __all__ = ["KohyaLayout", "KOHYA_PREFIXES", "check_lycoris", "finish"]
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
 KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
+COMFY_FLUX = ("diffusion_model.double_blocks.", "diffusion_model.single_blocks.")
+COMFY_SUFFIXES = {**KOHYA_SUFFIXES, ".lora_A.weight": "A", ".lora_B.weight": "B"}
 LYCORIS_MARKERS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".oft_diag", ".oft_blocks", ".a1.weight")
 
 
@@ -59,7 +67,14 @@ def finish(path: Path, fmt: str, source: TensorSource, modules: list[Module], re
 
 
 def _kohya_alpha_key(m: Module) -> str | None:
-    return m.a_key.rsplit(".lora_down.weight", 1)[0] + ".alpha" if m.a_key.endswith(".lora_down.weight") else None
+    suf = next((s for s in (".lora_down.weight", ".lora_A.weight") if m.a_key.endswith(s)), None)
+    return m.a_key[: -len(suf)] + ".alpha" if suf else None
+
+
+def _comfy_flux(keys: list[str]) -> bool:
+    """ComfyUI's dotted Flux names (``diffusion_model.double_blocks.…``); XLabs' ``….processor.qkv_lora1.down``
+    files share the prefix but not the module names, and are refused by :meth:`KohyaLayout.read`."""
+    return any(k.startswith(COMFY_FLUX) for k in keys)
 
 
 class KohyaLayout(Layout):
@@ -69,11 +84,17 @@ class KohyaLayout(Layout):
                         alpha="tensors")
 
     def matches(self, keys: list[str], found: Found) -> bool:
-        return any(k.startswith(KOHYA_PREFIXES) for k in keys)
+        return any(k.startswith(KOHYA_PREFIXES) for k in keys) or _comfy_flux(keys)
 
     def read(self, source: TensorSource, found: Found) -> Adapter:
         check_lycoris(source)
-        groups, rest = group_keys(source.keys(), KOHYA_SUFFIXES)
+        keys = source.keys()
+        comfy = _comfy_flux(keys)
+        xlabs = next((k for k in keys if comfy and ".processor." in k), None)
+        if xlabs is not None:
+            raise InspectError(f"{source.path}: {xlabs!r}: XLabs' Flux LoRA key style (processor.qkv_lora1/proj_lora1) "
+                               "is not read")
+        groups, rest = group_keys(keys, COMFY_SUFFIXES if comfy else KOHYA_SUFFIXES)
         modules, notes, missing = [], [], 0
         for name in sorted(groups):
             mod, known = build_module(name, groups[name], source)
@@ -81,6 +102,8 @@ class KohyaLayout(Layout):
             modules.append(mod)
         if missing:
             notes.append(f"{missing} modules have no .alpha tensor: α = r (scale 1) assumed, as kohya does")
+        if comfy:
+            notes.append("ComfyUI dotted Flux names (diffusion_model.…): read as the kohya names lora_unet_…")
         return finish(found.shown, "kohya", source, modules, rest, notes)
 
     def truncated(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
