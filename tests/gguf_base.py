@@ -1,4 +1,4 @@
-"""A tiny Llama base model for llama.cpp, written as GGUF with ``gguf.GGUFWriter``.
+"""Tiny Llama and Qwen2 base models for llama.cpp, written as GGUF with ``gguf.GGUFWriter``.
 
 Mirrors llama.cpp's HF → GGUF converter for ``LlamaForCausalLM`` (``convert_hf_to_gguf.py`` →
 ``conversion/base.py · TextModel.set_gguf_parameters`` and ``conversion/llama.py · LlamaModel``, as
@@ -6,6 +6,11 @@ vendored by llama-cpp-python 0.3.36): the ``llama.*`` hyperparameter keys, Q/K r
 ``LlamaModel.permute`` (K with the KV head count), tensor names from ``gguf.get_tensor_name_map``, and
 the simplest vocabulary llama.cpp's SPM loader accepts (``src/llama-vocab.cpp``: ``<unk>``, ``<s>``,
 ``</s>`` at ids 0/1/2 and the 256 byte tokens ``<0x00>``…``<0xFF>``, so the newline token exists).
+
+``Qwen2ForCausalLM`` mirrors ``conversion/qwen.py · Qwen2Model``: arch ``qwen2``, the base
+``TextModel.set_gguf_parameters`` keys, no Q/K permutation (llama.cpp runs qwen2 with NEOX RoPE, HF's
+rotate-half layout), and the q/k/v biases as ``blk.N.attn_{q,k,v}.bias``. llama.cpp's vocabulary loader does
+not depend on the architecture, so the same SPM vocabulary serves both.
 """
 
 from __future__ import annotations
@@ -27,12 +32,24 @@ def tiny_llama_config(layers: int = 2):
                        rms_norm_eps=1e-5, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
 
 
-def tiny_llama_model(seed: int = 0):
-    """The tiny Llama with seeded weights large enough that logits are O(1) (the default init gives ~0)."""
-    from transformers import LlamaForCausalLM
+def tiny_qwen2_config(layers: int = 2):
+    """The same shapes as :func:`tiny_llama_config` as a Qwen2 (q/k/v biases, no sliding window), float32."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=N_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False, use_sliding_window=False,
+                       architectures=["Qwen2ForCausalLM"])
+
+
+def tiny_llama_model(seed: int = 0, arch: str = "llama"):
+    """The tiny Llama (or Qwen2, ``arch="qwen2"``) with seeded weights large enough that logits are O(1)
+    (the default init gives ~0; biases get the same treatment)."""
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config()).float().eval()
+    cls, cfg = (Qwen2ForCausalLM, tiny_qwen2_config()) if arch == "qwen2" else (LlamaForCausalLM, tiny_llama_config())
+    model = cls(cfg).float().eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -51,7 +68,7 @@ def llama_permute(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.
 def _metadata(w, cfg) -> None:
     import gguf
 
-    w.add_name("tiny-llama")
+    w.add_name(f"tiny-{cfg.model_type}")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -61,8 +78,9 @@ def _metadata(w, cfg) -> None:
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    if cfg.model_type == "llama":  # LlamaModel.set_gguf_parameters adds these two; Qwen2Model does not
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
     w.add_tokenizer_model("llama")
@@ -76,20 +94,22 @@ def _metadata(w, cfg) -> None:
 
 
 def write_gguf_base(model, path: Path) -> Path:
-    """Write ``model`` (a transformers ``LlamaForCausalLM``) as an F32 GGUF that llama.cpp loads."""
+    """Write ``model`` (a transformers ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``) as an F32 GGUF that
+    llama.cpp loads; only llama permutes Q/K rows."""
     import gguf
 
     cfg = model.config
     if cfg.vocab_size != N_VOCAB:
         raise ValueError(f"the GGUF vocabulary has {N_VOCAB} tokens, the model {cfg.vocab_size}")
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
-    w = gguf.GGUFWriter(str(path), arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[cfg.model_type]
+    tmap = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(str(path), arch=gguf.MODEL_ARCH_NAMES[arch])
     _metadata(w, cfg)
     for name, t in model.state_dict().items():
         t = t.detach().float()
-        if name.endswith("q_proj.weight"):
+        if arch == gguf.MODEL_ARCH.LLAMA and name.endswith("q_proj.weight"):
             t = llama_permute(t, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == gguf.MODEL_ARCH.LLAMA and name.endswith("k_proj.weight"):
             t = llama_permute(t, cfg.num_attention_heads, cfg.num_key_value_heads)
         gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if gname is None:

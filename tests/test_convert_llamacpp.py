@@ -1,4 +1,4 @@
-"""llama.cpp itself as the oracle for ``convert --to gguf``: a tiny Llama base written as GGUF
+"""llama.cpp itself as the oracle for ``convert --to gguf``: a tiny Llama (and Qwen2) base written as GGUF
 (tests/gguf_base.py), a real PEFT LoRA on the same transformers model, our GGUF LoRA loaded by
 llama.cpp (llama-cpp-python, ``lora_path=``), and llama.cpp's logits compared with PEFT's.
 
@@ -16,7 +16,15 @@ import torch
 
 from lora_inspect.convert.gguf_out import read_gguf
 from tests.builders import build_peft, edit_peft_tensors, run_cli
-from tests.gguf_base import N_VOCAB, hf_logits, llamacpp_logits, tiny_llama_config, tiny_llama_model, write_gguf_base
+from tests.gguf_base import (
+    N_VOCAB,
+    hf_logits,
+    llama_permute,
+    llamacpp_logits,
+    tiny_llama_config,
+    tiny_llama_model,
+    write_gguf_base,
+)
 
 gguf = pytest.importorskip("gguf")
 
@@ -31,7 +39,8 @@ CASES = {
 # the base, 1.1e-5 with a LoRA); an F16 LoRA also rounds the activations fed to it (seen: 0.036); BF16 has 8
 # significant bits (seen: 0.36, of which 0.28 is PEFT's own logits moved by rounding its factors to bf16)
 TOL = {"fp32": 1e-4, "fp16": 0.1, "bf16": 0.75}
-# the unpermuted-Q/K control must miss PEFT's logits by more than this (seen: 5.5-11)
+# the unpermuted-Q/K control (llama; for qwen2 the permuted one) must miss PEFT's logits by more than this
+# (seen: 5.5-11)
 CONTROL = {"fp32": 1e-3, "fp16": 1.0, "bf16": 4.0}
 
 
@@ -41,18 +50,32 @@ def _tokens() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def bases(tmp_path_factory):
+    """arch ("llama" or "qwen2") → its GGUF base, written once per module, config.json beside it."""
     pytest.importorskip("llama_cpp")
-    d = tmp_path_factory.mktemp("gguf-base")
-    model = tiny_llama_model(0)
-    model.config.save_pretrained(d)  # config.json for convert's --base
-    return write_gguf_base(model, d / "base.gguf")
+    made = {}
+
+    def get(arch: str):
+        if arch not in made:
+            d = tmp_path_factory.mktemp(f"gguf-{arch}")
+            model = tiny_llama_model(0, arch)
+            model.config.save_pretrained(d)  # config.json for convert's --base
+            made[arch] = write_gguf_base(model, d / "base.gguf")
+        return made[arch]
+
+    return get
 
 
-def test_base_gguf_matches_transformers(base):
+@pytest.fixture(scope="module")
+def base(bases):
+    return bases("llama")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_base_gguf_matches_transformers(bases, arch):
     """The oracle's own footing: llama.cpp on our GGUF base gives the transformers model's logits."""
     toks = _tokens()
-    got, want = llamacpp_logits(base, toks), hf_logits(tiny_llama_model(0), toks)
+    got, want = llamacpp_logits(bases(arch), toks), hf_logits(tiny_llama_model(0, arch), toks)
     assert np.abs(want).max() > 1  # logits that are not ~0
     assert np.abs(got - want).max() < TOL["fp32"], np.abs(got - want).max()
 
@@ -67,7 +90,7 @@ def _rewrite_lora(src, dst, edit) -> None:
     """Copy a GGUF LoRA as F32, passing its {name: array} through ``edit`` (an independent gguf write)."""
     r = gguf.GGUFReader(str(src))
     tensors = edit({k: np.array(t) for k, t in read_gguf(src)[1].items()})  # BF16 as float32 values
-    w = gguf.GGUFWriter(str(dst), arch="llama")
+    w = gguf.GGUFWriter(str(dst), arch=r.fields["general.architecture"].contents())
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(r.fields["adapter.lora.alpha"].contents()))
@@ -87,24 +110,37 @@ def _unpermute(name: str, b: np.ndarray) -> np.ndarray:
     return b.reshape(n, b.shape[0] // n // 2, 2, b.shape[1]).swapaxes(1, 2).reshape(b.shape)
 
 
-@pytest.mark.parametrize(("case", "dtype"), [("plain", "fp32"), ("plain", "fp16"), ("plain", "bf16"),
-                                             ("rslora-patterns", "fp32")])
-def test_llamacpp_logits_equal_peft(base, tmp_path, case, dtype):
+def _permute(name: str, b: np.ndarray) -> np.ndarray:
+    """LlamaModel.permute on the rows of a Q/K lora_b: what a converter treating qwen2 as llama would write
+    (Qwen2Model does not permute; llama.cpp runs qwen2 with NEOX RoPE)."""
+    if not name.endswith(("attn_q.weight.lora_b", "attn_k.weight.lora_b")):
+        return b
+    return llama_permute(torch.from_numpy(b), 4, 4 if "attn_q" in name else 2).numpy()
+
+
+@pytest.mark.parametrize(("arch", "case", "dtype"), [
+    ("llama", "plain", "fp32"), ("llama", "plain", "fp16"), ("llama", "plain", "bf16"),
+    ("llama", "rslora-patterns", "fp32"), ("qwen2", "plain", "fp32")])
+def test_llamacpp_logits_equal_peft(bases, tmp_path, arch, case, dtype):
+    """PEFT on the transformers model vs llama.cpp with our GGUF LoRA on the GGUF base; qwen2 adds q/k/v
+    biases (untouched by LoRA) and no Q/K permutation."""
+    base = bases(arch)
     kw = {"target_modules": TARGETS, **CASES[case]}
-    build = build_peft(tmp_path, model=tiny_llama_model(0), seed=7, std=0.2, **kw)
+    build = build_peft(tmp_path, model=tiny_llama_model(0, arch), seed=7, std=0.2, **kw)
     _drop_full_tensors(build.path)
     toks = _tokens()
     want = hf_logits(build.model.eval(), toks)
     out = tmp_path / "lora.gguf"
     res = run_cli("convert", build.path, "--to", "gguf", "-o", out, "--base", base.parent, "--dtype", dtype)
     assert res.exit_code == 0, res.output
+    assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == arch
     got = llamacpp_logits(base, toks, lora_path=out)
     plain = llamacpp_logits(base, toks)
     assert np.abs(plain - want).max() > 0.5  # the adapter matters
     assert np.abs(got - want).max() < TOL[dtype], np.abs(got - want).max()
-    # poisoned control: the same LoRA without the Q/K row permutation must not pass
-    bad = tmp_path / "unpermuted.gguf"
-    _rewrite_lora(out, bad, lambda ts: {k: _unpermute(k, t) for k, t in ts.items()})
+    # poisoned control: the same LoRA with the other Q/K row order (llama: unpermuted; qwen2: permuted)
+    bad = tmp_path / "other-order.gguf"
+    _rewrite_lora(out, bad, lambda ts: {k: (_unpermute if arch == "llama" else _permute)(k, t) for k, t in ts.items()})
     assert np.abs(llamacpp_logits(base, toks, lora_path=bad) - want).max() > CONTROL[dtype]
     if dtype == "bf16":  # the BF16 tensors read back as the fp32 ones rounded by torch, bit for bit
         f32 = tmp_path / "lora32.gguf"
