@@ -52,8 +52,36 @@ def _tucker_right(t: "torch.Tensor", wb: "torch.Tensor") -> "torch.Tensor":
     return torch.einsum("ijkl,jq->iqkl", t, wb.reshape(wb.shape[0], -1)).reshape(t.shape[0], -1)
 
 
-class DenseDecomposition:
-    """Full SVD of a dense ΔW (scale included): the truncation interface of ``spectrum.Decomposition``."""
+class _Truncatable:
+    """The truncation interface of ``spectrum.Decomposition`` for an SVD held in another form: subclasses
+    give σ (``self.s``, descending, float64) and the top-k scaled singular vectors (:meth:`_top`)."""
+
+    s: "torch.Tensor"
+    dtype: "torch.dtype"
+
+    @property
+    def singular_values(self) -> np.ndarray:
+        return self.s.numpy().copy()
+
+    def _top(self, keep: int) -> tuple["torch.Tensor", "torch.Tensor"]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def factors(self, keep: int, stored: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """B (out × stored), A (stored × in) with B@A the best rank-``keep`` approximation (√σ on each side);
+        columns past ``keep`` are zero."""
+        import torch
+
+        stored = keep if stored is None else stored
+        keep = min(keep, self.s.shape[0])
+        bk, ak = self._top(keep)
+        b = torch.zeros(bk.shape[0], stored, dtype=torch.float64)
+        a = torch.zeros(stored, ak.shape[1], dtype=torch.float64)
+        b[:, :keep], a[:keep] = bk, ak
+        return b.to(self.dtype), a.to(self.dtype)
+
+
+class DenseDecomposition(_Truncatable):
+    """Full SVD of a dense ΔW (scale included)."""
 
     def __init__(self, delta: "torch.Tensor", rank: int | None = None) -> None:
         import torch
@@ -64,24 +92,12 @@ class DenseDecomposition:
         self.u, self.s, self.vh = u[:, :keep], s[:keep], vh[:keep]
         self.dtype = delta.dtype
 
-    @property
-    def singular_values(self) -> np.ndarray:
-        return self.s.numpy().copy()
-
-    def factors(self, keep: int, stored: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
-        import torch
-
-        stored = keep if stored is None else stored
-        keep = min(keep, self.s.shape[0])
+    def _top(self, keep: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         root = self.s[:keep].sqrt()
-        b = torch.zeros(self.u.shape[0], stored, dtype=torch.float64)
-        a = torch.zeros(stored, self.vh.shape[1], dtype=torch.float64)
-        b[:, :keep] = self.u[:, :keep] * root
-        a[:keep] = self.vh[:keep] * root[:, None]
-        return b.to(self.dtype), a.to(self.dtype)
+        return self.u[:, :keep] * root, self.vh[:keep] * root[:, None]
 
 
-class KronDecomposition:
+class KronDecomposition(_Truncatable):
     """SVD of s·kron(W₁, W₂) from the SVDs of W₁ and W₂: σ = s·σ₁ᵢσ₂ⱼ (sorted descending), and the
     rank-k truncation keeps the k largest products with vectors kron(u₁ᵢ, u₂ⱼ), kron(v₁ᵢ, v₂ⱼ)."""
 
@@ -95,22 +111,12 @@ class KronDecomposition:
         self.sign = -1.0 if scale < 0 else 1.0
         self.dtype = dtype
 
-    @property
-    def singular_values(self) -> np.ndarray:
-        return self.s.numpy().copy()
-
-    def factors(self, keep: int, stored: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
-        import torch
-
-        stored = keep if stored is None else stored
-        keep = min(keep, self.s.shape[0])
+    def _top(self, keep: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         i, j, root = self.i[:keep], self.j[:keep], self.s[:keep].sqrt()
         out, inp = self.u1.shape[0] * self.u2.shape[0], self.v1h.shape[1] * self.v2h.shape[1]
-        b = torch.zeros(out, stored, dtype=torch.float64)
-        a = torch.zeros(stored, inp, dtype=torch.float64)
-        b[:, :keep] = (self.u1[:, i][:, None, :] * self.u2[:, j][None, :, :]).reshape(out, keep) * root * self.sign
-        a[:keep] = (self.v1h[i][:, :, None] * self.v2h[j][:, None, :]).reshape(keep, inp) * root[:, None]
-        return b.to(self.dtype), a.to(self.dtype)
+        b = (self.u1[:, i][:, None, :] * self.u2[:, j][None, :, :]).reshape(out, keep) * root * self.sign
+        a = (self.v1h[i][:, :, None] * self.v2h[j][:, None, :]).reshape(keep, inp) * root[:, None]
+        return b, a
 
 
 @dataclass(eq=False)
