@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_inspect.convert.canon import from_adapter
-from lora_inspect.convert.check import Sketch, diff_norm
+from lora_inspect.convert.check import Sketch
 from lora_inspect.formats import load_adapter
 from tests.builders import build_peft, kohya_delta, run_cli, write_kohya, write_mlx
 
@@ -221,6 +221,13 @@ def test_poisoned_writer_is_caught_and_nothing_written(sources, tmp_path, monkey
     assert res.exit_code == 2
     assert "self-check failed" in res.stderr and res.stderr.count("\n") == 1
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def diff_norm(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
+    """Exact ‖B1@A1 − B2@A2‖_F: [B1, −B2] = Q_b R_b and [A1; A2]ᵀ = Q_a R_a, so it is ‖R_b R_aᵀ‖_F."""
+    rb = torch.linalg.qr(torch.cat([b1, -b2], dim=1), mode="r")[1]
+    ra = torch.linalg.qr(torch.cat([a1, a2], dim=0).T, mode="r")[1]
+    return float(torch.linalg.matrix_norm(rb @ ra.T))
 
 
 def test_sketch_estimates_the_frobenius_difference():

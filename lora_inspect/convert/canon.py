@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import InspectError
+from ..spectrum import all_finite
 from .names import full_name, kohya_to_dotted, split_component
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Adapter, Module
 
-__all__ = ["CanonModule", "Canon", "from_adapter", "times", "all_finite"]
+__all__ = ["CanonModule", "Canon", "from_adapter", "times"]
 
 _NATIVE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -66,14 +67,6 @@ class CanonModule:
 def times(t: torch.Tensor, f: float) -> torch.Tensor:
     """``f·t`` computed in float64 (``t`` itself when f = 1, so stored factors stay untouched)."""
     return t if f == 1.0 else t.double() * f
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Every entry finite: min and max in one pass without a mask (NaN propagates through both)."""
-    if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
 @dataclass

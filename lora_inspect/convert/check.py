@@ -1,11 +1,6 @@
-"""Exactness checks without forming ΔW.
+"""The self-check of ``convert`` and ``merge`` without forming ΔW.
 
-Exact, in factor space (``merge`` tests and small cores): ‖s′B′A′ − sBA‖_F. [s′B′, −sB] and [A′; A]
-multiply to the difference; with Householder QR of both, [s′B′, −sB] = Q_b R_b and [A′; A]ᵀ = Q_a R_a,
-the difference's Frobenius norm is ‖R_b R_aᵀ‖_F (the Q's have orthonormal columns), computed in
-float64 with no cancellation between two large dense matrices. Cost O((out + in)(k′+k)²).
-
-Sketched, for the self-check after every write (:func:`sketch`): for a fixed Gaussian X (in × p),
+After every write (:class:`Sketch`): for a fixed Gaussian X (in × p),
 E‖D X‖_F² = p‖D‖_F² for any D (Halko, Martinsson & Tropp 2011, §4.3 and Lemma 4.1 on Gaussian
 test matrices), so ‖D X‖_F/√p estimates ‖D‖_F for D = ΔW′ − ΔW. ‖D X‖_F² is Σᵢ σᵢ(D)²·χ²_p,ᵢ, a
 weighted sum of independent χ²_p variables, whose tails are no heavier than one χ²_p's (Székely &
@@ -14,40 +9,30 @@ with probability 2e-12 (``scipy.stats.chi2``). The check passes when the estimat
 rounding bound, so rounding never fails it; a write that changed a ΔW beyond rounding (a wrong
 transpose, permutation, scale or key changes it by ~‖ΔW‖, millions of times the bound for fp32) is
 caught unless the estimate is ~10⁶ times too small, probability far below 1e-30. Cost O((out + in)·k·p): for
-r = 64 about 16× fewer flops than the QR route, and no k×k factorisations.
+r = 64 about 16× fewer flops than an exact norm from QRs of the stacked factors [s′B′, −sB] and [A′; A]ᵀ
+(O((out + in)(2k)²)), which tests/test_convert_matrix.py uses as the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["diff_norm", "lowrank_norm", "tolerance", "UNIT_ROUNDOFF", "Sketch", "SKETCH_COLUMNS"]
+from ..defaults import UNIT_ROUNDOFF
 
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float64: 2.0**-53}
+__all__ = ["tolerance", "unit_roundoff", "Sketch", "SKETCH_COLUMNS"]
+
+_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 SKETCH_COLUMNS = 8
 
 
-def _r(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x, mode="r")[1]
-
-
-def lowrank_norm(b: torch.Tensor, a: torch.Tensor) -> float:
-    """‖B@A‖_F via the R factors of B and Aᵀ."""
-    if b.shape[1] == 0:
-        return 0.0
-    return float(torch.linalg.matrix_norm(_r(b.double()) @ _r(a.double().T).T))
-
-
-def diff_norm(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
-    """‖B1@A1 − B2@A2‖_F (scales already in the B's)."""
-    b = torch.cat([b1.double(), -b2.double()], dim=1)
-    a = torch.cat([a1.double(), a2.double()], dim=0)
-    return lowrank_norm(b, a)
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """u of a torch float dtype (:data:`lora_inspect.defaults.UNIT_ROUNDOFF`; fp32's for others)."""
+    return UNIT_ROUNDOFF.get(_NAMES.get(dtype, "F32"), 2.0**-24)
 
 
 def tolerance(b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> float:
     """Rounding both stored factors to unit roundoff u changes s·B@A by ≤ (2u + u²)·|s|·‖B‖_F‖A‖_F; slack 8."""
-    u = UNIT_ROUNDOFF.get(dtype, 2.0**-24)
+    u = unit_roundoff(dtype)
     nb = float(torch.linalg.vector_norm(b, dtype=torch.float64))
     na = float(torch.linalg.vector_norm(a, dtype=torch.float64))
     return 8 * 3 * u * abs(scale) * nb * na + 1e-300

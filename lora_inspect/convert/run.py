@@ -15,7 +15,7 @@ import torch
 from ..errors import InspectError, OptionError
 from ..files import AtomicOutput, check_output_path, dump_json, write_safetensors, write_text
 from .canon import Canon, CanonModule, from_adapter, times
-from .check import UNIT_ROUNDOFF, Sketch, tolerance
+from .check import Sketch, tolerance, unit_roundoff
 from .flux import flux_for_target
 from .gguf_out import PERMUTE_ARCHS, GgufPlan, base_config, llama_permute, plan_gguf, read_gguf, write_gguf
 from .results import ConvertResult, ModuleOut
@@ -92,7 +92,7 @@ def _same_factors(m: CanonModule, g: CanonModule) -> tuple[float, float]:
     if g.scale == m.scale or not (bool(m.b.any()) and bool(m.a.any())):
         return 0.0, 0.0
     rel = abs(g.scale - m.scale) / abs(m.scale) if m.scale else abs(g.scale)
-    return rel, rel / (4 * UNIT_ROUNDOFF[torch.float32])
+    return rel, rel / (4 * unit_roundoff(torch.float32))
 
 
 def _sketched(sk: Sketch, m: CanonModule, g: CanonModule, dtype: torch.dtype) -> tuple[float, float]:
@@ -201,14 +201,14 @@ def _size(out: Path) -> tuple[int, list[str]]:
 
 @contextmanager
 def named_file(src: object, out: Path) -> Iterator[None]:
-    """Errors from the conversion name the file they are about: the source, unless they already name it,
-    OUT, or another path (a base model)."""
+    """Errors from the conversion name the file they are about: the source (:meth:`InspectError.located`),
+    unless they already name OUT."""
     try:
         yield
     except OptionError:
         raise
     except InspectError as e:
-        if e.message.startswith("/") or e.message.startswith(str(out)) or e.message.startswith(str(src)):
+        if e.message.startswith(str(out)):
             raise
         raise e.located(src) from e
 

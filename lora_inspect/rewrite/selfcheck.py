@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..adapter import Adapter
+from ..defaults import UNIT_ROUNDOFF
 from ..errors import InspectError
 from ..files import AtomicOutput
 from ..formats.layout import Layout, Rewrite
@@ -32,7 +33,7 @@ class Expected:
 
 def _dtype_u(st: str) -> float:
     """Unit roundoff of a stored dtype (2^-p, p = mantissa bits + 1)."""
-    return {"BF16": 2.0**-8, "F16": 2.0**-11, "F32": 2.0**-24, "F64": 2.0**-53}.get(st, 2.0**-24)
+    return UNIT_ROUNDOFF.get(st, 2.0**-24)
 
 
 def sv_tolerance(sv: np.ndarray, keep: int, st_dtype: str) -> float:
