@@ -81,6 +81,11 @@ def _raw(seed: Seed, inp: Path) -> tuple[Path, bytes, int, dict]:
     return w, raw, n, json.loads(raw[8:8 + n])
 
 
+def _rewrite_header(w: Path, raw: bytes, n: int, body: bytes) -> None:
+    """Write ``w`` again with a new header ``body`` (its length prefix recomputed) and the old data."""
+    w.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+
+
 def _tensor_names(header: dict) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
@@ -136,8 +141,7 @@ def m_header_nest(rng, seed, inp):
             h2 = dict(h)
             h2[k] = dict(h[k], shape="@@")
             text = json.dumps(h2).replace('"@@"', nested)
-    body = text.encode()
-    w.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    _rewrite_header(w, raw, n, text.encode())
     return f"header nested depth {depth} at {where}"
 
 
@@ -156,8 +160,7 @@ def m_header_field(rng, seed, inp):
         v = f"(no {f})"
     else:
         h[k] = dict(h[k], **{field: v})
-    body = json.dumps(h).encode()
-    w.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    _rewrite_header(w, raw, n, json.dumps(h).encode())
     return f"{k[-40:]}: {field} = {v!r:.40}"
 
 
@@ -214,8 +217,7 @@ def m_shape(rng, seed, inp):
     else:
         shp = [2 ** 32, 2 ** 32, 2 ** 32]
     h[k]["shape"] = shp
-    body = json.dumps(h).encode()
-    w.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    _rewrite_header(w, raw, n, json.dumps(h).encode())
     return f"{k[-40:]}: shape {kind} → {str(shp)[:40]}"
 
 
@@ -230,8 +232,7 @@ def m_offsets(rng, seed, inp):
            "shift": [b + 1, e + 1], "huge": [b, 2 ** 64 + e], "negative": [-4, e], "float": [b + 0.5, e],
            "three": [b, e, e], "gap": [b + 4, e + 4]}[kind]
     h[k]["data_offsets"] = new
-    body = json.dumps(h).encode()
-    w.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    _rewrite_header(w, raw, n, json.dumps(h).encode())
     return f"{k[-40:]}: data_offsets {kind} → {new}"
 
 
@@ -258,8 +259,7 @@ def m_metadata(rng, seed, inp):
         meta["lora_adapter_metadata"] = cfg if isinstance(cfg, str) else json.dumps(cfg)
         h["__metadata__"] = meta
         d = "lora_adapter_metadata: " + d
-    body = json.dumps(h).encode()
-    w.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    _rewrite_header(w, raw, n, json.dumps(h).encode())
     return d
 
 
@@ -269,8 +269,7 @@ def m_many_tensors(rng, seed, inp):
     end = len(raw) - 8 - n
     for i in range(count):
         h[f"zz.{i}.lora_A.weight"] = {"dtype": "F32", "shape": [0, 4], "data_offsets": [end, end]}
-    body = json.dumps(h).encode()
-    w.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    _rewrite_header(w, raw, n, json.dumps(h).encode())
     return f"{count} extra zero-size tensors"
 
 
