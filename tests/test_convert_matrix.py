@@ -5,6 +5,7 @@ Also the self-check itself: it catches a poisoned writer, and its sketch estimat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -356,3 +357,37 @@ def test_zero_or_negative_scale_is_baked(tmp_path, scale, target):
     (got,) = _written_deltas(out).values()
     want = scale * (b.double() @ a.double())
     assert float((got - want).norm()) <= 1e-6 * max(float(want.norm()), 1.0)
+
+
+def test_error_paths_are_one_line_naming_the_file(sources, tmp_path):
+    """Refusals from inside the conversion name the source file: --component on a pipeline, a module the
+    kohya writer cannot name, DoRA on only some modules to mlx-lm."""
+    from safetensors.torch import load_file, save_file
+
+    ksrc, _ = sources["kohya"]
+    res = run_cli("convert", ksrc, "--component", "unet", "--to", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1
+    assert str(ksrc) in res.stderr and "already belong to" in res.stderr
+    # a PEFT module name whose kohya form cannot map back (dots in the name)
+    psrc, _ = sources["peft"]
+    bad = tmp_path / "bad"
+    shutil.copytree(psrc, bad)
+    sd = load_file(str(bad / "adapter_model.safetensors"))
+    sd = {k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.q_proj.._x"): v for k, v in sd.items()}
+    save_file(sd, str(bad / "adapter_model.safetensors"))
+    res = run_cli("convert", bad, "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1
+    assert str(bad) in res.stderr and "cannot be mapped to kohya" in res.stderr
+    assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_mlx_refuses_dora_on_only_some_modules(tmp_path):
+    dora = build_peft(tmp_path, arch="llama", seed=8, r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    from safetensors.torch import load_file
+
+    weights = str(dora.path / "adapter_model.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if not ("layers.1" in k and "magnitude" in k)}, weights)
+    res = run_cli("convert", dora.path, "--to", "mlx", "-o", tmp_path / "m")
+    assert res.exit_code == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "layers.1" in res.stderr and "fine_tune_type dora" in res.stderr and str(dora.path) in res.stderr
+    assert not (tmp_path / "m").exists()
