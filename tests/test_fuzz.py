@@ -102,9 +102,8 @@ def seeds(tmp_path_factory):
 @pytest.mark.parametrize("container", ["zip", "legacy"])
 def test_pickle_never_runs(tmp_path, how, container):
     """A .bin whose pickle would create a marker file (os.system / eval / subprocess): refused, never run."""
-    import zipfile
 
-    from tests.fuzz.mutations import _evil_pickle
+    from tests.fuzz.mutations import _evil_pickle, write_pickle
 
     marker = tmp_path / "PWNED"
     payload = _evil_pickle(marker, how)
@@ -116,12 +115,7 @@ def test_pickle_never_runs(tmp_path, how, container):
         pickle.loads(_evil_pickle(probe, how))
         assert probe.exists()
     f = tmp_path / "adapter_model.bin"
-    if container == "legacy":
-        f.write_bytes(payload)
-    else:
-        with zipfile.ZipFile(f, "w") as z:
-            z.writestr("archive/data.pkl", payload)
-            z.writestr("archive/version", "3\n")
+    write_pickle(f, payload, container)
     (tmp_path / "cwd").mkdir()
     r = execute("info", ["info", str(f)], tmp_path / "cwd", tmp_path, 60, mode="spawn")
     assert not marker.exists()

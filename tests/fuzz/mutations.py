@@ -590,7 +590,12 @@ def m_pickle(rng, seed, inp, out: Mutated):
     assert marker is not None
     how = _rx(rng, ["reduce", "eval", "subprocess"])
     container = _rx(rng, ["zip", "legacy"])
-    payload = _evil_pickle(marker, how)
+    write_pickle(w, _evil_pickle(marker, how), container)
+    return f"pickle that runs code ({how}, {container}) as {w.name}"
+
+
+def write_pickle(w: Path, payload: bytes, container: str) -> None:
+    """A pickle as torch would find it: bare (``legacy``) or inside torch's zip layout (``zip``)."""
     if container == "legacy":
         w.write_bytes(payload)
     else:
@@ -598,7 +603,6 @@ def m_pickle(rng, seed, inp, out: Mutated):
             z.writestr("archive/data.pkl", payload)
             z.writestr("archive/version", "3\n")
             z.writestr("archive/byteorder", "little")
-    return f"pickle that runs code ({how}, {container}) as {w.name}"
 
 
 def m_bin_content(rng, seed, inp, out: Mutated):
