@@ -1,16 +1,19 @@
-"""Run the README's tour commands on the bundled samples and put their real output into README.md.
+"""Run the tour commands on the bundled samples and put their real output into README.md and docs/.
 
-    python scripts/tour.py            # rewrite every tour block in README.md
-    python scripts/tour.py --check    # exit 1 (and show a diff) when a block is stale; README unchanged
+    python scripts/tour.py            # rewrite every tour block (README.md and docs/*.md)
+    python scripts/tour.py --check    # exit 1 (and show a diff) when a block is stale; nothing rewritten
     python scripts/tour.py --only rank --only check
+    python scripts/tour.py --doc README.md --only info
 
-Each block in README.md sits between ``<!-- tour:NAME -->`` and ``<!-- /tour -->``; TOURS below says which
-commands produce it and how it is shown. The commands run in a scratch directory holding a copy of
+Each block sits between ``<!-- tour:NAME -->`` and ``<!-- /tour -->`` in README.md or a page under docs/
+(a name stands in one document only); TOURS below says which commands produce it and how it is shown,
+and its order is the order they run in. The commands run in a scratch directory holding a copy of
 ``samples/`` (so paths print as ``samples/planted``, and files the tour writes such as ``planted-r4`` are
 shared by later blocks), with this tree's package, ``COLUMNS=100``, ``NO_COLOR=1`` and one thread.
-Timings (tokens/s, seconds) are masked before comparing: they come from ``benchmarks/``, not from here.
-Blocks marked ``slow`` (training) run only with ``--slow``; ``--check`` leaves them as they are unless
-``--slow`` is given.
+A block is stale when its text differs or a number differs by more than :data:`REL_TOL` relative:
+the last bits of a float depend on the CPU's kernels. Timings (tokens/s, seconds) are masked before
+comparing: they come from ``benchmarks/``, not from here. Blocks marked ``slow`` (training) run only
+with ``--slow``; ``--check`` leaves them as they are unless ``--slow`` is given.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class Tour:
 
 TOURS: dict[str, Tour] = {
     "info": Tour(("info samples/planted",)),
-    "rank": Tour(("rank samples/planted",)),
+    "rank": Tour(("rank samples/planted",), head=8, tail=1),
     "rank-json": Tour(("rank samples/planted --json",), fence="json", prompt=False, json_abridge=True),
     "truncate": Tour(("truncate samples/planted -o planted-r4 --rank 4",), head=10, tail=3),
     "truncate-budget": Tour(("truncate samples/text -o text-budget --max-params 4k",), head=1, tail=5),
@@ -56,7 +59,7 @@ TOURS: dict[str, Tour] = {
     "train": Tour(("train --task planted --planted-rank 4 --rank 32 --targets all-linear --steps 400 "
                    "--out runs/planted",), slow=True),
     "footprint": Tour(("footprint samples/planted",)),
-    "check": Tour(("check samples/planted planted-r4 --serving vllm:16 --max-size 1MB",)),
+    "check": Tour(("check samples/planted --serving vllm:16 --max-size 1MB",)),
     "check-markdown": Tour(("check planted-r4 --serving vllm:16 --max-size 1MB --min-energy 0.95@4 "
                             "--format markdown",), fence=None, prompt=False),
     "diff": Tour(("diff samples/planted planted-r4 --format markdown",), fence=None, prompt=False, head=14),
@@ -132,22 +135,60 @@ def blocks(readme: str) -> dict[str, str]:
     return {m["name"]: m["body"] for m in BLOCK.finditer(readme)}
 
 
-def regenerate(readme: str, names: list[str], slow: bool) -> dict[str, str]:
-    """New bodies for the blocks ``names`` (in README order, so that files written by one tour exist for
-    the next), computed in a scratch directory."""
-    unknown = [n for n in blocks(readme) if n not in TOURS]
+def documents() -> list[Path]:
+    """README.md, then every page under docs/ that holds a tour block."""
+    pages = sorted(p for p in (ROOT / "docs").glob("*.md") if "<!-- tour:" in p.read_text(encoding="utf-8"))
+    return [README, *pages]
+
+
+def all_blocks(docs: list[Path]) -> dict[str, tuple[Path, str]]:
+    """Every tour block of ``docs``: name → (document, body). A name may stand in one document only."""
+    found: dict[str, tuple[Path, str]] = {}
+    for doc in docs:
+        for name, body in blocks(doc.read_text(encoding="utf-8")).items():
+            if name in found:
+                raise SystemExit(f"tour block {name} stands in both {found[name][0]} and {doc}")
+            found[name] = (doc, body)
+    return found
+
+
+_NUM = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+REL_TOL = 1e-9  # numbers in a block may differ by this much, relative (abs 1e-12 near zero): the last bits of
+# a float64 depend on the CPU's kernels (AVX2 or AVX-512 BLAS), never on what the tool does
+
+
+def _close(a: str, b: str) -> bool:
+    x, y = float(a), float(b)
+    return abs(x - y) <= max(REL_TOL * max(abs(x), abs(y)), 1e-12)
+
+
+def same(old: str, new: str) -> bool:
+    """Whether two blocks say the same: text exactly, every number to :data:`REL_TOL` relative (after
+    :func:`normalise`). Digits are compared as numbers only where both sides have a number at that place."""
+    a, b = normalise(old), normalise(new)
+    if a == b:
+        return True
+    ta, tb = _NUM.split(a), _NUM.split(b)
+    na, nb = _NUM.findall(a), _NUM.findall(b)
+    return ta == tb and len(na) == len(nb) and all(_close(x, y) for x, y in zip(na, nb))
+
+
+def regenerate(known: dict[str, tuple[Path, str]], names: list[str], slow: bool) -> dict[str, str]:
+    """New bodies for the blocks ``names``, computed in a scratch directory. Every tour runs in the order
+    of :data:`TOURS` (later ones read files written by earlier ones), up to the last one requested."""
+    unknown = [n for n in known if n not in TOURS]
     if unknown:
-        raise SystemExit(f"README.md has tour blocks that scripts/tour.py does not know: {unknown}")
+        raise SystemExit(f"tour blocks that scripts/tour.py does not know: {unknown}")
     new: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="lora-inspect-tour-") as tmp:
         work = Path(tmp)
         shutil.copytree(ROOT / "samples", work / "samples")
-        for name in TOURS:  # every tour runs in order (later ones read earlier outputs) …
+        for name in TOURS:
             tour = TOURS[name]
             if tour.slow and not slow:
                 continue
             body = run_tour(name, tour, work)
-            if name in names:  # … but only the requested ones are replaced
+            if name in names:  # only the requested ones are replaced
                 new[name] = body
             if all(n in new or (TOURS[n].slow and not slow) for n in names):
                 break  # nothing requested comes later
@@ -159,26 +200,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="compare only; exit 1 when a block is stale")
     ap.add_argument("--only", action="append", help="only this block (repeatable)")
     ap.add_argument("--slow", action="store_true", help="also run the slow blocks (training)")
-    ap.add_argument("--readme", type=Path, default=README, help="the file to check or rewrite (default: README.md)")
+    ap.add_argument("--doc", "--readme", dest="docs", action="append", type=Path,
+                    help="a document to check or rewrite (repeatable; default: README.md and docs/*.md)")
     args = ap.parse_args(argv)
-    readme = args.readme.read_text(encoding="utf-8")
-    names = args.only or list(blocks(readme))
-    missing = [n for n in names if n not in blocks(readme)]
+    docs = args.docs or documents()
+    known = all_blocks(docs)
+    names = args.only or list(known)
+    missing = [n for n in names if n not in known]
     if missing:
-        print(f"no such tour block in README.md: {missing}", file=sys.stderr)
+        print(f"no such tour block in {', '.join(map(str, docs))}: {missing}", file=sys.stderr)
         return 2
-    new = regenerate(readme, names, args.slow)
-    stale = [n for n, body in new.items() if normalise(body) != normalise(blocks(readme)[n])]
+    new = regenerate(known, names, args.slow)
+    stale = [n for n, body in new.items() if not same(known[n][1], body)]
     if args.check:
         for n in stale:
-            diff = difflib.unified_diff(normalise(blocks(readme)[n]).splitlines(), normalise(new[n]).splitlines(),
-                                        f"README.md tour:{n}", "now", lineterm="")
+            diff = difflib.unified_diff(normalise(known[n][1]).splitlines(), normalise(new[n]).splitlines(),
+                                        f"{known[n][0].name} tour:{n}", "now", lineterm="")
             print("\n".join(diff))
         if stale:
             print(f"stale tour blocks: {', '.join(stale)} (run: python scripts/tour.py)", file=sys.stderr)
         return 1 if stale else 0
-    text = BLOCK.sub(lambda m: m.group(1) + new.get(m["name"], m["body"]) + m.group(4), readme)
-    args.readme.write_text(text, encoding="utf-8")
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        doc.write_text(BLOCK.sub(lambda m: m.group(1) + new.get(m["name"], m["body"]) + m.group(4), text),
+                       encoding="utf-8")
     print(f"updated {len(stale)} of {len(new)} tour blocks" + (f": {', '.join(stale)}" if stale else ""))
     return 0
 

@@ -1,6 +1,7 @@
-"""The README's tour shows real output: ``scripts/tour.py`` reruns every tour command on the committed
-samples, and this test fails when a block in README.md is stale (timings and paths normalised).
-Regenerate with ``python scripts/tour.py``."""
+"""The README's tour and the guide pages under docs/ show real output: ``scripts/tour.py`` reruns every tour
+command on the committed samples, and this test fails when a block is stale (text exactly, numbers to
+1e-9 relative; timings and paths normalised). Regenerate with ``python scripts/tour.py``. The README
+stays short: at most 250 lines, every page it links to exists."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import tour  # noqa: E402
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = tour.documents()
 # console blocks with a `$ lora-inspect` prompt that are not produced by the script, with the reason
 STATIC_COMMANDS = {
     "$ lora-inspect diff samples/planted planted-r4 --format markdown",  # its Markdown output is the block below it
@@ -28,13 +30,41 @@ def _script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_every_tour_block_has_a_recipe_and_every_recipe_a_block():
-    assert list(tour.blocks(README)) == list(tour.TOURS)
+    assert sorted(tour.all_blocks(DOCS)) == sorted(tour.TOURS)
+    assert list(tour.blocks(README)) == ["info", "rank", "truncate", "rescale", "check", "convert"]
 
 
 def test_every_command_shown_with_a_prompt_is_inside_a_tour_block():
-    outside = tour.BLOCK.sub("", README)
-    prompts = set(re.findall(r"^\$ lora-inspect .*$", outside, flags=re.M))
+    prompts = set()
+    for doc in DOCS:
+        outside = tour.BLOCK.sub("", doc.read_text(encoding="utf-8"))
+        prompts |= set(re.findall(r"^\$ lora-inspect .*$", outside, flags=re.M))
     assert prompts == STATIC_COMMANDS
+
+
+def test_the_readme_is_short_and_its_links_exist():
+    assert len(README.splitlines()) <= 250
+    links = re.findall(r"\]\(((?:docs|reports)/[^)#]+)", README)
+    assert len(links) >= 8
+    assert [link for link in links if not (ROOT / link).is_file()] == []
+
+
+def test_the_cpu_torch_hint_comes_before_the_two_commands():
+    setup = README.split("\n## Set up\n", 1)[1].split("\n## ", 1)[0]
+    hint = setup.index("download.pytorch.org/whl/cpu")
+    first = setup.index("pip install -e . && lora-inspect rank samples/planted")
+    second = setup.index("pip install -e '.[test]' && python -m pytest -q")
+    assert hint < first < second
+
+
+def test_numbers_compare_to_a_stated_tolerance_and_text_exactly():
+    """The last bits of a float depend on the CPU's kernels; a real change does not hide behind that."""
+    a = '{"stable_rank": 2.745178962682635, "name": "down_proj", "flags": []}'
+    assert tour.same(a, a.replace("2.745178962682635", "2.7451789626826346"))  # 1e-16 relative
+    assert not tour.same(a, a.replace("2.745178962682635", "2.745181"))  # 1e-6 relative
+    assert not tour.same(a, a.replace("down_proj", "up_proj"))
+    assert not tour.same("k=4 ×14", "k=4 ×15")
+    assert not tour.same("rank 4", "rank 4 5")
 
 
 def test_normalise_masks_timings_and_trailing_spaces():

@@ -1,4 +1,4 @@
-"""The README's "Python API" section is true: its examples run, from a scratch directory holding the
+"""The Python API page (docs/api.md) is true: its examples run, from a scratch directory holding the
 samples, and print what their comments say. ``lora_inspect.__all__`` is curated, resolves lazily, and
 ``import lora_inspect`` stays free of torch."""
 
@@ -20,9 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _api_examples() -> list[str]:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", page, flags=re.S)
 
 
 def _expected_prints(code: str) -> list[str]:
@@ -52,7 +51,7 @@ def test_the_python_api_examples_run_and_print_what_they_say(tmp_path):
         os.chdir(tmp_path)
         with contextlib.redirect_stdout(printed):
             for code in examples:
-                exec(compile(code, "README.md (Python API)", "exec"), namespace)
+                exec(compile(code, "docs/api.md", "exec"), namespace)
     finally:
         os.chdir(here)
     expected = [e for code in examples for e in _expected_prints(code)]
