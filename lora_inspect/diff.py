@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .adapter import Adapter, module_layer, module_type
-from .analysis import SAFE_SIGMA, unit_spectrum
+from .analysis import SAFE_SIGMA, extreme_module, unit_spectrum
 from .errors import InspectError, NonFiniteUpdate
 from .naming import natural_sorted
 from .spectrum import energy_rank, singular_values, svd_factors
@@ -176,7 +176,13 @@ def compare_factors(
 
 @dataclass
 class DiffStats:
-    """Mean and worst of each metric over a group of modules (None where no module defines it)."""
+    """Mean and worst of each metric over a group of modules (None where no module defines it).
+
+    ``max_rel_distance``, ``min_cosine`` and ``min_phi`` are the exact extremes; the ``*_module`` next to
+    each names the module that holds it, and when several modules hold it to within
+    ``analysis.TIE_RTOL`` (1e-12, e.g. an adapter diffed with itself: every φ is 1 up to rounding)
+    the one in the lowest layer, then by name in natural order (:func:`analysis.extreme_module`) —
+    never whichever rounding made smallest."""
 
     modules: int
     compared: int
@@ -226,9 +232,9 @@ def _stats(ds: list[ModuleDiff]) -> DiffStats:
     dist = [(d.rel_distance, d.name) for d in ds if d.rel_distance is not None]
     cos = [(d.cosine, d.name) for d in ds if d.cosine is not None]
     phi = [(d.phi, d.name) for d in ds if d.phi is not None]
-    worst_d = max(dist, key=lambda x: x[0], default=(None, None))
-    worst_c = min(cos, key=lambda x: x[0], default=(None, None))
-    worst_p = min(phi, key=lambda x: x[0], default=(None, None))
+    worst_d = extreme_module(dist, largest=True)
+    worst_c = extreme_module(cos, largest=False)
+    worst_p = extreme_module(phi, largest=False)
     return DiffStats(
         modules=len(ds),
         compared=sum(d.status == STATUS_OK for d in ds),
