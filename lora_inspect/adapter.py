@@ -13,10 +13,10 @@ A :class:`Module` is one low-rank update ΔW = scale · B @ A in *linear orienta
 - AdaLoRA's ``lora_E`` (r, 1) is folded into A (``A ⊙ E``).
 
 How the pair is stored is an :class:`~lora_inspect.orientation.Orientation` (one class per
-orientation); what the update *is* is an :class:`Update`: today one type, :class:`LowRankUpdate`
-(B·A). Another update type (LoHa's Hadamard product, LoKr's Kronecker product) is one new
-subclass with its keys, parameter count and dense ΔW; :meth:`Module.factors` stays the low-rank
-route that the spectra use.
+orientation); what the update *is* is an :class:`Update`: :class:`LowRankUpdate` (B·A) here, and
+LyCORIS's LoCon, LoHa (Hadamard product), LoKr (Kronecker product) and full-matrix updates in
+:mod:`lora_inspect.formats.lycoris_updates` — one subclass each, with its keys, parameter count and
+dense ΔW; :meth:`Module.factors` stays the low-rank route that the spectra use.
 
 Tensor data stays on disk until :meth:`Module.factors` is called; everything else (names, shapes,
 dtypes, sizes) comes from the file header.
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import InspectError
 from .naming import natural_sorted
-from .orientation import EMBEDDING, MLX, PEFT, Orientation
+from .orientation import PEFT, Orientation
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,11 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
 # torch is imported where tensor data is touched: header-only commands (info, check) stay light.
 
 __all__ = ["require_mergeable", "Module", "Adapter", "Update", "LowRankUpdate", "module_type", "module_layer"]
-
-# Orientation names kept for callers that compare strings; the behaviour lives in lora_inspect.orientation.
-ORIENT_PEFT = PEFT.name  # A (r, in[, kh, kw]), B (out, r[, 1, 1])
-ORIENT_EMBEDDING = EMBEDDING.name  # A_stored (r, vocab), B_stored (dim, r)
-ORIENT_MLX = MLX.name  # lora_a (in, r), lora_b (r, out)
 
 
 class Update:
@@ -233,7 +228,9 @@ class Adapter:
     """A whole adapter: its layout, global settings, low-rank modules and full tensors."""
 
     path: Path  # what the user named (directory or file)
-    format: str  # "peft" | "peft-safetensors" | "peft-bin" | "kohya" | "diffusers" | "diffusers-attn-procs" | "mlx"
+    # "peft" | "peft-safetensors" | "peft-bin" | "peft-loha" | "peft-lokr" | "kohya" | "lycoris" | "diffusers"
+    # | "diffusers-attn-procs" | "mlx" (each layout's ``formats``, lora_inspect.formats.LAYOUTS)
+    format: str
     weights_path: Path
     source: "TensorSource" = field(repr=False)
     modules: list[Module] = field(default_factory=list)

@@ -210,7 +210,7 @@ def _read_config(d: Path) -> dict[str, Any] | None:
     quant = cfg.get("quantization_config")
     if quant is not None:
         method = quant.get("quant_method") if isinstance(quant, dict) else None
-        what = validate._show(method) if method is not None else "a quantization_config"
+        what = validate.show_value(method) if method is not None else "a quantization_config"
         raise InspectError(f"{cfg_path}: quantised base ({what}: bitsandbytes/GPTQ/AWQ weights are not supported); "
                            "use the unquantised checkpoint")
     return cfg

@@ -192,20 +192,15 @@ class BasisCache:
 
     @staticmethod
     def _store(path: Path, val: tuple[torch.Tensor, torch.Tensor]) -> None:
-        import os
-        import tempfile
+        """Atomically (:func:`lora_inspect.files.atomic_path`): readers never see half an entry."""
+        from .files import atomic_path, os_error, write_safetensors
 
-        from .files import write_safetensors
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
         try:
-            write_safetensors(Path(tmp), {"u": val[0].contiguous(), "s": val[1].contiguous()})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error(path.parent, e) from None
+        with atomic_path(path) as tmp:
+            write_safetensors(tmp, {"u": val[0].contiguous(), "s": val[1].contiguous()})
 
 
 def _work_dtype(w: torch.Tensor) -> torch.dtype:

@@ -6,23 +6,29 @@ sorted, tensors are laid out by (element size descending, key) — the order the
 uses, which keeps every tensor aligned — and the header is padded with spaces to a multiple of 8
 (the format spec: https://github.com/huggingface/safetensors#format). No timestamps anywhere.
 
-Atomicity: everything is written under a temporary name beside OUT (same filesystem),
-``.OUT.lora-inspect-tmp-PID[suffix]``, checked by the caller, and only then renamed onto OUT
-(:class:`AtomicOutput`). Nothing is left behind on failure; every OS error while writing (disk
-full, read-only filesystem, permission …) becomes one :class:`~lora_inspect.errors.InspectError`
-naming the path and the cause. Temporaries left by a process that no longer runs (killed mid-write)
-are removed by the next write into the same directory, with a note in :attr:`AtomicOutput.notes`.
-Layout-specific writing (which files, which config) lives in :mod:`lora_inspect.formats`.
+Atomicity, one scheme for every writer of the project (rewrites, convert, report, train, the basis
+cache, scan's Parquet): everything is written under a temporary name beside OUT (same filesystem),
+``.OUT.lora-inspect-tmp-PID-N[suffix]`` (:func:`temp_path`; N counts within the process, so threads
+never share a name), and only then renamed onto OUT — :class:`AtomicOutput` for an output the caller
+checks before committing (a file or a directory), :func:`atomic_path` for one file. Nothing is left
+behind on failure; every OS error while writing (disk full, read-only filesystem, permission …)
+becomes one :class:`~lora_inspect.errors.InspectError` naming the path and the cause
+(:func:`os_error`). Temporaries left by a process that no longer runs (killed mid-write) are found by
+:func:`stale_temporaries` and removed by the next write into the same directory
+(:func:`remove_stale`), with a note in :attr:`AtomicOutput.notes`. Layout-specific writing (which
+files, which config) lives in :mod:`lora_inspect.formats`.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +42,11 @@ __all__ = [
     "write_bin",
     "write_text",
     "AtomicOutput",
+    "atomic_path",
+    "temp_path",
+    "stale_temporaries",
+    "remove_stale",
+    "copy_file",
     "check_output_path",
     "dump_json",
     "write_bytes",
@@ -44,10 +55,20 @@ __all__ = [
 ]
 
 TMP_MARK = ".lora-inspect-tmp-"
-_STALE = re.compile(r"^\..+\.lora-inspect-(?:tmp|old)-(\d+)(?:\..*)?$")
+OLD_MARK = ".lora-inspect-old-"  # a directory OUT replaced by --force, removed once the new one is in place
+# any writer's temporary (and the older ``…-PID[suffix]`` names without the counter); group 1 = the PID
+_STALE = re.compile(r"^\..+\.lora-inspect-(?:tmp|old)-(\d+)(?:-\d+)?(?:\..*)?$")
+_serial = itertools.count()  # next() on a count is atomic under the GIL: threads get distinct names
 
 
-def os_error(path: Path, e: OSError) -> InspectError:
+def temp_path(target: Path, suffix: str = "", mark: str = TMP_MARK) -> Path:
+    """The temporary name beside ``target`` that every writer uses: ``.NAME.lora-inspect-tmp-PID-N[suffix]``
+    (``suffix``: an extension a library insists on, e.g. ``.gguf``); :func:`stale_temporaries` finds it
+    once its process is gone."""
+    return target.parent / f".{target.name}{mark}{os.getpid()}-{next(_serial)}{suffix}"
+
+
+def os_error(path: str | Path, e: OSError) -> InspectError:
     """One line for an OS error while writing ``path``: the path and the cause (ENOSPC, EROFS …)."""
     code = errno.errorcode.get(e.errno or 0, "")
     cause = e.strerror or str(e)
@@ -179,6 +200,32 @@ def stale_temporaries(parent: Path) -> Iterator[Path]:
             yield p
 
 
+def remove_stale(parent: Path) -> list[str]:
+    """Remove :func:`stale_temporaries` in ``parent``; one note per removed path."""
+    notes = []
+    for p in stale_temporaries(parent):
+        _remove(p)
+        notes.append(f"removed {p.name}, left in {p.parent} by an interrupted earlier run")
+    return notes
+
+
+@contextmanager
+def atomic_path(target: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``target`` for the block to write one file to; renamed onto ``target``
+    (replacing a file there: the caller decides whether it may, :func:`check_output_path`) when the block
+    ends normally, removed when it raises. An OS error becomes one line naming ``target``. Stale
+    temporaries of dead processes in the same directory are removed first."""
+    remove_stale(target.parent)
+    tmp = temp_path(target, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as e:
+        raise os_error(target, e) from None
+    finally:
+        _remove(tmp)
+
+
 class AtomicOutput:
     """A temporary path beside OUT; :meth:`commit` renames it onto OUT, leaving the block without
     committing (an error, a failed self-check) removes everything that was written. Entering removes
@@ -186,15 +233,12 @@ class AtomicOutput:
 
     def __init__(self, out: Path, suffix: str = ""):
         self.out = out
-        self.tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}{suffix}"
+        self.tmp = temp_path(out, suffix)
         self.notes: list[str] = []
         self._committed = False
 
     def __enter__(self) -> "AtomicOutput":
-        for p in stale_temporaries(self.out.parent):
-            _remove(p)
-            self.notes.append(f"removed {p.name}, left in {p.parent} by an interrupted earlier run")
-        _remove(self.tmp)
+        self.notes.extend(remove_stale(self.out.parent))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -218,8 +262,7 @@ class AtomicOutput:
         trash = None
         if self.out.exists() or self.out.is_symlink():
             if self.out.is_dir() and not self.out.is_symlink():
-                trash = self.out.parent / f".{self.out.name}.lora-inspect-old-{os.getpid()}"
-                _remove(trash)
+                trash = temp_path(self.out, mark=OLD_MARK)
                 os.rename(self.out, trash)
             elif self.tmp.is_dir():
                 self.out.unlink()

@@ -39,6 +39,7 @@ from .errors import InspectError
 
 __all__ = [
     "is_number",
+    "show_value",
     "is_count",
     "utf8_reason",
     "MAX_JSON_BYTES",
@@ -150,7 +151,7 @@ def _no_duplicates(where: str) -> Callable[[list], dict]:
             seen: set = set()
             for k, _ in pairs:
                 if k in seen:
-                    raise InspectError(f"{where}: key {_show(k)} appears twice in one JSON object (ambiguous)")
+                    raise InspectError(f"{where}: key {show_value(k)} appears twice in one JSON object (ambiguous)")
                 seen.add(k)
         return d
 
@@ -204,7 +205,7 @@ def _kind(v: Any) -> str:
             float: "a number"}.get(type(v), type(v).__name__)
 
 
-def _show(v: Any) -> str:
+def show_value(v: Any) -> str:
     """A short one-line rendering of any value (bounded work: huge ints and containers are summarised)."""
     if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 200:
         return f"of {len(str(v)) if v.bit_length() < 10_000 else 'thousands of'} digits"
@@ -218,7 +219,7 @@ def _show(v: Any) -> str:
 
 def _field(cfg: Any, key: str, where: str) -> Any:
     if not isinstance(cfg, dict):
-        raise InspectError(f"{where}: expected an object holding {key}, found {_kind(cfg)} {_show(cfg)}")
+        raise InspectError(f"{where}: expected an object holding {key}, found {_kind(cfg)} {show_value(cfg)}")
     return cfg.get(key, None)
 
 
@@ -232,11 +233,11 @@ def number(cfg: dict, key: str, where: str, *, default: Any = _MISSING, minimum:
             raise InspectError(f"{where}: {key} is missing")
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InspectError(f"{where}: {key} must be a number, found {_kind(v)} {_show(v)}")
+        raise InspectError(f"{where}: {key} must be a number, found {_kind(v)} {show_value(v)}")
     if isinstance(v, float) and not math.isfinite(v):
         raise InspectError(f"{where}: {key} must be finite, found {v}")
     if abs(v) > MAX_NUMBER:
-        raise InspectError(f"{where}: {key} is out of range (|value| ≤ 2^53), found {_kind(v)} {_show(v)}")
+        raise InspectError(f"{where}: {key} is out of range (|value| ≤ 2^53), found {_kind(v)} {show_value(v)}")
     if positive and not v > 0:
         raise InspectError(f"{where}: {key} must be > 0, found {v}")
     if nonzero and v == 0:
@@ -267,7 +268,7 @@ def boolean(cfg: dict, key: str, where: str, *, default: bool = False) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise InspectError(f"{where}: {key} must be true or false, found {_kind(v)} {_show(v)}")
+        raise InspectError(f"{where}: {key} must be true or false, found {_kind(v)} {show_value(v)}")
     return v
 
 
@@ -277,7 +278,7 @@ def string(cfg: dict, key: str, where: str, *, default: Any = None) -> Any:
     if v is None:
         return default
     if not isinstance(v, str):
-        raise InspectError(f"{where}: {key} must be a string, found {_kind(v)} {_show(v)}")
+        raise InspectError(f"{where}: {key} must be a string, found {_kind(v)} {show_value(v)}")
     return v
 
 
@@ -289,10 +290,10 @@ def string_list(cfg: dict, key: str, where: str, *, default: Any = None, allow_s
     if allow_str and isinstance(v, str):
         return v
     if not isinstance(v, list):
-        raise InspectError(f"{where}: {key} must be a list of strings, found {_kind(v)} {_show(v)}")
+        raise InspectError(f"{where}: {key} must be a list of strings, found {_kind(v)} {show_value(v)}")
     for i, x in enumerate(v):
         if not isinstance(x, str):
-            raise InspectError(f"{where}: {key}[{i}] must be a string, found {_kind(x)} {_show(x)}")
+            raise InspectError(f"{where}: {key}[{i}] must be a string, found {_kind(x)} {show_value(x)}")
     return v
 
 
@@ -303,11 +304,11 @@ def mapping(cfg: dict, key: str, where: str, *, values: Callable[[Any], bool] | 
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise InspectError(f"{where}: {key} must be an object, found {_kind(v)} {_show(v)}")
+        raise InspectError(f"{where}: {key} must be an object, found {_kind(v)} {show_value(v)}")
     if values is not None:
         for k, x in v.items():
             if not values(x):
-                raise InspectError(f"{where}: {key}[{_show(k)}] must be {what}, found {_kind(x)} {_show(x)}")
+                raise InspectError(f"{where}: {key}[{show_value(k)}] must be {what}, found {_kind(x)} {show_value(x)}")
     return v
 
 
@@ -344,16 +345,16 @@ def compile_fullmatch(regex: str, where: str) -> Callable[[str], bool]:
 
 def _check_key(key: Any, where: str) -> None:
     if not isinstance(key, str):
-        raise InspectError(f"{where}: pattern {_show(key)} must be a string, found {_kind(key)}")
+        raise InspectError(f"{where}: pattern {show_value(key)} must be a string, found {_kind(key)}")
     if len(key) > MAX_PATTERN_LENGTH:
-        raise InspectError(f"{where}: pattern {_show(key)} is longer than {MAX_PATTERN_LENGTH} characters")
+        raise InspectError(f"{where}: pattern {show_value(key)} is longer than {MAX_PATTERN_LENGTH} characters")
 
 
 def _compile(text: str, key: str, where: str, *, full: bool) -> Callable[[str], bool]:
     try:
         return _safe_re.compile_match(text, full=full)
     except _safe_re.PatternRefused as e:
-        raise InspectError(f"{where}: pattern {_show(key)} refused: {e} "
+        raise InspectError(f"{where}: pattern {show_value(key)} refused: {e} "
                            "(patterns are matched by a linear-time subset of Python regular expressions)") from e
 
 

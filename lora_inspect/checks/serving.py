@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, module_type
 from ..errors import InspectError
+from ..peft_rules import PEFT_PREFIX
 from .result import Result
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..basemodels import BaseModel
 
-__all__ = ["VLLM_RANKS", "VLLM_DEFAULT_RANK", "PROFILES", "PEFT_PREFIX", "parse_serving", "profile_results",
+__all__ = ["VLLM_RANKS", "VLLM_DEFAULT_RANK", "PROFILES", "parse_serving", "profile_results",
            "extra_module", "largest"]
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -42,7 +43,6 @@ LORAX_TARGETS = {
     "gpt2": {"c_attn", "c_proj", "c_fc", "lm_head"},
 }
 OLLAMA_FAMILIES = ("llama", "mistral", "gemma")
-PEFT_PREFIX = "base_model.model."
 _SCALE_RTOL = 1e-6
 
 

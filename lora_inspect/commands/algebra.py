@@ -12,7 +12,7 @@ from ..rewrite import TruncateSpec
 from ..units import parse_size
 from ..views.render import emit, warn
 from ._options import output_options
-from .rewrite import _as_usage, _count, _positive, _size, _with_flag
+from .rewrite import as_usage, max_params_callback, max_size_callback, positive_callback, with_flag
 
 __all__ = ["convert", "merge"]
 
@@ -67,7 +67,7 @@ def convert(adapter, target, out, dtype, arch, base, component, unet_names, forc
         res = do_convert(ad, Path(out), target, dtype=dtype, arch=arch, base=Path(base) if base else None,
                          force=force, component=component, unet_names=unet_names)
     except InspectError as e:
-        raise _with_flag(e) from e
+        raise with_flag(e) from e
     emit(convert_view(res, max_rows=None if show_all or fmt != "table" else 40), fmt)
 
 
@@ -80,7 +80,7 @@ def _weights(_ctx, _param, value):
         raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from e
 
 
-_dense_size = _positive(parse_size, "--dense-limit")
+_dense_size = positive_callback(parse_size, "--dense-limit")
 _METHODS = ("sum", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _DENSE_FLAGS = {"density": "--density", "majority_sign": "--majority-sign", "seed": "--seed",
                 "precision": "--dense-dtype", "max_bytes_dense": "--dense-limit", "method": "--method"}
@@ -134,8 +134,8 @@ Examples:
 @click.option("--weights", callback=_weights, default=None, help="One weight per adapter, e.g. 0.7,0.3 (default: 1 each).")
 @click.option("--rank", type=int, default=None, help="Keep the best rank-K approximation of each merged ΔW.")
 @click.option("--energy", type=float, default=None, help="Each module to its energy rank at τ.")
-@click.option("--max-params", callback=_count, default=None, help="Budget of factor parameters (20M …).")
-@click.option("--max-size", callback=_size, default=None, help="Budget for the weight file (512MiB …).")
+@click.option("--max-params", callback=max_params_callback, default=None, help="Budget of factor parameters (20M …).")
+@click.option("--max-size", callback=max_size_callback, default=None, help="Budget for the weight file (512MiB …).")
 @click.option("--to", "target", type=click.Choice(_TARGETS[:4]), default=None,
               help="Output layout (default: the first adapter's).")
 @click.option("--dtype", type=click.Choice(_DTYPES), default=None, help="Dtype of the written factors.")
@@ -193,7 +193,7 @@ def merge(adapters, out, weights, rank, energy, max_params, max_size, target, dt
         try:
             spec.validate()
         except OptionError as e:
-            raise _as_usage(e) from e
+            raise as_usage(e) from e
     dense = _dense_spec(method, density, majority_sign, seed, dense_dtype, dense_limit)
     if len(adapters) < 2:
         raise click.UsageError("merge needs at least two adapters")
@@ -202,11 +202,11 @@ def merge(adapters, out, weights, rank, energy, max_params, max_size, target, dt
         res = do_merge(ads, Path(out), weights=weights, spec=spec, target=target, dtype=dtype, force=force,
                        dense=dense)
     except OptionError as e:
-        raise _as_usage(e) from e
+        raise as_usage(e) from e
     except InspectError as e:
         if e.option == "max_bytes_dense":
             raise InspectError(e.message, hint="--dense-dtype fp32 needs about half; --dense-limit raises the limit") from e
-        raise _with_flag(e) from e
+        raise with_flag(e) from e
     for n in res.notes:
         if n.startswith("removed "):
             warn(n)

@@ -48,7 +48,7 @@ def find_pyproject(start: Path) -> Path | None:
 
 
 def read_policy_table(path: Path) -> dict | None:
-    import tomllib
+    from ..optional import tomllib  # the standard library's on 3.11+, tomli on 3.10
 
     try:
         with path.open("rb") as f:

@@ -27,13 +27,13 @@ FLAGS = {"rank": "--rank", "energy": "--energy", "max_params": "--max-params", "
 HINTS = {"bake": "use --bake to multiply B instead", "factor": "use --factor", "force": "pass --force to replace it"}
 
 
-def _with_flag(e: InspectError) -> InspectError:
+def with_flag(e: InspectError) -> InspectError:
     if e.option in HINTS and not isinstance(e, OptionError):
         return InspectError(e.message, hint=HINTS[e.option])
     return e
 
 
-def _as_usage(e: OptionError) -> click.UsageError:
+def as_usage(e: OptionError) -> click.UsageError:
     option = e.option or ""
     flag = FLAGS.get(option, option)
     msg = e.message.replace(f"{option} must", f"{flag} must").replace(f"{option} goes", f"{flag} goes")
@@ -48,9 +48,9 @@ def _mapped_errors() -> Iterator[None]:
     try:
         yield
     except OptionError as e:
-        raise _as_usage(e) from e
+        raise as_usage(e) from e
     except InspectError as e:
-        raise _with_flag(e) from e
+        raise with_flag(e) from e
 
 
 def _say(warnings: list[str], notes: list[str]) -> None:
@@ -67,10 +67,11 @@ def _exactly_one(**given) -> None:
         flags = ", ".join(FLAGS[k] for k in given)
         raise click.UsageError(f"give exactly one of {flags}" + (f" (got {', '.join(named)})" if named else ""))
 
-__all__ = ["truncate_cmd", "rescale_cmd", "truncate", "rescale"]
+__all__ = ["truncate_cmd", "rescale_cmd", "truncate", "rescale", "with_flag", "as_usage", "positive_callback",
+           "max_size_callback", "max_params_callback"]
 
 
-def _positive(parse, what: str):
+def positive_callback(parse, what: str):
     """A click callback parsing a budget with ``parse`` (units.parse_size / parse_count)."""
 
     def callback(_ctx, _param, value):
@@ -87,8 +88,8 @@ def _positive(parse, what: str):
     return callback
 
 
-_size = _positive(parse_size, "--max-size")
-_count = _positive(parse_count, "--max-params")
+max_size_callback = positive_callback(parse_size, "--max-size")
+max_params_callback = positive_callback(parse_count, "--max-params")
 
 
 @click.command(
@@ -107,8 +108,8 @@ Examples:
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the new adapter (same layout).")
 @click.option("--rank", type=int, default=None, help="Every module to min(K, its r).")
 @click.option("--energy", type=float, default=None, help="Each module to its energy rank at τ (keeps ≥ τ of Σσ²).")
-@click.option("--max-params", callback=_count, default=None, help="Budget of LoRA factor parameters (20M, 1.5B …).")
-@click.option("--max-size", callback=_size, default=None,
+@click.option("--max-params", callback=max_params_callback, default=None, help="Budget of LoRA factor parameters (20M, 1.5B …).")
+@click.option("--max-size", callback=max_size_callback, default=None,
               help="Budget for the weight file (20MB, 1.5GB, 512MiB; SI = powers of 10, IEC = of 2).")
 @click.option("--uniform", is_flag=True, help="With --energy or a budget: one rank for every module (zero-padded).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")

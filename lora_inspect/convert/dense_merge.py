@@ -36,7 +36,7 @@ from ..errors import InspectError, OptionError
 from ..rewrite.ranks import TruncateSpec, choose_ranks
 from ..spectrum import energy_rank, relative_error, retained_energy
 from .canon import Canon, CanonModule
-from .merge import _check_row, _keyed, _numerical_rank
+from .merge import check_row, keyed_modules, numerical_rank
 from .results import MergeModule
 
 __all__ = ["METHODS", "SIGNS", "PRECISIONS", "DEFAULT_SEED", "DEFAULT_LIMIT", "DenseSpec", "module_seed",
@@ -223,9 +223,9 @@ def dense_merge_modules(canons: list[Canon], weights: list[float], spec: Truncat
 
     Rank: max rᵢ of the module's inputs without ``spec``; with a budget the ranks need every spectrum
     first, so the modules are merged twice (the per-module seed makes the second pass identical)."""
-    order, table = _keyed(canons, paths)
+    order, table = keyed_modules(canons, paths)
     rows = [table[key] for key in order]
-    firsts = [_check_row(key, row, paths) for key, row in zip(order, rows)]
+    firsts = [check_row(key, row, paths) for key, row in zip(order, rows)]
     check_memory(order, rows, dense)
     budget = spec is not None and spec.rank is None and spec.energy is None
     spectra, keep, kept = [], [], {}
@@ -234,7 +234,7 @@ def dense_merge_modules(canons: list[Canon], weights: list[float], spec: Truncat
         u, s, vh = _svd(mods, ws, dense, key)
         sv = s.double().numpy().copy()
         spectra.append(sv)
-        k = 0 if budget else min(_local_k(sv, [m.rank for m in mods], spec), _numerical_rank(sv, first.shape))
+        k = 0 if budget else min(_local_k(sv, [m.rank for m in mods], spec), numerical_rank(sv, first.shape))
         keep.append(k)
         if k > 0:
             kept[key] = _factors(u, s, vh, k)
@@ -243,7 +243,7 @@ def dense_merge_modules(canons: list[Canon], weights: list[float], spec: Truncat
         assert spec is not None
         slots = [_Slot("F32", len(sv), f.shape) for sv, f in zip(spectra, firsts)]
         choice = choose_ranks(slots, spectra, spec)  # type: ignore[arg-type]
-        keep = [min(k, _numerical_rank(sv, f.shape)) for k, sv, f in zip(choice.keep, spectra, firsts)]
+        keep = [min(k, numerical_rank(sv, f.shape)) for k, sv, f in zip(choice.keep, spectra, firsts)]
         for key, row, k in zip(order, rows, keep):
             if k > 0:
                 mods, ws = _present(row, weights)
@@ -253,7 +253,7 @@ def dense_merge_modules(canons: list[Canon], weights: list[float], spec: Truncat
     merged, facts = [], []
     for key, row, first, sv, k in zip(order, rows, firsts, spectra, keep):
         ranks = [m.rank if m else 0 for m in row]
-        facts.append(MergeModule(key, first.kind, first.shape, ranks, sum(ranks), _numerical_rank(sv, first.shape),
+        facts.append(MergeModule(key, first.kind, first.shape, ranks, sum(ranks), numerical_rank(sv, first.shape),
                                  k, retained_energy(sv, k), relative_error(sv, k), float(sv[0]) if len(sv) else 0.0,
                                  [float(x) for x in sv]))
         if k > 0:

@@ -28,6 +28,7 @@ import torch
 
 from .. import validate as v
 from ..errors import InspectError
+from ..optional import require
 from .canon import Canon, CanonModule, times
 from .results import ModuleOut
 from .writers import record, refuse
@@ -65,7 +66,7 @@ def base_config(path: Path | None) -> dict | None:
 
 
 def _arch(name: str | None, cfg: dict | None, where: str) -> str:
-    import gguf
+    gguf = require("gguf", "writing GGUF")
 
     names = set(gguf.MODEL_ARCH_NAMES.values())
     if name is None and cfg is not None:
@@ -131,7 +132,7 @@ def _permuted(m: CanonModule, b: torch.Tensor, plan: GgufPlan, gname: str) -> tu
 
 def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[ModuleOut]]:
     """(GGUF tensor name, lora_a, lora_b) per module, with the records."""
-    import gguf
+    gguf = require("gguf", "writing GGUF")
 
     arch_enum = {n: k for k, n in gguf.MODEL_ARCH_NAMES.items()}[plan.arch]
     tmap = gguf.get_tensor_name_map(arch_enum, _n_blocks(canon))
@@ -158,7 +159,7 @@ def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor
 
 
 def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> list[ModuleOut]:
-    import gguf
+    gguf = require("gguf", "writing GGUF")
 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise InspectError("GGUF output is written as fp32, fp16 or bf16")
@@ -181,7 +182,7 @@ def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> 
 
 def _add(w, name: str, t: torch.Tensor) -> None:
     """numpy has no bfloat16: a BF16 tensor goes in as its uint16 words with ``raw_dtype=BF16`` (gguf 0.19)."""
-    import gguf
+    gguf = require("gguf", "writing GGUF")
 
     if t.dtype == torch.bfloat16:
         w.add_tensor(name, t.view(torch.int16).numpy().view("uint16"), raw_dtype=gguf.GGMLQuantizationType.BF16)
@@ -192,7 +193,7 @@ def _add(w, name: str, t: torch.Tensor) -> None:
 def _array(t) -> "np.ndarray":
     """A tensor's values as numpy: GGUFReader (gguf 0.19) gives BF16 data as raw bytes (rows × 2·cols uint8);
     bf16 → float32 is exact (the 16 bits become the float32's high half)."""
-    import gguf
+    gguf = require("gguf", "reading GGUF")
     import numpy as np
 
     if t.tensor_type != gguf.GGMLQuantizationType.BF16:
@@ -203,7 +204,7 @@ def _array(t) -> "np.ndarray":
 
 def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, "np.ndarray"]]:
     """(metadata fields, tensors by name as float arrays) as ``gguf.GGUFReader`` sees them."""
-    import gguf
+    gguf = require("gguf", "reading GGUF")
 
     r = gguf.GGUFReader(str(path))
     fields = {k: f.contents() for k, f in r.fields.items()}

@@ -32,7 +32,7 @@ from .run import DTYPES, TARGETS, default_dtype, named_file, write_canon
 if TYPE_CHECKING:  # pragma: no cover
     from .dense_merge import DenseSpec
 
-__all__ = ["merge", "merge_modules", "target_of"]
+__all__ = ["merge", "merge_modules", "target_of", "keyed_modules", "check_row", "numerical_rank"]
 
 _EPS = float(np.finfo(np.float64).eps)
 
@@ -55,7 +55,7 @@ class _Slot:
     shape: tuple[int, int]
 
 
-def _keyed(canons: list[Canon], paths: list[Path]) -> tuple[list[str], dict[str, list[CanonModule | None]]]:
+def keyed_modules(canons: list[Canon], paths: list[Path]) -> tuple[list[str], dict[str, list[CanonModule | None]]]:
     flat = all(len(c.components()) <= 1 for c in canons)
     table: dict[str, list[CanonModule | None]] = {}
     order: list[str] = []
@@ -75,7 +75,7 @@ def _keyed(canons: list[Canon], paths: list[Path]) -> tuple[list[str], dict[str,
     return order, table
 
 
-def _check_row(key: str, row: list[CanonModule | None], paths: list[Path]) -> CanonModule:
+def check_row(key: str, row: list[CanonModule | None], paths: list[Path]) -> CanonModule:
     present = [(i, m) for i, m in enumerate(row) if m is not None]
     i0, first = present[0]
     for i, m in present:
@@ -90,11 +90,11 @@ def _check_row(key: str, row: list[CanonModule | None], paths: list[Path]) -> Ca
 def merge_modules(canons: list[Canon], weights: list[float], spec: TruncateSpec | None, paths: list[Path]
                   ) -> tuple[list[CanonModule], list[MergeModule]]:
     """The merged modules (scale 1, balanced √S split) and per-module facts."""
-    order, table = _keyed(canons, paths)
+    order, table = keyed_modules(canons, paths)
     decs, firsts, spectra, slots = [], [], [], []
     for key in order:
         row = table[key]
-        first = _check_row(key, row, paths)
+        first = check_row(key, row, paths)
         b = torch.cat([w * m.scale * m.b for w, m in zip(weights, row) if m is not None], dim=1)
         a = torch.cat([m.a for m in row if m is not None], dim=0)
         d = decompose(b, a, 1.0)
@@ -102,7 +102,7 @@ def merge_modules(canons: list[Canon], weights: list[float], spec: TruncateSpec 
         firsts.append(first)
         spectra.append(d.s.numpy().copy())
         slots.append(_Slot("F32", int(b.shape[1]), first.shape))
-    keep = [_numerical_rank(sv, sl.shape) for sv, sl in zip(spectra, slots)]
+    keep = [numerical_rank(sv, sl.shape) for sv, sl in zip(spectra, slots)]
     if spec is not None:
         choice = choose_ranks(slots, spectra, spec)  # type: ignore[arg-type]
         keep = [min(k, nk) for k, nk in zip(choice.keep, keep)]
@@ -110,7 +110,7 @@ def merge_modules(canons: list[Canon], weights: list[float], spec: TruncateSpec 
     for key, d, first, sv, sl, k in zip(order, decs, firsts, spectra, slots, keep):
         row = table[key]
         facts.append(MergeModule(key, first.kind, first.shape, [m.rank if m else 0 for m in row], sl.rank,
-                                 _numerical_rank(sv, sl.shape), k, retained_energy(sv, k), relative_error(sv, k),
+                                 numerical_rank(sv, sl.shape), k, retained_energy(sv, k), relative_error(sv, k),
                                  float(sv[0]) if len(sv) else 0.0, [float(x) for x in sv]))
         if k > 0:
             bk, ak = d.factors(k)
@@ -119,7 +119,7 @@ def merge_modules(canons: list[Canon], weights: list[float], spec: TruncateSpec 
     return merged, facts
 
 
-def _numerical_rank(sv: np.ndarray, shape: tuple[int, int]) -> int:
+def numerical_rank(sv: np.ndarray, shape: tuple[int, int]) -> int:
     if not len(sv) or sv[0] <= 0:
         return 0
     return int((sv > max(shape) * _EPS * sv[0]).sum())

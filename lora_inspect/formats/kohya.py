@@ -35,12 +35,16 @@ COMFY_SUFFIXES = {**KOHYA_SUFFIXES, ".lora_A.weight": "A", ".lora_B.weight": "B"
 LYCORIS_MARKERS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".oft_diag", ".oft_blocks", ".a1.weight")
 
 
-def check_lycoris(source: TensorSource) -> None:
+def check_lycoris(source: TensorSource, config_path: Path | None = None) -> None:
+    """Refuse a LyCORIS tensor in a file read as LoRA pairs. LyCORIS files are read by the LyCORIS layout
+    (:mod:`.lycoris`), which steps aside when a PEFT ``adapter_config.json`` lies beside the file (that
+    makes it a PEFT LoHa/LoKr): the case that ends here, named with the config (``config_path``)."""
     for k in source.tensors:
         if any(m in k for m in LYCORIS_MARKERS):
-            raise InspectError(
-                f"{source.path}: {k!r} is a LyCORIS (LoHa/LoKr/OFT) tensor; only plain LoRA (lora_down/lora_up) is supported"
-            )
+            why = (f"LyCORIS files are read without a PEFT config, and {config_path} lies beside this one: "
+                   "move the file away from it" if config_path is not None else
+                   "the LyCORIS layout reads such tensors only under its key names (….hada_w1_a, ….lokr_w1 …)")
+            raise InspectError(f"{source.path}: {k!r} is a LyCORIS (LoHa/LoKr/OFT) tensor; {why}")
 
 
 def finish(path: Path, fmt: str, source: TensorSource, modules: list[Module], rest: list[str], notes: list[str],
@@ -87,7 +91,7 @@ class KohyaLayout(Layout):
         return any(k.startswith(KOHYA_PREFIXES) for k in keys) or _comfy_flux(keys)
 
     def read(self, source: TensorSource, found: Found) -> Adapter:
-        check_lycoris(source)
+        check_lycoris(source, found.config_path)
         keys = source.keys()
         comfy = _comfy_flux(keys)
         xlabs = next((k for k in keys if comfy and ".processor." in k), None)

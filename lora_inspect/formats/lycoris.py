@@ -28,7 +28,7 @@ from .tensors import TensorSource
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["LycorisLayout", "LYCORIS_SUFFIXES", "BASE_DEPENDENT"]
+__all__ = ["LycorisLayout", "LYCORIS_SUFFIXES", "BASE_DEPENDENT", "ReadContext", "read_loha", "read_lokr"]
 
 # key suffix → role (the role is the suffix without its dot)
 _ROLES = (
@@ -82,7 +82,7 @@ def _algo(roles: dict[str, str], source: TensorSource) -> str:
     return "other"
 
 
-class _Ctx:
+class ReadContext:
     """One module being read: its name, key roles and the file (for one-line errors)."""
 
     def __init__(self, name: str, roles: dict[str, str], source: TensorSource) -> None:
@@ -114,7 +114,7 @@ class _Ctx:
         return numel([self.shape(r) for r in self.roles if r not in ("alpha", "dora_scale", "diff_b")])
 
 
-def _locon(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, int]:
+def _locon(c: ReadContext) -> tuple[object, tuple[int, int], tuple[int, int] | None, int]:
     c.need("lora_down.weight", "lora_up.weight")
     down, up = c.dims("lora_down.weight", (2, 3, 4)), c.dims("lora_up.weight", (2, 4))
     r = down[0]
@@ -133,7 +133,7 @@ def _locon(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, in
     return upd, shape, kernel, r
 
 
-def _loha(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, int]:
+def read_loha(c: ReadContext) -> tuple[object, tuple[int, int], tuple[int, int] | None, int]:
     c.need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     tucker = "hada_t1" in c.roles or "hada_t2" in c.roles
     if tucker:
@@ -160,7 +160,7 @@ def _loha(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, int
     return upd, shape, kernel, dim
 
 
-def _lokr_w1(c: _Ctx) -> tuple[int, int, int]:
+def _lokr_w1(c: ReadContext) -> tuple[int, int, int]:
     """(a, c, r₁) of W₁; r₁ = 0 when stored whole."""
     if "lokr_w1" in c.roles:
         a, cc = c.dims("lokr_w1", (2,))
@@ -172,7 +172,7 @@ def _lokr_w1(c: _Ctx) -> tuple[int, int, int]:
     return a, cc, r1
 
 
-def _lokr_w2(c: _Ctx) -> tuple[int, int, tuple[int, int] | None, int]:
+def _lokr_w2(c: ReadContext) -> tuple[int, int, tuple[int, int] | None, int]:
     """(b, d·K, kernel, r₂) of W₂; r₂ = 0 when stored whole."""
     if "lokr_w2" in c.roles:
         w2 = c.dims("lokr_w2", (2, 4))
@@ -189,7 +189,7 @@ def _lokr_w2(c: _Ctx) -> tuple[int, int, tuple[int, int] | None, int]:
     return wa[0], math.prod(wb[1:]), ((wb[2], wb[3]) if len(wb) == 4 else None), wb[0]
 
 
-def _lokr(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, int]:
+def read_lokr(c: ReadContext) -> tuple[object, tuple[int, int], tuple[int, int] | None, int]:
     if "lokr_t1" in c.roles:
         raise c.fail("lokr_t1 is listed by LyCORIS but never created; this file's W₁ cannot be read")
     a, cc, r1 = _lokr_w1(c)
@@ -199,16 +199,16 @@ def _lokr(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, int
     return LoKrUpdate(c.name, c.roles, dim, rank, _numel=c.numel()), (a * b, cc * dk), kernel, dim
 
 
-def _full(c: _Ctx) -> tuple[object, tuple[int, int], tuple[int, int] | None, int]:
+def _full(c: ReadContext) -> tuple[object, tuple[int, int], tuple[int, int] | None, int]:
     d = c.dims("diff", (2, 4))
     shape = (d[0], math.prod(d[1:]))
     return FullUpdate(c.name, c.roles, 0, min(shape), _numel=c.numel()), shape, ((d[2], d[3]) if len(d) == 4 else None), 0
 
 
-_READERS = {"locon": _locon, "loha": _loha, "lokr": _lokr, "full": _full}
+_READERS = {"locon": _locon, "loha": read_loha, "lokr": read_lokr, "full": _full}
 
 
-def _dora(c: _Ctx, shape: tuple[int, int], kernel: tuple[int, int] | None) -> str | None:
+def _dora(c: ReadContext, shape: tuple[int, int], kernel: tuple[int, int] | None) -> str | None:
     """The ``dora_scale`` key after checking its axis: (out, 1[, 1, 1]) or (out,) row-wise, (1, in[, 1, 1])
     column-wise (legacy); anything else is refused."""
     if "dora_scale" not in c.roles:
@@ -223,7 +223,7 @@ def _dora(c: _Ctx, shape: tuple[int, int], kernel: tuple[int, int] | None) -> st
     return c.roles["dora_scale"]
 
 
-def _alpha(c: _Ctx, upd: object, dim: int) -> tuple[float, float, bool]:
+def _alpha(c: ReadContext, upd: object, dim: int) -> tuple[float, float, bool]:
     """(α, s, α stored) — s = α/r, α absent or 0 ⇒ s = 1; LoKr stored whole ⇒ s = 1; full ⇒ s = 1."""
     stored = "alpha" in c.roles
     alpha = c.source.scalar(c.roles["alpha"]) if stored else 0.0
@@ -236,7 +236,7 @@ def _alpha(c: _Ctx, upd: object, dim: int) -> tuple[float, float, bool]:
     return alpha, alpha / dim, stored
 
 
-def _module(c: _Ctx, algo: str) -> Module:
+def _module(c: ReadContext, algo: str) -> Module:
     upd, shape, kernel, dim = _READERS[algo](c)
     alpha, scale, _ = _alpha(c, upd, dim)
     rank = upd.rank  # type: ignore[attr-defined]
@@ -279,7 +279,7 @@ class LycorisLayout(Layout):
         modules: list[Module] = []
         unread: dict[str, list[int]] = {}
         for name in sorted(groups):
-            c = _Ctx(name, groups[name], source)
+            c = ReadContext(name, groups[name], source)
             algo = c.algo
             if algo in _READERS:
                 modules.append(_module(c, algo))

@@ -28,7 +28,7 @@ from ..adapter import Adapter, Module
 from ..errors import InspectError
 from ..peft_rules import PEFT_PREFIX, compiled_patterns, lookup_compiled
 from .layout import Capabilities, Found, Rewrite
-from .lycoris import _Ctx, _loha, _lokr
+from .lycoris import ReadContext, read_loha, read_lokr
 from .lycoris_updates import LoHaUpdate, LoKrUpdate
 from .peft import PeftLayout, peft_format
 from .peft_config import truncated_config
@@ -123,7 +123,7 @@ def _group(keys: list[str], algo: str) -> tuple[dict[str, dict[str, str]], list[
     return mods, rest
 
 
-def _stored_ranks(c: _Ctx, algo: str) -> list[int]:
+def _stored_ranks(c: ReadContext, algo: str) -> list[int]:
     """The r each decomposed factor was created with (PEFT: every one is the module's config r)."""
     if algo == "loha":
         return [c.shape("hada_w1_b")[0], c.shape("hada_w2_b")[0]] + (
@@ -132,13 +132,13 @@ def _stored_ranks(c: _Ctx, algo: str) -> list[int]:
     return out + ([c.shape("lokr_w2_b")[0]] if "lokr_w2_b" in c.roles else [])
 
 
-def _module(c: _Ctx, name: str, s: _Settings, where: str) -> Module:
+def _module(c: ReadContext, name: str, s: _Settings, where: str) -> Module:
     if c.algo != s.algo:
         raise InspectError(f"{where}: module {name!r}: {c.algo} keys in a PEFT {s.algo.upper()} adapter")
     if "lokr_w2" in c.roles and len(c.shape("lokr_w2")) == 3:
         raise c.fail("a Conv1d LoKr with lokr_w2 stored whole: PEFT applies torch.kron to a 2-D and a 3-D tensor "
                      "there, which is not kron(W₁, W₂); not read")
-    upd, shape, kernel, _ = (_loha if s.algo == "loha" else _lokr)(c)
+    upd, shape, kernel, _ = (read_loha if s.algo == "loha" else read_lokr)(c)
     r = lookup_compiled(s.rank_pattern, name, s.r)
     alpha = float(lookup_compiled(s.alpha_pattern, name, s.alpha))
     bad = [k for k in _stored_ranks(c, s.algo) if k != r]
@@ -163,7 +163,7 @@ def read_peft_lycoris(source: TensorSource, found: Found, fmt: str) -> Adapter:
     for raw in sorted(groups):
         name = raw[len(PEFT_PREFIX):] if raw.startswith(PEFT_PREFIX) else raw
         prefixed += raw.startswith(PEFT_PREFIX)
-        modules.append(_module(_Ctx(raw, groups[raw], source), name, s, where))
+        modules.append(_module(ReadContext(raw, groups[raw], source), name, s, where))
     notes = []
     if prefixed < len(groups):
         notes.append(f"{len(groups) - prefixed} modules lack the {PEFT_PREFIX!r} prefix: PEFT would not load them")

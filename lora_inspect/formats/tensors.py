@@ -175,14 +175,14 @@ def _entry(path: Path, key: str, entry: object, data_len: int) -> TensorInfo:
         raise InspectError(f"{path}: tensor {key!r}: header entry is not an object")
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if type(dtype) is not str or dtype not in DTYPE_SIZES:
-        raise InspectError(f"{path}: tensor {key!r}: unknown dtype {validate._show(dtype)}")
+        raise InspectError(f"{path}: tensor {key!r}: unknown dtype {validate.show_value(dtype)}")
     if not _shape_ok(shape):
         raise InspectError(
-            f"{path}: tensor {key!r}: shape {validate._show(shape)} is not a list of at most {_MAX_DIMS} "
+            f"{path}: tensor {key!r}: shape {validate.show_value(shape)} is not a list of at most {_MAX_DIMS} "
             "non-negative 64-bit integers"
         )
     if not _offsets_ok(offs):
-        raise InspectError(f"{path}: tensor {key!r}: data_offsets {validate._show(offs)} are not [start, end]")
+        raise InspectError(f"{path}: tensor {key!r}: data_offsets {validate.show_value(offs)} are not [start, end]")
     start, end = offs  # type: ignore[misc]
     if end > data_len:
         raise InspectError(
@@ -193,7 +193,7 @@ def _entry(path: Path, key: str, entry: object, data_len: int) -> TensorInfo:
     has_zero = 0 in dims
     nonzero = math.prod([d for d in dims if d] if has_zero else dims) * DTYPE_SIZES[dtype]
     if nonzero > _INT64_MAX:
-        raise InspectError(f"{path}: tensor {key!r}: shape {validate._show(shape)} has more elements than int64 holds")
+        raise InspectError(f"{path}: tensor {key!r}: shape {validate.show_value(shape)} has more elements than int64 holds")
     nbytes = 0 if has_zero else nonzero
     if end - start != nbytes:
         raise InspectError(f"{path}: tensor {key!r}: {end - start} bytes stored but {dtype} {shape} needs {nbytes}")
@@ -320,7 +320,7 @@ def _plain_tensor(path: Path, key: object, value: object) -> torch.Tensor:
     import torch
 
     if not isinstance(key, str):
-        raise InspectError(f"{path}: state dict key {validate._show(key)} is not a string")
+        raise InspectError(f"{path}: state dict key {validate.show_value(key)} is not a string")
     _name_ok(path, key)
     if isinstance(value, dict):
         raise InspectError(f"{path}: entry {key!r} is a nested dict, not a tensor (a checkpoint holding a state "

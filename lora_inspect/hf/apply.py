@@ -7,7 +7,8 @@ is stored (in, out), ΔWᵀ is added). This is PEFT's own merge (``merge_and_unl
 W + scale·B@A, transposed for ``fan_in_fan_out``); the tests compare the two.
 
 Names map as PEFT's (``base_model.model.`` + the module path), as-is (mlx-lm, bare files), or as
-kohya's (``lora_unet_``/``lora_te_``/``lora_te1_`` + the path with ``.`` → ``_``).
+kohya's (one of :data:`~lora_inspect.formats.kohya.KOHYA_PREFIXES`, the prefixes the reader accepts, +
+the path with ``.`` → ``_``).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ import torch.nn as nn
 
 from ..adapter import require_mergeable
 from ..errors import InspectError
+from ..formats.kohya import KOHYA_PREFIXES
+from ..peft_rules import strip_prefix
 from .model import linear_modules, linear_shape
 
 __all__ = ["Bound", "bind_adapter", "merged"]
-
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Bound:
 
 
 def _target(name: str, layers: dict, kohya: dict[str, str]) -> str | None:
-    for cand in (name, name.removeprefix("base_model.model.")):
+    for cand in (name, strip_prefix(name)):
         if cand in layers:
             return cand
     return kohya.get(name)

@@ -36,12 +36,10 @@ def is_hf_dir(path: object) -> bool:
 
 
 def require_hf(what: str):
-    """The transformers module, or one line saying which extra to install."""
-    try:
-        import transformers
-    except ImportError:
-        raise InspectError(f"{what} needs transformers: pip install 'lora-inspect[hf]'") from None
-    return transformers
+    """The transformers module, or one line saying which extra to install (:mod:`lora_inspect.optional`)."""
+    from ..optional import require
+
+    return require("transformers", what)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,8 +21,8 @@ import numpy as np
 
 from ..adapter import module_layer, module_type
 from ..analysis import RankReport
-from ..errors import InspectError
 from ..naming import natural_key, natural_sorted
+from ..optional import require
 
 __all__ = ["PLOT_HINT", "require_matplotlib", "Figure", "AdapterFigures", "render_figures", "short_labels"]
 
@@ -30,13 +30,15 @@ PLOT_HINT = "pip install 'lora-inspect[plot]'"
 
 
 def require_matplotlib():
-    """Import matplotlib's object API (no pyplot, no global state) or fail with the install hint."""
-    try:
-        import matplotlib
-        from matplotlib.figure import Figure as MplFigure
-    except ImportError as e:
-        raise InspectError("report needs matplotlib for its plots", hint=PLOT_HINT) from e
-    return matplotlib, MplFigure
+    """Import matplotlib's object API (no pyplot, no global state) or fail with the install hint in one
+    line (:func:`lora_inspect.optional.require`)."""
+    return require("matplotlib", "report"), _mpl("figure", "Figure")[0]
+
+
+def _mpl(module: str, *names: str) -> tuple[Any, ...]:
+    """``names`` from ``matplotlib.<module>``, through the optional-dependency gate."""
+    m = require(f"matplotlib.{module}", "report")
+    return tuple(getattr(m, n) for n in names)
 
 
 @dataclass
@@ -136,7 +138,7 @@ def _annotate(ax: Any, grid: np.ndarray, cmap: Any, norm: Any, fmt: Callable[[fl
 def _heatmap(report: RankReport, scales: Scales, mpl: Any) -> Figure | None:
     """Two panels stacked (energy rank, σ₁); module types down, layers across (deep models stay wide)."""
     matplotlib, MplFigure = mpl
-    from matplotlib.colors import LogNorm, Normalize
+    LogNorm, Normalize = _mpl("colors", "LogNorm", "Normalize")
 
     g = _grid(report)
     if g is None:
@@ -172,7 +174,7 @@ def _heatmap(report: RankReport, scales: Scales, mpl: Any) -> Figure | None:
 
 
 def _label_axes(ax_sv: Any, ax_cum: Any) -> None:
-    from matplotlib.ticker import MaxNLocator
+    (MaxNLocator,) = _mpl("ticker", "MaxNLocator")
 
     ax_sv.set_yscale("log")
     ax_sv.set_xlabel("i")
@@ -190,8 +192,8 @@ def _label_axes(ax_sv: Any, ax_cum: Any) -> None:
 
 def _type_figure(report: RankReport, mtype: str, mpl: Any) -> Figure:
     matplotlib, MplFigure = mpl
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    (ScalarMappable,) = _mpl("cm", "ScalarMappable")
+    (Normalize,) = _mpl("colors", "Normalize")
 
     tau = report.energy
     res = [r for r in report.modules if module_type(r.name) == mtype]

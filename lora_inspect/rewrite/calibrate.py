@@ -37,7 +37,15 @@ from .ranks import TruncateSpec, choose_ranks
 from .results import TruncateResult
 from .selfcheck import Expected, write_checked
 from .tensors import extras_tensors, torch_dtype
-from .truncation import _assemble, _Factored, _fixed_bytes, _warnings, adapter_markers, layout_of, to_stored
+from .truncation import (
+    Factored,
+    adapter_markers,
+    assemble,
+    layout_of,
+    rank_independent_bytes,
+    to_stored,
+    truncation_warnings,
+)
 
 __all__ = ["DEFAULT_RIDGE", "CalibratedModule", "whiten", "calibrated_factors", "calibrated_truncate", "ridge_cholesky"]
 
@@ -144,8 +152,8 @@ def calibrated_truncate(ad: Adapter, out: Path, spec: TruncateSpec, moments: dic
             if progress is not None:
                 progress(1)
         extras = extras_tensors(ad)
-        got = _Factored(spectra=[c.spectrum for c in cal])
-        choice = choose_ranks(ad.modules, got.spectra, spec, fixed_bytes=_fixed_bytes(ad, extras),
+        got = Factored(spectra=[c.spectrum for c in cal])
+        choice = choose_ranks(ad.modules, got.spectra, spec, fixed_bytes=rank_independent_bytes(ad, extras),
                               force_uniform=layout.caps.one_rank_only)
         real: dict[str, np.ndarray] = {}
         for c, k, st in zip(cal, choice.keep, choice.stored):
@@ -156,7 +164,7 @@ def calibrated_truncate(ad: Adapter, out: Path, spec: TruncateSpec, moments: dic
                 s_new = decompose(b1, a1, 1.0).s.numpy()[:st] if k else np.zeros(0)
                 sv[: len(s_new)] = s_new
                 real[c.module.name] = sv
-        tensors, changes, dropped, expected, ranks = _assemble(ad, got, choice)
+        tensors, changes, dropped, expected, ranks = assemble(ad, got, choice)
         for name, sv in real.items():
             expected[name] = Expected(sv, expected[name].rank, expected[name].dtype)
         for i, (c, k) in enumerate(zip(cal, choice.keep)):
@@ -169,7 +177,7 @@ def calibrated_truncate(ad: Adapter, out: Path, spec: TruncateSpec, moments: dic
     facts.update(ridge=ridge, objective="min ||(dW - dW_k) X||_F: SVD of dW·L, L = chol(XᵀX/n + λI)")
     return TruncateResult(
         adapter=ad, output=out, output_format=out_fmt, spec=spec, modules=changes, choice=choice.facts,
-        file_bytes_before=ad.file_bytes, file_bytes_after=size, warnings=_warnings(ad, spec, dropped),
+        file_bytes_before=ad.file_bytes, file_bytes_after=size, warnings=truncation_warnings(ad, spec, dropped),
         notes=written, readme_copied=bool(layout.copied_files(ad, out_fmt)), max_check_error=max_err,
         calibration=facts,
     )

@@ -39,7 +39,8 @@ from .results import ModuleChange, TruncateResult
 from .selfcheck import Expected, write_checked
 from .tensors import check_finite, extras_tensors, header_reserve, torch_dtype
 
-__all__ = ["truncate", "to_stored", "layout_of", "adapter_markers"]
+__all__ = ["truncate", "to_stored", "layout_of", "adapter_markers", "Factored", "assemble", "rank_independent_bytes",
+           "truncation_warnings"]
 
 
 def adapter_markers() -> tuple[str, ...]:
@@ -76,7 +77,7 @@ def to_stored(m: Module, b_lin: torch.Tensor, a_lin: torch.Tensor, dtype: torch.
 
 
 @dataclass
-class _Factored:
+class Factored:
     """Per-module spectra, and the new factors (or the decompositions to cut once ranks are known)."""
 
     spectra: list[np.ndarray] = field(default_factory=list)
@@ -85,7 +86,7 @@ class _Factored:
 
 
 def _decompose_all(ad: Adapter, spec: TruncateSpec, one_rank: bool,
-                   progress: Callable[[int], None] | None) -> _Factored:
+                   progress: Callable[[int], None] | None) -> Factored:
     stream = spec.rank is not None and not one_rank  # ranks known up front: no need to keep decompositions
 
     def work(m: Module):
@@ -104,7 +105,7 @@ def _decompose_all(ad: Adapter, spec: TruncateSpec, one_rank: bool,
             return sv, None, to_stored(m, b_new, a_new, torch_dtype(m.dtype))
         return sv, d, None
 
-    got = _Factored()
+    got = Factored()
     for m, (sv, d, f) in zip(ad.modules, parallel_map(work, ad.modules, progress=progress)):
         got.spectra.append(sv)
         if d is None:
@@ -114,7 +115,7 @@ def _decompose_all(ad: Adapter, spec: TruncateSpec, one_rank: bool,
     return got
 
 
-def _fixed_bytes(ad: Adapter, extras: dict[str, torch.Tensor]) -> int:
+def rank_independent_bytes(ad: Adapter, extras: dict[str, torch.Tensor]) -> int:
     """What every output keeps regardless of rank: full tensors, magnitudes, biases, alphas, header."""
     n = sum(t.numel() * t.element_size() for t in extras.values())
     for m in ad.modules:
@@ -148,7 +149,7 @@ def _module_out(ad: Adapter, m: Module, factors: tuple[torch.Tensor, torch.Tenso
         tensors[m.alpha_key] = m.source.get(m.alpha_key)
 
 
-def _assemble(ad: Adapter, got: _Factored, choice: RankChoice):
+def assemble(ad: Adapter, got: Factored, choice: RankChoice):
     tensors: dict[str, torch.Tensor] = {}
     changes, dropped, expected, ranks = [], [], {}, {}
     for m, sv, k, st in zip(ad.modules, got.spectra, choice.keep, choice.stored):
@@ -166,8 +167,8 @@ def _assemble(ad: Adapter, got: _Factored, choice: RankChoice):
     return tensors, changes, dropped, expected, ranks
 
 
-def _warnings(ad: Adapter, spec: TruncateSpec, dropped: list[str],
-              changes: list[ModuleChange] | None = None) -> list[str]:
+def truncation_warnings(ad: Adapter, spec: TruncateSpec, dropped: list[str],
+                        changes: list[ModuleChange] | None = None) -> list[str]:
     out = []
     if ad.use_dora:
         out.append("DoRA: magnitudes copied unchanged; truncating the low-rank part is not the optimal approximation "
@@ -209,18 +210,18 @@ def truncate(ad: Adapter, out: Path, spec: TruncateSpec, *, force: bool = False,
     got = _decompose_all(ad, spec, one_rank, progress)
     with single_threaded_torch():
         extras = extras_tensors(ad)
-        choice = choose_ranks(ad.modules, got.spectra, spec, fixed_bytes=_fixed_bytes(ad, extras),
+        choice = choose_ranks(ad.modules, got.spectra, spec, fixed_bytes=rank_independent_bytes(ad, extras),
                               force_uniform=one_rank)
         for m, k, st in zip(ad.modules, choice.keep, choice.stored):
             if m.name not in got.factors and st > 0:
                 got.factors[m.name] = to_stored(m, *got.decomps.pop(m.name).factors(k, st), torch_dtype(m.dtype))
         got.decomps.clear()
-    tensors, changes, dropped, expected, ranks = _assemble(ad, got, choice)
+    tensors, changes, dropped, expected, ranks = assemble(ad, got, choice)
     tensors.update(extras)
     rw = layout.truncated(ad, out_fmt, tensors, ranks, dropped)
     size, max_err, written = write_checked(ad, layout, out, rw, expected, set(dropped))
     return TruncateResult(
         adapter=ad, output=out, output_format=out_fmt, spec=spec, modules=changes, choice=choice.facts,
-        file_bytes_before=ad.file_bytes, file_bytes_after=size, warnings=_warnings(ad, spec, dropped, changes),
+        file_bytes_before=ad.file_bytes, file_bytes_after=size, warnings=truncation_warnings(ad, spec, dropped, changes),
         notes=notes + written, readme_copied=bool(layout.copied_files(ad, out_fmt)), max_check_error=max_err,
     )

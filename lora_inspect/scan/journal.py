@@ -91,22 +91,17 @@ class Journal:
 
 
 def write_parquet(rows: list[dict], out: Path, columns: list[tuple[str, str]]) -> None:
-    """``rows`` as a Parquet file (pyarrow, the ``scan`` extra), written to a temp beside ``out`` and renamed.
+    """``rows`` as a Parquet file (pyarrow, the ``scan`` extra), written atomically (:func:`~lora_inspect.files.atomic_path`).
     ``columns``: (name, kind) with kind one of str, int, float, bool, list[int], list[float], list[str]."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise InspectError(f"{out}: writing Parquet needs pyarrow (pip install 'lora-inspect[scan]')") from e
+    from ..files import atomic_path
+    from ..optional import require
+
+    pa = require("pyarrow", f"{out}: writing Parquet")
+    pq = require("pyarrow.parquet", f"{out}: writing Parquet")
     types = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(),
              "list[int]": pa.list_(pa.int64()), "list[float]": pa.list_(pa.float64()),
              "list[str]": pa.list_(pa.string())}
     schema = pa.schema([(name, types[kind]) for name, kind in columns])
     table = pa.Table.from_pylist([{n: r.get(n) for n, _ in columns} for r in rows], schema=schema)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

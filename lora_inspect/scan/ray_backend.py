@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import InspectError
+from ..optional import require
 from .row import ScanConfig, adapter_files, error_row
 
 __all__ = ["run_ray", "batches"]
@@ -62,10 +62,7 @@ def _run_batch(items: list[tuple[int, str]], cfg: ScanConfig) -> list[tuple[int,
 
 
 def _init(address: str | None, jobs: int) -> bool:
-    try:
-        import ray
-    except ImportError as e:
-        raise InspectError("the ray backend needs Ray (pip install 'lora-inspect[ray]')") from e
+    ray = require("ray", "the ray backend")
     if ray.is_initialized():
         return False
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
@@ -86,7 +83,7 @@ def run_ray(paths: list[str], cfg: ScanConfig, on_result: Callable[[int, Any], N
     if not paths:
         return
     started = _init(address, jobs)
-    import ray
+    ray = require("ray", "the ray backend")
 
     try:
         task = ray.remote(num_cpus=1, max_retries=0)(_run_batch)

@@ -1,4 +1,5 @@
-"""Atomic writes: everything goes to a temporary file beside the target, then ``os.replace``.
+"""Atomic writes for ``train``: thin calls into :mod:`lora_inspect.files`, the one home of atomic writing
+(its temporary names, its stale-temporary cleanup, its one-line OS errors).
 
 Safetensors files go through the project's deterministic writer (sorted header keys and metadata,
 no timestamps), not ``safetensors.torch.save_file``, whose header metadata order follows a Rust
@@ -10,39 +11,19 @@ file removed.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..errors import InspectError
+from ..files import atomic_path, write_safetensors, write_text
 
-__all__ = ["atomic_write_json", "atomic_write_text", "atomic_save_safetensors", "load_safetensors", "os_error"]
-
-
-def os_error(path: str | Path, e: OSError) -> InspectError:
-    """One line for an OS error while writing ``path``."""
-    return InspectError(f"{path}: cannot write: {e.strerror or e}")
-
-
-def _atomic(path: Path, write: Callable[[Path], object]) -> None:
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise os_error(path, e) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+__all__ = ["atomic_write_json", "atomic_write_text", "atomic_save_safetensors", "load_safetensors"]
 
 
 def atomic_write_text(text: str, path: str | Path) -> None:
-    _atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    with atomic_path(Path(path)) as tmp:
+        write_text(tmp, text)
 
 
 def atomic_write_json(obj, path: str | Path, *, sort_keys: bool = True) -> None:
@@ -50,9 +31,8 @@ def atomic_write_json(obj, path: str | Path, *, sort_keys: bool = True) -> None:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    from ..files import write_safetensors
-
-    _atomic(Path(path), lambda tmp: write_safetensors(tmp, tensors, metadata))
+    with atomic_path(Path(path)) as tmp:
+        write_safetensors(tmp, tensors, metadata)
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InspectError
+from ..peft_rules import PEFT_PREFIX
 from .io import atomic_save_safetensors, atomic_write_json
 
 __all__ = [
@@ -38,10 +39,7 @@ __all__ = [
     "lora_state_dict",
     "merge",
     "save_adapter",
-    "PEFT_PREFIX",
 ]
-
-PEFT_PREFIX = "base_model.model."
 
 
 def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:

@@ -281,10 +281,9 @@ def load_base(spec: str | Path, seed: int = 0) -> tuple[nn.Module, dict]:
     if is_own_model_dir(p):
         return load_model(p), {"kind": "dir", "path": str(p.resolve())}
     if (p / "config.json").is_file():
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise InspectError(f"{p}: a Hugging Face model directory needs `transformers` installed") from None
+        from ..optional import require
+
+        AutoModelForCausalLM = require("transformers", f"{p}: a Hugging Face model directory").AutoModelForCausalLM
         try:
             model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, torch_dtype=torch.float32)
         except Exception as e:  # transformers raises many kinds

@@ -22,7 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import InspectError
-from .io import atomic_write_json, os_error
+from ..files import os_error
+from .io import atomic_write_json
 from .loop import TrainConfig, cpu_threads, resolve_device, train
 from .lora import adapter_config, inject_lora, save_adapter
 from .model import ModelConfig, load_base, save_model

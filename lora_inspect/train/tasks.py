@@ -28,7 +28,7 @@ from .io import atomic_save_safetensors, load_safetensors
 from .lora import merge, target_matches
 from .model import logits_of
 
-__all__ = ["Task", "PlantedTask", "TextTask", "load_task"]
+__all__ = ["Task", "PlantedTask", "TextTask", "HeldoutText", "load_task"]
 
 TASK_SCHEMA = "lora-inspect/task/1"
 
@@ -272,11 +272,11 @@ def _load_task(out: Path, desc: dict, base: nn.Module, kind, heldout: torch.Tens
         return PlantedTask(base, desc["targets"], int(desc["planted_rank"]), seed=int(desc.get("seed", 0)),
                            seq_len=int(desc["seq_len"]), strength=float(desc.get("strength", 4.0)), deltas=deltas, heldout=heldout)
     if kind == "text":
-        return _HeldoutText(heldout, int(desc["seq_len"]))
+        return HeldoutText(heldout, int(desc["seq_len"]))
     raise InspectError(f"{out}/task.json: unknown task {kind!r}")
 
 
-class _HeldoutText(TextTask):
+class HeldoutText(TextTask):
     """A text task known only by its held-out windows (what ``verify`` needs)."""
 
     def __init__(self, heldout: torch.Tensor, seq_len: int):

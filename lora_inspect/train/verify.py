@@ -31,17 +31,18 @@ import torch.nn.functional as F
 
 from ..adapter import require_mergeable
 from ..errors import InspectError
+from ..formats.kohya import KOHYA_PREFIXES
+from ..peft_rules import strip_prefix
 from .io import load_safetensors
 from .loop import resolve_device
 from .lora import merge
 from .model import is_own_model_dir, load_base, load_model, logits_of
 from .run import read_task_json
-from .tasks import Task, TextTask, _HeldoutText, load_task
+from .tasks import HeldoutText, Task, TextTask, load_task
 
 __all__ = ["verify", "VERIFY_SCHEMA", "load_run", "adapter_deltas", "origin_mismatch"]
 
 VERIFY_SCHEMA = "lora-inspect/verify/1"
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_")
 
 
 def load_run(directory: str | Path) -> tuple[nn.Module, dict, Task]:
@@ -91,7 +92,7 @@ def adapter_deltas(path: str | Path, weight_shapes: dict[str, tuple[int, ...]]) 
             raise InspectError(f"{path}: module {m.name} is a convolution; the base model has none")
         if m.bias_key is not None:
             raise InspectError(f"{path}: module {m.name} has a LoRA bias, which verify does not apply")
-        name = m.name.removeprefix("base_model.model.")
+        name = strip_prefix(m.name)
         target = name if name in weight_shapes else kohya.get(name)
         if target is None:
             raise InspectError(f"{path}: module {m.name!r} is not a module of the base model (made for another base?)")
@@ -218,4 +219,4 @@ def _other_text(desc: dict, data: str | Path) -> Task:
         raise InspectError(f"--data {p}: no such file")
     seq_len = int(desc["seq_len"])
     ids = torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8).long()
-    return _HeldoutText(TextTask.windows(ids, seq_len, n_max=1 << 30), seq_len)
+    return HeldoutText(TextTask.windows(ids, seq_len, n_max=1 << 30), seq_len)

@@ -7,7 +7,7 @@ plus the tables and lines a person reads), written as a table, JSON or Markdown 
 - :mod:`.inspect` (``info``, ``rank``), :mod:`.footprint`, :mod:`.check`, :mod:`.diff`,
   :mod:`.rewrite` (``truncate``, ``rescale``) — one module per result type.
 
-Only this package, :mod:`lora_inspect.report` and the commands import rich or matplotlib. Importing
+Only this package, :mod:`lora_inspect.report`, the commands and :mod:`lora_inspect.train` import rich or matplotlib. Importing
 the package is cheap (no torch): the per-result modules are imported where they are used.
 """
 
