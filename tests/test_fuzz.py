@@ -68,6 +68,7 @@ def _run(cmd="info", rc=2, err="", timed_out=False) -> Run:
     (_run(rc=0, err=""), None),
     (_run(rc=0, err="wrote /out/r.html (html, 1 adapter)\n"), None),
     (_run("check", rc=1, err=""), None),
+    (_run("scan", rc=1, err=""), None),  # scan: an adapter failed the policy or was unreadable
     (_run(rc=1, err=""), "exit-code:1"),
     (_run(rc=3), "exit-code:3"),
     (_run(rc=-9), "signal:SIGKILL"),

@@ -1,7 +1,10 @@
-"""``check``: a CI gate — exit 0 when every rule holds, 1 when any fails, 2 for bad input.
+"""``check``: a CI gate — exit 0 when every rule holds, 1 when any fails, 2 for bad input or usage
+(a missing or unreadable adapter: the gate does not judge what it cannot read; ``scan`` records it as a
+row instead).
 
-Wiring only: policy discovery (``[tool.lora-inspect.check]`` in the nearest pyproject.toml), adapter
-discovery in directories, reading tensors only for the rules that need them, the GitHub step summary.
+Wiring only: the policy (:func:`lora_inspect.checks.read_policy_file`, from ``--policy`` or the nearest
+pyproject.toml), adapter discovery in directories (scan's, :func:`lora_inspect.scan.adapters_under`),
+reading tensors only for the rules that need them, the GitHub step summary.
 The rules themselves live in :mod:`lora_inspect.checks`, the report in :mod:`lora_inspect.views.check`.
 """
 
@@ -18,9 +21,10 @@ from ..basemodels import load_base
 from ..checks import (
     Policy,
     evaluate,
+    find_pyproject,
     parse_min_energy,
     parse_serving,
-    policy_from_table,
+    read_policy_file,
     scan_values,
     unreadable_results,
 )
@@ -32,61 +36,58 @@ from ..views.check import check_view
 from ..views.render import emit, stderr_console, to_markdown
 from ._options import output_options
 
-__all__ = ["check", "find_pyproject", "discover_adapters"]
-
-_ADAPTER_MARKERS = ("adapter_config.json", "adapters.safetensors", "adapter_model.safetensors", "adapter_model.bin")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+__all__ = ["check"]
 
 
-def find_pyproject(start: Path) -> Path | None:
-    """The nearest pyproject.toml at or above ``start`` (as black and ruff find theirs)."""
-    for d in [start, *start.parents]:
-        p = d / "pyproject.toml"
-        if p.is_file():
-            return p
-    return None
+def _policy_fields(no_config: bool, policy_file: str | None) -> tuple[dict, str | None]:
+    """(Policy fields, the file they came from): ``--policy FILE``, else the nearest pyproject.toml."""
+    if policy_file is not None:
+        if no_config:
+            raise InspectError("--policy and --no-config contradict each other: give one")
+        p = Path(policy_file)
+        if not p.is_file():
+            raise InspectError(f"{p}: no such file (--policy names a pyproject.toml)")
+        return read_policy_file(p, named=True) or {}, str(p)
+    pp = None if no_config else find_pyproject(Path.cwd())
+    table = read_policy_file(pp, named=False) if pp is not None else None
+    return (table, str(pp)) if table is not None else ({}, None)
 
 
-def read_policy_table(path: Path) -> dict | None:
-    from ..optional import tomllib  # the standard library's on 3.11+, tomli on 3.10
+def _adapters(args: tuple[str, ...]) -> list[tuple[Path, bool]]:
+    """(path, named on the command line) for every adapter the arguments hold: scan's discovery (one
+    home), nested adapters included."""
+    from ..scan import adapters_under
 
-    try:
-        with path.open("rb") as f:
-            doc = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise InspectError(f"{path}: not valid TOML ({e})") from e
-    table = doc.get("tool", {}).get("lora-inspect", {}).get("check")
-    if table is None:
-        return None
-    fields = policy_from_table(table, f"{path} [tool.lora-inspect.check]")
-    base = fields.get("base")
-    if base and ("/" in base or base.endswith(".json")) and not Path(base).is_absolute():
-        fields["base"] = str(path.parent / base)  # relative to the pyproject.toml
-    return fields
+    out: dict[tuple[Path, bool], None] = {}
+    for a in args:
+        for p in adapters_under(Path(a)):
+            named = p == Path(a) or (Path(a).name == "adapter_config.json" and p == Path(a).parent)
+            out.setdefault((p, named), None)
+    return list(out)
 
 
-def _is_adapter_dir(d: Path) -> bool:
-    return any((d / m).is_file() for m in _ADAPTER_MARKERS)
+def _entries(paths: list[tuple[Path, bool]], policy: Policy, bm) -> tuple[list, list[str]]:
+    """(shown path, results) per adapter, and the files skipped: a tensor file without LoRA keys (base
+    weights) found inside a folder is no adapter (as in ``scan``); named on the command line it is an error."""
+    from ..scan import no_lora_keys
 
-
-def discover_adapters(path: Path) -> list[Path]:
-    """An adapter file or directory as given; a directory holding several adapters → each of them."""
-    if not path.exists():
-        raise InspectError(f"{path}: no such file or directory")
-    if path.is_file() or _is_adapter_dir(path):
-        return [path]
-    found: list[Path] = []
-    for d, subdirs, files in os.walk(path):
-        dp = Path(d)
-        subdirs.sort()
-        if dp != path and _is_adapter_dir(dp):
-            found.append(dp)
-            subdirs.clear()
+    entries, skipped = [], []
+    for p, named in paths:
+        try:
+            ad = load_adapter(p)
+        except UnpairedFactorError as e:
+            entries.append((_shown(p), unreadable_results(str(e))))
             continue
-        found.extend(dp / f for f in sorted(files) if f.endswith(_WEIGHT_SUFFIXES))
-    if not found:
-        raise InspectError(f"{path}: no adapters found here (no adapter_config.json, adapters.safetensors or weight files)")
-    return found
+        except InspectError:
+            if named or not (p.is_file() and no_lora_keys(p)):
+                raise
+            skipped.append(_shown(p))
+            continue
+        report = analyse(ad, DEFAULT_ENERGY) if policy.needs_spectra else None
+        # the spectra already read every module's factors: only the other tensors are scanned again
+        values = scan_values(ad, report, finite=policy.require_finite) if policy.needs_values else None
+        entries.append((_shown(p), evaluate(ad, policy, base=bm, report=report, values=values)))
+    return entries, skipped
 
 
 def _shown(p: Path) -> str:
@@ -98,55 +99,65 @@ def _shown(p: Path) -> str:
 
 
 @click.command(
+    short_help="Gate adapters against a policy (rank, size, serving, NaN): exit 1 on a failure.",
+    context_settings={"max_content_width": 80},
     epilog="""\b
 Examples:
   lora-inspect check adapters/ --serving vllm:16 --max-size 100MB
   lora-inspect check ./my-adapter --max-rank 64 --max-params 20M --deny-dora
-  lora-inspect check ./my-adapter --min-energy 0.9@16 --base llama-3-8b --format markdown
+  lora-inspect check ./my-adapter --min-energy 0.9@16 --base llama-3-8b
+  lora-inspect check adapters/ --policy ci/pyproject.toml --format markdown
 \b
-Policy in pyproject.toml (flags override it):
+Policy in pyproject.toml, in [tool.lora-inspect.check] or [tool.lora-inspect]
+(flags override it; an unknown key is an error):
   [tool.lora-inspect.check]
   max-rank = 64
   max-size = "100MB"
   serving = ["vllm:64"]
   integrity = true      # no NaN/inf, no all-zero B (the default)
 \b
-Exit codes: 0 every rule holds, 1 a rule failed, 2 bad input.
+Exit codes: 0 every rule holds, 1 a rule failed, 2 bad input or usage
+(a missing or unreadable adapter, a bad policy file, a bad option).
 """,
 )
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Largest rank any module may have.")
-@click.option("--max-params", default=None, metavar="N", help="Most LoRA (low-rank factor) parameters: 4194304, 4,194,304, 20M.")
-@click.option("--max-size", default=None, metavar="SIZE", help="Largest weight file: 100MB (10⁶ B), 512MiB (2²⁰ B), bytes.")
-@click.option("--max-extra-params", default=None, metavar="N", help="Most full-tensor parameters (modules_to_save, whole embeddings).")
-@click.option("--min-energy", default=None, metavar="τ@K", help="Every module keeps ≥ τ of Σσ² in its top K directions (reads tensors).")
+@click.option("--max-params", default=None, metavar="N",
+              help="Most LoRA (low-rank factor) parameters: 4194304, 4,194,304, 20M.")
+@click.option("--max-size", default=None, metavar="SIZE",
+              help="Largest weight file: 100MB (10⁶ B), 512MiB (2²⁰ B), bytes.")
+@click.option("--max-extra-params", default=None, metavar="N",
+              help="Most full-tensor parameters (modules_to_save, whole embeddings).")
+@click.option("--min-energy", default=None, metavar="τ@K",
+              help="Every module keeps ≥ τ of Σσ² in its top K directions (reads tensors).")
 @click.option("--allow-dora/--deny-dora", "allow_dora", default=None, help="Allow or refuse DoRA adapters.")
 @click.option("--integrity/--no-integrity", "integrity", default=None,
-              help="Refuse NaN/inf in any tensor and modules whose B is all zero (untrained); default on; reads tensors.")
-@click.option("--require-finite/--no-require-finite", "require_finite", default=None, help="The NaN/inf part of --integrity alone.")
-@click.option("--serving", multiple=True, metavar="PROFILE[:R]", help="vllm[:max_lora_rank], llamacpp, lorax, sglang, ollama (repeatable).")
-@click.option("--base", default=None, metavar="PRESET|CONFIG.json", help="Every module must exist in this base with the same shape.")
-@click.option("--no-config", is_flag=True, help="Ignore [tool.lora-inspect.check] in pyproject.toml.")
+              help="Refuse NaN/inf in any tensor and modules whose B is all zero (untrained); "
+                   "default on; reads tensors.")
+@click.option("--require-finite/--no-require-finite", "require_finite", default=None,
+              help="The NaN/inf part of --integrity alone.")
+@click.option("--serving", multiple=True, metavar="PROFILE[:R]",
+              help="vllm[:max_lora_rank], llamacpp, lorax, sglang, ollama (repeatable).")
+@click.option("--base", default=None, metavar="PRESET|CONFIG.json",
+              help="Every module must exist in this base with the same shape.")
+@click.option("--policy", "policy_file", default=None, metavar="PYPROJECT",
+              help="Read the policy from this pyproject.toml instead of the nearest one.")
+@click.option("--no-config", is_flag=True, help="Ignore the policy in the nearest pyproject.toml.")
 @output_options
 @click.pass_context
 def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, max_size, max_extra_params, min_energy,
-          allow_dora, integrity, require_finite, serving, base, no_config: bool, fmt: str) -> None:
-    """Gate ADAPTER... (files, adapter directories, or directories of adapters) against a policy.
+          allow_dora, integrity, require_finite, serving, base, policy_file: str | None, no_config: bool,
+          fmt: str) -> None:
+    """Gate ADAPTER... (files, adapter directories, or directories of adapters,
+    nested ones included, found as `scan` finds them) against a policy.
 
     Every failure is named with the adapter's value and the limit. The integrity rule (on by
     default) fails NaN/inf in any tensor and modules whose B is all zero, an adapter saved before
     training. Only it and --min-energy read tensor data; every other rule reads the file header alone.
+    Tensor files without LoRA keys inside a folder (base weights) are skipped, as `scan` does.
     When $GITHUB_STEP_SUMMARY is set, the Markdown report is appended to it.
     """
-    fields: dict = {}
-    source = None
-    if not no_config:
-        pp = find_pyproject(Path.cwd())
-        if pp is not None:
-            table = read_policy_table(pp)
-            if table is not None:
-                fields.update(table)
-                source = str(pp)
+    fields, source = _policy_fields(no_config, policy_file)
     cli = {
         "max_rank": max_rank,
         "max_params": None if max_params is None else parse_count(max_params, "--max-params"),
@@ -162,21 +173,10 @@ def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, m
     fields.update({k: v for k, v in cli.items() if v is not None})
     policy = Policy(**fields)
     bm = load_base(policy.base) if policy.base else None
-    paths = [p for a in adapters for p in discover_adapters(Path(a))]
-
-    entries = []
-    for p in paths:
-        try:
-            ad = load_adapter(p)
-        except UnpairedFactorError as e:
-            entries.append((_shown(p), unreadable_results(str(e))))
-            continue
-        report = analyse(ad, DEFAULT_ENERGY) if policy.needs_spectra else None
-        # the spectra already read every module's factors: only the other tensors are scanned again
-        values = scan_values(ad, report, finite=policy.require_finite) if policy.needs_values else None
-        entries.append((_shown(p), evaluate(ad, policy, base=bm, report=report, values=values)))
-
-    view = check_view(entries, policy, source)
+    entries, skipped = _entries(_adapters(adapters), policy, bm)
+    if not entries:
+        raise InspectError(f"{', '.join(skipped[:3])}: tensor files without LoRA keys (base weights), no adapter")
+    view = check_view(entries, policy, source, skipped)
     emit(view, fmt)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:

@@ -1,7 +1,8 @@
 """``scan``: every adapter under directory trees (or in a manifest) → one row each, on a local process
 pool or on Ray, into an append-only JSONL journal (and Parquet at the end).
 
-- :mod:`.discover` — which paths are adapters (deterministic, linear, loop-safe, never opens a file);
+- :mod:`.discover` — which paths are adapters (deterministic, linear, loop-safe, never opens a file;
+  also ``check``'s discovery);
 - :mod:`.row` — :class:`ScanRow`, one adapter's row (:func:`scan_one` never raises for bad input);
 - :mod:`.journal` — JSONL appended atomically per row, torn last line dropped, Parquet from it;
 - :mod:`.local` / :mod:`.worker` — the process pool with per-adapter time and memory limits;
@@ -22,13 +23,15 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from ..errors import InspectError
-from .discover import discover
+from .clock import process_seconds
+from .discover import adapters_under, discover
 from .journal import Journal, read_rows, write_parquet
-from .row import NOT_ADAPTER, SKIPPED, ScanConfig, ScanRow, scan_one
+from .row import NOT_ADAPTER, SKIPPED, ScanConfig, ScanRow, no_lora_keys, scan_one
 from .summary import ScanSummary, summarise_rows
 
-__all__ = ["run_scan", "ScanOutcome", "ScanConfig", "ScanRow", "ScanSummary", "discover", "scan_one",
-           "summarise_rows", "journal_path", "row_columns", "BACKENDS"]
+__all__ = ["run_scan", "ScanOutcome", "ScanConfig", "ScanRow", "ScanSummary", "discover", "adapters_under",
+           "scan_one", "no_lora_keys", "summarise_rows", "journal_path", "row_columns", "process_seconds",
+           "BACKENDS"]
 
 BACKENDS = ("local", "ray")
 
@@ -40,8 +43,13 @@ class ScanOutcome:
     new: int  # rows written by this run
     skipped: int  # adapters skipped (already had a row)
     not_adapters: int  # tensor files without LoRA keys (no row)
-    seconds: float
+    seconds: float  # this run_scan call: discovery, the rows, Parquet (not the imports before it)
     journal: Path
+
+    @property
+    def failed(self) -> bool:
+        """Some row (resumed ones included) is unreadable or fails the policy: the scan's exit code is 1."""
+        return any(r.get("error") or r.get("check_ok") is False for r in self.rows)
 
 
 def journal_path(out: Path) -> Path:
@@ -72,14 +80,17 @@ def _resume_keys(rows: list[dict[str, Any]]) -> tuple[frozenset[str], set[str]]:
 def run_scan(roots: list[str], out: Path, cfg: ScanConfig, *, backend: str = "local", jobs: int = 1,
              address: str | None = None, timeout: float | None = None, memory: int | None = None,
              resume: bool = False, on_found: Callable[[int], None] | None = None,
-             on_row: Callable[[dict[str, Any] | None], None] | None = None) -> ScanOutcome:
-    """Discover, scan and journal; see the module docstring. ``on_row(row)`` is called per finished
-    adapter (None for a skipped one), for a progress bar."""
+             on_row: Callable[[dict[str, Any] | None], None] | None = None,
+             manifests: list[str] | None = None) -> ScanOutcome:
+    """Discover, scan and journal; see the module docstring. ``manifests``: files listing paths, one a line
+    (:func:`discover`). A missing ROOT, a non-adapter file among them, or nothing found at all raises
+    InspectError before the journal is touched. ``on_row(row)`` is called per finished adapter (None for
+    a skipped one), for a progress bar."""
     if backend not in BACKENDS:
         raise InspectError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     t0 = time.perf_counter()
     jpath = journal_path(out)
-    paths = [str(p) for p in discover(roots)]
+    paths = [str(p) for p in discover(roots, manifests or ())]
     with Journal(jpath, resume) as journal:
         old = read_rows(jpath) if resume else []
         skip, skip_paths = _resume_keys(old)

@@ -9,10 +9,18 @@ Rules (the readers' own, :mod:`lora_inspect.formats`):
 - in any other directory, every file with a weight suffix (:data:`~lora_inspect.formats.WEIGHT_SUFFIXES`)
   is a candidate single-file adapter (kohya, diffusers, PEFT keys); one that turns out not to be an
   adapter gets an error row saying so, the line ``lora-inspect info`` prints;
-- a file given on the command line with a weight suffix is an adapter; any other file is a manifest:
-  one path per line (relative to the manifest's directory), blank lines and ``#`` comments skipped;
-  an entry naming an adapter (file or directory) is that adapter alone, a directory that is not one is
-  walked as above, and a missing entry still gets its (error) row.
+- a ROOT (a path on the command line) is a directory (walked as above), a file with a weight suffix
+  (an adapter) or an ``adapter_config.json`` (its directory). Anything else is refused before anything
+  is read or written (:func:`check_roots`): a missing ROOT, and a file without a weight suffix — a
+  stray ``notes.txt`` from ``scan dir/*`` is a mistake on the command line, found by its name alone, and
+  the old reading of such a file as a manifest turned a note into rows;
+- a manifest is read only when named as one (``scan --manifest FILE``, as ``tar -T`` / ``rsync
+  --files-from``): one path per line (relative to the manifest's directory), blank lines and ``#``
+  comments skipped; an entry naming an adapter (file or directory) is that adapter alone, a directory
+  that is not one is walked as above, and a missing entry still gets its (error) row — the list is
+  input data, its entries are judged per row;
+- nothing found under all the ROOTs and manifests together is refused too (a ROOT folder without
+  adapters among others, as ``scan dir/*`` gives, is fine).
 
 Order is deterministic: roots in the order given, names sorted by code point within a directory, a
 directory's files (or the directory itself, when it is an adapter) before its subfolders, depth first. The walk is linear in the tree: each directory is
@@ -32,7 +40,7 @@ from pathlib import Path
 from ..errors import InspectError
 from ..validate import open_regular
 
-__all__ = ["discover", "is_adapter_dir", "MAX_MANIFEST_BYTES"]
+__all__ = ["discover", "check_roots", "adapters_under", "is_adapter_dir", "MAX_MANIFEST_BYTES"]
 
 MAX_MANIFEST_BYTES = 256 * 2**20  # 256 MiB: ~2 M paths
 
@@ -47,6 +55,10 @@ def _suffixes() -> tuple[str, ...]:
     from ..formats import WEIGHT_SUFFIXES
 
     return WEIGHT_SUFFIXES
+
+
+def _nothing() -> str:
+    return f"no adapters found here (no adapter_config.json, adapters.safetensors or {'/'.join(_suffixes())} files)"
 
 
 def is_adapter_dir(names: set[str] | Path) -> bool:
@@ -115,26 +127,66 @@ def _manifest(path: Path) -> list[Path]:
     return out
 
 
-def _one(p: Path, seen: set[tuple[int, int]], manifests: bool) -> Iterator[Path]:
+def _one(p: Path, seen: set[tuple[int, int]], named: bool) -> Iterator[Path]:
+    """``named``: a manifest entry, the adapter it names alone; else a ROOT, walked into."""
     if p.is_dir():
-        if not manifests and is_adapter_dir(p):
+        if named and is_adapter_dir(p):
             yield p  # a manifest names adapters: exactly this one, not its subfolders
         else:
             yield from _walk(p, seen)
     elif p.name == "adapter_config.json":
         yield p.parent
-    elif manifests and p.is_file() and p.suffix not in _suffixes():
-        for entry in _manifest(p):
-            yield from _one(entry, seen, manifests=False)  # a manifest does not name manifests
     else:
-        yield p  # an adapter file, a special file or a missing path: its row says which
+        yield p  # an adapter file, a special file or a missing entry: its row says which
 
 
-def discover(roots: Sequence[str | Path]) -> list[Path]:
-    """Every adapter under ``roots`` (directories, adapter files, manifests), each once, in a deterministic order."""
+def _root_error(p: Path, command: str) -> str | None:
+    """Why ``p`` cannot be a ROOT of ``command`` (by its name and kind; nothing is opened), or None."""
+    if not p.exists():
+        if os.path.lexists(p):
+            return f"{p}: a symbolic link that leads nowhere (dangling, or a loop)"
+        return f"{p}: no such file or directory"
+    if p.is_dir() or p.name == "adapter_config.json" or p.name.endswith(_suffixes()):
+        return None
+    what = f"an adapter is a folder or a {'/'.join(_suffixes())} file"
+    manifest = f"; a list of paths is read with --manifest {p}" if command == "scan" else ""
+    return f"{p}: not an adapter file ({what}{manifest}; to {command} a whole folder, name the folder)"
+
+
+def check_roots(roots: Sequence[str | Path], command: str = "scan") -> None:
+    """Refuse the command line before anything is read: a missing ROOT, or a file that is not an adapter
+    by its name (one line naming the first, with how many more)."""
+    bad = [m for r in roots for m in [_root_error(Path(r), command)] if m]
+    if bad:
+        more = f" ({len(bad) - 1} more such arguments)" if len(bad) > 1 else ""
+        raise InspectError(bad[0] + more)
+
+
+def adapters_under(path: Path, command: str = "check") -> list[Path]:
+    """What one ROOT holds: the adapter file itself, or every adapter under a directory (nested ones
+    too), as :func:`discover` lists them; ``check`` reads its arguments with this."""
+    check_roots([path], command)
+    found = list(dict.fromkeys(_one(path, set(), named=False)))
+    if not found:
+        raise InspectError(f"{path}: {_nothing()}")
+    return found
+
+
+def discover(roots: Sequence[str | Path], manifests: Sequence[str | Path] = ()) -> list[Path]:
+    """Every adapter under ``roots`` (directories, adapter files) and in ``manifests`` (lists of paths),
+    each once, in a deterministic order. Refused (InspectError) before anything is read: a ROOT that is
+    missing or no adapter by its name (:func:`check_roots`); and nothing found at all."""
+    check_roots(roots)
     seen: set[tuple[int, int]] = set()
     out: dict[Path, None] = {}
     for r in roots:
-        for p in _one(Path(r), seen, manifests=True):
+        for p in _one(Path(r), seen, named=False):
             out.setdefault(p, None)
+    for m in manifests:
+        for entry in _manifest(Path(m)):
+            for p in _one(entry, seen, named=True):
+                out.setdefault(p, None)
+    if not out:
+        where = ", ".join(str(x) for x in [*roots, *manifests][:3]) + (" …" if len(roots) + len(manifests) > 3 else "")
+        raise InspectError(f"{where}: {_nothing()}")
     return list(out)

@@ -19,7 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Adapter
     from ..checks import Policy
 
-__all__ = ["ScanRow", "ScanConfig", "scan_one", "digest_files", "adapter_files", "error_row", "SKIPPED", "NOT_ADAPTER"]
+__all__ = ["ScanRow", "ScanConfig", "scan_one", "digest_files", "adapter_files", "error_row", "no_lora_keys",
+           "SKIPPED", "NOT_ADAPTER"]
 
 CHUNK = 1 << 20
 SKIPPED = "skipped"  # scan_one's answer for an adapter whose digest already has a row (--resume)
@@ -175,7 +176,7 @@ def _unexpected(e: BaseException) -> str:
     return f"unexpected {e.__class__.__name__}: {first}"
 
 
-def _no_lora_keys(p: Path) -> bool:
+def no_lora_keys(p: Path) -> bool:
     """A readable tensor file none of whose keys mentions LoRA (a base model's weights): not an adapter,
     so no row. A file that cannot be read, or has LoRA keys in a layout no reader knows, gets its error row."""
     from ..formats.tensors import open_tensors
@@ -207,7 +208,7 @@ def scan_one(path: str, cfg: ScanConfig) -> ScanRow | str:
         _check(ad, cfg, report, row)
         return row
     except InspectError as e:
-        if p.is_file() and _no_lora_keys(p):
+        if p.is_file() and no_lora_keys(p):
             return NOT_ADAPTER
         return error_row(path, str(e), cfg, digest, size)
     except Exception as e:  # an input nobody foresaw: still one row, one line

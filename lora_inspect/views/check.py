@@ -23,8 +23,10 @@ def _fmt_value(rule: str, v: Any) -> str:
     return str(v)
 
 
-def check_view(entries: list[tuple[str, list[Result]]], policy: Policy, source: str | None) -> View:
-    """One table per adapter (a row per rule); the JSON document ``lora-inspect/check/1``."""
+def check_view(entries: list[tuple[str, list[Result]]], policy: Policy, source: str | None,
+               skipped: list[str] | None = None) -> View:
+    """One table per adapter (a row per rule); the JSON document ``lora-inspect/check/1``. ``skipped``: tensor
+    files without LoRA keys found in the folders given (base weights), said in the header and in ``not_adapters``."""
     failed = sum(1 for _, rs in entries for r in rs if not r.ok)
     bad_adapters = sum(1 for _, rs in entries if any(not r.ok for r in rs))
     data = {
@@ -33,6 +35,7 @@ def check_view(entries: list[tuple[str, list[Result]]], policy: Policy, source: 
         "failures": failed,
         "policy": policy.describe(),
         "policy_source": source,
+        "not_adapters": list(skipped or []),
         "adapters": [
             {"path": p, "ok": all(r.ok for r in rs),
              "results": [{"rule": r.rule, "ok": r.ok, "value": r.value, "limit": r.limit, "message": r.message} for r in rs]}
@@ -46,6 +49,10 @@ def check_view(entries: list[tuple[str, list[Result]]], policy: Policy, source: 
         if failed else f"✓ all {sum(len(rs) for _, rs in entries)} checks passed for {n} adapter{'s' if n != 1 else ''}"
     ]
     header = [f"lora-inspect check — policy from {source}" if source else "lora-inspect check"]
+    if skipped:
+        k = len(skipped)
+        header.append(f"{k} tensor file{'s' if k != 1 else ''} without LoRA keys (base weights) not checked: "
+                      f"{', '.join(skipped[:3])}{' …' if k > 3 else ''}")
     return View(data, tables, header=header, footer=footer)
 
 

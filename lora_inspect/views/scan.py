@@ -14,13 +14,23 @@ from .schemas import SCAN_SCHEMA
 __all__ = ["scan_view", "scan_progress"]
 
 
-def scan_view(summary: ScanSummary, outcome: ScanOutcome, out: str, backend: str, jobs: int) -> View:
-    """Counts by layout, the rank histogram, bytes truncation would save, the rules failing most."""
+def _clock(outcome: ScanOutcome, process: float | None) -> str:
+    """The wall time, truthfully: since the process started (imports included) where that is known."""
+    if process is None:
+        return f"{outcome.seconds:.1f} s scanning, not counting start-up"
+    return f"{process:.1f} s wall since the process started, {outcome.seconds:.1f} s of it scanning"
+
+
+def scan_view(summary: ScanSummary, outcome: ScanOutcome, out: str, backend: str, jobs: int,
+              process_seconds: float | None = None) -> View:
+    """Counts by layout, the rank histogram, bytes truncation would save, the rules failing most.
+    ``process_seconds``: how long the process has run (``scan.process_seconds``), the wall time shown."""
     s = summary
     data: dict[str, Any] = {
         "schema": SCAN_SCHEMA, "output": out, "journal": str(outcome.journal), "backend": backend, "jobs": jobs,
         "found": outcome.found, "new_rows": outcome.new, "skipped": outcome.skipped, "not_adapters": outcome.not_adapters,
-        "seconds": round(outcome.seconds, 3), **asdict(s),
+        "seconds": round(outcome.seconds, 3),
+        "process_seconds": None if process_seconds is None else round(process_seconds, 3), **asdict(s),
     }
     data["rank_histogram"] = [{"rank": k, "adapters": a, "recommended": b} for k, (a, b) in s.rank_histogram.items()]
     data["failing_rules"] = [{"rule": k, "adapters": n} for k, n in s.failing_rules]
@@ -29,7 +39,7 @@ def scan_view(summary: ScanSummary, outcome: ScanOutcome, out: str, backend: str
     data["rate"] = round(rate, 3)
     header = [f"{s.adapters} adapters in {out}: {s.analysed} analysed, {s.errors} unreadable, "
               f"{s.check_failed} failing the policy; {outcome.new} new rows, {outcome.skipped} skipped "
-              f"({backend}, {jobs} job{'s' if jobs != 1 else ''}; {outcome.seconds:.1f} s wall)"]
+              f"({backend}, {jobs} job{'s' if jobs != 1 else ''}; {_clock(outcome, process_seconds)})"]
     if outcome.not_adapters:
         header.append(f"{outcome.not_adapters} tensor files without LoRA keys (base weights) were not counted")
     tables = [

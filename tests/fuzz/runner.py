@@ -10,7 +10,8 @@ Two ways to start a command:
   click entry point exactly as ``python -m lora_inspect`` does and exits with its status. A child that
   runs past the time limit is killed with its process group. ``--exec spawn`` re-checks a run this way.
 
-The contract checked on every run: exit status in {0, 1, 2} (1 only from ``check``); on 2 exactly one
+The contract checked on every run: exit status in {0, 1, 2} (1 only from :data:`RULE_COMMANDS`: a rule or
+policy failed, or for ``scan`` an adapter was unreadable); on 2 exactly one
 stderr line, starting ``lora-inspect: error:``, without "unexpected" or a traceback, naming a path under
 the input or output folder; no other stderr text on any status (our own notes —
 lines starting ``warning:``, ``note:``, ``lora-inspect: note:`` or ``wrote `` — are allowed); the time limit kept; no output path and no ``.lora-inspect-tmp``/
@@ -79,6 +80,8 @@ COMMANDS: dict[str, tuple[list[str], str | None]] = {
     "merge": (["merge", "{orig}", "{in}", "--to", "kohya", "-o", "{out}"], "kohya.safetensors"),
 }
 QUICK = ["info", "rank --json", "check", "truncate"]
+# the commands whose exit status 1 means "a rule or policy failed" (scan: also "some adapter was unreadable")
+RULE_COMMANDS = ("check", "scan")
 
 
 def child_env() -> dict[str, str]:
@@ -286,7 +289,7 @@ def judge(run: Run, *, names: list[Path]) -> list[tuple[str, str]]:
     if run.rc < 0:
         return [(f"signal:{signal.Signals(-run.rc).name}", first)]
     out: list[tuple[str, str]] = []
-    if run.rc not in (0, 1, 2) or (run.rc == 1 and cmd != "check"):
+    if run.rc not in (0, 1, 2) or (run.rc == 1 and cmd not in RULE_COMMANDS):
         out.append((f"exit-code:{run.rc}", first))
     other = _not_notes(lines)
     if run.rc == 2:
