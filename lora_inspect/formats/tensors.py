@@ -110,15 +110,41 @@ def _name_ok(path: Path, key: str, what: str = "tensor name") -> None:
             raise InspectError(f"{path}: {what} {key[:60]!r} is not valid Unicode (lone surrogate)") from e
 
 
+# what a file that is no safetensors file often is, by its first bytes
+_MAGIC = ((b"version https://git-lfs", "a Git LFS pointer, not the file: run git lfs pull"), (b"GGUF", "a GGUF file"),
+          (b"PK\x03\x04", "a zip archive, as torch.save writes: name it .bin"),
+          (b"\x80", "a pickle, as torch.save writes: name it .bin"), (b"<", "HTML or XML: a web page saved instead?"))
+
+
+def _looks_like(head: bytes) -> str:
+    """Why the first bytes cannot start a safetensors file: an absurd header length, and no '{' at byte 8
+    where the JSON header must begin; what they look like instead, when that is recognisable."""
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a character cut at the end of what was read is still text
+        text = head[:e.start].decode("utf-8") if e.start >= len(head) - 3 else ""
+    if text.strip() and all(c.isprintable() or c in "\r\n\t" for c in text):
+        line = text.strip().splitlines()[0]
+        line = line if len(line) <= 30 else line[:30] + "…"  # 41 bytes were read: a shorter line is whole
+        return f"it is text, {line!r}; a safetensors file starts with a length and '{{'"
+    return "no 8-byte header length followed by the '{' of a JSON header"
+
+
 def _read_header_bytes(path: Path) -> tuple[bytes, int, int]:
     """(header bytes, header length n, file size), with the framing checked."""
     try:
         with validate.open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
+            head = f.read(9)
             if len(head) < 8:
                 raise InspectError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-            (n,) = struct.unpack("<Q", head)
+            (n,) = struct.unpack("<Q", head[:8])
+            if (n > _MAX_HEADER or 8 + n > size) and head[8:9] != b"{":
+                raise InspectError(f"{path}: not a safetensors file ({_looks_like(head + f.read(32))})")
+            f.seek(8)
             if n > _MAX_HEADER:
                 raise InspectError(f"{path}: safetensors header length {n} is larger than the 100 MB limit (corrupt file?)")
             if 8 + n > size:
