@@ -38,9 +38,11 @@ Examples:
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write it.")
 @click.option("--dtype", type=click.Choice(_DTYPES), default=None,
               help="Dtype of the written factors (default: the source's 16-bit dtype, else fp32).")
-@click.option("--arch", default=None, help="GGUF: the base's llama.cpp architecture (llama, qwen2 …).")
+@click.option("--arch", default=None,
+              help="GGUF: the base's llama.cpp architecture (llama, qwen2 …); default: model_type in --base.")
 @click.option("--base", type=click.Path(exists=True), default=None,
-              help="GGUF: the base model directory or its config.json (architecture, head counts).")
+              help="GGUF: the base model directory or its config.json (model_type, num_attention_heads, "
+                   "num_key_value_heads); default: the adapter's base_model_name_or_path when that folder exists.")
 @click.option("--component", type=click.Choice(_COMPONENTS), default=None,
               help="A one-model adapter (PEFT, mlx-lm) trained on this pipeline part, for diffusers/kohya output.")
 @click.option("--unet-names", type=click.Choice(("auto", "sgm", "diffusers")), default="auto", show_default=True,

@@ -37,12 +37,15 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 __all__ = ["GgufPlan", "plan_gguf", "write_gguf", "read_gguf", "llama_permute", "PERMUTE_ARCHS", "base_config",
-           "gguf_factors", "canon_factors"]
+           "config_path", "gguf_factors", "canon_factors"]
 
 # archs whose HF → GGUF converter subclasses LlamaModel and permutes q/k (convert_hf_to_gguf.py)
 PERMUTE_ARCHS = {"llama", "mistral", "granite", "granitemoe"}
-# HF model_type → gguf arch name where they differ
-_MODEL_TYPE = {"mistral": "llama", "mixtral": "llama"}
+# HF model_type → gguf arch name where they differ; "lora-inspect" is this project's training base
+# (lora_inspect.train.model: Llama blocks, HF's rotate-half RoPE, Llama's module names)
+_MODEL_TYPE = {"mistral": "llama", "mixtral": "llama", "lora-inspect": "llama"}
+# (heads, KV heads) keys: Hugging Face's config.json, then this project's (format lora-inspect/model/1)
+_HEAD_KEYS = (("num_attention_heads", "num_key_value_heads"), ("n_heads", "n_kv_heads"))
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -53,15 +56,25 @@ class GgufPlan:
     n_kv_head: int | None
     alpha: float
     tied: bool = False  # the base's lm_head is its embedding matrix (no ``output`` tensor in its GGUF)
+    config: str | None = None  # the base config read (for messages), None without one
+
+
+def config_path(base: Path) -> Path:
+    """Where the config of a base given as a directory, a .json file or a weight file is."""
+    if base.is_dir():
+        return base / "config.json"
+    return base if base.suffix == ".json" else base.parent / "config.json"
 
 
 def base_config(path: Path | None) -> dict | None:
-    """The base model's config.json (a directory holding it, or the file), read through validation."""
+    """The base model's config.json (a directory holding it, the file, or a weight file beside it), read
+    through validation; refused in one line naming --base when there is none."""
     if path is None:
         return None
-    p = path / "config.json" if path.is_dir() else path
+    p = config_path(path)
     if not p.is_file():
-        return None
+        raise InspectError(f"--base {path}: no config.json there (GGUF reads the architecture and head counts "
+                           "from it); give --base the model directory or its config.json")
     return v.read_json_object(p)
 
 
@@ -69,13 +82,18 @@ def _arch(name: str | None, cfg: dict | None, where: str) -> str:
     gguf = require("gguf", "writing GGUF")
 
     names = set(gguf.MODEL_ARCH_NAMES.values())
+    arch_given = name is not None
     if name is None and cfg is not None:
         mt = v.string(cfg, "model_type", where)
         name = _MODEL_TYPE.get(mt, mt) if isinstance(mt, str) else None
     if name is None:
-        raise InspectError("GGUF needs the base model's architecture: none given and no base config.json found")
+        raise InspectError("GGUF needs the base model's architecture: give --arch (llama, qwen2 …) or --base "
+                           "(the base model's directory, its config.json names it)")
     if name not in names:
-        raise InspectError(f"architecture {name!r} is not a gguf architecture name (e.g. llama, qwen2, qwen3, gemma2)")
+        if arch_given:
+            raise InspectError(f"--arch {name!r} is not a gguf architecture name (e.g. llama, qwen2, qwen3, gemma2)")
+        raise InspectError(f"model_type {name!r} in {where} is not a gguf architecture name: give --arch (e.g. "
+                           "llama, qwen2, qwen3, gemma2)")
     return name
 
 
@@ -84,11 +102,20 @@ def plan_gguf(canon: Canon, arch: str | None, cfg: dict | None, where: str) -> G
     nh = nkv = None
     tied = False
     if cfg is not None:
-        nh = v.integer(cfg, "num_attention_heads", where, default=None, minimum=1)
-        nkv = v.integer(cfg, "num_key_value_heads", where, default=None, minimum=1) or nh
+        nh, nkv = _heads(cfg, where)
         tied = v.boolean(cfg, "tie_word_embeddings", where)
     alpha = Counter(m.scale * m.rank for m in canon.modules).most_common(1)[0][0]
-    return GgufPlan(a, nh, nkv, float(alpha), tied)
+    return GgufPlan(a, nh, nkv, float(alpha), tied, where if cfg is not None else None)
+
+
+def _heads(cfg: dict, where: str) -> tuple[int | None, int | None]:
+    """(attention heads, KV heads) from a base config.json, either spelling (:data:`_HEAD_KEYS`); KV heads
+    default to the heads (no grouped-query attention)."""
+    for heads, kv in _HEAD_KEYS:
+        nh = v.integer(cfg, heads, where, default=None, minimum=1)
+        if nh is not None:
+            return nh, v.integer(cfg, kv, where, default=None, minimum=1) or nh
+    return None, None
 
 
 def llama_permute(w: torch.Tensor, n_head: int, n_kv_head: int | None) -> torch.Tensor:
@@ -125,7 +152,9 @@ def _permuted(m: CanonModule, b: torch.Tensor, plan: GgufPlan, gname: str) -> tu
     if plan.arch not in PERMUTE_ARCHS or not gname.endswith(("attn_q", "attn_k")):
         return b, []
     if plan.n_head is None:
-        raise refuse("GGUF", m, f"{plan.arch} permutes Q/K rows and needs the head counts: give the base config")
+        found = f"{plan.config} has no num_attention_heads; " if plan.config else ""
+        raise refuse("GGUF", m, f"{plan.arch} permutes Q/K rows and needs the head counts: {found}give --base (the "
+                     "base model's directory or config.json, with num_attention_heads)")
     kv = plan.n_kv_head if gname.endswith("attn_k") else plan.n_head
     return llama_permute(b, plan.n_head, kv), [f"rows permuted as {plan.arch}'s converter does"]
 
@@ -141,7 +170,7 @@ def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor
         _check_module(m)
         gname = tmap.get_name(m.path, try_suffixes=(".weight",))
         if gname is None:
-            raise refuse("GGUF", m, f"no {plan.arch} GGUF tensor name for {m.path!r}")
+            raise refuse("GGUF", m, f"no {plan.arch} GGUF tensor name for {m.path!r} (is --arch right?)")
         if gname == "output" and plan.tied:
             # the base GGUF has no output.weight; llama-cpp-python 0.3.36 loads such a LoRA and then crashes
             raise refuse("GGUF", m, "the base ties lm_head to the embeddings: its GGUF has no output tensor to adapt")
@@ -162,7 +191,7 @@ def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> 
     gguf = require("gguf", "writing GGUF")
 
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise InspectError("GGUF output is written as fp32, fp16 or bf16")
+        raise InspectError("GGUF output is written as fp32, fp16 or bf16 (--dtype)")
     tensors, records = _tensors(canon, plan)
     w = gguf.GGUFWriter(str(path), arch=plan.arch)
     try:
