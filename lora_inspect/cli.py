@@ -1,6 +1,6 @@
 """The ``lora-inspect`` entry point: wires commands and turns known errors into one line.
 
-Exit codes everywhere: 0 ok, 1 a ``check`` rule failed, 2 bad input or usage. ``--debug`` (anywhere on
+Exit codes everywhere: 0 ok, 1 a rule or policy failed (``scan``: or an adapter unreadable), 2 bad input or usage. ``--debug`` (anywhere on
 the command line, or ``LORA_INSPECT_DEBUG=1``) prints the traceback before that one line; the exit code
 stays the same. Without it, Python warnings (numpy overflow, torch notices) are silenced: the tool's own
 notes are the only text on stderr. A reader that closes the pipe early (``lora-inspect check … | head -1``)
@@ -175,7 +175,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Tell the truth about trained LoRA adapters, and fix what it finds.
 
     \b
-    Exit codes: 0 ok, 1 a `check` rule failed, 2 bad input or usage.
+    Exit codes: 0 ok, 1 a rule or policy failed, 2 bad input or usage.
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
