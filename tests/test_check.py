@@ -328,6 +328,10 @@ def test_header_only_rules_read_no_tensor_data(plain, monkeypatch):
 def test_help():
     r = run_cli("check", "--help")
     assert r.exit_code == 0 and "lora-inspect check adapters/ --serving vllm:16 --max-size 100MB" in r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80  # conftest sets COLUMNS=200
+    from lora_inspect.commands.check import check as command
+
+    assert command.short_help and command.short_help.startswith("Gate adapters against a policy")
 
 
 # ---------------------------------------------------------------- review regressions

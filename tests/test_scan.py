@@ -190,6 +190,15 @@ def test_cli_json_summary_and_refusals(tmp_path):
     assert resumed["new_rows"] == 0 and resumed["skipped"] == 5 and len(read_rows(out)) == 5
 
 
+def test_help_fits_80_columns_and_says_what_scan_does():
+    r = run_cli("scan", "--help")
+    assert r.exit_code == 0 and "--manifest FILE" in r.stdout
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80  # conftest sets COLUMNS=200
+    from lora_inspect.commands.scan import scan as command
+
+    assert command.short_help and command.short_help.startswith("Analyse and check every adapter")
+
+
 @pytest.mark.slow
 def test_ray_rows_equal_local_rows(tmp_path):
     ray = pytest.importorskip("ray")
