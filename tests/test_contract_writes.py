@@ -1,7 +1,7 @@
 """Failure modes of the writers (issue 9): a rewrite killed at random moments, a full disk, a read-only
 target, and an input that cannot be read. Each runs the real CLI in a subprocess
 (``python -m lora_inspect``) and checks the contract: exit 2 with one stderr line naming the path and the
-cause, nothing left behind (no OUT, no ``.OUT.lora-inspect-tmp-PID``), OUT absent or complete after a kill.
+cause, nothing left behind (no OUT, no ``.OUT.lora-inspect-tmp-PID-N``), OUT absent or complete after a kill.
 
 What these tests need and assume:
 * root (this machine's tests run as root): tmpfs and bind mounts (``mount``), and ``setpriv`` to drop
