@@ -17,7 +17,7 @@ from ..files import AtomicOutput, check_output_path, dump_json, write_safetensor
 from .canon import Canon, CanonModule, from_adapter, times
 from .check import Sketch, tolerance, unit_roundoff
 from .flux import flux_for_target
-from .gguf_out import PERMUTE_ARCHS, GgufPlan, base_config, llama_permute, plan_gguf, read_gguf, write_gguf
+from .gguf_out import PERMUTE_ARCHS, GgufPlan, base_config, config_path, llama_permute, plan_gguf, read_gguf, write_gguf
 from .results import ConvertResult, ModuleOut
 from .writers import WRITERS, Written, write_kohya
 
@@ -249,7 +249,7 @@ def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str |
         if base is None and ad.base_model and target == "gguf":
             home = Path(ad.path) if Path(ad.path).is_dir() else Path(ad.path).parent
             cand = Path(ad.base_model) if Path(ad.base_model).is_absolute() else home / ad.base_model
-            base = cand if cand.exists() else None
+            base = cand if cand.exists() and config_path(cand).is_file() else None  # a folder with a config
         records, notes, worst, ratio = write_canon(canon, out, target, DTYPES[dt_name], extras, arch, base,
                                                    unet_names)
     size, files = _size(out)
