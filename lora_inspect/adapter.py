@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InspectError
+from .kinds import Algo, Kind
 from .naming import natural_sorted
-from .orientation import PEFT, Orientation
+from .orientation import PEFT, Orientation, OrientName
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from .formats.layout import Layout
+    from .formats.layout import Format, Layout
     from .formats.tensors import TensorInfo, TensorSource
 
 # torch is imported where tensor data is touched: header-only commands (info, check) stay light.
@@ -55,7 +56,7 @@ class Update:
     returns what a truncation cuts (by default the QR/core-SVD of :meth:`factors`)."""
 
     rank: int
-    algo = "lora"
+    algo: Algo = Algo.LORA
 
     @property
     def keys(self) -> list[str]:  # pragma: no cover - interface
@@ -138,7 +139,7 @@ class Module:
     """One adapted module: ΔW = scale · (its update), in linear orientation (out, in)."""
 
     name: str
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: Kind
     shape: tuple[int, int]  # ΔW (out, in), conv flattened to in·kh·kw
     rank: int
     alpha: float
@@ -169,7 +170,7 @@ class Module:
         return self.update.lora_keys()[1]
 
     @property
-    def algo(self) -> str:
+    def algo(self) -> Algo:
         """The update's algorithm: ``lora``, ``locon``, ``loha``, ``lokr``, ``full``."""
         return self.update.algo
 
@@ -178,7 +179,7 @@ class Module:
         return self.low_rank.e_key
 
     @property
-    def orient(self) -> str:
+    def orient(self) -> OrientName:
         return self.low_rank.orient.name
 
     @property
@@ -228,9 +229,9 @@ class Adapter:
     """A whole adapter: its layout, global settings, low-rank modules and full tensors."""
 
     path: Path  # what the user named (directory or file)
-    # "peft" | "peft-safetensors" | "peft-bin" | "peft-loha" | "peft-lokr" | "kohya" | "lycoris" | "diffusers"
-    # | "diffusers-attn-procs" | "mlx" (each layout's ``formats``, lora_inspect.formats.LAYOUTS)
-    format: str
+    # the reading layout's own enum (its ``formats``, lora_inspect.formats.LAYOUTS): "peft", "peft-safetensors",
+    # "peft-bin", "kohya", "lycoris", "diffusers", "diffusers-attn-procs", "mlx" in JSON
+    format: "Format"
     weights_path: Path
     source: "TensorSource" = field(repr=False)
     modules: list[Module] = field(default_factory=list)

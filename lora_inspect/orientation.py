@@ -23,14 +23,24 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import InspectError
+from .kinds import Choice, Kind
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["Orientation", "Shapes", "PeftOrientation", "EmbeddingOrientation", "MlxOrientation", "PEFT", "EMBEDDING",
+__all__ = ["Orientation", "OrientName", "Shapes", "PeftOrientation", "EmbeddingOrientation", "MlxOrientation", "PEFT",
+           "EMBEDDING",
            "MLX"]
 
 Shape = tuple[int, ...]
+
+
+class OrientName(Choice):
+    """The name of an orientation (:attr:`Orientation.name`)."""
+
+    PEFT = "peft"
+    EMBEDDING = "embedding"
+    MLX = "mlx"
 
 
 @dataclass(frozen=True)
@@ -41,14 +51,14 @@ class Shapes:
     inp: int
     rank_a: int
     rank_b: int
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: Kind
     kernel: tuple[int, int] | None = None
 
 
 class Orientation:
     """Base class; subclasses are stateless singletons."""
 
-    name = ""
+    name: OrientName
 
     def shapes(self, module: str, a_shape: Shape, b_shape: Shape) -> Shapes:  # pragma: no cover - interface
         raise NotImplementedError
@@ -76,7 +86,7 @@ def _two_d(module: str, what: str, a_shape: Shape, b_shape: Shape) -> None:
 class PeftOrientation(Orientation):
     """A (r, in[, kh, kw]), B (out, r[, 1, 1]) — PEFT and kohya, linear and conv."""
 
-    name = "peft"
+    name = OrientName.PEFT
 
     def shapes(self, module: str, a_shape: Shape, b_shape: Shape) -> Shapes:
         if len(a_shape) not in (2, 3, 4) or len(b_shape) != len(a_shape):
@@ -90,7 +100,7 @@ class PeftOrientation(Orientation):
             kernel = (a_shape[2], a_shape[3])
         elif len(a_shape) == 3:
             kernel = (a_shape[2], 1)
-        kind = "linear" if len(a_shape) == 2 else "conv"
+        kind = Kind.LINEAR if len(a_shape) == 2 else Kind.CONV
         return Shapes(b_shape[0], math.prod(a_shape[1:]), a_shape[0], b_shape[1], kind, kernel)
 
     def to_linear(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,11 +115,11 @@ class PeftOrientation(Orientation):
 class EmbeddingOrientation(Orientation):
     """A_stored (r, vocab), B_stored (dim, r); ΔW (vocab, dim) = s·(B_stored @ A_stored)ᵀ."""
 
-    name = "embedding"
+    name = OrientName.EMBEDDING
 
     def shapes(self, module: str, a_shape: Shape, b_shape: Shape) -> Shapes:
         _two_d(module, "embedding", a_shape, b_shape)
-        return Shapes(a_shape[1], b_shape[0], a_shape[0], b_shape[1], "embedding")
+        return Shapes(a_shape[1], b_shape[0], a_shape[0], b_shape[1], Kind.EMBEDDING)
 
     def to_linear(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return a.T, b.T
@@ -127,11 +137,11 @@ class EmbeddingOrientation(Orientation):
 class MlxOrientation(Orientation):
     """lora_a (in, r), lora_b (r, out): PEFT's factors transposed."""
 
-    name = "mlx"
+    name = OrientName.MLX
 
     def shapes(self, module: str, a_shape: Shape, b_shape: Shape) -> Shapes:
         _two_d(module, "mlx", a_shape, b_shape)
-        return Shapes(b_shape[1], a_shape[0], a_shape[1], b_shape[0], "linear")
+        return Shapes(b_shape[1], a_shape[0], a_shape[1], b_shape[0], Kind.LINEAR)
 
     def to_linear(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return b.T, a.T

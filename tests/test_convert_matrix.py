@@ -205,17 +205,17 @@ def test_rename_only_copies_bytes_and_checks_scale_exactly(sources, tmp_path):
 @pytest.mark.parametrize("how", ["factor", "scale"])
 def test_poisoned_writer_is_caught_and_nothing_written(sources, tmp_path, monkeypatch, how):
     """A writer that changes one ΔW by 1e-3 (a factor entry, or the stored α) fails the self-check."""
-    from lora_inspect.convert import run
+    from lora_inspect.formats.kohya import KohyaLayout
 
-    real = run.write_kohya
+    real = KohyaLayout.convert_tensors
 
-    def poisoned(canon, dtype, extras, unet_names="auto"):
-        w = real(canon, dtype, extras, unet_names)
+    def poisoned(self, canon, opts):
+        w = real(self, canon, opts)
         key = next(k for k in w.tensors if k.endswith(".alpha" if how == "scale" else ".lora_up.weight"))
         w.tensors[key] = w.tensors[key] * (1 + 1e-3)
         return w
 
-    monkeypatch.setattr(run, "write_kohya", poisoned)
+    monkeypatch.setattr(KohyaLayout, "convert_tensors", poisoned)
     src, _ = sources["kohya"]
     out = tmp_path / "k.safetensors"
     res = run_cli("convert", src, "--to", "kohya", "-o", out)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from lora_inspect import load_adapter
 from lora_inspect.errors import InspectError
 from lora_inspect.formats import LAYOUTS, detect_format
+from lora_inspect.formats.layout import Found
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
 ATTN2 = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
@@ -98,9 +100,14 @@ def test_attn_procs_rewrite_same_layout(tmp_path, suffix):
 
 
 def test_layouts_are_an_ordered_list():
+    """First match wins: PEFT (which also reads diffusers keys beside a config) is the last layout that reads;
+    after it only written-only layouts (GGUF). Every reading layout owns a format or shares PEFT's."""
     names = [layout.name for layout in LAYOUTS]
-    assert names.index("diffusers-attn-procs") < names.index("peft") and names[-1] == "peft"
-    assert all(layout.formats for layout in LAYOUTS)
+    assert names.index("diffusers-attn-procs") < names.index("peft")
+    assert all(not layout.matches(["x.lora_A.weight"], Found(Path("x"), Path("x"))) for layout in
+               LAYOUTS[names.index("peft") + 1:])
+    owned = [f for layout in LAYOUTS for f in layout.formats]
+    assert len(owned) == len(set(owned))  # one layout per format: layout_named is unambiguous
 
 
 def test_rescale_config_in_metadata_header(tmp_path):

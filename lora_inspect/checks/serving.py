@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, module_type
 from ..errors import InspectError
+from ..formats import layout_of
+from ..formats.peft import PeftLayout
 from ..peft_rules import PEFT_PREFIX
 from .result import Result
 
@@ -176,7 +178,7 @@ def _lorax(ad: Adapter, cfg: dict[str, Any], base: "BaseModel | None") -> list[R
 def _sglang(ad: Adapter, cfg: dict[str, Any], base: "BaseModel | None") -> list[Result]:
     name = "sglang"
     pref = [m.name for m in ad.modules if "language_model." in m.name or m.name.startswith(("base_model.", "model.model."))]
-    unprefixed = [m.a_key for m in ad.modules if ad.format.startswith("peft") and not m.a_key.startswith(PEFT_PREFIX)]
+    unprefixed = [m.a_key for m in ad.modules if not m.a_key.startswith(layout_of(ad).key_prefix)]  # PEFT's prefix
     bad = pref + unprefixed
     out = [Result(f"{name}: module names", not bad, len(bad), 0,
                   "" if not bad else f"prefixed or non-standard module names such as {bad[0]!r} are rejected")]
@@ -190,7 +192,8 @@ def _sglang(ad: Adapter, cfg: dict[str, Any], base: "BaseModel | None") -> list[
 
 def _ollama(ad: Adapter, cfg: dict[str, Any], base: "BaseModel | None") -> list[Result]:
     name = "ollama"
-    ok = ad.format == "peft" and ad.weights_path.name == "adapter_model.safetensors" and ad.config is not None
+    ok = (isinstance(layout_of(ad), PeftLayout) and ad.path.is_dir()  # a PEFT directory
+          and ad.weights_path.name == "adapter_model.safetensors" and ad.config is not None)
     out = [Result(f"{name}: layout", ok, f"{ad.format} ({ad.weights_path.name})", "PEFT dir, .safetensors",
                   "" if ok else "Ollama's ADAPTER needs a directory with adapter_config.json and adapter_model.safetensors")]
     family = _family(ad, base)

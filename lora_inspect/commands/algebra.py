@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import InspectError, OptionError
-from ..formats import load_adapter
+from ..formats import MERGE_TARGETS, TARGETS, load_adapter
 from ..rewrite import TruncateSpec
 from ..units import parse_size
 from ..views.render import emit, warn
@@ -16,7 +16,6 @@ from .rewrite import as_usage, max_params_callback, max_size_callback, positive_
 
 __all__ = ["convert", "merge"]
 
-_TARGETS = ("peft", "kohya", "diffusers", "mlx", "gguf")
 _DTYPES = ("fp32", "bf16", "fp16")
 _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -34,7 +33,7 @@ Examples:
 """,
 )
 @click.argument("adapter", type=click.Path())
-@click.option("--to", "target", required=True, type=click.Choice(_TARGETS), help="The layout to write.")
+@click.option("--to", "target", required=True, type=click.Choice(TARGETS), help="The layout to write.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write it.")
 @click.option("--dtype", type=click.Choice(_DTYPES), default=None,
               help="Dtype of the written factors (default: the source's 16-bit dtype, else fp32).")
@@ -138,7 +137,7 @@ Examples:
 @click.option("--energy", type=float, default=None, help="Each module to its energy rank at τ.")
 @click.option("--max-params", callback=max_params_callback, default=None, help="Budget of factor parameters (20M …).")
 @click.option("--max-size", callback=max_size_callback, default=None, help="Budget for the weight file (512MiB …).")
-@click.option("--to", "target", type=click.Choice(_TARGETS[:4]), default=None,
+@click.option("--to", "target", type=click.Choice(MERGE_TARGETS), default=None,
               help="Output layout (default: the first adapter's).")
 @click.option("--dtype", type=click.Choice(_DTYPES), default=None, help="Dtype of the written factors.")
 @click.option("--method", type=click.Choice(_METHODS), default="sum", show_default=True,

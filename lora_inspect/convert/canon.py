@@ -1,6 +1,6 @@
 """The canonical in-memory form of an adapter, the same for every layout (docs/formats.md, "convert").
 
-Per module: its canonical name (component, dotted path; :mod:`lora_inspect.convert.names`), kind,
+Per module: its canonical name (component, dotted path: the source layout's ``canonical_name``), kind,
 B (out × k) and A (k × in·kh·kw) in linear orientation, the true scale s (ΔW = s·B@A:
 α/r, α/√r with rsLoRA, mlx-lm's absolute scale, AdaLoRA's α/(r + 1e-5) with E folded into A), the
 conv kernel, a DoRA magnitude, and where it came from. Writers decide how to store s (an α per
@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import InspectError
+from ..formats import layout_of
+from ..formats.layout import Layout, Naming
+from ..kinds import Algo, Kind
 from ..spectrum import all_finite
-from .names import full_name, kohya_to_dotted, split_component
+from .names import full_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Adapter, Module
@@ -35,7 +38,7 @@ _NATIVE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 class CanonModule:
     component: str | None
     path: str
-    kind: str  # "linear" | "conv" | "embedding"
+    kind: Kind
     b: torch.Tensor  # (out, k) float64, or the stored dtype (from_adapter(native=True))
     a: torch.Tensor  # (k, in·kh·kw), same dtype as b
     scale: float
@@ -45,7 +48,7 @@ class CanonModule:
     source_name: str = ""
     alpha: float | None = None  # the source's α (s = α/r or α/√r) where one was stored
     rslora: bool = False
-    algo: str = "lora"  # the source's update type: lora, locon (Tucker), loha, lokr, full
+    algo: Algo = Algo.LORA  # the source's update type: lora, locon (Tucker), loha, lokr, full
 
     @property
     def name(self) -> str:
@@ -74,7 +77,7 @@ class Canon:
     """A whole adapter in canonical form."""
 
     modules: list[CanonModule]
-    source_format: str
+    naming: Naming  # how the source named its modules (its layout's; a merge's modules are named as diffusers)
     base_model: str | None = None
     fan_in_fan_out: bool = False
     config: dict | None = None  # the source PEFT config (task_type, target_modules …), if any
@@ -83,14 +86,6 @@ class Canon:
 
     def components(self) -> set[str | None]:
         return {m.component for m in self.modules}
-
-
-def _name(ad: "Adapter", m: "Module") -> tuple[str | None, str]:
-    if ad.format in ("kohya", "lycoris"):  # LyCORIS files use kohya's module names
-        return kohya_to_dotted(m.name)
-    if ad.format.startswith("diffusers"):
-        return split_component(m.name)
-    return None, m.name  # one model (PEFT, mlx-lm): GPT-2's "transformer.h.0…" is a path, not a component
 
 
 def _read_dtype(m: "Module", native: bool) -> torch.dtype:
@@ -103,14 +98,14 @@ def _read_dtype(m: "Module", native: bool) -> torch.dtype:
     return _NATIVE.get(stored.pop(), torch.float64) if len(stored) == 1 else torch.float64
 
 
-def _module(ad: "Adapter", m: "Module", native: bool) -> CanonModule:
+def _module(ad: "Adapter", layout: Layout, m: "Module", native: bool) -> CanonModule:
     if m.bias_key is not None:
         raise InspectError(f"{ad.path}: module {m.name!r} has a LoRA bias (lora_bias): convert and merge do not carry "
                            "it yet")
     b, a = m.factors(_read_dtype(m, native))
-    comp, path = _name(ad, m)
+    comp, path = layout.canonical_name(m)  # one model (PEFT, mlx-lm): GPT-2's "transformer.h.0…" is a path
     stored_a = m.source.tensors.get(m.a_key)  # LoHa/LoKr: no A is stored (a 4-D Conv2d LoRA is written)
-    ndim = len(stored_a.shape) if m.kind == "conv" and stored_a is not None else 4
+    ndim = len(stored_a.shape) if m.kind == Kind.CONV and stored_a is not None else 4
     rs = bool(ad.use_rslora)
     return CanonModule(comp, path, m.kind, b, a, float(m.scale), m.kernel, ndim, m.magnitude(), m.name,
                        float(m.alpha), rs, m.algo)
@@ -121,7 +116,8 @@ def from_adapter(ad: "Adapter", native: bool = False, finite: bool = True) -> Ca
     dtype where no arithmetic is needed to read them. ``finite`` refuses NaN/inf factors."""
     if ad.peft_type not in (None, "LORA", "ADALORA", "LOHA", "LOKR"):
         raise InspectError(f"{ad.path}: peft_type {ad.peft_type}: only LoRA adapters are converted")
-    mods = [_module(ad, m, native) for m in ad.modules]
+    layout = layout_of(ad)
+    mods = [_module(ad, layout, m, native) for m in ad.modules]
     for m in mods if finite else []:
         if not (all_finite(m.b) and all_finite(m.a)):
             raise InspectError(f"{ad.path}: module {m.source_name!r} holds NaN or inf")
@@ -131,9 +127,9 @@ def from_adapter(ad: "Adapter", native: bool = False, finite: bool = True) -> Ca
             raise InspectError(f"{ad.path}: modules {seen[m.name]!r} and {m.source_name!r} map to the same name "
                                f"{m.name!r}")
         seen[m.name] = m.source_name
-    cfg = ad.config if ad.format.startswith("peft") else None
+    cfg = layout.carried_config(ad)
     fifo = bool(cfg.get("fan_in_fan_out")) if isinstance(cfg, dict) else False
     notes = []
     if ad.peft_type == "ADALORA":
         notes.append("AdaLoRA: lora_E folded into A and s = α/(r + 1e-5) kept exactly; written as plain LoRA")
-    return Canon(mods, ad.format, ad.base_model, fifo, cfg, list(ad.extras), notes)
+    return Canon(mods, layout.naming, ad.base_model, fifo, cfg, list(ad.extras), notes)

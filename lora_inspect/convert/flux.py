@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InspectError
+from ..formats.layout import Naming
+from ..kinds import Kind
 from .canon import Canon, CanonModule, times
 from .names import kohya_to_dotted
 
@@ -101,13 +103,13 @@ def _bfl_name(m: CanonModule) -> str | None:
 
 
 def is_bfl_flux(canon: Canon) -> bool:
-    """A kohya file with BFL Flux block names (``lora_unet_double_blocks_…``/``single_blocks_…``)."""
-    return canon.source_format == "kohya" and any(_BFL_RE.match(_bfl_name(m) or "") for m in canon.modules)
+    """A kohya-named file (kohya, LyCORIS) with BFL Flux block names (``lora_unet_double_blocks_…``/``single_blocks_…``)."""
+    return canon.naming == Naming.KOHYA and any(_BFL_RE.match(_bfl_name(m) or "") for m in canon.modules)
 
 
 def _flux_component(canon: Canon) -> set[str | None]:
     comps: set[str | None] = {"transformer"}
-    if canon.source_format.startswith(("peft", "mlx")):
+    if canon.naming == Naming.MODEL:
         comps.add(None)  # one model: a FluxTransformer2DModel adapted with PEFT directly
     return comps
 
@@ -117,7 +119,7 @@ def is_diffusers_flux(canon: Canon) -> bool:
     Double blocks alone are also SD3's (``transformer_blocks.N.attn.add_q_proj`` …): not fused then."""
     comps = _flux_component(canon)
     paths = [m.path for m in canon.modules if m.component in comps]
-    if canon.source_format == "kohya" or not paths:
+    if canon.naming == Naming.KOHYA or not paths:
         return False
     if any(p.startswith("single_transformer_blocks.") for p in paths):
         return True
@@ -135,7 +137,7 @@ class _Log:
 
 
 def _plain(m: CanonModule, what: str) -> None:
-    if m.kind != "linear":
+    if m.kind != Kind.LINEAR:
         raise InspectError(f"module {m.source_name or m.name!r}: a Flux {what} must be a Linear LoRA, not {m.kind}")
     if m.magnitude is not None:
         raise InspectError(f"module {m.source_name or m.name!r}: DoRA on a Flux {what} is not split or fused "
@@ -144,7 +146,7 @@ def _plain(m: CanonModule, what: str) -> None:
 
 def _new(m: CanonModule, component: str | None, path: str, b: torch.Tensor, a: torch.Tensor, scale: float,
          source: str) -> CanonModule:
-    return CanonModule(component, path, "linear", b.contiguous(), a.contiguous(), scale, None, 4, m.magnitude,
+    return CanonModule(component, path, Kind.LINEAR, b.contiguous(), a.contiguous(), scale, None, 4, m.magnitude,
                        source, scale * int(b.shape[1]), False)
 
 
@@ -224,7 +226,7 @@ def split_to_diffusers(canon: Canon) -> Canon:
                      "(rows h, h, h, rest; h = linear1's input width): exact")
     if log.swapped:
         notes.append("Flux: final_layer_adaLN_modulation_1 → norm_out.linear with B's shift/scale row halves swapped")
-    return Canon(mods, canon.source_format, canon.base_model, canon.fan_in_fan_out, canon.config, canon.extras, notes)
+    return Canon(mods, canon.naming, canon.base_model, canon.fan_in_fan_out, canon.config, canon.extras, notes)
 
 
 def _part_rows(bfl: str, parts: dict[int, CanonModule], n: int, canon: Canon, log: _Log) -> list[int]:
@@ -275,7 +277,7 @@ def _fuse(bfl: str, parts: dict[int, CanonModule], dims: list[int], log: _Log) -
     stem = os.path.commonprefix(names).rpartition(".")[0] + "."
     source = names[0] if len(names) == 1 else stem + "{" + ",".join(x[len(stem):] for x in names) + "}"
     path = kohya_to_dotted("lora_unet_" + bfl)[1]
-    return CanonModule("unet", path, "linear", b, a.clone(), s, None, 4, None, source, s * k, False)
+    return CanonModule("unet", path, Kind.LINEAR, b, a.clone(), s, None, 4, None, source, s * k, False)
 
 
 def _renamed(m: CanonModule, bfl: str, log: _Log) -> CanonModule:
@@ -335,15 +337,16 @@ def fuse_to_kohya(canon: Canon) -> Canon:
         groups[bfl][j] = m
     mods = [s if isinstance(s, CanonModule) else _fuse(s, groups[s], _part_rows(s, groups[s], nparts[s], canon, log),
                                                        log) for s in slots]
-    return Canon(mods, canon.source_format, canon.base_model, canon.fan_in_fan_out, canon.config, canon.extras,
+    return Canon(mods, canon.naming, canon.base_model, canon.fan_in_fan_out, canon.config, canon.extras,
                  list(canon.notes) + _fuse_notes(log))
 
 
-def flux_for_target(canon: Canon, target: str) -> Canon:
-    """The canon in the target's Flux naming: BFL kohya → anything else is split to diffusers names;
-    a diffusers/PEFT Flux adapter → kohya is fused to BFL names; everything else is returned as is."""
-    if target != "kohya" and is_bfl_flux(canon):
+def flux_for_target(canon: Canon, naming: Naming) -> Canon:
+    """The canon in the Flux naming of a target layout that names its modules by ``naming`` (its
+    ``Layout.naming``): BFL kohya → a target without kohya names is split to diffusers names; a diffusers/PEFT
+    Flux adapter → a kohya-named target is fused to BFL names; everything else is returned as is."""
+    if naming != Naming.KOHYA and is_bfl_flux(canon):
         return split_to_diffusers(canon)
-    if target == "kohya" and is_diffusers_flux(canon):
+    if naming == Naming.KOHYA and is_diffusers_flux(canon):
         return fuse_to_kohya(canon)
     return canon

@@ -22,12 +22,14 @@ import torch
 
 from ..errors import InspectError
 from ..files import check_output_path
+from ..formats import MERGE_TARGETS, layout_for_target, layout_of
+from ..formats.layout import Layout, Naming, WriteOptions
 from ..rewrite.ranks import TruncateSpec, choose_ranks
 from ..spectrum import decompose, relative_error, retained_energy
 from .canon import Canon, CanonModule, from_adapter
 from .flux import flux_for_target
 from .results import MergeModule, MergeResult
-from .run import DTYPES, TARGETS, default_dtype, named_file, write_canon
+from .run import DTYPES, default_dtype, named_file, write_canon
 
 if TYPE_CHECKING:  # pragma: no cover
     from .dense_merge import DenseSpec
@@ -37,15 +39,21 @@ __all__ = ["merge", "merge_modules", "target_of", "keyed_modules", "check_row", 
 _EPS = float(np.finfo(np.float64).eps)
 
 
-def target_of(fmt: str) -> str:
-    """The convert target that writes an input's format (``peft-bin`` → ``peft``; a LyCORIS file's merged
-    LoRA is written as kohya, the naming LyCORIS files use)."""
-    if fmt == "lycoris":
-        return "kohya"
-    for t in TARGETS:
-        if fmt == t or fmt.startswith(t + "-") or (t == "peft" and fmt.startswith("peft")):
-            return t
-    raise InspectError(f"no writer for the layout {fmt!r}")
+def target_of(ad) -> str:
+    """The convert target that writes an input's layout (a PEFT file → ``peft``; a LyCORIS file's merged
+    LoRA is written as kohya, the naming LyCORIS files use): the layout's ``converts_to``."""
+    layout = layout_of(ad)
+    if layout.converts_to is None:
+        raise InspectError(f"no writer for the layout {layout.name!r}")
+    return layout.converts_to
+
+
+def _target_layout(ads: list, target: str | None) -> Layout:
+    """The layout a merge writes: ``target``, else the first input's (:func:`target_of`)."""
+    layout = layout_for_target(target or target_of(ads[0]))
+    if not layout.merge_target:
+        raise InspectError(f"merge does not write {layout.label} (one of {', '.join(MERGE_TARGETS)})")
+    return layout
 
 
 @dataclass
@@ -152,7 +160,7 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
         check_output_path(ad.path, ad.weights_path, out, force, _markers())
     paths = [Path(ad.path) for ad in ads]
     canons = _read_inputs(ads, out)
-    tgt = target or target_of(ads[0].format)
+    layout = _target_layout(ads, target)
     dt = dtype or default_dtype(ads[0])
     with named_file(out, out):  # errors about the sum or its layout name OUT
         if dense is None:
@@ -163,16 +171,17 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
             merged, facts = dense_merge_modules(canons, ws, spec, paths, dense)
         if not merged:
             raise InspectError("every merged module is zero: nothing to write")
-        first = canons[0]
-        canon = flux_for_target(Canon(merged, "merge", first.base_model, first.fan_in_fan_out, first.config), tgt)
-        records, notes, worst, ratio = write_canon(canon, out, tgt, DTYPES[dt], {})
+        first = canons[0]  # the inputs were renamed to one (diffusers) naming: _read_inputs
+        canon = Canon(merged, Naming.PIPELINE, first.base_model, first.fan_in_fan_out, first.config)
+        done = write_canon(flux_for_target(canon, layout.naming), out, layout, WriteOptions(DTYPES[dt]))
+    notes = done.notes
     partial = sum(1 for f in facts if 0 in f.inputs)
     if partial:
         notes.insert(0, f"{partial} modules are present in only some inputs (absent terms are zero)")
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) if out.is_dir() else out.stat().st_size
     mode = ("exact" if dense is None else "rank max rᵢ") if spec is None else f"{spec.mode} {_value(spec):g}"
-    res = MergeResult(paths, [ad.format for ad in ads], ws, mode, out, tgt, dt, facts, records, size, notes,
-                      worst, ratio)
+    res = MergeResult(paths, [ad.format for ad in ads], ws, mode, out, str(layout.target), dt, facts, done.records,
+                      size, notes, done.worst, done.ratio)
     if dense is not None:
         res.method, res.density = dense.method, float(dense.density)
         res.seed = dense.seed if dense.random else None
@@ -185,7 +194,7 @@ def _read_inputs(ads: list, out: Path) -> list[Canon]:
     canons = []
     for ad in ads:
         with named_file(ad.path, out):
-            c = flux_for_target(from_adapter(ad), "diffusers")  # kohya/BFL and diffusers Flux files meet on one naming
+            c = flux_for_target(from_adapter(ad), Naming.PIPELINE)  # kohya/BFL and diffusers Flux files meet here
         if c.extras:
             raise InspectError(f"{ad.path}: full tensors ({c.extras[0]!r} …, modules_to_save) cannot be summed")
         canons.append(c)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import InspectError
+from ..formats.layout import Naming
 from .sgm import diffusers_to_sgm, is_sgm, is_sgm_kohya, sdxl_family, sgm_to_diffusers, up0_has_attention
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -147,7 +148,7 @@ UNET_NAMES = ("auto", "sgm", "diffusers")
 
 
 def _source_style(canon: "Canon") -> str | None:
-    if canon.source_format not in ("kohya", "lycoris"):  # LyCORIS files use kohya names
+    if canon.naming != Naming.KOHYA:  # a kohya-named source (kohya, LyCORIS) keeps its UNet style
         return None
     styles = {is_sgm_kohya(kohya_equivalent(m.source_name)) for m in canon.modules if m.component == "unet"}
     return None if len(styles) != 1 else ("sgm" if styles.pop() else "diffusers")
@@ -159,7 +160,7 @@ _UP0_SLOT = {"lora_unet_output_blocks_2_1_conv": False, "lora_unet_output_blocks
 def _up0(canon: "Canon") -> bool | None:
     """:func:`~lora_inspect.convert.sgm.up0_has_attention`, else the slot an SGM kohya source gave that upsampler."""
     up0 = up0_has_attention(m.path for m in canon.modules if m.component == "unet")
-    if up0 is None and canon.source_format in ("kohya", "lycoris"):
+    if up0 is None and canon.naming == Naming.KOHYA:
         slots = (kohya_equivalent(m.source_name) for m in canon.modules)
         up0 = next((_UP0_SLOT[n] for n in slots if n in _UP0_SLOT), None)
     return up0

@@ -3,8 +3,11 @@
 :func:`load_adapter` locates the weights (and a config beside them); the layout is then chosen
 from :data:`LAYOUTS`, an ordered list of :class:`~lora_inspect.formats.layout.Layout` plug-ins
 tried first-match-wins on the key names and the config (as PEFT's dispatchers). Only the header
-is read; tensor data stays memory-mapped until a module's factors are asked for. Adding a layout
-is one file in this package and one line in :data:`LAYOUTS`.
+is read; tensor data stays memory-mapped until a module's factors are asked for. Everything else
+about the formats is derived from that one list: the marker files of an adapter directory
+(:data:`ADAPTER_MARKERS`), the weight-file suffixes, and the ``convert``/``merge`` targets
+(:data:`TARGETS`, :data:`MERGE_TARGETS`, :func:`layout_for_target`). Adding a layout is one file in
+this package and one line in :data:`LAYOUTS` (:mod:`.layout`: how to add a layout).
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ from ..errors import InspectError
 from ..validate import require_regular_file
 from .diffusers import DiffusersLayout
 from .diffusers_attn import DiffusersAttnProcsLayout
+from .gguf import GgufLayout
 from .kohya import KohyaLayout
-from .layout import Capabilities, Found, Layout
+from .layout import Capabilities, Format, Found, Held, Layout
 from .lycoris import LycorisLayout
 from .mlx import MlxLayout
 from .peft import PeftLayout, read_config
 from .peft_lycoris import PeftLycorisLayout
 from .tensors import TensorSource, open_tensors
 
-__all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named",
-           "ADAPTER_MARKERS"]
+__all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "layout_of",
+           "layout_for_target", "refuse_inexpressible", "ADAPTER_MARKERS", "WEIGHT_SUFFIXES", "TARGETS",
+           "MERGE_TARGETS"]
 
 # Tried in order, first match wins (as PEFT's dispatchers). A new layout: one file, one line here.
 LAYOUTS: list[Layout] = [
@@ -38,22 +43,55 @@ LAYOUTS: list[Layout] = [
     DiffusersAttnProcsLayout(),
     PeftLycorisLayout(),  # a config with peft_type LOHA/LOKR: PEFT's keys and scale rules
     PeftLayout(),
+    GgufLayout(),  # written by convert --to gguf; llama.cpp's adapters are not read
 ]
 
-PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # a directory holding one of these is an adapter (--force may replace it; nothing else)
 ADAPTER_MARKERS: tuple[str, ...] = tuple(dict.fromkeys(f for layout in LAYOUTS for f in layout.marker_files))
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES: tuple[str, ...] = tuple(dict.fromkeys(
+    (".safetensors", ".bin", ".pt", ".pth") + tuple(s for layout in LAYOUTS for s in layout.weight_suffixes)))
+# the layouts found in a directory by their weight files (mlx-lm's adapters.safetensors, PEFT's adapter_model.*),
+# and the configs found beside weights (adapter_config.json)
+_DIRECTORY_LAYOUTS = [layout for layout in LAYOUTS if layout.weight_files]
+_CONFIG_FILES: tuple[str, ...] = tuple(dict.fromkeys(layout.config_file for layout in LAYOUTS if layout.config_file))
+# convert's --to choices (merge's: those a merge can write), in registry order
+TARGETS: tuple[str, ...] = tuple(dict.fromkeys(layout.target for layout in LAYOUTS if layout.target))
+MERGE_TARGETS: tuple[str, ...] = tuple(t for t in TARGETS if any(
+    layout.target == t and layout.merge_target for layout in LAYOUTS))
 # PeftModel.state_dict() keeps the adapter name: ….lora_A.default.weight, ….lora_embedding_A.default
 _ADAPTER_NAMED = re.compile(r"\.lora_(?:A|B)\.[^.]+\.weight$|\.lora_embedding_(?:A|B)\.[^.]+$")
 
 
 def layout_named(fmt: str) -> Layout:
-    """The layout that produces the format string ``fmt`` (``peft-bin`` → the PEFT layout)."""
+    """The layout that produces the format ``fmt`` (``peft-bin`` → the PEFT layout)."""
     for layout in LAYOUTS:
         if fmt in layout.formats:
             return layout
-    raise InspectError(f"no layout writes format {fmt!r}")
+    raise InspectError(f"no layout writes format {str(fmt)!r}")
+
+
+def layout_of(ad: Adapter) -> Layout:
+    """The layout that read ``ad`` (it writes the adapter's rewrites)."""
+    return ad.layout if ad.layout is not None else layout_named(ad.format)
+
+
+def refuse_inexpressible(ad: Adapter, out_fmt: Format) -> None:
+    """A rewrite of ``ad`` written as ``out_fmt`` (its layout's ``output_format``) is refused in one line, before
+    anything is computed or written, when the layout of that format cannot hold the adapter's modules (its
+    ``caps``: DoRA, conv, embeddings); ranks and scales are the rewrite's to adapt (padded, baked)."""
+    layout = layout_of(ad)
+    out = layout if out_fmt == ad.format or out_fmt in layout.formats else layout_named(out_fmt)
+    why = out.refusal([Held(m.name, m.kind, m.is_dora) for m in ad.modules], models=False)
+    if why is not None:
+        raise InspectError(f"{ad.path}: {why}")
+
+
+def layout_for_target(target: str) -> Layout:
+    """The layout that ``convert --to TARGET`` writes (first in :data:`LAYOUTS`)."""
+    for layout in LAYOUTS:
+        if layout.target == target:
+            return layout
+    raise InspectError(f"unknown target layout {target!r} (one of {', '.join(TARGETS)})")
 
 
 def _layout_for(keys: list[str], found: Found) -> Layout | None:
@@ -62,7 +100,7 @@ def _layout_for(keys: list[str], found: Found) -> Layout | None:
 
 def _from_file(found: Found) -> Adapter:
     path = found.weights
-    source = open_tensors(path)
+    source = next((s for layout in LAYOUTS if (s := layout.open(path)) is not None), None) or open_tensors(path)
     keys = source.keys()
     if not keys:
         raise InspectError(f"{path}: the file holds no tensors")
@@ -95,7 +133,7 @@ def detect_format(source: TensorSource) -> str | None:
 
 
 def _named_adapter_dirs(p: Path) -> list[str]:
-    return sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "adapter_config.json").is_file())
+    return sorted(d.name for d in p.iterdir() if d.is_dir() and any((d / c).is_file() for c in _CONFIG_FILES))
 
 
 def _refuse_special(*paths: Path) -> None:
@@ -113,38 +151,44 @@ def load_adapter(path: str | Path) -> Adapter:
         if os.path.lexists(p):
             raise InspectError(f"{p}: a symbolic link that leads nowhere (dangling, or a loop)")
         raise InspectError(f"{p}: no such file or directory")
-    if p.is_file() and p.name in ("adapter_config.json",):
+    if p.is_file() and p.name in _CONFIG_FILES:
         p = p.parent
     if p.is_dir():
         return _from_directory(p)
     if p.suffix not in WEIGHT_SUFFIXES:
         raise InspectError(f"{p}: not an adapter file (expected .safetensors or .bin, or a directory)")
-    side = p.parent / "adapter_config.json"
-    _refuse_special(side)
-    if side.is_file():
+    sides = [p.parent / c for c in _CONFIG_FILES]
+    _refuse_special(*sides)
+    side = next((s for s in sides if s.is_file()), None)
+    if side is not None:
         return _from_file(Found(p, p, read_config(side), side))
     return _from_file(Found(p, p))
 
 
+def _directory_adapter(p: Path, layout: Layout, name: str) -> Adapter:
+    """The adapter of directory ``p`` whose weight file ``name`` is one of ``layout``'s, with its config."""
+    cfg_path = p / layout.config_file if layout.config_file else None
+    if cfg_path is not None and cfg_path.is_file():
+        ad = _from_file(Found(p / name, p, read_config(cfg_path), cfg_path))
+    elif layout.config_required:
+        raise InspectError(f"{p}: has {name} but no {layout.config_file} (copy it from the training run)")
+    else:
+        ad = _from_file(Found(p / name, p))
+    ad.notes.extend(layout.directory_notes(p, _named_adapter_dirs(p)))
+    return ad
+
+
 def _from_directory(p: Path) -> Adapter:
-    """An mlx-lm or PEFT directory by its marker files, else the one weight file in it."""
-    cfg_path = p / "adapter_config.json"
-    _refuse_special(cfg_path, p / "adapters.safetensors", *(p / n for n in PEFT_WEIGHTS))
-    if (p / "adapters.safetensors").is_file():  # mlx-lm
-        cfg = read_config(cfg_path) if cfg_path.is_file() else None
-        return _from_file(Found(p / "adapters.safetensors", p, cfg, cfg_path if cfg is not None else None))
-    for name in PEFT_WEIGHTS:
-        if (p / name).is_file():
-            if not cfg_path.is_file():
-                raise InspectError(f"{p}: has {name} but no adapter_config.json (copy it from the training run)")
-            ad = _from_file(Found(p / name, p, read_config(cfg_path), cfg_path))
-            subs = _named_adapter_dirs(p)
-            if subs:  # save_pretrained of several adapters: "default" here, the others in subfolders
-                ad.notes.append(f"{len(subs)} more adapters in subfolders ({', '.join(subs[:5])}"
-                                f"{' …' if len(subs) > 5 else ''}): only the top-level one is read here")
-            return ad
-    if cfg_path.is_file():
-        raise InspectError(f"{p}: has adapter_config.json but no adapter_model.safetensors or adapter_model.bin")
+    """A directory adapter by its layout's weight files (LAYOUTS order: mlx-lm, PEFT), else the one weight
+    file in it."""
+    _refuse_special(*(p / c for c in _CONFIG_FILES), *(p / n for lo in _DIRECTORY_LAYOUTS for n in lo.weight_files))
+    for layout in _DIRECTORY_LAYOUTS:
+        name = next((n for n in layout.weight_files if (p / n).is_file()), None)
+        if name is not None:
+            return _directory_adapter(p, layout, name)
+    for layout in _DIRECTORY_LAYOUTS:
+        if layout.config_required and layout.config_file and (p / layout.config_file).is_file():
+            raise InspectError(f"{p}: has {layout.config_file} but no {' or '.join(layout.weight_files)}")
     weights = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
     if len(weights) == 1:
         return _from_file(Found(weights[0], weights[0]))
@@ -156,4 +200,5 @@ def _from_directory(p: Path) -> Adapter:
             f"{p}: no adapter at the top level, but adapters in subfolders: {', '.join(subs[:5])}"
             + (" …" if len(subs) > 5 else "") + f"; name one (e.g. {p / subs[0]})"
         )
-    raise InspectError(f"{p}: no adapter here (no adapter_config.json, adapters.safetensors or .safetensors file)")
+    known = dict.fromkeys(_CONFIG_FILES + tuple(n for layout in _DIRECTORY_LAYOUTS for n in layout.weight_files))
+    raise InspectError(f"{p}: no adapter here (no {', '.join(known)} or .safetensors file)")

@@ -15,14 +15,21 @@ from ..peft_rules import compiled_patterns, lookup_compiled
 from .alphas import alphas_for_ranks, alphas_scaled
 from .common import build_module, group_keys
 from .kohya import check_lycoris, finish
-from .layout import Capabilities, Found, Layout, Rewrite
+from .layout import AlphaHome, Capabilities, Format, Found, Layout, Models, Naming, Rewrite, WriteOptions
 from .peft_config import COMPONENTS, config_in_metadata, rescaled_config, truncated_config
 from .tensors import TensorSource
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["DiffusersLayout", "looks_like_diffusers", "DIFFUSERS_PREFIXES"]
+    from ..convert.canon import Canon
+    from ..convert.writers import Written
+
+__all__ = ["DiffusersLayout", "DiffusersFormat", "PipelineNaming", "looks_like_diffusers", "DIFFUSERS_PREFIXES"]
+
+
+class DiffusersFormat(Format):
+    DIFFUSERS = "diffusers"
 
 DIFFUSERS_PREFIXES = tuple(c + "." for c in COMPONENTS)
 DIFFUSERS_SUFFIXES = {
@@ -61,11 +68,25 @@ def _config_name(m: Module) -> str:
     return m.name.partition(".")[2]
 
 
-class DiffusersLayout(Layout):
+class PipelineNaming:
+    """Module names that start with their pipeline component (``unet.``, ``text_encoder_2.``, ``transformer.``);
+    a name without one is a path of one model."""
+
+    naming = Naming.PIPELINE
+
+    def canonical_name(self, m: Module) -> tuple[str | None, str]:
+        from ..convert.names import split_component
+
+        return split_component(m.name)
+
+
+class DiffusersLayout(PipelineNaming, Layout):
     name = "diffusers"
-    formats = ("diffusers",)
+    formats: tuple[Format, ...] = (DiffusersFormat.DIFFUSERS,)
+    target: str | None = "diffusers"
     caps = Capabilities(per_module_rank=True, per_module_alpha=True, dora=True, conv=True, embeddings=False,
-                        alpha="tensors")
+                        models=Models.PIPELINE, alpha=AlphaHome.TENSORS,
+                        why=(("embedding", "embedding LoRA is not written to diffusers files"),))
 
     def matches(self, keys: list[str], found: Found) -> bool:
         return found.config is None and looks_like_diffusers(keys)
@@ -86,7 +107,12 @@ class DiffusersLayout(Layout):
             modules.append(mod)
         if missing:
             notes.append(f"{missing} modules have no alpha (.alpha key or lora_adapter_metadata): α = r assumed")
-        return finish(found.shown, "diffusers", source, modules, rest, notes, config)
+        return finish(found.shown, DiffusersFormat.DIFFUSERS, source, modules, rest, notes, config)
+
+    def convert_tensors(self, canon: "Canon", opts: WriteOptions) -> "Written":
+        from .diffusers_out import write_diffusers
+
+        return write_diffusers(canon, opts)
 
     def global_alpha(self, ad: Adapter) -> float | None:
         cfg = config_in_metadata(ad.source, for_rewrite=True)
@@ -94,7 +120,7 @@ class DiffusersLayout(Layout):
             return float(v.number(cfg, "lora_alpha", f"{ad.weights_path}: lora_adapter_metadata"))
         return super().global_alpha(ad)
 
-    def truncated(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         alphas_for_ranks(ad, tensors, ranks)
         metadata = dict(ad.metadata)
@@ -105,7 +131,7 @@ class DiffusersLayout(Layout):
             metadata["lora_adapter_metadata"] = _json(truncated_config(cfg, names, gone))
         return Rewrite(out_fmt, tensors, metadata, None)
 
-    def rescaled(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
         metadata = dict(ad.metadata)
         if any(m.alpha_key for m in ad.modules):
             alphas_scaled(ad, tensors, factor, lambda m: None)

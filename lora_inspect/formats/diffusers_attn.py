@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from ..adapter import Adapter
 from .common import build_module, group_keys
+from .diffusers import PipelineNaming
 from .kohya import check_lycoris, finish
-from .layout import Capabilities, Found, Layout
+from .layout import AlphaHome, Capabilities, Format, Found, Layout
 from .tensors import TensorSource
 
-__all__ = ["DiffusersAttnProcsLayout", "looks_like_attn_procs"]
+__all__ = ["DiffusersAttnProcsLayout", "AttnProcsFormat", "looks_like_attn_procs"]
+
+
+class AttnProcsFormat(Format):
+    ATTN_PROCS = "diffusers-attn-procs"
 
 ATTN_SUFFIXES = {"_lora.down.weight": "A", "_lora.up.weight": "B"}
 PROCESSOR = ".processor."
@@ -32,11 +37,12 @@ def module_name(stored: str) -> str:
     return name + ".0" if name.endswith(".to_out") else name
 
 
-class DiffusersAttnProcsLayout(Layout):
+class DiffusersAttnProcsLayout(PipelineNaming, Layout):
     name = "diffusers-attn-procs"
-    formats = ("diffusers-attn-procs",)
+    formats: tuple[Format, ...] = (AttnProcsFormat.ATTN_PROCS,)
+    writes_as = "diffusers"  # convert and merge write its modules as diffusers LoRA
     caps = Capabilities(per_module_rank=True, per_module_alpha=False, dora=False, conv=False, embeddings=False,
-                        alpha="none")
+                        alpha=AlphaHome.NONE)
 
     def matches(self, keys: list[str], found: Found) -> bool:
         return looks_like_attn_procs(keys)
@@ -50,4 +56,4 @@ class DiffusersAttnProcsLayout(Layout):
             modules.append(mod)
         modules.sort(key=lambda m: m.name)
         notes = ["diffusers attention-processor layout: no alpha is stored, scale 1 (as LoRALinearLayer applies)"]
-        return finish(found.shown, self.name, source, modules, rest, notes)
+        return finish(found.shown, AttnProcsFormat.ATTN_PROCS, source, modules, rest, notes)

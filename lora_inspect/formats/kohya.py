@@ -20,13 +20,20 @@ from ..adapter import Adapter, Module
 from ..errors import InspectError
 from .alphas import alphas_for_ranks, alphas_scaled
 from .common import build_module, group_keys
-from .layout import Capabilities, Found, Layout, Rewrite
+from .layout import AlphaHome, Capabilities, Format, Found, Layout, Naming, Rewrite, WriteOptions
 from .tensors import TensorSource
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["KohyaLayout", "KOHYA_PREFIXES", "check_lycoris", "finish"]
+    from ..convert.canon import Canon
+    from ..convert.writers import Written
+
+__all__ = ["KohyaLayout", "KohyaFormat", "KohyaNaming", "KOHYA_PREFIXES", "check_lycoris", "finish"]
+
+
+class KohyaFormat(Format):
+    KOHYA = "kohya"
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
 KOHYA_SUFFIXES = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
@@ -47,7 +54,7 @@ def check_lycoris(source: TensorSource, config_path: Path | None = None) -> None
             raise InspectError(f"{source.path}: {k!r} is a LyCORIS (LoHa/LoKr/OFT) tensor; {why}")
 
 
-def finish(path: Path, fmt: str, source: TensorSource, modules: list[Module], rest: list[str], notes: list[str],
+def finish(path: Path, fmt: Format, source: TensorSource, modules: list[Module], rest: list[str], notes: list[str],
            config: dict[str, Any] | None = None) -> Adapter:
     """An Adapter for the Stable Diffusion layouts (no global config: rank and α from the modules)."""
     if not modules:
@@ -81,11 +88,26 @@ def _comfy_flux(keys: list[str]) -> bool:
     return any(k.startswith(COMFY_FLUX) for k in keys)
 
 
-class KohyaLayout(Layout):
+class KohyaNaming:
+    """kohya module names (``lora_unet_…``, ``lora_te1_…``, ComfyUI's ``diffusion_model.…``): the canonical
+    (component, path) by :func:`lora_inspect.convert.names.kohya_to_dotted`. LyCORIS files use them too."""
+
+    naming = Naming.KOHYA
+
+    def canonical_name(self, m: Module) -> tuple[str | None, str]:
+        from ..convert.names import kohya_to_dotted
+
+        return kohya_to_dotted(m.name)
+
+
+class KohyaLayout(KohyaNaming, Layout):
     name = "kohya"
-    formats = ("kohya",)
+    formats: tuple[Format, ...] = (KohyaFormat.KOHYA,)
+    target: str | None = "kohya"
     caps = Capabilities(per_module_rank=True, per_module_alpha=True, dora=False, conv=True, embeddings=False,
-                        alpha="tensors")
+                        alpha=AlphaHome.TENSORS,
+                        why=(("dora", "DoRA magnitudes (kohya's dora_scale axis is ambiguous)"),
+                             ("embedding", "embedding LoRA has no kohya form")))
 
     def matches(self, keys: list[str], found: Found) -> bool:
         return any(k.startswith(KOHYA_PREFIXES) for k in keys) or _comfy_flux(keys)
@@ -108,13 +130,18 @@ class KohyaLayout(Layout):
             notes.append(f"{missing} modules have no .alpha tensor: α = r (scale 1) assumed, as kohya does")
         if comfy:
             notes.append("ComfyUI dotted Flux names (diffusion_model.…): read as the kohya names lora_unet_…")
-        return finish(found.shown, "kohya", source, modules, rest, notes)
+        return finish(found.shown, KohyaFormat.KOHYA, source, modules, rest, notes)
 
-    def truncated(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def convert_tensors(self, canon: "Canon", opts: WriteOptions) -> "Written":
+        from .kohya_out import write_kohya
+
+        return write_kohya(canon, opts)
+
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         alphas_for_ranks(ad, tensors, ranks)
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 
-    def rescaled(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
         alphas_scaled(ad, tensors, factor, _kohya_alpha_key)  # α = r implied: store it explicitly, scaled
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)

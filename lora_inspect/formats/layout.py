@@ -1,43 +1,82 @@
-"""What a layout is: the plug-in interface every format implements.
+"""What a layout is: the plug-in interface every format implements, and the one home of everything
+about its format.
 
-A :class:`Layout` owns one on-disk format end to end: detection (from the keys and the config
-found beside them), reading into an :class:`~lora_inspect.adapter.Adapter`, what the format can
-express (:class:`Capabilities`), how α is stored, and the layout-specific half of a rewrite —
-given new per-module ranks with the scale baked to 1 (``truncated``) or an α factor F
-(``rescaled``), which tensors, config and header metadata to write, and how to write them.
-``lora_inspect.formats.LAYOUTS`` tries the layouts in order, first match wins (as PEFT's
-dispatchers do). Adding a layout is one new file and one line in that list.
+A :class:`Layout` owns one on-disk format end to end. ``lora_inspect.formats.LAYOUTS`` tries the
+layouts in order, first match wins (as PEFT's dispatchers do); everything else is derived from that
+list: the files that mark an adapter directory (``ADAPTER_MARKERS``), the weight-file suffixes, the
+``convert``/``merge`` targets and the CLI's ``--to`` choices (``TARGETS``). Nothing outside
+``formats/`` compares format strings (``tests/test_no_format_strings.py``): behaviour is chosen by the
+layout object (``ad.layout``) or by its typed fields.
+
+How to add a layout — one new file in this package and one line in ``LAYOUTS`` (before any layout
+whose detection would also accept its files), touching nothing else:
+
+1. **Identity.** Subclass :class:`Layout` (or :class:`DirectoryLayout` for a directory with a config):
+   ``name`` (what ``detect_format`` reports), ``label`` (how messages call it; defaults to ``name``) and
+   its own :class:`Format` enum for the ``format`` its adapters report in JSON, listed in ``formats``.
+2. **Detection.** :meth:`Layout.matches` (key names and the config found beside them); for files that
+   are not safetensors/pickles also ``weight_suffixes`` and :meth:`Layout.open`.
+3. **Reading.** :meth:`Layout.read` returns an :class:`~lora_inspect.adapter.Adapter` (the helpers of
+   :mod:`.common` pair the keys; a new update type is an :class:`~lora_inspect.adapter.Update`).
+4. **Naming.** ``naming`` (:class:`Naming`) and :meth:`Layout.canonical_name`: a module's name → its
+   (pipeline component, dotted path), which is how ``convert``, ``merge`` and ``diff`` match modules
+   across layouts; ``key_prefix`` when every key carries one (PEFT's ``base_model.model.``).
+5. **Capabilities.** ``caps`` (:class:`~.capabilities.Capabilities`): what the format can hold. A
+   conversion, merge or rewrite into the layout that needs more is refused in one line from ``caps``
+   alone, before anything is written.
+6. **Writing.** Same-layout rewrites (``truncate``, ``rescale``): :meth:`Layout.truncated`,
+   :meth:`Layout.rescaled`, :meth:`Layout.baked` and, for directories or other containers,
+   :meth:`Layout.write`. As a ``convert``/``merge`` target: set ``target`` (the ``--to`` name) and
+   implement :meth:`Layout.convert_tensors` (canonical modules → tensors, config, per-module records;
+   :mod:`lora_inspect.convert.writers` has the shared pieces and :func:`~lora_inspect.convert.writers.dispatch`
+   for an ordered list of per-module handlers, first match wins); a container other than safetensors
+   overrides :meth:`Layout.write_converted`. A layout that is read only sets ``writes_as`` to the target
+   its adapters are written as (a merge's default output).
+7. **Markers.** ``marker_files``: files whose presence makes a directory an adapter of this layout
+   (``--force`` may replace such a directory); ``weight_files`` and ``config_file`` for a directory
+   layout, found in that order.
+
+``tests/test_layout_registry.py`` then runs every command on the new layout, once its builder is added
+to ``tests/layout_builders.py`` (the test fails for a layout without one).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InspectError
 from ..files import AtomicOutput, copy_file, dump_json, write_bin, write_safetensors, write_text
+from ..kinds import Choice
+from .capabilities import AlphaHome, Capabilities, Held, Models, refusal
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from ..adapter import Adapter
+    from ..adapter import Adapter, Module
+    from ..convert.canon import Canon
+    from ..convert.results import ModuleOut
+    from ..convert.writers import Written
     from .tensors import TensorSource
 
-__all__ = ["Capabilities", "Found", "Rewrite", "Layout", "write_weights"]
+__all__ = ["Capabilities", "AlphaHome", "Models", "Held", "refusal", "Format", "Naming", "Found", "Rewrite",
+           "WriteOptions", "Converted", "Layout", "DirectoryLayout", "write_weights"]
 
 
-@dataclass(frozen=True)
-class Capabilities:
-    """What a layout can express (and so what a rewrite may produce in it)."""
+class Format(Choice):
+    """The ``format`` an adapter reports (a ``str``: JSON shows its value). Each layout subclasses it with
+    its own members (``class KohyaFormat(Format): KOHYA = "kohya"``), so a new layout adds its format in
+    its own file and mypy checks every member the code names."""
 
-    per_module_rank: bool = True
-    per_module_alpha: bool = True
-    dora: bool = False
-    conv: bool = False
-    embeddings: bool = False
-    one_rank_only: bool = False  # mlx-lm: lora_parameters.rank for every module
-    alpha: str = "config"  # where α lives: "config" | "tensors" | "header" | "scale" (absolute) | "none"
+
+class Naming(Choice):
+    """How a layout names modules, which is what a conversion keeps of the source's naming."""
+
+    MODEL = "model"  # one model: the module name is its dotted path, no pipeline component (PEFT, mlx-lm)
+    PIPELINE = "pipeline"  # "<component>.<path>" (diffusers: unet., text_encoder., transformer.)
+    KOHYA = "kohya"  # kohya/BFL names (lora_unet_…, lora_te1_…): a kohya output keeps the source's UNet style
 
 
 @dataclass
@@ -57,12 +96,34 @@ class Found:
 
 @dataclass
 class Rewrite:
-    """What a rewrite writes: the output's format string, tensors, header metadata and config."""
+    """What a rewrite writes: the output's format, tensors, header metadata and config."""
 
-    fmt: str
+    fmt: Format
     tensors: dict[str, "torch.Tensor"]
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] | None = None
+
+
+@dataclass
+class WriteOptions:
+    """What a conversion asks of the target's writer: the factor dtype, the source's full tensors to carry,
+    and the options only some targets read (kohya's UNet naming, GGUF's architecture and base model)."""
+
+    dtype: "torch.dtype"
+    extras: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    unet_names: str = "auto"
+    arch: str | None = None
+    base: Path | None = None
+
+
+@dataclass
+class Converted:
+    """What a conversion wrote: per-module records, notes, worst relative ΔW error, worst error/tolerance."""
+
+    records: list["ModuleOut"]
+    notes: list[str]
+    worst: float
+    ratio: float
 
 
 def write_weights(path: Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None) -> None:
@@ -74,23 +135,88 @@ def write_weights(path: Path, tensors: dict[str, "torch.Tensor"], metadata: dict
 
 
 class Layout:
-    """Base class. Subclasses set :attr:`name`, :attr:`formats` and :attr:`caps` and implement
-    :meth:`matches` and :meth:`read`; single-file layouts inherit the write side."""
+    """Base class of every layout (module docstring: how to add one). Single-file layouts inherit the
+    write side of rewrites."""
 
+    # ------------------------------------------------------------------ identity and discovery
     name = ""
-    formats: tuple[str, ...] = ()  # the JSON-visible format strings this layout produces
-    caps = Capabilities()
+    label = ""  # how messages call it ("PEFT", "mlx-lm"); the name when not set
+    formats: tuple[Format, ...] = ()  # the formats its reader gives Adapter.format
     marker_files: tuple[str, ...] = ()  # files whose presence makes a directory this layout's adapter
+    weight_files: tuple[str, ...] = ()  # a directory adapter's weight files (first found is read)
+    config_file: str | None = None  # the config read beside the weights
+    config_required = False  # a directory with weight_files but no config_file is refused
+    weight_suffixes: tuple[str, ...] = ()  # weight-file suffixes beyond .safetensors/.bin/.pt/.pth (see open)
+
+    # ------------------------------------------------------------------ capabilities, naming, targets
+    caps = Capabilities()
+    naming: ClassVar[Naming] = Naming.MODEL
+    key_prefix = ""  # the prefix every module key carries (PEFT's "base_model.model."), "" for none
+    target: str | None = None  # the convert/merge --to name; None: not written by convert
+    writes_as: str | None = None  # a read-only layout: the target its adapters are written as
+    merge_target = True  # offered as merge --to (False where a write needs more than the merged modules)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and "label" not in cls.__dict__:
+            cls.label = cls.name
+
+    @property
+    def converts_to(self) -> str | None:
+        """The convert target that writes this layout's adapters (a merge's default output)."""
+        return self.target or self.writes_as
 
     # ------------------------------------------------------------------ reading
     def matches(self, keys: list[str], found: Found) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def open(self, path: Path) -> "TensorSource | None":
+        """The tensors of a file this layout opens itself (a non-safetensors container); None: the default
+        reader (safetensors, pickled ``.bin``) opens it."""
+        return None
+
     def read(self, source: "TensorSource", found: Found) -> "Adapter":  # pragma: no cover - interface
         raise NotImplementedError
 
+    def directory_notes(self, path: Path, subfolders: list[str]) -> list[str]:
+        """Notes on a directory adapter read at ``path`` (``subfolders``: those holding a config)."""
+        return []
+
+    def canonical_name(self, m: "Module") -> tuple[str | None, str]:
+        """(pipeline component, dotted module path) of module ``m``: one model by default."""
+        return None, m.name
+
+    def carried_config(self, ad: "Adapter") -> dict | None:
+        """The config a conversion carries to a PEFT output (task_type, modules_to_save …); None by default."""
+        return None
+
+    # ------------------------------------------------------------------ convert and merge targets
+    def refusal(self, mods: Sequence[Held], extras: Sequence[str] = (), carry_extras: bool = False,
+                models: bool = True) -> str | None:
+        """Why this layout cannot hold ``mods`` (and full tensors ``extras``), from :attr:`caps` alone."""
+        return refusal(self.caps, self.label, mods, extras, carry_extras, models)
+
+    def convert_tensors(self, canon: "Canon", opts: WriteOptions) -> "Written":
+        """Canonical modules → this layout's tensors, config and per-module records (targets implement it)."""
+        raise InspectError(f"{self.label} is not written by convert")
+
+    def write_converted(self, canon: "Canon", out: Path, opts: WriteOptions) -> Converted:
+        """Write ``canon`` to ``out`` atomically, re-read it and compare every ΔW (a safetensors container
+        here: :func:`lora_inspect.convert.checked.write_checked`)."""
+        from ..convert.checked import write_checked
+
+        return write_checked(self, canon, out, opts)
+
+    def default_dtype(self, source: str) -> str:
+        """The output dtype when none is asked for, given the source's (``fp32``, ``bf16``, ``fp16``)."""
+        return source
+
+    def locate_base(self, ad: "Adapter", base: Path | None) -> Path | None:
+        """The base model a conversion to this layout reads (``--base``, or one the adapter names)."""
+        return base
+
     # ------------------------------------------------------------------ rewriting
-    def output_format(self, ad: "Adapter", out: Path) -> str:
+    def output_format(self, ad: "Adapter", out: Path) -> Format:
         """The format written to ``out`` (the input's, by default)."""
         return ad.format
 
@@ -99,26 +225,26 @@ class Layout:
         alphas = {m.alpha for m in ad.modules}
         return alphas.pop() if len(alphas) == 1 else None
 
-    def truncated(self, ad: "Adapter", out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: "Adapter", out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         """The output for new stored ranks (module name → rank) with every scale baked to 1 (the
         factors in ``tensors`` already carry it); ``dropped`` modules are gone from ``tensors``."""
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 
-    def rescaled(self, ad: "Adapter", out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: "Adapter", out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
         """The output with every α multiplied by ``factor`` (factors unchanged)."""
         raise InspectError(f"{ad.path}: no alpha is stored anywhere (α = r assumed), so there is none to scale",
                            hint="bake the factor into B instead", option="bake")
 
-    def baked(self, ad: "Adapter", out_fmt: str, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+    def baked(self, ad: "Adapter", out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
         """The output when B was multiplied instead (config and metadata unchanged)."""
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 
-    def copied_files(self, ad: "Adapter", out_fmt: str) -> list[Path]:
+    def copied_files(self, ad: "Adapter", out_fmt: Format) -> list[Path]:
         """Files carried over unchanged (a PEFT directory's README.md)."""
         return []
 
-    def tmp_suffix(self, ad: "Adapter", out_fmt: str) -> str:
+    def tmp_suffix(self, ad: "Adapter", out_fmt: Format) -> str:
         return ad.weights_path.suffix
 
     def write(self, atomic: AtomicOutput, ad: "Adapter", rw: Rewrite) -> None:
@@ -136,7 +262,7 @@ class DirectoryLayout(Layout):
     def weights_name(self, ad: "Adapter") -> str:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def tmp_suffix(self, ad: "Adapter", out_fmt: str) -> str:
+    def tmp_suffix(self, ad: "Adapter", out_fmt: Format) -> str:
         return ""
 
     def write(self, atomic: AtomicOutput, ad: "Adapter", rw: Rewrite) -> None:
@@ -148,7 +274,4 @@ class DirectoryLayout(Layout):
             copy_file(src, target / src.name)
 
     def weights_file(self, out: Path) -> Path:
-        for name in ("adapter_model.safetensors", "adapter_model.bin", "adapters.safetensors"):
-            if (out / name).is_file():
-                return out / name
-        return out
+        return next((out / n for n in self.weight_files if (out / n).is_file()), out)

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, LowRankUpdate, Module
 from ..errors import InspectError
+from ..kinds import Kind
 from ..orientation import PEFT
-from .kohya import KOHYA_PREFIXES, finish
-from .layout import Capabilities, Found, Layout, Rewrite
+from .kohya import KOHYA_PREFIXES, KohyaFormat, KohyaNaming, finish
+from .layout import AlphaHome, Capabilities, Format, Found, Layout, Rewrite
 from .lycoris_updates import FullUpdate, LoConUpdate, LoHaUpdate, LoKrUpdate, numel
 from .tensors import TensorSource
 
@@ -242,7 +243,7 @@ def _module(c: ReadContext, algo: str) -> Module:
     rank = upd.rank  # type: ignore[attr-defined]
     first = next(iter(upd.keys))  # type: ignore[attr-defined]
     return Module(
-        name=c.name, kind="conv" if kernel else "linear", shape=shape, rank=rank, alpha=alpha, scale=scale,
+        name=c.name, kind=Kind.CONV if kernel else Kind.LINEAR, shape=shape, rank=rank, alpha=alpha, scale=scale,
         update=upd, source=c.source, kernel=kernel,  # type: ignore[arg-type]
         magnitude_key=_dora(c, shape, kernel), alpha_key=c.roles.get("alpha"), dtype=c.source.info(first).dtype,
     )
@@ -262,11 +263,16 @@ def _note_unread(counts: dict[str, list[int]]) -> list[str]:
     return notes
 
 
-class LycorisLayout(Layout):
+class LycorisFormat(Format):
+    LYCORIS = "lycoris"
+
+
+class LycorisLayout(KohyaNaming, Layout):
     name = "lycoris"
-    formats = ("lycoris",)
+    formats: tuple[Format, ...] = (LycorisFormat.LYCORIS,)
+    writes_as = "kohya"  # convert and merge write its modules as kohya LoRA/LoCon, under the same names
     caps = Capabilities(per_module_rank=True, per_module_alpha=True, dora=True, conv=True, embeddings=False,
-                        alpha="tensors")
+                        alpha=AlphaHome.TENSORS)
 
     def matches(self, keys: list[str], found: Found) -> bool:
         if found.config is not None:
@@ -301,13 +307,13 @@ class LycorisLayout(Layout):
         missing = sum(m.alpha_key is None and m.algo not in ("full",) for m in modules)
         if missing:
             notes.append(f"{missing} modules have no .alpha tensor: α = r (scale 1) assumed, as LyCORIS does")
-        ad = finish(found.shown, "lycoris", source, modules, rest, notes)
+        ad = finish(found.shown, LycorisFormat.LYCORIS, source, modules, rest, notes)
         return ad
 
-    def output_format(self, ad: Adapter, out: object) -> str:
-        return "kohya" if not ad.use_dora else "lycoris"
+    def output_format(self, ad: Adapter, out: object) -> Format:
+        return KohyaFormat.KOHYA if not ad.use_dora else LycorisFormat.LYCORIS
 
-    def truncated(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         import torch
 
@@ -316,7 +322,7 @@ class LycorisLayout(Layout):
                 tensors[f"{m.name}.alpha"] = torch.tensor(float(ranks[m.name]), dtype=torch.float32)
         return Rewrite(out_fmt, tensors, _metadata(ad), None)
 
-    def rescaled(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
         """α × F where α sets the scale; baked into one factor where it does not (LoKr stored whole, full)."""
         import torch
 
@@ -331,7 +337,7 @@ class LycorisLayout(Layout):
                 tensors[key] = (t.to(torch.float64) * factor).to(t.dtype)
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 
-    def baked(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..adapter import Update
+from ..kinds import Algo
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -151,7 +152,7 @@ class LoConUpdate(_LyUpdate):
     """LoCon with a Tucker middle factor (plain LoCon is read as a :class:`~lora_inspect.adapter.LowRankUpdate`):
     B = up₂d, A = einsum("a b k l, b i -> a i k l", mid, down₂d).reshape(r, I·K)."""
 
-    algo = "locon"
+    algo = Algo.LOCON
     role_order = ("lora_down.weight", "lora_mid.weight", "lora_up.weight")
 
     @property
@@ -177,7 +178,7 @@ class LoHaUpdate(_LyUpdate):
 
     widths: tuple[int, int]  # r₁, r₂
     out_in: tuple[int, int]
-    algo = "loha"
+    algo = Algo.LOHA
     role_order = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
     @property
@@ -233,7 +234,7 @@ class LoHaUpdate(_LyUpdate):
 class LoKrUpdate(_LyUpdate):
     """ΔW = kron(W₁, W₂₂d); W₁ full (``lokr_w1``) or w1a@w1b, W₂ full, w2a@w2b or Tucker."""
 
-    algo = "lokr"
+    algo = Algo.LOKR
     role_order = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
     @property
@@ -321,7 +322,7 @@ class LoKrUpdate(_LyUpdate):
 class FullUpdate(_LyUpdate):
     """``diff``: the dense ΔW itself (no α, s = 1); spectra by dense SVD."""
 
-    algo = "full"
+    algo = Algo.FULL
     role_order = ("diff",)
 
     @property

@@ -17,14 +17,20 @@ from ..adapter import Adapter
 from ..errors import InspectError
 from ..orientation import MLX
 from .common import build_module, group_keys
-from .layout import Capabilities, DirectoryLayout, Found, Rewrite
+from .layout import AlphaHome, Capabilities, DirectoryLayout, Format, Found, Models, Rewrite, WriteOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from ..convert.canon import Canon
+    from ..convert.writers import Written
     from .tensors import TensorSource
 
-__all__ = ["MlxLayout", "looks_like_mlx", "MLX_DEFAULT_SCALE"]
+__all__ = ["MlxLayout", "MlxFormat", "looks_like_mlx", "MLX_DEFAULT_SCALE"]
+
+
+class MlxFormat(Format):
+    MLX = "mlx"
 
 MLX_SUFFIXES = {".lora_a": "A", ".lora_b": "B", ".m": "m"}
 MLX_DEFAULT_SCALE = 20.0
@@ -50,10 +56,18 @@ def _params(cfg: dict, where: str, notes: list[str]) -> tuple[str, float, int | 
 
 class MlxLayout(DirectoryLayout):
     name = "mlx"
-    formats = ("mlx",)
+    label = "mlx-lm"
+    formats: tuple[Format, ...] = (MlxFormat.MLX,)
     marker_files = (WEIGHTS,)
-    caps = Capabilities(per_module_rank=False, per_module_alpha=False, dora=True, conv=False, embeddings=False,
-                        one_rank_only=True, alpha="scale")
+    weight_files = (WEIGHTS,)
+    config_file = "adapter_config.json"
+    target: str | None = "mlx"
+    caps = Capabilities(per_module_rank=False, per_module_alpha=False, dora=True, dora_all_or_none=True, conv=False,
+                        embeddings=False, models=Models.ONE, alpha=AlphaHome.SCALE,
+                        why=(("conv", "{kind} LoRA (mlx-lm adapts Linear layers here)"),
+                             ("embedding", "{kind} LoRA (mlx-lm adapts Linear layers here)"),
+                             ("dora_partial", "it has no DoRA magnitude while other modules do (mlx-lm's "
+                                              "fine_tune_type dora applies to every adapted layer)")))
 
     def matches(self, keys: list[str], found: Found) -> bool:
         return looks_like_mlx(keys)
@@ -76,18 +90,23 @@ class MlxLayout(DirectoryLayout):
         if want is not None and set(ranks) != {want}:
             raise InspectError(f"{where}: lora_parameters.rank is {want} but the tensors have ranks {sorted(ranks)}")
         return Adapter(
-            path=found.shown, format="mlx", weights_path=source.path, source=source, modules=modules,
+            path=found.shown, format=MlxFormat.MLX, weights_path=source.path, source=source, modules=modules,
             extras=sorted(rest), config=found.config, config_path=found.config_path,
             r=ranks.most_common(1)[0][0], alpha=None, use_dora=ftt == "dora" or any(m.is_dora for m in modules),
             base_model=v.string(found.config or {}, "model", where), notes=notes,
         )
 
     # ------------------------------------------------------------------ rewriting
-    def output_format(self, ad: Adapter, out: Path) -> str:
+    def convert_tensors(self, canon: "Canon", opts: WriteOptions) -> "Written":
+        from .mlx_out import write_mlx
+
+        return write_mlx(canon, opts, self.caps)
+
+    def output_format(self, ad: Adapter, out: Path) -> Format:
         if out.suffix in (".safetensors", ".bin"):
             raise InspectError(f"{out}: an mlx-lm adapter is a directory, so OUT must not end in {out.suffix}; "
                                "name a directory")
-        return "mlx"
+        return MlxFormat.MLX
 
     def global_alpha(self, ad: Adapter) -> float | None:
         raise InspectError(f"{ad.path}: mlx-lm adapters have an absolute scale, not an alpha",
@@ -100,15 +119,15 @@ class MlxLayout(DirectoryLayout):
         config["lora_parameters"] = lp
         return config
 
-    def truncated(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         # mlx-lm's scale is absolute: the old one is baked into the factors
         return Rewrite(out_fmt, tensors, dict(ad.metadata), self._config(ad, rank=int(max(ranks.values())), scale=1.0))
 
-    def rescaled(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
         return Rewrite(out_fmt, tensors, dict(ad.metadata), self._config(ad, scale=float(ad.modules[0].scale * factor)))
 
-    def baked(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
         return Rewrite(out_fmt, tensors, dict(ad.metadata), ad.config)
 
     def weights_name(self, ad: Adapter) -> str:

@@ -19,18 +19,27 @@ from ..adapter import Adapter, Module
 from ..errors import InspectError
 from ..orientation import EMBEDDING, PEFT
 from ..peft_rules import PEFT_DEFAULT_ALPHA, PEFT_PREFIX, CompiledPatterns, compiled_patterns, lookup_compiled
+from .capabilities import AlphaHome, Capabilities, Models
 from .common import build_module, group_keys
 from .diffusers import looks_like_diffusers
-from .layout import Capabilities, DirectoryLayout, Found, Rewrite, write_weights
+from .layout import DirectoryLayout, Format, Found, Rewrite, WriteOptions, write_weights
 from .peft_config import config_in_metadata, metadata_alpha, rescaled_config, truncated_config
 from .tensors import TensorSource
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from ..convert.canon import Canon
+    from ..convert.writers import Written
     from ..files import AtomicOutput
 
-__all__ = ["PeftLayout", "read_config", "PEFT_PREFIX", "PEFT_SUFFIXES", "looks_like_peft", "peft_format"]
+__all__ = ["PeftLayout", "PeftFormat", "read_config", "PEFT_PREFIX", "PEFT_SUFFIXES", "looks_like_peft", "peft_format"]
+
+
+class PeftFormat(Format):
+    DIR = "peft"  # a save_pretrained directory
+    SAFETENSORS = "peft-safetensors"  # one file with PEFT keys (config beside it, in its header, or none)
+    BIN = "peft-bin"
 
 PEFT_SUFFIXES = {
     ".lora_A.weight": "A",
@@ -123,7 +132,7 @@ def _check_rank(name: str, mod: Module, s: _Settings, cfg: dict, where: str) -> 
     )
 
 
-def read_peft(source: TensorSource, found: Found, fmt: str) -> Adapter:
+def read_peft(source: TensorSource, found: Found, fmt: PeftFormat) -> Adapter:
     """Build an Adapter from PEFT-keyed tensors and (optionally) the adapter_config.json."""
     notes: list[str] = []
     config, where = found.config, str(found.config_path or found.shown)
@@ -157,7 +166,7 @@ def read_peft(source: TensorSource, found: Found, fmt: str) -> Adapter:
         unknown_alpha |= not known
         _check_rank(name, mod, s, cfg, where)
         modules.append(mod)
-    _prefix_notes(notes, unknown_alpha, prefixed, len(groups), fmt, found.config is not None)
+    _prefix_notes(notes, unknown_alpha, prefixed, len(groups), found.config is not None)
     ranks = Counter(m.rank for m in modules)
     return Adapter(
         path=found.shown, format=fmt, weights_path=source.path, source=source, modules=modules, extras=sorted(rest),
@@ -170,20 +179,20 @@ def read_peft(source: TensorSource, found: Found, fmt: str) -> Adapter:
     )
 
 
-def _prefix_notes(notes: list[str], unknown_alpha: bool, prefixed: int, total: int, fmt: str, has_config: bool) -> None:
+def _prefix_notes(notes: list[str], unknown_alpha: bool, prefixed: int, total: int, has_config: bool) -> None:
     if unknown_alpha:
         notes.append("alpha unknown (no config, no header entry): assumed α = r, scale 1")
     if prefixed and prefixed < total:
         notes.append(f"{total - prefixed} modules lack the {PEFT_PREFIX!r} prefix the others have")
-    elif not prefixed and fmt.startswith("peft") and has_config:
+    elif not prefixed and has_config:
         notes.append(f"keys lack the {PEFT_PREFIX!r} prefix: PEFT would load this adapter as a silent no-op")
 
 
-def peft_format(source: TensorSource, found: Found) -> str:
-    """The format name of a PEFT adapter: a directory, or a bare .safetensors / .bin file."""
+def peft_format(source: TensorSource, found: Found) -> PeftFormat:
+    """The format of a PEFT adapter: a directory, or a bare .safetensors / .bin file."""
     if found.is_dir:
-        return "peft"
-    return "peft-safetensors" if source.path.suffix == ".safetensors" else "peft-bin"
+        return PeftFormat.DIR
+    return PeftFormat.SAFETENSORS if source.path.suffix == ".safetensors" else PeftFormat.BIN
 
 
 class PeftLayout(DirectoryLayout):
@@ -191,10 +200,16 @@ class PeftLayout(DirectoryLayout):
     ``lora_adapter_metadata`` header entry, or none)."""
 
     name = "peft"
-    formats = ("peft", "peft-safetensors", "peft-bin")
+    label = "PEFT"
+    formats: tuple[Format, ...] = tuple(PeftFormat)
     marker_files = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+    weight_files = ("adapter_model.safetensors", "adapter_model.bin")
+    config_file = "adapter_config.json"
+    config_required = True
+    key_prefix = PEFT_PREFIX
+    target: str | None = "peft"
     caps = Capabilities(per_module_rank=True, per_module_alpha=True, dora=True, conv=True, embeddings=True,
-                        alpha="config")
+                        full_tensors=True, models=Models.ONE, alpha=AlphaHome.CONFIG)
 
     def matches(self, keys: list[str], found: Found) -> bool:
         # diffusers-keyed files with a PEFT config beside them are read as PEFT
@@ -203,18 +218,33 @@ class PeftLayout(DirectoryLayout):
     def read(self, source: TensorSource, found: Found) -> Adapter:
         return read_peft(source, found, peft_format(source, found))
 
+    def directory_notes(self, path: Path, subfolders: list[str]) -> list[str]:
+        if not subfolders:
+            return []
+        # save_pretrained of several adapters: "default" here, the others in subfolders
+        return [f"{len(subfolders)} more adapters in subfolders ({', '.join(subfolders[:5])}"
+                f"{' …' if len(subfolders) > 5 else ''}): only the top-level one is read here"]
+
+    def carried_config(self, ad: Adapter) -> dict | None:
+        return ad.config
+
+    def convert_tensors(self, canon: "Canon", opts: WriteOptions) -> "Written":
+        from .peft_out import write_peft
+
+        return write_peft(canon, opts)
+
     # ------------------------------------------------------------------ rewriting
-    def output_format(self, ad: Adapter, out: Path) -> str:
+    def output_format(self, ad: Adapter, out: Path) -> Format:
         """A bare PEFT file whose config lives beside it becomes a PEFT directory (the config must
         travel with the new ranks); a directory is never written under a weight-file name."""
-        if ad.format == "peft" or ad.config_path is not None:
+        if ad.format == PeftFormat.DIR or ad.config_path is not None:
             if out.suffix in (".safetensors", ".bin"):
-                where = ad.config_path if ad.format != "peft" else ad.path
+                where = ad.config_path if ad.format != PeftFormat.DIR else ad.path
                 raise InspectError(
                     f"{out}: the output is a PEFT directory (its config lives in {where}), so OUT must not end in "
                     f"{out.suffix}; name a directory"
                 )
-            return "peft"
+            return PeftFormat.DIR
         return ad.format
 
     def global_alpha(self, ad: Adapter) -> float | None:
@@ -223,10 +253,10 @@ class PeftLayout(DirectoryLayout):
             return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
         return ad.alpha
 
-    def truncated(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         metadata = dict(ad.metadata)
-        if out_fmt == "peft":
+        if out_fmt == PeftFormat.DIR:
             if ad.config is None:
                 raise InspectError(f"{ad.path}: PEFT directory without a config")
             return Rewrite(out_fmt, tensors, metadata, truncated_config(ad.config, ranks, dropped))
@@ -242,7 +272,7 @@ class PeftLayout(DirectoryLayout):
                     metadata[key] = str(next(iter(ranks.values())))
         return Rewrite(out_fmt, tensors, metadata, None)
 
-    def rescaled(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
         metadata = dict(ad.metadata)
         if ad.config_path is not None and ad.config is not None:  # the config file travels with the output
             return Rewrite(out_fmt, tensors, metadata, rescaled_config(ad.config, factor, str(ad.config_path)))
@@ -258,24 +288,24 @@ class PeftLayout(DirectoryLayout):
             metadata[key] = repr(float(metadata[key]) * factor)
         return Rewrite(out_fmt, tensors, metadata, None)
 
-    def baked(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
-        if out_fmt == "peft" and ad.config is None:
+    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+        if out_fmt == PeftFormat.DIR and ad.config is None:
             raise InspectError(f"{ad.path}: PEFT directory without a config")
-        return Rewrite(out_fmt, tensors, dict(ad.metadata), ad.config if out_fmt == "peft" else None)
+        return Rewrite(out_fmt, tensors, dict(ad.metadata), ad.config if out_fmt == PeftFormat.DIR else None)
 
-    def copied_files(self, ad: Adapter, out_fmt: str) -> list[Path]:
-        if out_fmt == "peft" and ad.format == "peft" and (ad.path / "README.md").is_file():
+    def copied_files(self, ad: Adapter, out_fmt: Format) -> list[Path]:
+        if out_fmt == PeftFormat.DIR and ad.format == PeftFormat.DIR and (ad.path / "README.md").is_file():
             return [ad.path / "README.md"]
         return []
 
     def weights_name(self, ad: Adapter) -> str:
-        return ad.weights_path.name if ad.format == "peft" else "adapter_model" + ad.weights_path.suffix
+        return ad.weights_path.name if ad.format == PeftFormat.DIR else "adapter_model" + ad.weights_path.suffix
 
-    def tmp_suffix(self, ad: Adapter, out_fmt: str) -> str:
-        return "" if out_fmt == "peft" else ad.weights_path.suffix
+    def tmp_suffix(self, ad: Adapter, out_fmt: Format) -> str:
+        return "" if out_fmt == PeftFormat.DIR else ad.weights_path.suffix
 
     def write(self, atomic: "AtomicOutput", ad: Adapter, rw: Rewrite) -> None:
-        if rw.fmt == "peft":
+        if rw.fmt == PeftFormat.DIR:
             super().write(atomic, ad, rw)
         else:
             write_weights(atomic.tmp, rw.tensors, rw.metadata)

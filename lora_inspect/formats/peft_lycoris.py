@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any
 from .. import validate as v
 from ..adapter import Adapter, Module
 from ..errors import InspectError
+from ..kinds import Kind
 from ..peft_rules import PEFT_PREFIX, compiled_patterns, lookup_compiled
-from .layout import Capabilities, Found, Rewrite
+from .layout import AlphaHome, Capabilities, Format, Found, Models, Rewrite
 from .lycoris import ReadContext, read_loha, read_lokr
 from .lycoris_updates import LoHaUpdate, LoKrUpdate
-from .peft import PeftLayout, peft_format
+from .peft import PeftFormat, PeftLayout, peft_format
 from .peft_config import truncated_config
 from .tensors import TensorSource
 
@@ -146,11 +147,11 @@ def _module(c: ReadContext, name: str, s: _Settings, where: str) -> Module:
         raise c.fail(f"stored rank {bad[0]} but the config gives r={r} — PEFT would refuse to load it")
     upd = _as_peft(upd)
     first = next(iter(upd.keys))
-    return Module(name=name, kind="conv" if kernel else "linear", shape=shape, rank=upd.rank, alpha=alpha,
+    return Module(name=name, kind=Kind.CONV if kernel else Kind.LINEAR, shape=shape, rank=upd.rank, alpha=alpha,
                   scale=alpha / r, update=upd, source=c.source, kernel=kernel, dtype=c.source.info(first).dtype)
 
 
-def read_peft_lycoris(source: TensorSource, found: Found, fmt: str) -> Adapter:
+def read_peft_lycoris(source: TensorSource, found: Found, fmt: Format) -> Adapter:
     cfg, where = found.config or {}, str(found.config_path or found.shown)
     algo = peft_lycoris_type(cfg, where)
     assert algo is not None
@@ -198,11 +199,13 @@ class PeftLycorisLayout(PeftLayout):
     """PEFT LoHa/LoKr: a ``save_pretrained`` directory (or its weight file with the config beside it)."""
 
     name = "peft-lycoris"
-    # for layout_named only: the adapter's format stays "peft"/"peft-safetensors"/"peft-bin" (its peft_type says
-    # LOHA/LOKR), and "peft" keeps naming the PEFT LoRA layout
-    formats = ("peft-loha", "peft-lokr")  # type: ignore[assignment]
+    # none of its own: its adapters report PEFT's formats ("peft", "peft-safetensors", "peft-bin"; the peft_type
+    # says LOHA/LOKR), which keep naming the PEFT LoRA layout (layout_named)
+    formats: tuple[Format, ...] = ()
+    target = None
+    writes_as = "peft"  # a truncation or conversion writes PEFT LoRA
     caps = Capabilities(per_module_rank=True, per_module_alpha=True, dora=False, conv=True, embeddings=False,
-                        alpha="config")
+                        full_tensors=True, models=Models.ONE, alpha=AlphaHome.CONFIG)
 
     def matches(self, keys: list[str], found: Found) -> bool:
         return peft_lycoris_type(found.config, str(found.config_path or found.shown)) is not None
@@ -213,19 +216,20 @@ class PeftLycorisLayout(PeftLayout):
     def global_alpha(self, ad: Adapter) -> float | None:
         return ad.alpha
 
-    def truncated(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         """A PEFT LoRA directory: the truncated pairs with s baked in, α = r for each module."""
-        return Rewrite("peft", tensors, dict(ad.metadata), truncated_config(_lora_config(ad.config or {}), ranks, dropped))
+        return Rewrite(PeftFormat.DIR, tensors, dict(ad.metadata),
+                       truncated_config(_lora_config(ad.config or {}), ranks, dropped))
 
-    def rescaled(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
         """``alpha`` and every ``alpha_pattern`` value × F (PEFT: s = α/r for every LoHa/LoKr module)."""
         cfg = copy.deepcopy(ad.config or {})
         cfg["alpha"] = _times(ad.alpha if ad.alpha is not None else PEFT_DEFAULT_LYCORIS_ALPHA, factor)
         if cfg.get("alpha_pattern"):
             cfg["alpha_pattern"] = {k: _times(x, factor) for k, x in cfg["alpha_pattern"].items()}
-        return Rewrite("peft", tensors, dict(ad.metadata), cfg)
+        return Rewrite(PeftFormat.DIR, tensors, dict(ad.metadata), cfg)
 
-    def baked(self, ad: Adapter, out_fmt: str, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
-        return Rewrite("peft", tensors, dict(ad.metadata), ad.config)
+    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+        return Rewrite(PeftFormat.DIR, tensors, dict(ad.metadata), ad.config)
 

@@ -23,6 +23,7 @@ import torch
 from ..adapter import Adapter, LowRankUpdate, Module, module_type
 from ..errors import InspectError
 from ..files import check_output_path
+from ..formats import refuse_inexpressible
 from ..formats.layout import Layout
 from ..formats.tensors import DTYPE_SIZES
 from ..spectrum import (
@@ -51,11 +52,9 @@ def adapter_markers() -> tuple[str, ...]:
 
 def layout_of(ad: Adapter) -> Layout:
     """The layout that read ``ad`` (it writes the rewrite)."""
-    if ad.layout is not None:
-        return ad.layout
-    from ..formats import layout_named
+    from ..formats import layout_of as of
 
-    return layout_named(ad.format)
+    return of(ad)
 
 
 def to_stored(m: Module, b_lin: torch.Tensor, a_lin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,6 +202,7 @@ def truncate(ad: Adapter, out: Path, spec: TruncateSpec, *, force: bool = False,
         raise InspectError(f"{ad.path}: AdaLoRA adapters cannot be truncated (convert to LoRA first)")
     layout = layout_of(ad)
     out_fmt = layout.output_format(ad, out)
+    refuse_inexpressible(ad, out_fmt)
     one_rank = layout.caps.one_rank_only
     notes = []
     if one_rank and not spec.uniform and spec.rank is None:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
 from ..defaults import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
+from ..formats import layout_for_target, layout_of
+from ..formats.capabilities import AlphaHome
 from ..naming import names_line
 from .base import base_doc, base_lines, base_module_doc, base_table
 from .render import Table, View, fmt_bytes, fmt_count, fmt_float, sparkline
@@ -78,7 +80,8 @@ def info_view(ad: Adapter) -> View:
         ("base model", ad.base_model or "-"),
         ("rank", rank_txt or "-"),
         ("alpha", (f"{ad.alpha:g}" if ad.alpha is not None else "unknown") + (f"  (per module: {alpha_txt})" if len(alphas) > 1 else "")),
-        ("scale", "α/√r (rsLoRA)" if ad.use_rslora else ("absolute (mlx-lm)" if ad.format == "mlx" else "α/r")),
+        ("scale", "α/√r (rsLoRA)" if ad.use_rslora else (f"absolute ({layout_of(ad).label})"
+                                                          if layout_of(ad).caps.alpha == AlphaHome.SCALE else "α/r")),
         ("DoRA", "yes" if ad.use_dora else "no"),
         ("targets", _target_list(ad.target_modules)),
         ("modules", f"{len(ad.modules)} (" + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")"),
@@ -158,7 +161,7 @@ def action_line(report: RankReport) -> str:
         return "no module could be analysed: nothing to recommend"
     if any(m.algo not in ("lora",) for m in report.adapter.modules):  # LyCORIS: a rewrite is a conversion
         more = " (larger than the file as stored)" if pat > now else ""
-        target = "PEFT" if report.adapter.format.startswith("peft") else "kohya"  # PEFT LoHa/LoKr → PEFT LoRA
+        target = layout_for_target(layout_of(report.adapter).converts_to or "kohya").label  # PEFT LoHa/LoKr → PEFT
         return (f"truncate --energy {report.energy:g} writes a {target} LoRA keeping ≥ {pct} energy in every module: "
                 f"{fmt_count(now)} → {fmt_count(pat)} parameters{more}")
     if s.uniform_rank < s.max_rank:

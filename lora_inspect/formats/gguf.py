@@ -1,0 +1,54 @@
+"""GGUF LoRA for llama.cpp, as a ``convert`` target (``--to gguf``); GGUF adapters are not read.
+
+The container, names, orientation and scale rule are llama.cpp's (:mod:`lora_inspect.convert.gguf_out`:
+one α in the header, s·r/α baked into each B, Q/K rows permuted for LLaMA-family bases); the write is
+checked by reading the file back with ``gguf.GGUFReader`` (:func:`lora_inspect.convert.run.write_gguf_checked`).
+What it can hold: linear and embedding LoRA of one model, no DoRA, one α. A merge is not written as GGUF
+(it needs the base model's architecture, which ``merge`` does not take).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .capabilities import AlphaHome, Capabilities, Models
+from .layout import Converted, Found, Layout, WriteOptions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..adapter import Adapter
+    from ..convert.canon import Canon
+
+__all__ = ["GgufLayout"]
+
+
+class GgufLayout(Layout):
+    name = "gguf"
+    label = "GGUF"
+    target: str | None = "gguf"
+    merge_target = False
+    caps = Capabilities(per_module_rank=True, per_module_alpha=False, dora=False, conv=False, embeddings=True,
+                        models=Models.ONE, alpha=AlphaHome.HEADER,
+                        why=(("dora", "DoRA (llama.cpp has no magnitude vectors)"),
+                             ("conv", "{kind} LoRA is not written to GGUF here")))
+
+    def matches(self, keys: list[str], found: Found) -> bool:
+        return False  # written only: llama.cpp's GGUF adapters are not read here
+
+    def write_converted(self, canon: "Canon", out: Path, opts: WriteOptions) -> Converted:
+        from ..convert.run import write_gguf_checked
+
+        return write_gguf_checked(canon, out, opts)
+
+    def default_dtype(self, source: str) -> str:
+        return "fp16" if source == "bf16" else source  # a bf16 source is written fp16 unless --dtype bf16 is asked
+
+    def locate_base(self, ad: "Adapter", base: Path | None) -> Path | None:
+        """``--base``, else the base model the adapter names when it is a directory or config on disk."""
+        from ..convert.gguf_out import config_path
+
+        if base is not None or not ad.base_model:
+            return base
+        home = Path(ad.path) if Path(ad.path).is_dir() else Path(ad.path).parent
+        cand = Path(ad.base_model) if Path(ad.base_model).is_absolute() else home / ad.base_model
+        return cand if cand.exists() and config_path(cand).is_file() else None  # a folder with a config
