@@ -76,6 +76,7 @@ TOURS: dict[str, Tour] = {
 TIMINGS = [
     (re.compile(r"\(\d[\d,.]* tokens/s\)"), "(… tokens/s)"),
     (re.compile(r"\b\d+(\.\d+)? ?(s|ms|µs) (wall|elapsed)\b"), "… s wall"),
+    (re.compile(r"\b\d+(\.\d+)? ?(s|ms|µs) (of it scanning|scanning)\b"), "… s scanning"),
 ]
 
 
