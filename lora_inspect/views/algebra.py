@@ -10,12 +10,13 @@ from ..convert.results import ConvertResult, MergeResult
 from ..units import fmt_bytes, fmt_float
 from .render import Table, View
 from .schemas import CONVERT_SCHEMA, MERGE_SCHEMA
+from .words import plural
 
 __all__ = ["convert_doc", "convert_view", "merge_doc", "merge_view"]
 
 
 def _title(n: int, max_rows: int | None) -> str:
-    return f"{n} modules" + (f" (first {max_rows}; --all for every module)" if max_rows is not None and n > max_rows
+    return plural(n, "module") + (f" (first {max_rows}; --all for every module)" if max_rows is not None and n > max_rows
                              else "")
 
 
@@ -55,8 +56,10 @@ def convert_view(res: ConvertResult, max_rows: int | None = 40) -> View:
               f"({res.source_format})"]
     footer = [f"note: {n}" for n in res.notes]
     footer.append(_check_line(res.modules, res.max_check_error))
-    return View(doc, [Table(_title(len(res.modules), max_rows), ["module", "written as", "r", "→ r", "how",
-                                                                   "rel. error"], rows)], header=header, footer=footer)
+    table = Table(_title(len(res.modules), max_rows), ["module", "written as", "r", "→ r", "how", "rel. error"], rows,
+                  justify=["left", "left", "right", "right", "left", "right"],
+                  kinds=["name", "name", "fixed", "fixed", "text", "fixed"])
+    return View(doc, [table], header=header, footer=footer)
 
 
 def merge_doc(res: MergeResult) -> dict[str, Any]:
@@ -87,7 +90,7 @@ def merge_view(res: MergeResult, max_rows: int | None = 40) -> View:
     worst = max(res.modules, key=lambda m: (m.relative_error, m.name))
     ws = ", ".join(f"{w:g}" for w in res.weights)
     header = [f"wrote {res.output} ({res.target}, {res.dtype}, {fmt_bytes(res.output_bytes)}): {_what(res)} of "
-              f"{len(res.inputs)} adapters (weights {ws}), {res.mode}"]
+              f"{plural(len(res.inputs), 'adapter')} (weights {ws}), {res.mode}"]
     footer = [f"worst module: {worst.name} keeps {worst.retained_energy:.6f} of its energy (relative error "
               f"{fmt_float(worst.relative_error)})"]
     if res.method != "sum":

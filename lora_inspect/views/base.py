@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ..defaults import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
 from ..naming import names_line
 from .render import Table, fmt_float
+from .words import plural, verb
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..analysis import RankReport
@@ -19,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["base_doc", "base_module_doc", "base_table", "base_lines", "BASE_OPTIONAL"]
 
-BASE_OPTIONAL = ("in top-k", "‖W‖_F", "σ₁(W)", "overlap")  # dropped in this order when narrow
+BASE_OPTIONAL = ("in top-k", "‖W‖_F", "σ₁(W)", "overlap (random)")  # dropped in this order when narrow
 
 
 def base_module_doc(m: BaseMetrics | None) -> dict[str, Any] | None:
@@ -67,7 +68,7 @@ def base_table(report: RankReport, max_rows: int | None = 40) -> Table:
         ["module", "‖W‖_F", "σ₁(W)", "‖ΔW‖/‖W‖", "σ₁ ratio", "amplif.", "overlap (random)", "in top-k",
          "intruders"],  # the flags are in the spectra table's flags column
         [_row(n, b.modules[n]) for n in shown],
-        kinds=["name"] + ["fixed"] * 8,
+        kinds=["name"] + ["fixed"] * 5 + ["text"] + ["fixed"] * 2,  # "0.0996 (0.0909)" wraps at its space
         optional=BASE_OPTIONAL,
     )
 
@@ -80,12 +81,12 @@ def base_lines(report: RankReport) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     large = [n for n, m in b.modules.items() if FLAG_LARGE_UPDATE in m.flags]
     if large:
-        out.append(("!", f"{len(large)} modules change W strongly: σ₁(ΔW) ≥ {b.large_update:g}·σ₁(W) "
+        out.append(("!", f"{plural(len(large), 'module')} {verb(len(large), 'changes')} W strongly: σ₁(ΔW) ≥ {b.large_update:g}·σ₁(W) "
                          f"({names_line(large)})"))
     intr = [n for n, m in b.modules.items() if FLAG_INTRUDERS in m.flags]
     if intr:
         total = sum(b.modules[n].intruders or 0 for n in intr)
-        out.append(("!", f"{len(intr)} modules have intruder dimensions ({total} in all; top-{b.intruder_k} "
+        out.append(("!", f"{plural(len(intr), 'module')} {verb(len(intr), 'has')} intruder dimensions ({total} in all; top-{b.intruder_k} "
                          f"singular vectors of W+ΔW with max |cos| < {b.intruder_eps:g} to every singular vector "
                          f"of W): {names_line(intr)}"))
     if not b.intruders:

@@ -7,6 +7,7 @@ from typing import Any
 from ..checks import Policy, Result
 from .render import Table, View
 from .schemas import CHECK_SCHEMA
+from .words import plural, verb
 
 __all__ = ["check_view"]
 
@@ -44,14 +45,15 @@ def check_view(entries: list[tuple[str, list[Result]]], policy: Policy, source: 
     }
     tables = [_adapter_table(p, rs) for p, rs in entries]
     n = len(entries)
+    checks = sum(len(rs) for _, rs in entries)
     footer = [
-        f"✗ {failed} rule{'s' if failed != 1 else ''} failed in {bad_adapters} of {n} adapter{'s' if n != 1 else ''}"
-        if failed else f"✓ all {sum(len(rs) for _, rs in entries)} checks passed for {n} adapter{'s' if n != 1 else ''}"
+        f"✗ {plural(failed, 'rule')} failed in {bad_adapters} of {plural(n, 'adapter')}"
+        if failed else f"✓ {'the' if checks == 1 else 'all'} {plural(checks, 'check')} passed for {plural(n, 'adapter')}"
     ]
     header = [f"lora-inspect check — policy from {source}" if source else "lora-inspect check"]
     if skipped:
         k = len(skipped)
-        header.append(f"{k} tensor file{'s' if k != 1 else ''} without LoRA keys (base weights) not checked: "
+        header.append(f"{plural(k, 'tensor file')} without LoRA keys (base weights) not checked: "
                       f"{', '.join(skipped[:3])}{' …' if k > 3 else ''}")
     return View(data, tables, header=header, footer=footer)
 
@@ -59,7 +61,8 @@ def check_view(entries: list[tuple[str, list[Result]]], policy: Policy, source: 
 def _adapter_table(path: str, rs: list[Result]) -> Table:
     """One adapter's rules (a table per adapter: the path is said once, in the title)."""
     bad = sum(not r.ok for r in rs)
-    title = f"{path}: " + (f"{bad} of {len(rs)} rules failed" if bad else f"all {len(rs)} rules hold")
+    title = f"{path}: " + (f"{bad} of {plural(len(rs), 'rule')} failed" if bad
+                           else f"{'the' if len(rs) == 1 else 'all'} {plural(len(rs), 'rule')} {verb(len(rs), 'holds')}")
     rows = [(r.rule, _fmt_value(r.rule, r.value), _fmt_value(r.rule, r.limit), "ok" if r.ok else "FAIL", r.message)
             for r in rs]
     return Table(title, ["rule", "value", "limit", "result", "detail"], rows,

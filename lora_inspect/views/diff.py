@@ -10,6 +10,7 @@ from ..naming import names_line
 from .inspect import adapter_summary
 from .render import Table, View, fmt_float
 from .schemas import DIFF_SCHEMA
+from .words import plural, verb
 
 __all__ = ["diff_view", "PHI_DEFINITION"]
 
@@ -108,7 +109,7 @@ def diff_view(res: DiffResult, max_rows: int | None = 40) -> View:
             _num(d.phi), d.phi_dim if d.phi_dim is not None else "-",
             d.status if d.status != STATUS_OK else ("zero ΔW" if d.notes else ""),
         ))
-    title = f"{len(res.modules)} modules in both" + (
+    title = f"{plural(len(res.modules), 'module')} in both" + (
         f" (first {max_rows}; --all for every module)" if max_rows is not None and len(res.modules) > max_rows else ""
     )
     tables = [Table(
@@ -124,14 +125,17 @@ def diff_view(res: DiffResult, max_rows: int | None = 40) -> View:
         for t, g in s.by_type.items()
     ]
     tables.append(Table("by module type", ["type", "modules", "mean dist", "worst dist", "mean cos", "worst cos",
-                                           "mean φ", "worst φ"], trows))
+                                           "mean φ", "worst φ"], trows,
+                        optional=("mean φ", "mean cos", "mean dist")))  # the means over all are in the footer
     header = [f"A: {res.a.path} ({res.a.format})", f"B: {res.b.path} ({res.b.format})"]
     footer = _summary_lines(res)
     if s.shape_mismatches:
-        footer.append(f"! {s.shape_mismatches} modules differ in shape: not comparable")
+        n = s.shape_mismatches
+        footer.append(f"! {plural(n, 'module')} {verb(n, 'differs')} in shape: not comparable")
     if s.non_finite:
         bad = [d.name for d in res.modules if d.status == "non_finite"]
-        footer.append(f"! {s.non_finite} modules have a non-finite ΔW (NaN/inf weights, or a product that overflows float64), not compared: {names_line(bad)}")
+        footer.append(f"! {plural(s.non_finite, 'module')} {verb(s.non_finite, 'has')} a non-finite ΔW (NaN/inf weights, "
+                      f"or a product that overflows float64), not compared: {names_line(bad)}")
     if res.only_in_a:
         footer.append(f"only in A ({len(res.only_in_a)}): {names_line(res.only_in_a, 8)}")
     if res.only_in_b:

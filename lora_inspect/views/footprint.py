@@ -7,6 +7,7 @@ from typing import Any
 
 from .render import Table, View, fmt_bytes, fmt_count
 from .schemas import FOOTPRINT_SCHEMA
+from .words import plural
 
 __all__ = ["footprint_view"]
 
@@ -72,8 +73,9 @@ def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
     if not v["fits"]:
         footer.append(f"! the adapter's rank exceeds max_lora_rank={v['max_lora_rank']}: vLLM refuses it")
     if doc["base"] and doc["base"]["unmatched_modules"]:
-        footer.append(f"! {doc['base']['unmatched_modules']} of {len(doc['by_type']) and sum(g['modules'] for g in doc['by_type'].values())} "
-                      f"modules do not match {doc['base']['name']} by name and shape (lora-inspect check --base tells which)")
+        n, total = doc["base"]["unmatched_modules"], sum(g["modules"] for g in doc["by_type"].values())
+        footer.append(f"! {n} of {plural(total, 'module')} {'does' if n == 1 else 'do'} not match {doc['base']['name']} "
+                      "by name and shape (lora-inspect check --base tells which)")
     if doc["vram"]:
         tr, inf = doc["vram"]["training"], doc["vram"]["inference"]
         s = tr["settings"]

@@ -13,9 +13,10 @@ from ..naming import names_line
 from .base import base_doc, base_lines, base_module_doc, base_table
 from .render import Table, View, fmt_bytes, fmt_count, fmt_float, sparkline
 from .schemas import INFO_SCHEMA, RANK_SCHEMA
+from .words import plural, verb
 
 __all__ = ["info_view", "rank_view", "adapter_summary", "action_line", "summary_doc", "group_doc",
-           "integrity_lines"]
+           "integrity_lines", "largest_recommended"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..analysis import GroupSummary, ModuleResult, RankReport, RankSummary
@@ -87,7 +88,7 @@ def info_view(ad: Adapter) -> View:
         ("modules", f"{len(ad.modules)} (" + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")"),
         *([("algorithms", ", ".join(f"{k} {v}" for k, v in sorted(algos.items())))] if set(algos) - {"lora"} else []),
         ("LoRA params", f"{ad.params:,} ({fmt_count(ad.params)})"),
-        ("full-tensor params", f"{ad.extra_params:,} in {len(ad.extras)} tensors ({fmt_bytes(ad.extra_bytes)})"),
+        ("full-tensor params", f"{ad.extra_params:,} in {plural(len(ad.extras), 'tensor')} ({fmt_bytes(ad.extra_bytes)})"),
         ("tensor bytes", fmt_bytes(ad.tensor_bytes)),
         ("file size", fmt_bytes(ad.file_bytes)),
         ("dtypes", ", ".join(f"{k} ×{v}" for k, v in ad.dtypes().items())),
@@ -149,13 +150,27 @@ def summary_doc(s: RankSummary) -> dict[str, Any]:
     }
 
 
+def largest_recommended(report: RankReport) -> int | None:
+    """The largest per-module recommended rank (the ``rec r`` column), or None when none was found."""
+    ranks = [r.energy_rank for r in report.modules if r.energy_rank is not None]
+    return max(ranks) if ranks else None
+
+
+def _uniform_why(uniform: int, largest: int | None) -> str:
+    """Why ``--rank uniform``: the largest ``rec r`` itself, or that rank rounded up to a power of two."""
+    if largest is None or largest == uniform:
+        return "the largest rec r"
+    return f"the largest rec r, {largest}, rounded up to a power of two"
+
+
 def action_line(report: RankReport) -> str:
-    """The one thing to do next, as a sentence (never a command that would refuse)."""
+    """The one thing to do next, as a sentence (never a command that would refuse). The uniform rank it
+    names is the largest ``rec r`` of the table rounded up to a power of two, and it says so."""
     s = report.summary
     pct = f"{report.energy * 100:g}%"
     now, uni, pat = s.params.now, s.params.uniform, s.params.pattern
     if s.non_finite:
-        return (f"{len(s.non_finite)} module{'s' if len(s.non_finite) != 1 else ''} with a non-finite ΔW "
+        return (f"{plural(len(s.non_finite), 'module')} with a non-finite ΔW "
                 f"({names_line(s.non_finite)}): retrain or repair the adapter before truncating it")
     if s.analysed == 0:
         return "no module could be analysed: nothing to recommend"
@@ -164,17 +179,18 @@ def action_line(report: RankReport) -> str:
         target = layout_for_target(layout_of(report.adapter).converts_to or "kohya").label  # PEFT LoHa/LoKr → PEFT
         return (f"truncate --energy {report.energy:g} writes a {target} LoRA keeping ≥ {pct} energy in every module: "
                 f"{fmt_count(now)} → {fmt_count(pat)} parameters{more}")
+    largest = largest_recommended(report)
     if s.uniform_rank < s.max_rank:
         return (
-            f"truncate --rank {s.uniform_rank} keeps ≥ {pct} energy in every module: "
-            f"{fmt_count(now)} → {fmt_count(uni)} parameters"
+            f"truncate --rank {s.uniform_rank} keeps ≥ {pct} energy in every module "
+            f"({_uniform_why(s.uniform_rank, largest)}): {fmt_count(now)} → {fmt_count(uni)} parameters"
             + (f" (per module, truncate --energy {report.energy:g}: {fmt_count(pat)})" if pat < uni else "")
         )
     if pat < now:
-        return (
-            f"r={s.max_rank} is already the smallest power of two keeping ≥ {pct} in every module; "
-            f"per-module ranks (truncate --energy {report.energy:g}) would give {fmt_count(now)} → {fmt_count(pat)} parameters"
-        )
+        why = (f"the largest rec r, {largest}, rounded up to a power of two is not below r={s.max_rank}"
+               if largest is not None and largest < s.max_rank else f"the largest rec r is r={s.max_rank} itself")
+        return (f"{why}; per-module ranks (truncate --energy {report.energy:g}) would give "
+                f"{fmt_count(now)} → {fmt_count(pat)} parameters")
     return f"every module needs its full rank to keep {pct} energy: nothing to truncate"
 
 
@@ -183,16 +199,19 @@ def integrity_lines(report: RankReport) -> list[tuple[str, str]]:
     s = report.summary
     out: list[tuple[str, str]] = []
     if s.non_finite:
-        out.append(("!", f"{len(s.non_finite)} modules have a non-finite ΔW (NaN/inf weights, or a product that overflows float64), their spectra are unknown: "
+        n = len(s.non_finite)
+        out.append(("!", f"{plural(n, 'module')} {verb(n, 'has')} a non-finite ΔW (NaN/inf weights, or a product that "
+                         f"overflows float64), {'its spectrum is' if n == 1 else 'their spectra are'} unknown: "
                          f"{names_line(s.non_finite)}"))
     if s.zero_b:
-        out.append(("!", f"{len(s.zero_b)} modules have an all-zero B, they change nothing (untrained?): "
-                         f"{names_line(s.zero_b)}"))
+        n = len(s.zero_b)
+        out.append(("!", f"{plural(n, 'module')} {verb(n, 'has')} an all-zero B, {'it changes' if n == 1 else 'they change'} "
+                         f"nothing (untrained?): {names_line(s.zero_b)}"))
     for f, n in s.flags.items():
         if f == "spike":
-            out.append(("·", f"{n} modules are dominated by one direction (σ₁ ≥ 10·σ₂)"))
+            out.append(("·", f"{plural(n, 'module')} {verb(n, 'is')} dominated by one direction (σ₁ ≥ 10·σ₂)"))
         elif f not in ("non_finite", "zero_b", FLAG_LARGE_UPDATE, FLAG_INTRUDERS):  # base flags: base_lines
-            out.append(("·", f"{n} modules flagged {f}"))
+            out.append(("·", f"{plural(n, 'module')} flagged {f}"))
     return out
 
 
@@ -230,7 +249,7 @@ def rank_view(report: RankReport, max_rows: int | None = 40) -> View:
         "adapter": adapter_summary(report.adapter),
         "energy": report.energy,
         "modules": modules,
-        "summary": summary_doc(s),
+        "summary": {**summary_doc(s), "max_recommended_rank": largest_recommended(report)},
         "notes": list(report.adapter.notes),
     }
     if report.base is not None:  # additive: only with --base
@@ -248,7 +267,7 @@ def rank_view(report: RankReport, max_rows: int | None = 40) -> View:
         justify.insert(1, "left")
         rows = [(row[0], r.module.algo, *row[1:]) for row, r in zip(rows, shown)]
     tables = [Table(
-        f"{len(report.modules)} modules, energy τ = {report.energy:g}" + (f" (first {max_rows}; --all for every module)" if more else ""),
+        f"{plural(len(report.modules), 'module')}, energy τ = {report.energy:g}" + (f" (first {max_rows}; --all for every module)" if more else ""),
         cols, rows, justify=justify, kinds=["name"] + ["fixed"] * (len(cols) - 1), optional=RANK_OPTIONAL,
     ), _type_table(s, pct)]
     if report.base is not None:

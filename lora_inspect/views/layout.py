@@ -2,14 +2,20 @@
 
 Rules, in the order they are applied when a table is wider than the terminal:
 
-1. ``"name"`` columns (module names, paths) are shortened in the middle with ``…`` down to a
+1. Headers wrap at their spaces onto more lines (``energy kept`` over two): nothing is lost.
+2. ``"name"`` columns (module names, paths) are shortened in the middle with ``…`` down to a
    comfortable width that keeps the layer index, the module type and a little context;
-   ``"text"`` columns (details, formulas) wrap at spaces.
-2. ``optional`` columns are dropped, least important first (for ``rank`` the sparkline), and the
+   ``"text"`` columns (details, formulas) wrap at spaces (a word longer than the column breaks
+   after a ``.``, ``_``, ``/`` or ``,``).
+3. ``optional`` columns are dropped, least important first (for ``rank`` the sparkline), and the
    table says so in one line below it.
-3. Names are shortened further, down to ``<layer index>…<module type>``.
-4. If the table is still too wide, lines are left longer than the terminal: numbers, shapes and
+4. Names are shortened further, down to ``<layer index>…<module type>``.
+5. If the table is still too wide, lines are left longer than the terminal: numbers, shapes and
    flags (``"fixed"`` columns) are never shortened, cut or dropped.
+
+A cell may hold :data:`GLUE` (a no-break space) where a wrap must not fall, between a number and
+its unit (``15.4 k``); it is written as a plain space. Space left over after the columns fit goes
+back to headers, so a header is wrapped only where the room was needed.
 
 Everything here is linear in the size of the table's text: widths come from one pass over the
 cells, the shrink level from a binary search over widths, and shortening a name slices it once
@@ -27,10 +33,13 @@ from ..adapter import module_type
 if TYPE_CHECKING:  # pragma: no cover
     from .render import Table
 
-__all__ = ["render_table", "shorten_name", "compact_name", "wrap_text", "column_kinds", "SEP"]
+__all__ = ["render_table", "shorten_name", "compact_name", "wrap_text", "wrap_prose", "column_kinds", "glue",
+           "SEP", "GLUE"]
 
 SEP = "  "  # between columns
 ELLIPSIS = "…"
+GLUE = "\u00a0"  # a space no wrap may fall on (a number and its unit); written as " "
+INDENT = "  "  # continuation lines of a wrapped sentence
 TYPE_CAP = 40  # a module type longer than this is itself shortened in the middle (never happens in real models)
 TEXT_MIN = 24  # a wrapped column keeps at least this many characters per line
 TEXT_FLOOR = 12  # … and when columns had to be dropped, this many
@@ -92,34 +101,41 @@ def shorten_name(name: str, w: int) -> str:
     return compact if len(compact) < len(name) else name
 
 
+def glue(text: str) -> str:
+    """``text`` with its spaces made unbreakable (a number and its unit: ``glue("15.4 k")``)."""
+    return text.replace(" ", GLUE)
+
+
 def _split_long(word: str, w: int) -> tuple[str, str]:
-    """The first line of a word longer than ``w``: up to and including its last ``.``, ``_`` or ``/``
-    that fits (so a module name breaks between components), else exactly ``w`` characters."""
+    """The first line of a word longer than ``w``: up to and including its last ``.``, ``/`` or ``,``
+    that fits (so a module name breaks between components, a list after a comma), else its last ``_``
+    (``down_`` | ``proj`` only when no component boundary fits), else exactly ``w`` characters."""
     head = word[:w]
-    cut = max(head.rfind("."), head.rfind("_"), head.rfind("/"))
-    if cut >= w // 3:
-        return word[: cut + 1], word[cut + 1:]
+    for cut in (max(head.rfind("."), head.rfind("/"), head.rfind(",")), head.rfind("_")):
+        if cut >= w // 3:
+            return word[: cut + 1], word[cut + 1:]
     return head, word[w:]
 
 
-def wrap_text(text: str, w: int) -> list[str]:
-    """Greedy word wrap at spaces; a word longer than ``w`` (a path, a name) is split across lines
-    between its components where possible."""
+def wrap_text(text: str, w: int, later: int | None = None) -> list[str]:
+    """Greedy word wrap at spaces; a word longer than the line (a path, a name) is split across lines
+    between its components where possible. ``later``: the width of every line after the first
+    (default ``w``)."""
     if len(text) <= w:
         return [text]
-    w = max(w, 1)
+    widths = [max(w, 1), max(later if later is not None else w, 1)]
     lines: list[str] = []
     cur = ""
     for word in text.split(" "):
-        while len(word) > w:
+        while len(word) > widths[bool(lines)] and not (cur and len(word) <= widths[1]):
             if cur:
                 lines.append(cur)
                 cur = ""
-            first, word = _split_long(word, w)
+            first, word = _split_long(word, widths[bool(lines)])
             lines.append(first)
         if not cur:
             cur = word
-        elif len(cur) + 1 + len(word) <= w:
+        elif len(cur) + 1 + len(word) <= widths[bool(lines)]:
             cur += " " + word
         else:
             lines.append(cur)
@@ -127,6 +143,17 @@ def wrap_text(text: str, w: int) -> list[str]:
     if cur or not lines:
         lines.append(cur)
     return lines
+
+
+def wrap_prose(text: str, width: int) -> list[str]:
+    """A sentence (a summary line, a warning) in lines of at most ``width`` characters, wrapped at
+    spaces; continuation lines are indented by two spaces so that each sentence's start stands out."""
+    if len(text) <= width:
+        return [text]
+    lead = len(text) - len(text.lstrip(" "))
+    pad = " " * lead + INDENT
+    lines = wrap_text(text[lead:], max(width - lead, 1), max(width - len(pad), 1))
+    return [" " * lead + lines[0]] + [pad + ln for ln in lines[1:]]
 
 
 def column_kinds(t: "Table", cells: list[list[str]]) -> list[str]:
@@ -142,44 +169,57 @@ def column_kinds(t: "Table", cells: list[list[str]]) -> list[str]:
 
 
 class _Col:
-    __slots__ = ("index", "header", "kind", "natural", "comfort", "minimum", "width", "right")
+    """One column's widths: ``natural`` (everything on one line), ``snug`` (the header wrapped at its
+    spaces, no cell touched), ``comfort`` and ``minimum`` (how far names shorten and text wraps)."""
+
+    __slots__ = ("index", "header", "kind", "natural", "snug", "comfort", "minimum", "width", "right")
 
     def __init__(self, index: int, header: str, kind: str, values: list[str], right: bool):
         self.index, self.header, self.kind, self.right = index, header, kind, right
-        self.natural = max([len(header)] + [len(v) for v in values])
+        head = max((len(word) for word in header.split(" ")), default=0)  # a header wraps at its spaces
+        cells = max((len(v) for v in values), default=0)
+        self.natural = max(len(header), cells)
+        self.snug = max(head, cells)
         if kind == "name":
-            self.comfort = max([len(header)] + [comfortable_width(v) for v in values])
-            self.minimum = max([len(header)] + [min(len(v), len(compact_name(v))) for v in values])
-        elif kind == "text":  # its longest word up to TEXT_MIN, shrinking to TEXT_FLOOR; numbers stay whole
-            words = [word for v in values for word in v.split(" ")]
+            self.comfort = max([head] + [comfortable_width(v) for v in values])
+            self.minimum = max([head] + [min(len(v), len(compact_name(v))) for v in values])
+        elif kind == "text":  # TEXT_MIN characters a line (a shorter cell is not wrapped), then its longest
+            words = [word for v in values for word in v.split(" ")]  # word up to TEXT_FLOOR; numbers stay whole
             longest = max((len(word) for word in words), default=0)
-            number = max((len(word) for word in words if _NUMBER.fullmatch(word)), default=0)
-            self.comfort = min(self.natural, max(len(header), min(longest, TEXT_MIN), number))
-            self.minimum = min(self.natural, max(len(header), min(longest, TEXT_FLOOR), number))
+            number = max((len(word) for word in words if _NUMBER.fullmatch(word.replace(GLUE, " "))), default=0)
+            self.comfort = max(head, min(cells, TEXT_MIN), number)
+            self.minimum = max(head, min(longest, TEXT_FLOOR), number)
         elif kind == "path":
-            self.comfort = min(self.natural, max(len(header), TEXT_MIN))
-            self.minimum = min(self.natural, max(len(header), PATH_MIN))
-        else:
-            self.comfort = self.minimum = self.natural
-        self.comfort = min(self.comfort, self.natural)
+            self.comfort = max(head, min(cells, TEXT_MIN))
+            self.minimum = max(head, min(cells, PATH_MIN))
+        else:  # fixed: only the header gives way
+            self.comfort = self.minimum = self.snug
+        self.comfort = min(self.comfort, self.snug)
         self.minimum = min(self.minimum, self.comfort)
         self.width = self.natural
 
 
+def _total(cols: list[_Col]) -> int:
+    return sum(c.width for c in cols) + len(SEP) * (len(cols) - 1)
+
+
 def _fit(cols: list[_Col], width: int, floor: str) -> bool:
-    """Shrink the flexible columns evenly (widest first) so the table fits ``width``, none below its
-    ``floor`` ("comfort" or "minimum"); True when it fits."""
+    """Wrap headers, then shrink the flexible columns evenly (widest first) so the table fits
+    ``width``, none below its ``floor`` ("comfort" or "minimum"); True when it fits. Room left over
+    unwraps headers again, left to right."""
     for c in cols:
         c.width = c.natural
-    fixed = sum(c.natural for c in cols if c.kind == "fixed") + len(SEP) * (len(cols) - 1)
-    flex = [c for c in cols if c.kind != "fixed"]
-    if fixed + sum(c.natural for c in flex) <= width:
+    if _total(cols) <= width:
         return True
+    for c in cols:
+        c.width = c.snug
+    flex = [c for c in cols if c.kind != "fixed"]
+    fixed = _total(cols) - sum(c.width for c in flex)
 
     def total(level: int) -> int:
-        return sum(max(getattr(c, floor), min(c.natural, level)) for c in flex)
+        return sum(max(getattr(c, floor), min(c.snug, level)) for c in flex)
 
-    lo, hi = 0, max((c.natural for c in flex), default=0)
+    lo, hi = 0, max((c.snug for c in flex), default=0)
     while lo < hi:  # the largest level whose total fits (binary search: linear overall)
         mid = (lo + hi + 1) // 2
         if fixed + total(mid) <= width:
@@ -187,8 +227,13 @@ def _fit(cols: list[_Col], width: int, floor: str) -> bool:
         else:
             hi = mid - 1
     for c in flex:
-        c.width = max(getattr(c, floor), min(c.natural, lo))
-    return fixed + total(lo) <= width
+        c.width = max(getattr(c, floor), min(c.snug, lo))
+    room = width - _total(cols)
+    for c in cols:  # give the room back to wrapped headers
+        if c.width == c.snug and 0 < c.natural - c.width <= room:
+            room -= c.natural - c.width
+            c.width = c.natural
+    return room >= 0
 
 
 def _plan(cols: list[_Col], optional: Sequence[str], width: int) -> tuple[list[_Col], list[str]]:
@@ -224,6 +269,15 @@ def _pad(value: str, col: _Col) -> str:
     return value.rjust(col.width) if col.right else value.ljust(col.width)
 
 
+def _rows(parts: list[list[str]], kept: list[_Col], top: bool = True) -> list[str]:
+    """Cells of several lines side by side (``top``: aligned at the top, else at the bottom)."""
+    n = max(len(p) for p in parts)
+    if not top:
+        parts = [[""] * (n - len(p)) + p for p in parts]
+    return [SEP.join(_pad(p[k] if k < len(p) else "", c) for p, c in zip(parts, kept)).rstrip().replace(GLUE, " ")
+            for k in range(n)]
+
+
 def render_table(t: "Table", width: int) -> list[str]:
     """The table as lines of at most ``width`` characters (see the module docstring for when a line
     is longer), a title line first and a note naming dropped columns last."""
@@ -233,14 +287,12 @@ def render_table(t: "Table", width: int) -> list[str]:
     cols = [_Col(i, str(h), kinds[i], [r[i] for r in cells if i < len(r)], just[i] == "right")
             for i, h in enumerate(t.columns)]
     kept, dropped = _plan(cols, t.optional, width)
-    out = [t.title] if t.title else []
-    out.append(SEP.join(_pad(c.header, c) for c in kept).rstrip())
+    out = wrap_prose(t.title, width) if t.title else []
+    out.extend(_rows([wrap_text(c.header, c.width) for c in kept], kept, top=False))
     out.append(SEP.join("─" * c.width for c in kept))
     for row in cells:
-        parts = [_cell_lines(row[c.index] if c.index < len(row) else "", c) for c in kept]
-        for k in range(max(len(p) for p in parts)):
-            out.append(SEP.join(_pad(p[k] if k < len(p) else "", c) for p, c in zip(parts, kept)).rstrip())
+        out.extend(_rows([_cell_lines(row[c.index] if c.index < len(row) else "", c) for c in kept], kept))
     if dropped:
-        out.extend(wrap_text(f"(not shown at {width} columns: {', '.join(dropped)}; widen the terminal or use --json)",
-                             max(width, TEXT_MIN)))
+        out.extend(wrap_prose(f"(not shown at {width} columns: {', '.join(dropped)}; widen the terminal or use "
+                              "--json)", max(width, TEXT_MIN)))
     return out

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..units import fmt_bytes, fmt_count, fmt_float, json_safe
-from .layout import render_table
+from .layout import GLUE, render_table, wrap_prose
 
 __all__ = [
     "View",
@@ -30,6 +30,8 @@ __all__ = [
     "terminal_width",
     "stderr_console",
     "warn",
+    "note",
+    "say",
     "progress",
     "fmt_count",
     "fmt_bytes",
@@ -79,9 +81,32 @@ def stderr_console():
     return _console(True)
 
 
+def _say(prefix: str, style: str | None, message: str) -> None:
+    """``prefix`` and ``message`` on stderr, wrapped at spaces to the console's width (rich never
+    re-wraps it: no word is folded)."""
+    from rich.text import Text
+
+    console = stderr_console()
+    lines = wrap_prose(f"{prefix} {message}" if prefix else message, max(console.width, 20))
+    text = Text("\n".join(lines))
+    if style:
+        text.stylize(style, 0, len(prefix))
+    console.print(text, soft_wrap=True, highlight=False)
+
+
+def say(message: str) -> None:
+    """A line for the person on stderr (``wrote report.html …``), wrapped to the terminal's width."""
+    _say("", None, message)
+
+
 def warn(message: str) -> None:
-    """A warning line on stderr."""
-    stderr_console().print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+    """A warning on stderr (``warning: …``), wrapped to the terminal's width."""
+    _say("warning:", "yellow", message)
+
+
+def note(message: str) -> None:
+    """A note on stderr (``lora-inspect: note: …``), wrapped to the terminal's width."""
+    _say("lora-inspect: note:", None, message)
 
 
 def _json_default(o: Any):
@@ -109,7 +134,7 @@ def to_json(view: View) -> str:
 
 
 def _md_cell(v: Any) -> str:
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    return str(v).replace("|", "\\|").replace("\n", " ").replace(GLUE, " ")
 
 
 def to_markdown(view: View) -> str:
@@ -169,15 +194,16 @@ def terminal_width() -> int:
 
 
 def to_text(view: View, width: int) -> str:
-    """The view as plain text that fits ``width`` columns (see :func:`layout.render_table`)."""
-    out: list[str] = list(view.header)
+    """The view as plain text that fits ``width`` columns: tables by :func:`layout.render_table`, the
+    header and footer lines wrapped at spaces (continuations indented by two)."""
+    out: list[str] = [ln for line in view.header for ln in wrap_prose(line, width)]
     for t in view.tables:
         if out:
             out.append("")
         out.extend(render_table(t, width))
     if view.footer:
         out.append("")
-        out.extend(view.footer)
+        out.extend(ln for line in view.footer for ln in wrap_prose(line, width))
     return "\n".join(out) + "\n"
 
 

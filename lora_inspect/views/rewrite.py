@@ -16,8 +16,10 @@ import numpy as np
 
 from ..rewrite.results import ModuleChange, RescaleResult, TruncateResult
 from ..units import fmt_bytes, fmt_count, fmt_float
+from .layout import glue
 from .render import Table, View
 from .schemas import RESCALE_SCHEMA, TRUNCATE_SCHEMA
+from .words import plural
 
 __all__ = ["TRUNCATE_SCHEMA", "RESCALE_SCHEMA", "truncate_doc", "truncate_view", "rescale_doc", "rescale_view"]
 
@@ -88,10 +90,39 @@ def _calibrated_table(res: TruncateResult, max_rows: int | None) -> Table:
     rows = [(c.name, "×".join(map(str, c.shape)), c.rank_before, c.rank_after, fmt_count(c.params_after),
              fmt_float(c.relative_error), fmt_float(c.output_error_plain or 0.0), fmt_float(c.weight_error or 0.0))
             for c in shown]
-    title = f"{len(res.modules)} modules, calibrated on {(res.calibration or {}).get('tokens', '?')} tokens" + (
+    title = f"{plural(len(res.modules), 'module')}, calibrated on {(res.calibration or {}).get('tokens', '?')} tokens" + (
         f" (first {max_rows}; --all for every module)" if max_rows is not None and len(res.modules) > max_rows else "")
     return Table(title, ["module", "shape", "r", "→ k", "params", "output error", "plain's output error",
                          "weight error"], rows, optional=["weight error"])
+
+
+def _arrow(before: str, after: str) -> str:
+    """``15.4 k → 1.92 k``: wraps after the arrow, never between a number and its unit."""
+    return f"{glue(before)} {glue('→ ' + after)}"
+
+
+def _ranks(ranks: list[int]) -> str:
+    """The ranks chosen in a group: up to three listed, more as their range (the footer counts each)."""
+    if not ranks:
+        return "0"
+    return ",".join(map(str, ranks)) if len(ranks) <= 3 else f"{ranks[0]}–{ranks[-1]}"
+
+
+def _type_table(doc: dict) -> Table:
+    """Per module type and in total: ranks chosen (a range when more than three), parameters and bytes before → after, energy kept,
+    the group's relative error, its worst module and that module's error."""
+    rows: list[Sequence[Any]] = []
+    for t, g in list(doc["by_type"].items()) + [("total", doc["total"])]:
+        rows.append((t, g["modules"], _ranks(g["ranks_after"]),
+                     _arrow(fmt_count(g["params_before"]), fmt_count(g["params_after"])),
+                     _arrow(fmt_bytes(g["bytes_before"]), fmt_bytes(g["bytes_after"])),
+                     f"{g['retained_energy']:.4f}", fmt_float(g["relative_error"]),
+                     fmt_float(g["worst_relative_error"]), g["worst_module"] or "-"))
+    return Table("by module type", ["type", "modules", "k", "params", "bytes", "energy kept", "rel. error",
+                                    "worst error", "worst module"], rows,
+                 justify=["left", "right", "left", "right", "right", "right", "right", "right", "left"],
+                 kinds=["name", "fixed", "fixed", "text", "text", "fixed", "fixed", "fixed", "name"],
+                 optional=("bytes", "worst module", "worst error"))
 
 
 def truncate_view(res: TruncateResult, adapter_block: dict, max_rows: int | None = 40):
@@ -103,20 +134,13 @@ def truncate_view(res: TruncateResult, adapter_block: dict, max_rows: int | None
         rows.append((c.name, "×".join(map(str, c.shape)), c.rank_before,
                      f"{c.rank_after}" + (f" (+{c.stored_rank - c.rank_after} pad)" if c.stored_rank > c.rank_after else ""),
                      fmt_count(c.params_after), f"{c.retained_energy:.4f}", fmt_float(c.relative_error)))
-    title = f"{len(res.modules)} modules" + (f" (first {max_rows}; --all for every module)"
+    title = plural(len(res.modules), "module") + (f" (first {max_rows}; --all for every module)"
                                               if max_rows is not None and len(res.modules) > max_rows else "")
-    tables = [Table(title, ["module", "shape", "r", "→ k", "params", "energy kept", "rel. error"], rows)]
+    tables = [Table(title, ["module", "shape", "r", "→ k", "params", "energy kept", "rel. error"], rows,
+                    kinds=["name"] + ["fixed"] * 6, optional=("shape",))]
     if res.calibration is not None:
         tables = [_calibrated_table(res, max_rows)]
-    trows: list[Sequence[Any]] = []
-    for t, g in list(doc["by_type"].items()) + [("total", doc["total"])]:
-        trows.append((t, g["modules"], ",".join(map(str, g["ranks_after"])) or "0",
-                      f"{fmt_count(g['params_before'])} → {fmt_count(g['params_after'])}",
-                      f"{fmt_bytes(g['bytes_before'])} → {fmt_bytes(g['bytes_after'])}",
-                      f"{g['retained_energy']:.4f}", fmt_float(g["relative_error"]),
-                      f"{g['worst_module']} ({fmt_float(g['worst_relative_error'])})"))
-    tables.append(Table("by module type", ["type", "modules", "k", "params", "bytes", "energy kept", "rel. error",
-                                           "worst module (rel. error)"], trows))
+    tables.append(_type_table(doc))
     w = doc["worst_module"]
     ranks = Counter(res.ranks.values())
     header = [f"wrote {res.output} ({res.output_format}, {fmt_bytes(res.file_bytes_after)}; "
@@ -160,7 +184,7 @@ def rescale_view(res: RescaleResult, adapter_block: dict, max_rows: int | None =
     rows: list[Sequence[Any]] = [(d.name, d.rank, f"{d.alpha_before:g} → {d.alpha_after:g}",
              f"{fmt_float(d.scale_before, 4)} → {fmt_float(d.scale_after, 4)}",
              f"{fmt_float(d.sigma1_before, 4)} → {fmt_float(d.sigma1_after, 4)}") for d in shown]
-    title = f"{len(res.modules)} modules" + (f" (first {max_rows}; --all for every module)"
+    title = plural(len(res.modules), "module") + (f" (first {max_rows}; --all for every module)"
                                               if max_rows is not None and len(res.modules) > max_rows else "")
     how = "B multiplied (config unchanged)" if res.method == "bake" else "alphas scaled"
     header = [f"wrote {res.output}: every ΔW × {res.factor:g} ({how})"

@@ -10,6 +10,7 @@ from typing import Any
 from ..scan import ScanOutcome, ScanSummary
 from .render import Table, View, fmt_bytes, fmt_count, stderr_console
 from .schemas import SCAN_SCHEMA
+from .words import plural, verb
 
 __all__ = ["scan_view", "scan_progress"]
 
@@ -37,11 +38,12 @@ def scan_view(summary: ScanSummary, outcome: ScanOutcome, out: str, backend: str
     data["error_examples"] = [{"path": p, "error": e} for p, e in s.error_examples]
     rate = outcome.new / outcome.seconds if outcome.seconds > 0 else 0.0
     data["rate"] = round(rate, 3)
-    header = [f"{s.adapters} adapters in {out}: {s.analysed} analysed, {s.errors} unreadable, "
-              f"{s.check_failed} failing the policy; {outcome.new} new rows, {outcome.skipped} skipped "
-              f"({backend}, {jobs} job{'s' if jobs != 1 else ''}; {_clock(outcome, process_seconds)})"]
+    header = [f"{plural(s.adapters, 'adapter')} in {out}: {s.analysed} analysed, {s.errors} unreadable, "
+              f"{s.check_failed} failing the policy; {plural(outcome.new, 'new row')}, {outcome.skipped} skipped "
+              f"({backend}, {plural(jobs, 'job')}; {_clock(outcome, process_seconds)})"]
     if outcome.not_adapters:
-        header.append(f"{outcome.not_adapters} tensor files without LoRA keys (base weights) were not counted")
+        n = outcome.not_adapters
+        header.append(f"{plural(n, 'tensor file')} without LoRA keys (base weights) {verb(n, 'was')} not counted")
     tables = [
         Table("by layout", ["layout", "adapters"], [[k, v] for k, v in s.by_layout.items()]),
         Table("rank histogram", ["r", "adapters (stored r)", "adapters (recommended r)"],
