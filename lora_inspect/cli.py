@@ -9,6 +9,7 @@ does not change the exit code: the rest of the output is discarded and the comma
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import sys
@@ -21,9 +22,10 @@ import click
 from . import __version__
 from .errors import EXIT_BAD_INPUT, InspectError
 
-__all__ = ["main"]
+__all__ = ["main", "unknown_command", "HELP_WIDTH"]
 
 DEBUG_FLAG = "--debug"
+HELP_WIDTH = 80  # every --help fits 80 columns, however wide the terminal (and wraps to a narrower one)
 
 
 def _debug_enabled(ctx: click.Context | None) -> bool:
@@ -45,6 +47,13 @@ def hoist_debug(args: list[str]) -> tuple[bool, list[str]]:
     head = [a for a in args[:end] if a != DEBUG_FLAG]
     found = len(head) != end
     return found, ([DEBUG_FLAG] if found else []) + head + args[end:]
+
+
+def unknown_command(name: str, commands: list[str]) -> str:
+    """``no command 'rnak'; did you mean 'rank'?`` (the nearest command by :func:`difflib.get_close_matches`),
+    or a pointer to ``--help`` when none is near."""
+    near = difflib.get_close_matches(name.lower(), commands, n=1)
+    return f"no command {name!r}; " + (f"did you mean {near[0]!r}?" if near else "see 'lora-inspect --help'")
 
 
 def _fail(message: str) -> NoReturn:
@@ -135,6 +144,13 @@ class _Group(click.Group):
 
         return list(COMMANDS)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        """A command name that is not one is one line naming the nearest command, exit 2."""
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and not ctx.resilient_parsing and self.get_command(ctx, name) is None:
+            _fail(unknown_command(name, self.list_commands(ctx)))
+        return super().resolve_command(ctx, args)
+
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         from importlib import import_module
 
@@ -167,7 +183,7 @@ class _Group(click.Group):
             _fail_after_traceback(ctx, f"unexpected {e.__class__.__name__}: {first}{hint}")
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": HELP_WIDTH})
 @click.option("--debug", is_flag=True, help="Print the traceback before the one-line error (accepted anywhere).")
 @click.version_option(__version__, prog_name="lora-inspect")
 @click.pass_context

@@ -22,14 +22,18 @@ _COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_en
 
 @click.command(
     "convert",
+    short_help="Write the adapter in another layout, every ΔW unchanged.",
     epilog="""\b
 Examples:
   lora-inspect convert ./my-adapter --to mlx -o ./my-adapter-mlx
-  lora-inspect convert ./my-adapter --to gguf -o lora.gguf --base ./base-model --dtype fp16
+  lora-inspect convert ./my-adapter --to gguf -o lora.gguf \\
+      --base ./base-model --dtype fp16
   lora-inspect convert ./my-adapter --to kohya -o lora.safetensors
-  lora-inspect convert lora.safetensors --to diffusers -o pytorch_lora_weights.safetensors
+  lora-inspect convert lora.safetensors --to diffusers \\
+      -o pytorch_lora_weights.safetensors
   lora-inspect convert ./mlx-adapter --to peft -o ./peft-adapter --json
-  lora-inspect convert ./peft-unet-adapter --component unet --to kohya -o lora.safetensors
+  lora-inspect convert ./peft-unet-adapter --component unet --to kohya \\
+      -o lora.safetensors
 """,
 )
 @click.argument("adapter", type=click.Path())
@@ -120,14 +124,19 @@ def _dense_message(e: OptionError) -> str:
 
 @click.command(
     "merge",
+    short_help="Write the weighted sum of several adapters as one adapter.",
     epilog="""\b
 Examples:
-  lora-inspect merge ./style ./subject -o ./both                       # exact: rank r1 + r2
+  lora-inspect merge ./style ./subject -o ./both         # exact: rank r1 + r2
   lora-inspect merge ./style ./subject --weights 0.7,0.3 --rank 64 -o ./both
   lora-inspect merge ./a ./b ./c --energy 0.99 -o ./abc --json
-  lora-inspect merge ./peft-adapter kohya.safetensors --to kohya -o merged.safetensors
-  lora-inspect merge ./a ./b --method ties --density 0.2 -o ./ties     # dense: rank max(r1, r2)
-  lora-inspect merge ./a ./b --method dare_ties --density 0.3 --seed 7 --rank 32 -o ./dare
+  lora-inspect merge ./peft-adapter kohya.safetensors --to kohya \\
+      -o merged.safetensors
+  lora-inspect merge ./a ./b --method ties --density 0.2 -o ./ties
+  lora-inspect merge ./a ./b --method dare_ties --density 0.3 --seed 7 \\
+      --rank 32 -o ./dare
+
+A dense --method gives rank max(r1, r2) unless a rank option says otherwise.
 """,
 )
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
@@ -167,11 +176,15 @@ def merge(adapters, out, weights, rank, energy, max_params, max_size, target, dt
     form every input's dense ΔWᵢ = sᵢBᵢAᵢ and prune it elementwise to --density d:
 
     \b
-      magnitude_prune  keep each ΔWᵢ's ⌊d·out·in⌋ largest |entries|, then Σ wᵢ·ΔWᵢ
-      dare_linear      keep each entry with probability d, divide by d, then Σ wᵢ·ΔWᵢ
-      ties             magnitude prune, elect a sign per entry, average the weighted
-                       entries that agree with it (a mean, not a sum)
-      dare_ties        the random prune of dare_linear, then the election of ties
+      magnitude_prune  keep each ΔWᵢ's ⌊d·out·in⌋ largest |entries|,
+                       then Σ wᵢ·ΔWᵢ
+      dare_linear      keep each entry with probability d, divide by d,
+                       then Σ wᵢ·ΔWᵢ
+      ties             magnitude prune, elect a sign per entry, average
+                       the weighted entries that agree with it (a mean,
+                       not a sum)
+      dare_ties        the random prune of dare_linear, then the election
+                       of ties
 
     They are functions of the dense ΔW, not of the factors, and ties/dare are not a weighted sum.
     The result has full rank in general: a dense SVD truncates it to max rᵢ of the module's inputs

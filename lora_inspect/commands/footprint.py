@@ -20,15 +20,19 @@ __all__ = ["footprint_cmd", "footprint"]
 
 @click.command(
     "footprint",
+    short_help="Estimate what an adapter costs: bytes, serving memory, VRAM.",
     epilog="""\b
 Examples:
   lora-inspect footprint ./my-adapter
-  lora-inspect footprint ./my-adapter --base llama-3-8b --quant nf4 --batch 4 --seq 2048 --grad-checkpointing
-  lora-inspect footprint ./my-adapter --base ./Llama-2-7b-hf/config.json --max-loras 8 --max-lora-rank 64
-  lora-inspect footprint ./my-adapter --base mistral-7b --json | jq .vram.training.total_bytes
-\b
-Presets: llama-2-7b, llama-2-13b, llama-3-8b, llama-3-70b, llama-3.2-1b, mistral-7b, qwen2.5-7b,
-qwen2.5-0.5b, gpt2, tiny-llama, tiny-gpt2.
+  lora-inspect footprint ./my-adapter --base llama-3-8b --quant nf4 \\
+      --batch 4 --seq 2048 --grad-checkpointing
+  lora-inspect footprint ./my-adapter --base ./Llama-2-7b-hf/config.json \\
+      --max-loras 8 --max-lora-rank 64
+  lora-inspect footprint ./my-adapter --base mistral-7b --json \\
+      | jq .vram.training.total_bytes
+
+Presets: llama-2-7b, llama-2-13b, llama-3-8b, llama-3-70b, llama-3.2-1b,
+mistral-7b, qwen2.5-7b, qwen2.5-0.5b, gpt2, tiny-llama, tiny-gpt2.
 """,
 )
 @click.argument("adapter", type=click.Path())

@@ -14,6 +14,7 @@ __all__ = ["info", "rank"]
 
 
 @click.command(
+    short_help="Show an adapter's layout, settings, modules and sizes.",
     epilog="""\b
 Examples:
   lora-inspect info ./my-adapter
@@ -32,6 +33,7 @@ def info(adapter: str, fmt: str) -> None:
 
 
 @click.command(
+    short_help="Measure the rank each module really uses; recommend one.",
     epilog="""\b
 Examples:
   lora-inspect rank ./my-adapter

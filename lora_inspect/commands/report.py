@@ -18,7 +18,8 @@ from ..files import AtomicOutput, write_bytes
 from ..formats import load_adapter
 from ..report import REPORT_FORMATS, build_report, require_matplotlib
 from ..views.diff import diff_view
-from ..views.render import emit, progress, stderr_console
+from ..views.render import emit, progress, say
+from ..views.words import plural
 from ._options import ENERGY, base_options, open_base, output_options
 
 __all__ = ["report", "diff"]
@@ -64,12 +65,14 @@ def _report_format(out: Path, fmt: str | None) -> str:
 
 
 @click.command(
+    short_help="Write an HTML or Markdown report page with plots.",
     epilog="""\b
 Examples:
   lora-inspect report ./my-adapter -o report.html
   lora-inspect report ./run-r8 ./run-r64 -o compare.html --energy 0.99
-  lora-inspect report ./my-adapter -o report.md      # Markdown + PNGs beside it (PR comment)
-  lora-inspect report ./my-adapter --base ./base-model --intruders -o report.html
+  lora-inspect report ./my-adapter -o report.md    # Markdown + PNGs beside it
+  lora-inspect report ./my-adapter --base ./base-model --intruders \\
+      -o report.html
 """
 )
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
@@ -122,12 +125,12 @@ def report(adapters: tuple[str, ...], output: str, fmt: str | None, energy: floa
     for p, data in images.items():
         _write_atomic(p, data)
     _write_atomic(out, result.text.encode("utf-8"))
-    extra = f" and {len(images)} images beside it" if images else ""
-    stderr_console().print(f"wrote {out} ({fmt}, {len(reports)} adapter{'s' if len(reports) > 1 else ''}){extra}",
-                           markup=False, highlight=False)
+    extra = f" and {plural(len(images), 'image')} beside it" if images else ""
+    say(f"wrote {out} ({fmt}, {plural(len(reports), 'adapter')}){extra}")
 
 
 @click.command(
+    short_help="Compare two adapters module by module (distance, cosine, φ).",
     epilog="""\b
 Examples:
   lora-inspect diff ./run-seed0 ./run-seed1

@@ -16,7 +16,7 @@ from ..rewrite import rescale as do_rescale
 from ..rewrite import truncate as do_truncate
 from ..units import parse_count, parse_size
 from ..views import adapter_summary
-from ..views.render import emit, progress, warn
+from ..views.render import emit, note, progress, warn
 from ..views.rewrite import rescale_view, truncate_view
 from ._options import output_options
 
@@ -58,7 +58,7 @@ def _say(warnings: list[str], notes: list[str]) -> None:
         warn(w)
     for n in notes:
         if n.startswith("removed "):  # a stale temporary of a killed run: said on stderr too
-            click.echo(f"lora-inspect: note: {n}", err=True)
+            note(n)
 
 
 def _exactly_one(**given) -> None:
@@ -94,14 +94,20 @@ max_params_callback = positive_callback(parse_count, "--max-params")
 
 @click.command(
     "truncate",
+    short_help="Write a lower-rank copy: the best rank-k approximation.",
     epilog="""\b
 Examples:
   lora-inspect truncate ./my-adapter -o ./my-adapter-r16 --rank 16
   lora-inspect truncate ./my-adapter -o ./small --energy 0.95
-  lora-inspect truncate ./my-adapter -o ./small --energy 0.95 --uniform   # one r (vLLM, mlx-lm)
-  lora-inspect truncate lora.safetensors -o lora-20M.safetensors --max-params 20M
+  lora-inspect truncate ./my-adapter -o ./small --energy 0.95 --uniform
+  lora-inspect truncate lora.safetensors -o lora-20M.safetensors \\
+      --max-params 20M
   lora-inspect truncate ./my-adapter -o ./small --max-size 512MiB --json
-  lora-inspect truncate ./my-adapter -o ./r8-cal --rank 8 --calibrate eval.txt --base ./Llama-3.2-1B
+  lora-inspect truncate ./my-adapter -o ./r8-cal --rank 8 \\
+      --calibrate eval.txt --base ./Llama-3.2-1B
+
+--uniform gives every module one rank (zero-padded), for servers that need
+one (vLLM, mlx-lm).
 """,
 )
 @click.argument("adapter", type=click.Path())
@@ -152,11 +158,13 @@ def truncate_cmd(adapter, out, rank, energy, max_params, max_size, uniform, forc
 
 @click.command(
     "rescale",
+    short_help="Write a copy with every module's strength multiplied by F.",
     epilog="""\b
 Examples:
   lora-inspect rescale ./my-adapter -o ./half --factor 0.5
   lora-inspect rescale ./my-adapter -o ./a32 --alpha 32
-  lora-inspect rescale lora.safetensors -o strong.safetensors --factor 1.5 --bake
+  lora-inspect rescale lora.safetensors -o strong.safetensors \\
+      --factor 1.5 --bake
 """,
 )
 @click.argument("adapter", type=click.Path())
