@@ -28,6 +28,7 @@ __all__ = [
     "to_markdown",
     "to_text",
     "terminal_width",
+    "width_known",
     "stderr_console",
     "warn",
     "note",
@@ -82,12 +83,13 @@ def stderr_console():
 
 
 def _say(prefix: str, style: str | None, message: str) -> None:
-    """``prefix`` and ``message`` on stderr, wrapped at spaces to the console's width (rich never
-    re-wraps it: no word is folded)."""
+    """``prefix`` and ``message`` on stderr, wrapped at spaces to the console's width when it has one
+    (:func:`width_known`); rich never re-wraps it, so no word is folded."""
     from rich.text import Text
 
     console = stderr_console()
-    lines = wrap_prose(f"{prefix} {message}" if prefix else message, max(console.width, 20))
+    line = f"{prefix} {message}" if prefix else message
+    lines = wrap_prose(line, max(console.width, 20)) if width_known(sys.stderr) else [line]
     text = Text("\n".join(lines))
     if style:
         text.stylize(style, 0, len(prefix))
@@ -165,7 +167,7 @@ def emit(view: View, fmt: str = "table") -> None:
     elif fmt == "markdown":
         _write(to_markdown(view))
     else:
-        _write(to_text(view, terminal_width()))
+        _write(to_text(view, terminal_width(), wrap=width_known(sys.stdout)))
 
 
 def _write(text: str) -> None:
@@ -182,6 +184,18 @@ def _write(text: str) -> None:
             pass
 
 
+def width_known(stream: Any) -> bool:
+    """Whether a width was given for ``stream``: $COLUMNS, or a terminal. Captured output (a CI log, a
+    file) has none: its tables are laid out at 160 columns, its sentences stay one line each."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
+
+
 def terminal_width() -> int:
     """$COLUMNS when set, else the terminal's width; piped or captured output (a CI log, a file) gets
     160 columns so that module names are not shortened at 80."""
@@ -193,17 +207,21 @@ def terminal_width() -> int:
     return 160
 
 
-def to_text(view: View, width: int) -> str:
+def to_text(view: View, width: int, wrap: bool = True) -> str:
     """The view as plain text that fits ``width`` columns: tables by :func:`layout.render_table`, the
-    header and footer lines wrapped at spaces (continuations indented by two)."""
-    out: list[str] = [ln for line in view.header for ln in wrap_prose(line, width)]
+    header and footer lines wrapped at spaces (continuations indented by two; ``wrap=False``: one line
+    each, for output that goes to no terminal)."""
+    def lines(text: str) -> list[str]:
+        return wrap_prose(text, width) if wrap else [text]
+
+    out: list[str] = [ln for line in view.header for ln in lines(line)]
     for t in view.tables:
         if out:
             out.append("")
         out.extend(render_table(t, width))
     if view.footer:
         out.append("")
-        out.extend(ln for line in view.footer for ln in wrap_prose(line, width))
+        out.extend(ln for line in view.footer for ln in lines(line))
     return "\n".join(out) + "\n"
 
 
