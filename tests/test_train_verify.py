@@ -64,13 +64,66 @@ def test_cli_verify_json(text_run, tmp_path):
     res = CliRunner().invoke(verify_cmd, [str(out), str(half), "--json"])
     assert res.exit_code == 0, res.output
     js = json.loads(res.stdout)
-    assert js["schema"] == "lora-inspect/verify/1" and set(js) == {"schema", "base_loss", "results"}
+    assert js["schema"] == "lora-inspect/verify/1" and set(js) == {"schema", "task", "base_loss", "results"}
+    assert js["task"] == "text"
     a, b = js["results"]
     assert set(a) == {"adapter", "loss", "perplexity", "kl_to_first", "top1_agreement"}
     assert a["kl_to_first"] == 0.0 and a["top1_agreement"] == 1.0
     assert b["kl_to_first"] > 1e-4 and b["loss"] > a["loss"]
     table = CliRunner().invoke(verify_cmd, [str(out), str(half)])
     assert table.exit_code == 0 and "top-1 agreement" in table.output
+    assert "perplexity = exp(loss)" in table.stdout and "┃" not in table.stdout  # the View table, explained
+    # markdown, through the same View: the table, then what the columns are
+    md = CliRunner().invoke(verify_cmd, [str(out), str(half), "--format", "markdown"])
+    assert md.exit_code == 0, md.output
+    lines = md.stdout.splitlines()
+    assert lines[0].startswith("**verify ") and "text task" in lines[0]
+    assert lines[2] == "| adapter | loss | Δ vs base | perplexity | KL to first | top-1 agreement |"
+    assert sum(ln.startswith(f"| {out}") or ln.startswith(f"| {half}") for ln in lines) == 2
+    assert any("next-byte cross-entropy" in ln for ln in lines)
+    assert f"{a['loss']:.6g}" in md.stdout and f"{b['top1_agreement']:.2%}" in md.stdout
+    bad = CliRunner().invoke(verify_cmd, [str(out), "--json", "--format", "markdown"])
+    assert bad.exit_code == 2
+
+
+def test_cli_verify_explains_the_planted_numbers():
+    """A planted run: the loss is a KL to the teacher, the perplexity includes the teacher's entropy — said
+    under the table, with the teacher's own perplexity."""
+    from pathlib import Path
+
+    planted = Path(__file__).resolve().parents[1] / "samples" / "planted"
+    res = CliRunner().invoke(verify_cmd, [str(planted)], env={"COLUMNS": "80", "NO_COLOR": "1"})
+    assert res.exit_code == 0, res.output
+    text = res.stdout
+    assert "KL(teacher ‖ model)" in text and "teacher's own perplexity" in text
+    assert all(len(ln) <= 80 for ln in text.splitlines())
+
+
+@pytest.mark.parametrize("what", ["adapter_dir", "file", "no_heldout"])
+def test_cli_verify_of_something_else_points_to_base_and_data(text_run, tmp_path, what):
+    """verify DIR on an adapter that is not a training output: exit 2, one line naming --base and --data."""
+    import shutil
+
+    out, _, _ = text_run
+    if what == "adapter_dir":
+        target = tmp_path / "adapter"
+        target.mkdir()
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(out / f, target / f)
+    elif what == "file":
+        target = tmp_path / "lora.safetensors"
+        shutil.copy(out / "adapter_model.safetensors", target)
+    else:
+        target = tmp_path / "run"
+        shutil.copytree(out, target)
+        (target / "heldout.safetensors").unlink()
+    from builders import run_cli
+
+    res = run_cli("verify", target)
+    assert res.exit_code == 2 and res.stdout == ""
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith("lora-inspect: error: ") and "not a training output directory" in line
+    assert "--base HF_DIR" in line and "--data FILE" in line
 
 
 def test_cli_train_and_refuse_non_empty(tmp_path):

@@ -13,7 +13,8 @@ __all__ = ["run_hf_verify"]
 
 
 def run_hf_verify(adapters: list[str], base: str, data: str | None, max_tokens: int | None, batch_size: int | None,
-                  device: str, as_json: bool) -> None:
+                  device: str, fmt: str) -> None:
+    """Evaluate ``adapters`` on the Hugging Face model ``base`` and ``data``; write the view in ``fmt``."""
     from ..hf.model import is_hf_dir
     from ..hf.text import DEFAULT_MAX_TOKENS
     from ..hf.verify import verify_hf
@@ -29,8 +30,7 @@ def run_hf_verify(adapters: list[str], base: str, data: str | None, max_tokens: 
         raise click.UsageError("--base HF_DIR needs --data FILE (.txt, or .jsonl with a 'text' field)")
     if device not in ("auto", "cpu", "cuda"):
         raise click.BadParameter(f"{device!r}: use auto, cpu or cuda", param_hint="'--device'")
-    fmt = "json" if as_json else "table"
-    bar = _Bar(enabled=not as_json and stderr_console().is_terminal)
+    bar = _Bar(enabled=fmt == "table" and stderr_console().is_terminal)
     try:
         res = verify_hf(adapters, base, data, max_tokens=max_tokens or DEFAULT_MAX_TOKENS, batch=batch_size or 8,
                         device=device, progress=bar.advance, total=bar.start)

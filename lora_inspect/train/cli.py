@@ -7,15 +7,16 @@ option, exit 2 (integers by click's ranges, floats by :func:`_float_in`, ``--tar
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
+from ..commands._options import output_options
 from ..errors import InspectError
 
 __all__ = ["train", "verify"]
@@ -82,11 +83,14 @@ def _threads(value: str) -> int | None:
     return n
 
 
-@click.command("train", epilog="""\b
+@click.command("train", short_help="Train a LoRA adapter on a planted-rank or text task.", epilog="""\b
 Examples:
-  lora-inspect train --task planted --planted-rank 4 --rank 32 --steps 400 --out runs/planted
-  lora-inspect train --task text --data corpus.txt --rank 8 --targets all-linear --steps 300 --out runs/text
-  torchrun --nproc-per-node 2 -m lora_inspect train --task planted --rank 16 --steps 200 --out runs/ddp
+  lora-inspect train --task planted --planted-rank 4 --rank 32 --steps 400 \\
+      --out runs/planted
+  lora-inspect train --task text --data corpus.txt --rank 8 \\
+      --targets all-linear --steps 300 --out runs/text
+  torchrun --nproc-per-node 2 -m lora_inspect train --task planted \\
+      --rank 16 --steps 200 --out runs/ddp
 """)
 @click.option("--task", type=click.Choice(["planted", "text"]), required=True, help="planted: distil a rank-K teacher; text: next-byte LM on --data.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None, help="UTF-8 text file (--task text).")
@@ -128,61 +132,75 @@ def train(task, data, planted_rank, rank, alpha, rslora, dropout, targets, steps
     s = run_training(out, task=task, data=data, planted_rank=planted_rank, rank=rank, alpha=alpha, rslora=rslora,
                      dropout=dropout, targets=target_spec, model=model, seq_len=seq_len, force=force, train_cfg=cfg)
     if s.get("initial"):
-        click.echo(f"held-out loss {s['initial']['loss']:.6g} → {s['final']['loss']:.6g} in {s['steps']} steps "
-                   f"({s['tokens_per_s']:,.0f} tokens/s); wrote {out}", err=True)
+        from ..views.render import say
+        from ..views.words import plural
+
+        say(f"held-out loss {s['initial']['loss']:.6g} → {s['final']['loss']:.6g} in {plural(s['steps'], 'step')} "
+            f"({s['tokens_per_s']:,.0f} tokens/s); wrote {out}")
 
 
-@click.command("verify", epilog="""\b
+@click.command("verify", short_help="Measure adapters' loss, KL and agreement on held-out data.", epilog="""\b
 Examples:
   lora-inspect verify runs/planted
-  lora-inspect verify runs/planted truncated-r4/ planted-kohya.safetensors --json
-  lora-inspect verify runs/text --data other.txt
-  lora-inspect verify ./adapter ./adapter-r16 --base ./Llama-3.2-1B --data eval.jsonl
+  lora-inspect verify runs/planted truncated-r4/ kohya.safetensors --json
+  lora-inspect verify runs/text --data other.txt --format markdown
+  lora-inspect verify ./adapter ./adapter-r16 --base ./Llama-3.2-1B \\
+      --data eval.jsonl
 
-\b
-DIRECTORY is a training output directory: every adapter must fit its base (same module names and
-shapes). An adapter that is itself a training output directory must also record the same base weights
-(else: refused, exit 2); one trained on another task is evaluated with a note on stderr.
-With --base HF_DIR (a Hugging Face model directory), every argument is an adapter (PEFT dir, kohya,
-mlx-lm or bare file), merged into the base in turn and run on --data (.txt, or .jsonl with a "text"
-field), tokenised with HF_DIR's tokenizer; the first adapter is the reference for KL and agreement.
+DIRECTORY is a training output directory (task.json and heldout.safetensors
+beside the adapter): every adapter must fit its base (same module names and
+shapes). An adapter that is itself a training output directory must also
+record the same base weights (else: refused, exit 2); one trained on another
+task is evaluated with a note on stderr.
+
+With --base HF_DIR (a Hugging Face model directory), every argument is an
+adapter (PEFT dir, kohya, mlx-lm or bare file), merged into the base in turn
+and run on --data (.txt, or .jsonl with a "text" field), tokenised with
+HF_DIR's tokenizer; the first adapter is the reference for KL and agreement.
 """)
 @click.argument("directory", type=click.Path())
 @click.argument("adapters", nargs=-1, type=click.Path())
-@click.option("--base", "base", type=click.Path(), default=None, help="A Hugging Face model directory: evaluate the adapters on it.")
-@click.option("--data", type=click.Path(dir_okay=False), default=None, help="Evaluate on this text (.txt; with --base also .jsonl).")
+@click.option("--base", "base", type=click.Path(), default=None,
+              help="A Hugging Face model directory: evaluate the adapters on it.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Evaluate on this text (.txt; with --base also .jsonl).")
 @click.option("--max-tokens", type=POSITIVE, default=None, help="With --base: at most N tokens of --data (default 65536).")
 @click.option("--batch-size", type=POSITIVE, default=None, help="With --base: sequences per forward pass (default 8).")
 @click.option("--device", default=None, help="auto, cpu or cuda (default: cpu; with --base: auto).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (schema lora-inspect/verify/1) to stdout.")
-def verify(directory, adapters, base, data, max_tokens, batch_size, device, as_json):
+@output_options
+def verify(directory, adapters, base, data, max_tokens, batch_size, device, fmt):
     """Evaluate DIRECTORY's adapter and further ADAPTERS (PEFT dirs, kohya files) on its held-out data,
     or, with --base HF_DIR, each adapter given on a Hugging Face model and --data."""
     if base is not None:
         from ..commands.verify_hf import run_hf_verify
 
-        run_hf_verify([directory, *adapters], base, data, max_tokens, batch_size, device or "auto", as_json)
+        run_hf_verify([directory, *adapters], base, data, max_tokens, batch_size, device or "auto", fmt)
         return
     if max_tokens is not None or batch_size is not None:
         raise click.UsageError("--max-tokens and --batch-size go with --base HF_DIR")
-    if os.path.isfile(directory):
-        raise click.BadParameter(f"Directory '{directory}' is a file.", param_hint="'DIRECTORY'")
+    _require_run(directory)
+    from ..views.render import emit
+    from ..views.verify import verify_view
     from .verify import verify as run_verify
 
     r = run_verify(directory, list(adapters), data=data, device=device or "cpu", note=_note)
-    if as_json:
-        click.echo(json.dumps({"schema": r["schema"], "base_loss": r["base_loss"], "results": r["results"]}, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
+    emit(verify_view(r, directory), fmt)
 
-    t = Table(title=f"verify {directory} ({r['task']} task; base loss {r['base_loss']:.6g})")
-    for col in ("adapter", "loss", "perplexity", "KL to first", "top-1 agreement"):
-        t.add_column(col, justify="left" if col == "adapter" else "right")
-    for x in r["results"]:
-        t.add_row(x["adapter"], f"{x['loss']:.6g}", f"{x['perplexity']:.6g}", f"{x['kl_to_first']:.3g}", f"{x['top1_agreement']:.2%}")
-    Console().print(t)
+
+def _require_run(directory: str) -> None:
+    """DIRECTORY must be a training output directory; anything else (an adapter, a file) is one line
+    saying so and what to give instead (a missing path is the library's "no such directory")."""
+    d = Path(directory)
+    if not d.exists():
+        return
+    missing = [f for f in ("task.json", "heldout.safetensors") if not (d / f).is_file()]
+    if d.is_file() or missing:
+        what = "a file" if d.is_file() else "no " + " and no ".join(missing)
+        raise InspectError(f"{directory}: not a training output directory ({what}); to evaluate adapters on a "
+                           "Hugging Face model give --base HF_DIR --data FILE")
 
 
 def _note(message: str) -> None:
-    click.echo(f"lora-inspect: note: {message}", err=True)
+    from ..views.render import note
+
+    note(message)
