@@ -15,84 +15,12 @@ from safetensors.torch import save_file
 
 from lora_inspect.convert.canon import from_adapter
 from lora_inspect.convert.check import Sketch
-from lora_inspect.formats import load_adapter
-from tests.builders import build_peft, kohya_delta, run_cli, write_kohya, write_mlx
+from lora_inspect.formats import TARGETS, load_adapter
+from tests.builders import build_peft, run_cli, write_mlx
+from tests.layout_builders import BUILDERS, llama_config
 
-G = torch.Generator().manual_seed(1234)
-TARGETS = ["peft", "kohya", "diffusers", "mlx", "gguf"]
-
-
-def rnd(*shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=G) * 0.3
-
-
-def _llama_config(d: Path) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "num_attention_heads": 4,
-           "num_key_value_heads": 2, "num_hidden_layers": 2, "intermediate_size": 64, "vocab_size": 96}
-    (d / "config.json").write_text(json.dumps(cfg))
-    return d
-
-
-def _src_peft(tmp: Path) -> tuple[Path, dict]:
-    b = build_peft(tmp, arch="llama", seed=11, r=4, lora_alpha=8, use_rslora=True,
-                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
-                   rank_pattern={"v_proj": 6}, alpha_pattern={"model.layers.1.self_attn.o_proj": 3})
-    names = [n for n in b.merged_state if n.endswith("_proj.weight") and "lora" not in n
-             and not torch.equal(b.merged_state[n], b.base_state[n])]
-    return b.path, {(None, n.removesuffix(".weight")): b.delta(n.removesuffix(".weight")) for n in names}
-
-
-def _src_kohya(tmp: Path) -> tuple[Path, dict]:
-    mods = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (rnd(4, 16), rnd(16, 4), 2.0),
-            "lora_unet_down_blocks_0_resnets_0_conv1": (rnd(3, 8, 3, 3), rnd(8, 3, 1, 1), 6.0),
-            "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (rnd(2, 12), rnd(12, 2), None)}
-    path = write_kohya(tmp / "k.safetensors", mods)
-    paths = [("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
-             ("unet", "down_blocks.0.resnets.0.conv1"), ("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj")]
-    return path, {p: kohya_delta(*m) for p, m in zip(paths, mods.values())}
-
-
-def _src_mlx(tmp: Path) -> tuple[Path, dict]:
-    mods = {"model.layers.0.self_attn.q_proj": (rnd(32, 4), rnd(4, 32)),
-            "model.layers.1.self_attn.v_proj": (rnd(16, 4), rnd(4, 32)),
-            "model.layers.1.mlp.down_proj": (rnd(32, 4), rnd(4, 64))}
-    path = write_mlx(tmp / "mlx", mods, scale=2.5)
-    return path, {(None, n): 2.5 * (b.double() @ a.double()) for n, (b, a) in mods.items()}
-
-
-def _src_diffusers(tmp: Path) -> tuple[Path, dict]:
-    mods = {"unet.down_blocks.0.attentions.0.proj_in": (rnd(16, 3), rnd(3, 16)),
-            "text_encoder.text_model.encoder.layers.0.self_attn.k_proj": (rnd(12, 2), rnd(2, 12))}
-    sd = {}
-    for n, (b, a) in mods.items():
-        sd[n + ".lora_A.weight"], sd[n + ".lora_B.weight"] = a.contiguous(), b.contiguous()
-    save_file(sd, str(tmp / "pytorch_lora_weights.safetensors"))
-    return tmp / "pytorch_lora_weights.safetensors", {tuple(n.split(".", 1)): b.double() @ a.double()
-                                                      for n, (b, a) in mods.items()}
-
-
-def _src_lycoris(tmp: Path) -> tuple[Path, dict]:
-    w1a, w1b, w2a, w2b = rnd(16, 3), rnd(3, 16), rnd(16, 3), rnd(3, 16)
-    k1, k2a, k2b = rnd(4, 3), rnd(4, 2), rnd(2, 4)
-    sd = {"lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a": w1a,
-          "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b": w1b,
-          "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w2_a": w2a,
-          "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w2_b": w2b,
-          "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(1.5),
-          "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w1": k1,
-          "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w2_a": k2a,
-          "lora_te_text_model_encoder_layers_0_mlp_fc1.lokr_w2_b": k2b,
-          "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "ly.safetensors"))
-    loha = (1.5 / 3) * (w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double())
-    lokr = (1.0 / 2) * torch.kron(k1.double(), k2a.double() @ k2b.double())
-    return tmp / "ly.safetensors", {("unet", "down_blocks.0.attentions.0.proj_in"): loha,
-                                    ("text_encoder", "text_model.encoder.layers.0.mlp.fc1"): lokr}
-
-
-SOURCES = {"peft": _src_peft, "kohya": _src_kohya, "mlx": _src_mlx, "diffusers": _src_diffusers,
-           "lycoris": _src_lycoris}
+# one builder per layout, ΔW from the raw tensors (tests/layout_builders.py, shared with test_layout_registry)
+SOURCES = {name: BUILDERS[name] for name in ("peft", "kohya", "mlx", "diffusers", "lycoris")}
 # what each target can hold: a one-model target refuses a pipeline, diffusers refuses a module without a
 # pipeline component, mlx refuses conv, GGUF needs an LLM architecture
 OK = {"peft": {"peft", "kohya", "mlx", "gguf"}, "kohya": {"kohya", "diffusers"}, "mlx": {"peft", "kohya", "mlx", "gguf"},
@@ -103,8 +31,8 @@ OK = {"peft": {"peft", "kohya", "mlx", "gguf"}, "kohya": {"kohya", "diffusers"},
 def sources(tmp_path_factory):
     out = {}
     for name, make in SOURCES.items():
-        d = tmp_path_factory.mktemp(name)
-        out[name] = make(d)
+        built = make(tmp_path_factory.mktemp(name))
+        out[name] = built.path, built.expected
     return out
 
 
@@ -142,7 +70,7 @@ def _gguf_deltas(out: Path, expected: dict) -> dict:
 def test_pair(sources, source, target, tmp_path):
     src, expected = sources[source]
     out = _out_path(tmp_path, target)
-    extra = ["--base", str(_llama_config(tmp_path / "base"))] if target == "gguf" else []
+    extra = ["--base", str(llama_config(tmp_path / "base"))] if target == "gguf" else []
     res = run_cli("convert", src, "--to", target, "-o", out, "--dtype", "fp32", *extra)
     if target not in OK[source]:
         assert res.exit_code == 2, res.stdout

@@ -17,19 +17,18 @@ def _is_format(node: ast.AST) -> bool:
     return isinstance(node, ast.Attribute) and node.attr in ATTRS
 
 
+def _offends(node: ast.AST) -> bool:
+    if isinstance(node, ast.Compare):
+        return any(_is_format(x) for x in [node.left, *node.comparators])
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        return node.func.attr in ("startswith", "endswith", "removeprefix", "partition", "split") and \
+            _is_format(node.func.value)
+    return isinstance(node, ast.Match) and _is_format(node.subject)
+
+
 def offences(source: str) -> list[int]:
     """Line numbers of format-string comparisons in ``source``."""
-    out = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Compare) and any(_is_format(x) for x in [node.left, *node.comparators]):
-            out.append(node.lineno)
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr in ("startswith", "endswith", "removeprefix", "partition", "split")
-              and _is_format(node.func.value)):
-            out.append(node.lineno)
-        elif isinstance(node, ast.Match) and _is_format(node.subject):
-            out.append(node.lineno)
-    return sorted(out)
+    return sorted(node.lineno for node in ast.walk(ast.parse(source)) if _offends(node))
 
 
 def test_the_scan_sees_every_form():

@@ -104,9 +104,10 @@ def write_checked(layout: "Layout", canon: Canon, out: Path, opts: "WriteOptions
     w.notes += baked
     if w.weights_name is not None and out.suffix in (".safetensors", ".bin", ".gguf"):
         raise InspectError(f"{out}: a {layout.target} adapter is a directory; name a directory, not a {out.suffix} file")
-    if w.weights_name is None and out.suffix != ".safetensors":
-        raise InspectError(f"{out}: a {layout.target} adapter is one .safetensors file; name OUT …​.safetensors")
-    with AtomicOutput(out, suffix="" if w.weights_name else ".safetensors") as atomic:
+    if w.weights_name is None and out.suffix != layout.file_suffix:
+        raise InspectError(f"{out}: a {layout.target} adapter is one {layout.file_suffix} file; name OUT "
+                           f"…​{layout.file_suffix}")
+    with AtomicOutput(out, suffix="" if w.weights_name else layout.file_suffix) as atomic:
         if w.weights_name is None:
             write_safetensors(atomic.tmp, w.tensors, w.metadata or None)
         else:

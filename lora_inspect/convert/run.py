@@ -150,7 +150,7 @@ def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str |
     check_output_path(ad.path, ad.weights_path, out, force, _markers())
     dt_name = dtype or layout.default_dtype(default_dtype(ad))
     with named_file(ad.path, out):
-        canon = from_adapter(ad, native=True)
+        canon = from_adapter(layout_of(ad).with_base(ad, base) if base is not None else ad, native=True)
         if component is not None:
             place_in(canon, component)
         canon = flux_for_target(canon, layout.naming)  # Flux: BFL fused ↔ diffusers split names

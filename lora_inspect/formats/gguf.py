@@ -27,6 +27,7 @@ class GgufLayout(Layout):
     label = "GGUF"
     target: str | None = "gguf"
     merge_target = False
+    file_suffix = ".gguf"
     caps = Capabilities(per_module_rank=True, per_module_alpha=False, dora=False, conv=False, embeddings=True,
                         models=Models.ONE, alpha=AlphaHome.HEADER,
                         why=(("dora", "DoRA (llama.cpp has no magnitude vectors)"),

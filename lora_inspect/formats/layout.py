@@ -147,6 +147,7 @@ class Layout:
     config_file: str | None = None  # the config read beside the weights
     config_required = False  # a directory with weight_files but no config_file is refused
     weight_suffixes: tuple[str, ...] = ()  # weight-file suffixes beyond .safetensors/.bin/.pt/.pth (see open)
+    file_suffix = ".safetensors"  # what OUT must end in when convert writes this layout as one file
 
     # ------------------------------------------------------------------ capabilities, naming, targets
     caps = Capabilities()
@@ -185,6 +186,12 @@ class Layout:
     def canonical_name(self, m: "Module") -> tuple[str | None, str]:
         """(pipeline component, dotted module path) of module ``m``: one model by default."""
         return None, m.name
+
+    def with_base(self, ad: "Adapter", base: Path | None) -> "Adapter":
+        """``ad`` completed with what only its base model knows (``--base``: a GGUF's attention head counts, to
+        undo its Q/K row permutation); ``ad`` itself by default. ``convert`` calls it on the source when
+        ``--base`` is given."""
+        return ad
 
     def carried_config(self, ad: "Adapter") -> dict | None:
         """The config a conversion carries to a PEFT output (task_type, modules_to_save …); None by default."""
