@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
 from ..defaults import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
-from ..formats import layout_for_target, layout_of
+from ..formats import layout_of, writer_of
 from ..formats.capabilities import AlphaHome
 from ..naming import names_line
 from .base import base_doc, base_lines, base_module_doc, base_table
@@ -157,10 +157,10 @@ def largest_recommended(report: RankReport) -> int | None:
 
 
 def _uniform_why(uniform: int, largest: int | None) -> str:
-    """Why ``--rank uniform``: the largest ``rec r`` itself, or that rank rounded up to a power of two."""
+    """Why ``--rank uniform``: every module's ``rec r`` is at most it, or rounded up to it (a power of two)."""
     if largest is None or largest == uniform:
-        return "the largest rec r"
-    return f"the largest rec r, {largest}, rounded up to a power of two"
+        return f"rec r ≤ {uniform} everywhere"
+    return f"rec r ≤ {largest} everywhere, rounded up to a power of two"
 
 
 def action_line(report: RankReport) -> str:
@@ -176,7 +176,7 @@ def action_line(report: RankReport) -> str:
         return "no module could be analysed: nothing to recommend"
     if any(m.algo not in ("lora",) for m in report.adapter.modules):  # LyCORIS: a rewrite is a conversion
         more = " (larger than the file as stored)" if pat > now else ""
-        target = layout_for_target(layout_of(report.adapter).converts_to or "kohya").label  # PEFT LoHa/LoKr → PEFT
+        target = writer_of(report.adapter).label  # PEFT LoHa/LoKr → PEFT LoRA, LyCORIS → kohya
         return (f"truncate --energy {report.energy:g} writes a {target} LoRA keeping ≥ {pct} energy in every module: "
                 f"{fmt_count(now)} → {fmt_count(pat)} parameters{more}")
     largest = largest_recommended(report)
@@ -187,8 +187,8 @@ def action_line(report: RankReport) -> str:
             + (f" (per module, truncate --energy {report.energy:g}: {fmt_count(pat)})" if pat < uni else "")
         )
     if pat < now:
-        why = (f"the largest rec r, {largest}, rounded up to a power of two is not below r={s.max_rank}"
-               if largest is not None and largest < s.max_rank else f"the largest rec r is r={s.max_rank} itself")
+        why = (f"rec r ≤ {largest} everywhere, and rounded up to a power of two that is r={s.max_rank} already"
+               if largest is not None and largest < s.max_rank else f"a module needs its full r={s.max_rank} (rec r)")
         return (f"{why}; per-module ranks (truncate --energy {report.energy:g}) would give "
                 f"{fmt_count(now)} → {fmt_count(pat)} parameters")
     return f"every module needs its full rank to keep {pct} energy: nothing to truncate"
