@@ -22,7 +22,7 @@ __all__ = ["hf_verify_doc", "hf_verify_view", "verify_doc", "verify_view"]
 
 COLUMNS = ["adapter", "loss", "Δ vs base", "perplexity", "KL to first", "top-1 agreement"]
 KINDS = ["path", "fixed", "fixed", "fixed", "fixed", "fixed"]
-OPTIONAL = ("Δ vs base",)  # the base loss is in the title
+OPTIONAL = ("Δ vs base", "perplexity")  # the base loss is in the title; the caption says what perplexity is
 
 _KL_AGREE = ("KL to first = mean over positions of KL(first ‖ this) in nats, the first adapter being the "
              "reference; top-1 agreement = share of positions where this adapter's most likely next token is "
