@@ -29,10 +29,11 @@ import numpy as np
 import torch
 
 from .adapter import Adapter, module_layer, module_type
-from .analysis import SAFE_SIGMA, extreme_module, unit_spectrum
+from .analysis import SAFE_SIGMA, unit_spectrum
 from .errors import InspectError, NonFiniteUpdate
 from .naming import natural_sorted
 from .spectrum import energy_rank, singular_values, svd_factors
+from .ties import extreme_module
 
 __all__ = [
     "ModuleDiff",
@@ -180,8 +181,8 @@ class DiffStats:
 
     ``max_rel_distance``, ``min_cosine`` and ``min_phi`` are the exact extremes; the ``*_module`` next to
     each names the module that holds it, and when several modules hold it to within
-    ``analysis.TIE_RTOL`` (1e-12, e.g. an adapter diffed with itself: every φ is 1 up to rounding)
-    the one in the lowest layer, then by name in natural order (:func:`analysis.extreme_module`) —
+    ``ties.TIE_RTOL`` (1e-12, e.g. an adapter diffed with itself: every φ is 1 up to rounding)
+    the one in the lowest layer, then by name in natural order (:func:`ties.extreme_module`) —
     never whichever rounding made smallest."""
 
     modules: int

@@ -22,7 +22,7 @@ compared bit for bit:
   different digits only for a value within ~1e-15 of a rounding boundary;
 - a self-check's error/tolerance ratio (:data:`_NOISY`) is compared by range only (≤ 1 or not);
 - which module a summary names as the worst does not depend on the last bits either: ties within
-  ``analysis.TIE_RTOL`` go to the lowest layer, then the name (``analysis.extreme_module``).
+  ``ties.TIE_RTOL`` go to the lowest layer, then the name (``ties.extreme_module``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ deliberate change and say which in the commit).
 
 "Equals": text exactly, every number to ``golden_cases.REL_TOL`` (1e-9) relative — never bit for bit,
 since singular values and φ come from BLAS/LAPACK kernels that differ between CPUs in the last bits. The
-module a summary names as the worst does not depend on those bits: ties within ``analysis.TIE_RTOL``
+module a summary names as the worst does not depend on those bits: ties within ``ties.TIE_RTOL``
 go to the lowest layer, then the name (tested here with values perturbed by ±1e-15 relative)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import golden_cases as gc
 import pytest
 
 from lora_inspect import load_adapter
-from lora_inspect.analysis import TIE_RTOL, extreme_module
 from lora_inspect.diff import diff_adapters, summarise
+from lora_inspect.ties import TIE_RTOL, extreme_module
 
 
 @pytest.fixture(scope="module")

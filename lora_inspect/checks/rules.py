@@ -9,6 +9,7 @@ from ..adapter import Adapter
 from ..analysis import unit_spectrum
 from ..naming import names_line, natural_sorted
 from ..spectrum import retained_energy
+from ..ties import extreme_module
 from ..units import fmt_bytes
 from .policy import Policy
 from .result import Result
@@ -99,15 +100,14 @@ def _size_rules(ad: Adapter, p: Policy) -> list[Result]:
 
 
 def _energy_rule(report: "RankReport", tau: float, k: int) -> Result:
-    worst_name, worst = None, 2.0
-    unknown = []
+    unknown, kept = [], []
     for r in report.modules:
         if r.singular_values is None:
             unknown.append(r.name)
             continue
-        e = retained_energy(unit_spectrum(r.singular_values), min(k, len(r.singular_values)))
-        if e < worst:
-            worst_name, worst = r.name, e
+        kept.append((retained_energy(unit_spectrum(r.singular_values), min(k, len(r.singular_values))), r.name))
+    worst_value, worst_name = extreme_module(kept, largest=False)  # ties: lowest layer, then name
+    worst = 2.0 if worst_value is None else worst_value
     limit = f"{tau:g}@{k}"
     if unknown:
         return Result("min-energy", False, None, limit, f"{len(unknown)} modules have non-finite factors (e.g. {unknown[0]})")
