@@ -93,7 +93,7 @@ def info_view(ad: Adapter) -> View:
         ("file size", fmt_bytes(ad.file_bytes)),
         ("dtypes", ", ".join(f"{k} ×{v}" for k, v in ad.dtypes().items())),
     ]
-    tables = [Table(None, ["field", "value"], rows, justify=["left", "left"])]
+    tables = [Table(None, ["field", "value"], rows, justify=["left", "left"], kinds=["fixed", "text"])]
     if extras:
         tables.append(Table("full tensors (not low rank)", ["key", "shape", "dtype", "params", "bytes"],
                             [(e["key"], "×".join(map(str, e["shape"])), e["dtype"], fmt_count(e["params"]), fmt_bytes(e["bytes"])) for e in extras]))

@@ -107,11 +107,12 @@ def glue(text: str) -> str:
 
 
 def _split_long(word: str, w: int) -> tuple[str, str]:
-    """The first line of a word longer than ``w``: up to and including its last ``.``, ``/`` or ``,``
-    that fits (so a module name breaks between components, a list after a comma), else its last ``_``
-    (``down_`` | ``proj`` only when no component boundary fits), else exactly ``w`` characters."""
+    """The first line of a word longer than ``w``: up to and including its last ``/`` that fits (a path
+    breaks between folders), else its last ``.`` or ``,`` (a module name between components, a list
+    after a comma), else its last ``_`` (``down_`` | ``proj`` only when no component boundary fits),
+    else exactly ``w`` characters."""
     head = word[:w]
-    for cut in (max(head.rfind("."), head.rfind("/"), head.rfind(",")), head.rfind("_")):
+    for cut in (head.rfind("/"), max(head.rfind("."), head.rfind(",")), head.rfind("_")):
         if cut >= w // 3:
             return word[: cut + 1], word[cut + 1:]
     return head, word[w:]
