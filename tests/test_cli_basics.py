@@ -36,6 +36,12 @@ def test_hoist_debug_moves_the_flag_to_the_front_but_not_after_double_dash():
     assert hoist_debug(["rank", "x"]) == (False, ["rank", "x"])
 
 
+def test_a_mistyped_command_is_one_line_naming_the_nearest_and_exit_2():
+    res = _run("rnak", PLANTED)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.splitlines() == ["lora-inspect: error: no command 'rnak'; did you mean 'rank'?"]
+
+
 def test_an_error_is_one_line_and_exit_2(tmp_path):
     res = _run("rank", str(tmp_path / "missing"))
     assert res.returncode == 2

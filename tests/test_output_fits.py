@@ -133,6 +133,21 @@ def test_every_table_fits_and_keeps_its_numbers(case, truncated, tmp_path):
 
 
 @pytest.mark.parametrize("width", WIDTHS)
+def test_a_long_path_wraps_between_folders(tmp_path, width):
+    import shutil
+
+    folder = tmp_path / "a-rather-long-folder-name-for-a-narrow-terminal" / "and-another-one-below-it"
+    folder.mkdir(parents=True)
+    target = folder / "planted-kohya.safetensors"
+    shutil.copy(ROOT / KOHYA, target)
+    for command in ("rank", "info"):
+        code, text, err = _invoke([command, target], width)
+        assert code == 0, err
+        assert all(len(ln) <= width for ln in text.splitlines()), text
+    assert any(w.endswith("/planted-kohya.safetensors") or w == "planted-kohya.safetensors" for w in text.split())
+
+
+@pytest.mark.parametrize("width", WIDTHS)
 def test_report_says_what_it_wrote_in_one_fitting_sentence(tmp_path, width):
     pytest.importorskip("matplotlib")
     out = tmp_path / "a-report-with-a-rather-long-name-for-a-narrow-terminal.html"
