@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..kinds import Kind
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..formats.layout import Format
 
 __all__ = ["ModuleOut", "ConvertResult", "MergeModule", "MergeResult"]
 
@@ -14,7 +20,7 @@ class ModuleOut:
 
     source: str
     target: str
-    kind: str
+    kind: Kind
     shape: tuple[int, int]
     rank_in: int
     rank_out: int
@@ -27,7 +33,7 @@ class ModuleOut:
 @dataclass
 class ConvertResult:
     source: Path
-    source_format: str
+    source_format: "Format"
     output: Path
     target: str
     dtype: str
@@ -42,7 +48,7 @@ class ConvertResult:
 @dataclass
 class MergeModule:
     name: str
-    kind: str
+    kind: Kind
     shape: tuple[int, int]
     inputs: list[int]  # ranks per input (0 where the module is absent)
     rank_concat: int  # Σ rᵢ
@@ -57,7 +63,7 @@ class MergeModule:
 @dataclass
 class MergeResult:
     inputs: list[Path]
-    input_formats: list[str]
+    input_formats: list["Format"]
     weights: list[float]
     mode: str  # "exact", or the rank rule and its value: "rank 64", "energy 0.99", "max_params 2e+07" …
     output: Path

@@ -21,7 +21,7 @@ from ..errors import InspectError
 from ..validate import require_regular_file
 from .diffusers import DiffusersLayout
 from .diffusers_attn import DiffusersAttnProcsLayout
-from .gguf import GgufLayout
+from .gguf_read import GgufReadLayout
 from .kohya import KohyaLayout
 from .layout import Capabilities, Format, Found, Held, Layout
 from .lycoris import LycorisLayout
@@ -29,21 +29,23 @@ from .mlx import MlxLayout
 from .peft import PeftLayout, read_config
 from .peft_lycoris import PeftLycorisLayout
 from .tensors import TensorSource, open_tensors
+from .xlabs import XLabsLayout
 
 __all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "layout_of",
-           "layout_for_target", "refuse_inexpressible", "ADAPTER_MARKERS", "WEIGHT_SUFFIXES", "TARGETS",
+           "layout_for_target", "writer_of", "refuse_inexpressible", "ADAPTER_MARKERS", "WEIGHT_SUFFIXES", "TARGETS",
            "MERGE_TARGETS"]
 
 # Tried in order, first match wins (as PEFT's dispatchers). A new layout: one file, one line here.
 LAYOUTS: list[Layout] = [
+    GgufReadLayout(),  # a GGUF file, by its magic (its keys end in .lora_a as mlx-lm's do); also convert --to gguf
     LycorisLayout(),  # any LyCORIS-only key (hada_, lokr_, lora_mid, dora_scale, diff …); plain LoCon stays kohya
+    XLabsLayout(),  # [diffusion_model.]double_blocks.N.processor.…: before kohya (diffusion_model.) and attn-procs
     KohyaLayout(),
     MlxLayout(),
     DiffusersLayout(),  # only without a config beside the file: with one, PEFT reads it
     DiffusersAttnProcsLayout(),
     PeftLycorisLayout(),  # a config with peft_type LOHA/LOKR: PEFT's keys and scale rules
     PeftLayout(),
-    GgufLayout(),  # written by convert --to gguf; llama.cpp's adapters are not read
 ]
 
 # a directory holding one of these is an adapter (--force may replace it; nothing else)
@@ -86,6 +88,12 @@ def refuse_inexpressible(ad: Adapter, out_fmt: Format) -> None:
         raise InspectError(f"{ad.path}: {why}")
 
 
+def writer_of(ad: Adapter) -> Layout:
+    """The layout that writes ``ad``'s conversions and merges (its own, or the target it is written as)."""
+    layout = layout_of(ad)
+    return layout_for_target(layout.converts_to) if layout.converts_to else layout
+
+
 def layout_for_target(target: str) -> Layout:
     """The layout that ``convert --to TARGET`` writes (first in :data:`LAYOUTS`)."""
     for layout in LAYOUTS:
@@ -100,7 +108,9 @@ def _layout_for(keys: list[str], found: Found) -> Layout | None:
 
 def _from_file(found: Found) -> Adapter:
     path = found.weights
-    source = next((s for layout in LAYOUTS if (s := layout.open(path)) is not None), None) or open_tensors(path)
+    opened = (layout.open(path) for layout in LAYOUTS)  # a container a layout opens itself (GGUF), else ours
+    source = next((s for s in opened if s is not None), None)
+    source = source if source is not None else open_tensors(path)
     keys = source.keys()
     if not keys:
         raise InspectError(f"{path}: the file holds no tensors")

@@ -84,7 +84,7 @@ def _kohya_alpha_key(m: Module) -> str | None:
 
 def _comfy_flux(keys: list[str]) -> bool:
     """ComfyUI's dotted Flux names (``diffusion_model.double_blocks.…``); XLabs' ``….processor.qkv_lora1.down``
-    files share the prefix but not the module names, and are refused by :meth:`KohyaLayout.read`."""
+    files share the prefix but not the module names, and are read by :mod:`.xlabs` (tried before this layout)."""
     return any(k.startswith(COMFY_FLUX) for k in keys)
 
 
@@ -116,10 +116,6 @@ class KohyaLayout(KohyaNaming, Layout):
         check_lycoris(source, found.config_path)
         keys = source.keys()
         comfy = _comfy_flux(keys)
-        xlabs = next((k for k in keys if comfy and ".processor." in k), None)
-        if xlabs is not None:
-            raise InspectError(f"{source.path}: {xlabs!r}: XLabs' Flux LoRA key style (processor.qkv_lora1/proj_lora1) "
-                               "is not read")
         groups, rest = group_keys(keys, COMFY_SUFFIXES if comfy else KOHYA_SUFFIXES)
         modules, notes, missing = [], [], 0
         for name in sorted(groups):

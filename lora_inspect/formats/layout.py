@@ -9,35 +9,45 @@ list: the files that mark an adapter directory (``ADAPTER_MARKERS``), the weight
 layout object (``ad.layout``) or by its typed fields.
 
 How to add a layout — one new file in this package and one line in ``LAYOUTS`` (before any layout
-whose detection would also accept its files), touching nothing else:
+whose detection would also accept its files), touching nothing else (examples: ``formats/xlabs.py``,
+``formats/gguf_read.py``). What a layout declares:
 
 1. **Identity.** Subclass :class:`Layout` (or :class:`DirectoryLayout` for a directory with a config):
    ``name`` (what ``detect_format`` reports), ``label`` (how messages call it; defaults to ``name``) and
    its own :class:`Format` enum for the ``format`` its adapters report in JSON, listed in ``formats``.
-2. **Detection.** :meth:`Layout.matches` (key names and the config found beside them); for files that
-   are not safetensors/pickles also ``weight_suffixes`` and :meth:`Layout.open`.
+2. **Detection.** :meth:`Layout.matches` (key names and the config found beside them); a file that is
+   not safetensors or a pickle also needs ``weight_suffixes`` and :meth:`Layout.open` (its TensorSource).
 3. **Reading.** :meth:`Layout.read` returns an :class:`~lora_inspect.adapter.Adapter` (the helpers of
-   :mod:`.common` pair the keys; a new update type is an :class:`~lora_inspect.adapter.Update`).
-4. **Naming.** ``naming`` (:class:`Naming`) and :meth:`Layout.canonical_name`: a module's name → its
-   (pipeline component, dotted path), which is how ``convert``, ``merge`` and ``diff`` match modules
-   across layouts; ``key_prefix`` when every key carries one (PEFT's ``base_model.model.``).
-5. **Capabilities.** ``caps`` (:class:`~.capabilities.Capabilities`): what the format can hold. A
-   conversion, merge or rewrite into the layout that needs more is refused in one line from ``caps``
-   alone, before anything is written.
-6. **Writing.** Same-layout rewrites (``truncate``, ``rescale``): :meth:`Layout.truncated`,
-   :meth:`Layout.rescaled`, :meth:`Layout.baked` and, for directories or other containers,
-   :meth:`Layout.write`. As a ``convert``/``merge`` target: set ``target`` (the ``--to`` name) and
-   implement :meth:`Layout.convert_tensors` (canonical modules → tensors, config, per-module records;
-   :mod:`lora_inspect.convert.writers` has the shared pieces and :func:`~lora_inspect.convert.writers.dispatch`
-   for an ordered list of per-module handlers, first match wins); a container other than safetensors
-   overrides :meth:`Layout.write_converted`. A layout that is read only sets ``writes_as`` to the target
-   its adapters are written as (a merge's default output).
+   :mod:`.common` pair the keys; a new update type is an :class:`~lora_inspect.adapter.Update`, a new
+   stored orientation an :class:`~lora_inspect.orientation.Orientation`); :meth:`Layout.with_base` when
+   the base model completes it (``--base``); :meth:`Layout.directory_notes` for notes on a directory.
+4. **Naming.** ``naming`` (:class:`Naming`: one model, pipeline components, kohya names) and
+   :meth:`Layout.canonical_name`: a module → its (pipeline component, dotted path), which is how
+   ``convert``, ``merge`` and ``diff`` match modules across layouts (mixins: ``kohya.KohyaNaming``,
+   ``diffusers.PipelineNaming``); ``key_prefix`` when every key carries one (PEFT's ``base_model.model.``);
+   :meth:`Layout.carried_config` for a config a conversion carries (PEFT's task_type, modules_to_save).
+5. **Capabilities.** ``caps`` (:class:`~.capabilities.Capabilities`): per-module rank and α, DoRA (on
+   embeddings, all-or-none), conv, embeddings, full tensors, one model or a pipeline, where α lives, and
+   the reason given for each refusal. A conversion or merge into the layout, or a rewrite written in it,
+   that needs more is refused in one line from ``caps`` alone (:meth:`Layout.refusal`), before anything
+   is written; ranks and scales it cannot store per module are padded or baked by its writer.
+6. **Writing.** Same-layout rewrites (``truncate``, ``rescale``): :meth:`Layout.output_format`,
+   :meth:`Layout.global_alpha`, :meth:`Layout.truncated`, :meth:`Layout.rescaled`, :meth:`Layout.baked` and,
+   for directories or other containers, :meth:`Layout.write`, :meth:`Layout.tmp_suffix`,
+   :meth:`Layout.weights_file`. As a ``convert``/``merge`` target: ``target`` (the ``--to`` name) and
+   :meth:`Layout.convert_tensors` (canonical modules → tensors, config, per-module records, one file
+   ending in ``file_suffix`` or a directory; :mod:`lora_inspect.convert.writers` has the shared pieces and
+   :func:`~lora_inspect.convert.writers.dispatch` for an ordered list of per-module handlers, first match
+   wins); another container overrides :meth:`Layout.write_converted`; ``merge_target = False`` keeps it
+   out of ``merge --to``; :meth:`Layout.default_dtype` and :meth:`Layout.locate_base` adjust the options.
+   A layout that is read only sets ``writes_as``: the target its adapters are written as (merge's default).
 7. **Markers.** ``marker_files``: files whose presence makes a directory an adapter of this layout
-   (``--force`` may replace such a directory); ``weight_files`` and ``config_file`` for a directory
-   layout, found in that order.
+   (``--force`` may replace such a directory); ``weight_files``, ``config_file`` and ``config_required``
+   for a directory layout, found in ``LAYOUTS`` order.
 
-``tests/test_layout_registry.py`` then runs every command on the new layout, once its builder is added
-to ``tests/layout_builders.py`` (the test fails for a layout without one).
+Then add its builder to ``tests/layout_builders.py`` (a small adapter and its ΔW from the raw tensors):
+``tests/test_layout_registry.py`` runs every command on every registered layout and fails for a layout
+without one.
 """
 
 from __future__ import annotations
