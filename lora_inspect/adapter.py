@@ -229,8 +229,8 @@ class Adapter:
     """A whole adapter: its layout, global settings, low-rank modules and full tensors."""
 
     path: Path  # what the user named (directory or file)
-    # the reading layout's own enum (its ``formats``, lora_inspect.formats.LAYOUTS): "peft", "peft-safetensors",
-    # "peft-bin", "kohya", "lycoris", "diffusers", "diffusers-attn-procs", "mlx" in JSON
+    # a member of the reading layout's own Format enum (its ``formats``; PEFT LoHa/LoKr report PEFT's), shown
+    # in JSON as its value: "peft", "peft-safetensors", "peft-bin", "kohya", "lycoris", "mlx", "gguf" …
     format: "Format"
     weights_path: Path
     source: "TensorSource" = field(repr=False)
