@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from ..kinds import Choice, Kind
 
-__all__ = ["AlphaHome", "Models", "Capabilities", "Held", "refusal"]
+__all__ = ["AlphaHome", "Models", "Rule", "Capabilities", "Held", "refusal"]
 
 
 class AlphaHome(Choice):
@@ -35,9 +36,10 @@ class Models(Choice):
     ANY = "any"  # either (kohya: lora_unet_/lora_te_ prefixes, lora_te_ for a one-model adapter)
 
 
-# why a module is refused, by rule: the defaults; a layout overrides any of them in ``Capabilities.why``
-# ({label} is the layout's label, {kind} the module's kind)
-_WHY = {
+# the rules a refusal cites; why a module is refused under each: the defaults, which a layout overrides in
+# ``Capabilities.why`` ({label} is the layout's label, {kind} the module's kind)
+Rule = Literal["pipeline", "component", "dora", "dora_embedding", "dora_partial", "conv", "embedding"]
+_WHY: dict[Rule, str] = {
     "pipeline": "write diffusers or kohya instead",
     "component": "{label} files name a pipeline component (unet, transformer, text_encoder …) and this module has "
                  "none: name it, or write peft",
@@ -63,7 +65,7 @@ class Capabilities:
     full_tensors: bool = False  # full tensors beside the modules (PEFT's modules_to_save)
     models: Models = Models.ANY
     alpha: AlphaHome = AlphaHome.CONFIG
-    why: tuple[tuple[str, str], ...] = ()  # (rule, reason) overriding the default reasons of refusals
+    why: tuple[tuple[Rule, str], ...] = ()  # (rule, reason) overriding the default reasons of refusals
     one_rank_only: bool = False  # always ``not per_module_rank`` (given True, it sets per_module_rank False)
 
     def __post_init__(self) -> None:
@@ -72,7 +74,7 @@ class Capabilities:
         object.__setattr__(self, "one_rank_only", not self.per_module_rank)
         object.__setattr__(self, "alpha", AlphaHome(self.alpha))
 
-    def reason(self, rule: str, label: str, kind: str = "") -> str:
+    def reason(self, rule: Rule, label: str, kind: str = "") -> str:
         return dict(self.why).get(rule, _WHY[rule]).format(label=label, kind=kind)
 
 
