@@ -231,3 +231,20 @@ def test_a_long_name_in_prose_breaks_between_components():
     lines = wrap_text("worst module.layers.1.mlp.down_proj here", 20)
     assert all(len(ln) <= 20 for ln in lines)
     assert not any(ln.endswith("down_") for ln in lines)  # a dot before an underscore
+
+
+def test_wrapped_lines_never_exceed_their_width():
+    """Random words of letters and separators (seeded): every line of wrap_text fits its width (the first
+    and the later ones), no character is lost, and wrap_prose's indented lines fit too."""
+    import random
+
+    from lora_inspect.views.layout import wrap_prose
+
+    rng = random.Random(18)
+    for _ in range(3000):
+        words = ["".join(rng.choice("ab./_,") for _ in range(rng.randint(0, 30))) for _ in range(rng.randint(1, 12))]
+        text, w, later = " ".join(words), rng.randint(1, 40), rng.randint(1, 40)
+        out = wrap_text(text, w, later)
+        assert len(text) <= w or all(len(ln) <= (w if i == 0 else later) for i, ln in enumerate(out)), (text, w, later)
+        assert "".join(out).replace(" ", "") == text.replace(" ", "")
+        assert all(len(ln) <= w + 3 for ln in wrap_prose(text, w + 3))

@@ -119,28 +119,24 @@ def _split_long(word: str, w: int) -> tuple[str, str]:
 
 
 def wrap_text(text: str, w: int, later: int | None = None) -> list[str]:
-    """Greedy word wrap at spaces; a word longer than the line (a path, a name) is split across lines
+    """Greedy word wrap at spaces; a word longer than its line (a path, a name) is split across lines
     between its components where possible. ``later``: the width of every line after the first
     (default ``w``)."""
     if len(text) <= w:
         return [text]
-    widths = [max(w, 1), max(later if later is not None else w, 1)]
+    first, rest = max(w, 1), max(later if later is not None else w, 1)
     lines: list[str] = []
     cur = ""
     for word in text.split(" "):
-        while len(word) > widths[bool(lines)] and not (cur and len(word) <= widths[1]):
-            if cur:
-                lines.append(cur)
-                cur = ""
-            first, word = _split_long(word, widths[bool(lines)])
-            lines.append(first)
-        if not cur:
-            cur = word
-        elif len(cur) + 1 + len(word) <= widths[bool(lines)]:
+        if cur and len(cur) + 1 + len(word) <= (rest if lines else first):
             cur += " " + word
-        else:
+            continue
+        if cur:
             lines.append(cur)
-            cur = word
+        while len(word) > (rest if lines else first):
+            head, word = _split_long(word, rest if lines else first)
+            lines.append(head)
+        cur = word
     if cur or not lines:
         lines.append(cur)
     return lines
@@ -152,8 +148,10 @@ def wrap_prose(text: str, width: int) -> list[str]:
     if len(text) <= width:
         return [text]
     lead = len(text) - len(text.lstrip(" "))
-    pad = " " * lead + INDENT
-    lines = wrap_text(text[lead:], max(width - lead, 1), max(width - len(pad), 1))
+    if width - lead < TEXT_FLOOR:  # no room for the text's own indent: it goes
+        lead = 0
+    pad = " " * lead + (INDENT if width - lead - len(INDENT) >= TEXT_FLOOR else "")
+    lines = wrap_text(text[lead:].lstrip(" "), max(width - lead, 1), max(width - len(pad), 1))
     return [" " * lead + lines[0]] + [pad + ln for ln in lines[1:]]
 
 
