@@ -192,6 +192,54 @@ def test_merge_of_a_gguf_and_itself_is_twice_its_delta(tmp_path):
                   {k: 2 * d for k, d in llamacpp_deltas("llama-rslora-f32").items()}, 1e-5)
 
 
+LLAMA_F32 = [c for c in F32 if CASES[c][0] == "llama"]
+
+
+@pytest.mark.parametrize("case", LLAMA_F32)
+def test_merge_cli_with_base_of_a_llama_gguf_and_itself_is_twice_what_llamacpp_applies(case, tmp_path):
+    src, out = DATA / f"{case}.gguf", tmp_path / "m"
+    res = run_cli("merge", src, src, "--to", "peft", "--base", DATA / "llama-base", "-o", out)
+    assert res.exit_code == 0, res.stderr
+    assert_deltas(peft_deltas(out, "llama"), {k: 2 * d for k, d in llamacpp_deltas(case).items()}, 1e-5)
+
+
+@pytest.mark.parametrize("gguf_first", [True, False])
+def test_merge_cli_with_base_of_a_llama_gguf_and_its_peft_source_is_twice_peft(gguf_first, tmp_path):
+    """llama-plain has one α and no rsLoRA, so its GGUF applies PEFT's ΔW; either input order, --base as a
+    directory or its config.json (a PEFT first input needs no --to)."""
+    base = DATA / "llama-base" if gguf_first else DATA / "llama-base" / "config.json"
+    pair = [DATA / "llama-plain-f32.gguf", DATA / "llama-plain"]
+    out = tmp_path / "m"
+    res = run_cli("merge", *(pair if gguf_first else pair[::-1]), "--base", base, "-o", out,
+                  *(("--to", "peft") if gguf_first else ()))
+    assert res.exit_code == 0, res.stderr
+    want = peft_deltas(DATA / "llama-plain", "llama")
+    assert_deltas(peft_deltas(out, "llama"), {k: 2 * d for k, d in want.items()}, 1e-5)
+
+
+def test_merge_and_diff_cli_refuse_a_llama_gguf_without_base_in_one_line(tmp_path):
+    gg, peft = DATA / "llama-plain-f32.gguf", DATA / "llama-plain"
+    for args in ((gg, gg, "--to", "peft"), (peft, gg), (gg, peft, "--to", "peft", "--method", "ties", "--density",
+                                                        "0.5")):
+        one_line_error(run_cli("merge", *args, "-o", tmp_path / "m"), "--base", str(gg), "Q/K")
+        assert not (tmp_path / "m").exists() and not list(tmp_path.iterdir())
+    one_line_error(run_cli("diff", gg, peft), "--base", str(gg), "Q/K")
+    one_line_error(run_cli("merge", gg, peft, "--to", "peft", "--base", DATA / "qwen2-base", "-o", tmp_path / "m"),
+                   "--base", "model_type 'qwen2'")
+    assert not list(tmp_path.iterdir())
+
+
+def test_diff_cli_with_base_compares_a_llama_gguf_in_transformers_space():
+    """The GGUF against its PEFT source: the same ΔW (its factors are PEFT's, Q/K un-permuted); f32 against
+    f16: the f16 rounding only."""
+    gg, base = DATA / "llama-plain-f32.gguf", DATA / "llama-base"
+    doc = cli_json("diff", gg, DATA / "llama-plain", "--base", base)
+    assert doc["summary"]["compared"] == len(llamacpp_deltas("llama-plain-f32")) == len(doc["modules"])
+    assert doc["summary"]["max_rel_distance"] <= 1e-12 and doc["summary"]["min_cosine"] >= 1 - 1e-12
+    doc = cli_json("diff", gg, DATA / "llama-plain-f16.gguf", "--base", base)
+    assert 0 < doc["summary"]["max_rel_distance"] <= 2e-3 and doc["summary"]["min_cosine"] >= 1 - 1e-6
+
+
 # ------------------------------------------------------------------ truncate and rescale: GGUF written back
 
 def test_truncate_writes_a_gguf_with_the_intended_spectrum(tmp_path):

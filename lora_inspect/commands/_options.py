@@ -8,7 +8,7 @@ import click
 
 from ..views.render import FORMATS
 
-__all__ = ["output_options", "resolve_format", "ENERGY", "base_options", "open_base"]
+__all__ = ["output_options", "resolve_format", "ENERGY", "base_options", "open_base", "heads_option", "with_heads"]
 
 # τ, the fraction of Σσ² a recommendation keeps: the library checks it too, in words without flags
 ENERGY = click.FloatRange(0.0, 1.0, min_open=True)
@@ -64,3 +64,25 @@ def open_base(base: str | None, intruders: bool, basis_cache: str | None):
     from ..basemetrics import BasisCache
 
     return open_base_checkpoint(base), BasisCache(Path(basis_cache) if basis_cache else None)
+
+
+def heads_option(func):
+    """``--base DIR`` for a command that reads the transformers-space ΔW of its inputs (``merge``, ``diff``):
+    the base model whose config.json gives a llama-family GGUF's head counts, as ``convert``'s --base does for
+    a GGUF source; the command receives ``base`` and passes its adapters through :func:`with_heads`."""
+    return click.option(
+        "--base", "base", type=click.Path(exists=True), default=None, metavar="DIR",
+        help="GGUF: the base model directory or its config.json (model_type, num_attention_heads, "
+        "num_key_value_heads), to undo a llama GGUF's Q/K row permutation.")(func)
+
+
+def with_heads(ads: list, base: str | None) -> list:
+    """Each adapter completed by its base model (:meth:`~lora_inspect.formats.layout.Layout.with_base`): a
+    llama-family GGUF's permuted Q/K modules get their head counts from ``base``; without ``base``, an adapter
+    that needs them is refused in one line naming --base, before anything is computed or written."""
+    from pathlib import Path
+
+    from ..formats import layout_of
+
+    where = Path(base) if base is not None else None
+    return [layout_of(ad).with_base(ad, where) for ad in ads]

@@ -11,7 +11,7 @@ from ..formats import MERGE_TARGETS, TARGETS, load_adapter
 from ..rewrite import TruncateSpec
 from ..units import parse_size
 from ..views.render import emit, warn
-from ._options import output_options
+from ._options import heads_option, output_options, with_heads
 from .rewrite import as_usage, max_params_callback, max_size_callback, positive_callback, with_flag
 
 __all__ = ["convert", "merge"]
@@ -45,7 +45,9 @@ Examples:
               help="GGUF: the base's llama.cpp architecture (llama, qwen2 …); default: model_type in --base.")
 @click.option("--base", type=click.Path(exists=True), default=None,
               help="GGUF: the base model directory or its config.json (model_type, num_attention_heads, "
-                   "num_key_value_heads); default: the adapter's base_model_name_or_path when that folder exists.")
+                   "num_key_value_heads); default: the adapter's base_model_name_or_path when that folder exists. "
+                   "LyCORIS, PEFT LoHa/LoKr: the base checkpoint (as rank --base), for OFT/BOFT/(IA)³ ΔW and the "
+                   "kernels of flattened convs.")
 @click.option("--component", type=click.Choice(_COMPONENTS), default=None,
               help="A one-model adapter (PEFT, mlx-lm) trained on this pipeline part, for diffusers/kohya output.")
 @click.option("--unet-names", type=click.Choice(("auto", "sgm", "diffusers")), default="auto", show_default=True,
@@ -117,6 +119,35 @@ def _dense_spec(method, density, majority_sign, seed, dense_dtype, dense_limit):
     return spec
 
 
+def _truncate_spec(rank, energy, max_params, max_size) -> TruncateSpec | None:
+    """The TruncateSpec of merge's rank options, None for none (usage errors name the flags)."""
+    given = [x for x in (rank, energy, max_params, max_size) if x is not None]
+    if len(given) > 1:
+        raise click.UsageError("give at most one of --rank, --energy, --max-params, --max-size")
+    if not given:
+        return None
+    spec = TruncateSpec(rank=rank, energy=energy, max_params=max_params, max_bytes=max_size)
+    try:
+        spec.validate()
+    except OptionError as e:
+        raise as_usage(e) from e
+    return spec
+
+
+def _run_merge(ads, out: Path, **options):
+    """:func:`lora_inspect.convert.merge.merge` with its errors said with merge's flags."""
+    from ..convert.merge import merge as do_merge
+
+    try:
+        return do_merge(ads, out, **options)
+    except OptionError as e:
+        raise as_usage(e) from e
+    except InspectError as e:
+        if e.option == "max_bytes_dense":
+            raise InspectError(e.message, hint="--dense-dtype fp32 needs about half; --dense-limit raises the limit") from e
+        raise with_flag(e) from e
+
+
 def _dense_message(e: OptionError) -> str:
     flag = _DENSE_FLAGS.get(e.option or "", e.option or "")
     return e.message.replace(f"{e.option} must", f"{flag} must", 1)
@@ -132,6 +163,7 @@ Examples:
   lora-inspect merge ./a ./b ./c --energy 0.99 -o ./abc --json
   lora-inspect merge ./peft-adapter kohya.safetensors --to kohya \\
       -o merged.safetensors
+  lora-inspect merge a.gguf b.gguf --base ./Llama-3.2-1B --to peft -o ./ab
   lora-inspect merge ./a ./b --method ties --density 0.2 -o ./ties
   lora-inspect merge ./a ./b --method dare_ties --density 0.3 --seed 7 \\
       --rank 32 -o ./dare
@@ -149,6 +181,7 @@ A dense --method gives rank max(r1, r2) unless a rank option says otherwise.
 @click.option("--to", "target", type=click.Choice(MERGE_TARGETS), default=None,
               help="Output layout (default: the first adapter's).")
 @click.option("--dtype", type=click.Choice(_DTYPES), default=None, help="Dtype of the written factors.")
+@heads_option
 @click.option("--method", type=click.Choice(_METHODS), default="sum", show_default=True,
               help="sum: the exact Σ wᵢ·ΔWᵢ in factor space. The others act on the dense ΔWᵢ (see below).")
 @click.option("--density", type=float, default=None, help="Dense methods: the fraction of each ΔWᵢ kept, in (0, 1].")
@@ -162,8 +195,8 @@ A dense --method gives rank max(r1, r2) unless a rank option says otherwise.
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
 @output_options
-def merge(adapters, out, weights, rank, energy, max_params, max_size, target, dtype, method, density, majority_sign,
-          seed, dense_dtype, dense_limit, force, show_all, fmt):
+def merge(adapters, out, weights, rank, energy, max_params, max_size, target, dtype, base, method, density,
+          majority_sign, seed, dense_dtype, dense_limit, force, show_all, fmt):
     """Write the exact weighted sum Σ wᵢ·ΔWᵢ of ADAPTERS to OUT (or a dense --method).
 
     Computed per module in factor space (scaled B's side by side, A's stacked, QR of both, a small
@@ -171,6 +204,7 @@ def merge(adapters, out, weights, rank, energy, max_params, max_size, target, dt
     updates are linearly dependent); --rank/--energy/--max-params/--max-size keep the best
     approximation (Eckart–Young), chosen as truncate does. Works across ranks, rsLoRA, patterns and
     layouts (module names must map onto each other); DoRA is refused. Atomic and self-checked.
+    A llama-family GGUF stores Q/K rows permuted per head: --base gives the head counts.
 
     Dense methods (PEFT's ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd): per module,
     form every input's dense ΔWᵢ = sᵢBᵢAᵢ and prune it elementwise to --density d:
@@ -195,32 +229,15 @@ def merge(adapters, out, weights, rank, energy, max_params, max_size, target, dt
     from a generator seeded by --seed and the module name: the same seed and options give the same
     file, whatever the order of the modules.
     """
-    from ..convert.merge import merge as do_merge
     from ..views.algebra import merge_view
 
-    given = [x for x in (rank, energy, max_params, max_size) if x is not None]
-    if len(given) > 1:
-        raise click.UsageError("give at most one of --rank, --energy, --max-params, --max-size")
-    spec = None
-    if given:
-        spec = TruncateSpec(rank=rank, energy=energy, max_params=max_params, max_bytes=max_size)
-        try:
-            spec.validate()
-        except OptionError as e:
-            raise as_usage(e) from e
+    spec = _truncate_spec(rank, energy, max_params, max_size)
     dense = _dense_spec(method, density, majority_sign, seed, dense_dtype, dense_limit)
     if len(adapters) < 2:
         raise click.UsageError("merge needs at least two adapters")
-    ads = [load_adapter(a) for a in adapters]
-    try:
-        res = do_merge(ads, Path(out), weights=weights, spec=spec, target=target, dtype=dtype, force=force,
-                       dense=dense)
-    except OptionError as e:
-        raise as_usage(e) from e
-    except InspectError as e:
-        if e.option == "max_bytes_dense":
-            raise InspectError(e.message, hint="--dense-dtype fp32 needs about half; --dense-limit raises the limit") from e
-        raise with_flag(e) from e
+    ads = with_heads([load_adapter(a) for a in adapters], base)
+    res = _run_merge(ads, Path(out), weights=weights, spec=spec, target=target, dtype=dtype, force=force,
+                     dense=dense)
     for n in res.notes:
         if n.startswith("removed "):
             warn(n)

@@ -20,7 +20,7 @@ from ..report import REPORT_FORMATS, build_report, require_matplotlib
 from ..views.diff import diff_view
 from ..views.render import emit, progress, say
 from ..views.words import plural
-from ._options import ENERGY, base_options, open_base, output_options
+from ._options import ENERGY, base_options, heads_option, open_base, output_options, with_heads
 
 __all__ = ["report", "diff"]
 
@@ -136,6 +136,7 @@ Examples:
   lora-inspect diff ./run-seed0 ./run-seed1
   lora-inspect diff ./adapter ./adapter-r4 --top 4
   lora-inspect diff ckpt-1000/ ckpt-2000/ --json | jq .summary.mean_cosine
+  lora-inspect diff a.gguf ./peft-adapter --base ./Llama-3.2-1B
 """
 )
 @click.argument("a", type=click.Path())
@@ -148,14 +149,17 @@ Examples:
     "--top", type=click.IntRange(min=1), default=1, show_default=True,
     help="K: subspace similarity φ(i, i) over the top i = min(K, rank@τ of A, rank@τ of B) singular directions.",
 )
+@heads_option
 @click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
 @output_options
-def diff(a: str, b: str, energy: float, top: int, show_all: bool, fmt: str) -> None:
+def diff(a: str, b: str, energy: float, top: int, base: str | None, show_all: bool, fmt: str) -> None:
     """Compare adapters A and B module by module: relative distance ‖ΔW_A − ΔW_B‖_F / ‖ΔW_A‖_F,
     cosine similarity, and subspace similarity φ of the top singular directions (LoRA paper §7).
 
     Exact, from the factors' small cores — no dense ΔW is formed. Modules are paired by name (PEFT
-    with PEFT, kohya with kohya); modules on one side only, and shape mismatches, are listed.
+    with PEFT, kohya with kohya); modules on one side only, and shape mismatches, are listed. A
+    llama-family GGUF stores Q/K rows permuted per head: --base gives the head counts.
     """
-    res = diff_adapters(load_adapter(a), load_adapter(b), top=top, energy=energy)
+    ad_a, ad_b = with_heads([load_adapter(a), load_adapter(b)], base)
+    res = diff_adapters(ad_a, ad_b, top=top, energy=energy)
     emit(diff_view(res, max_rows=None if show_all or fmt != "table" else 40), fmt)

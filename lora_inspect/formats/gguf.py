@@ -4,7 +4,8 @@ The container, names, orientation and scale rule are llama.cpp's (:mod:`lora_ins
 one α in the header, s·r/α baked into each B, Q/K rows permuted for LLaMA-family bases); the write is
 checked by reading the file back with ``gguf.GGUFReader`` (:func:`lora_inspect.convert.run.write_gguf_checked`).
 What it can hold: linear and embedding LoRA of one model, no DoRA, one α. A merge is not written as GGUF
-(it needs the base model's architecture, which ``merge`` does not take).
+(its writer needs the base model's architecture and head counts; ``merge --base`` reads them only for its
+GGUF inputs).
 """
 
 from __future__ import annotations

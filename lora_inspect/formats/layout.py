@@ -200,7 +200,8 @@ class Layout:
     def with_base(self, ad: "Adapter", base: Path | None) -> "Adapter":
         """``ad`` completed with what only its base model knows (``--base``: a GGUF's attention head counts, to
         undo its Q/K row permutation); ``ad`` itself by default. ``convert`` calls it on the source when
-        ``--base`` is given."""
+        ``--base`` is given; ``merge`` and ``diff`` call it on every input, with ``base`` None when no --base is
+        given (a layout that needs the base then refuses in one line naming --base)."""
         return ad
 
     def carried_config(self, ad: "Adapter") -> dict | None:
