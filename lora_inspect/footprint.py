@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from .adapter import Adapter, module_type
 from .naming import natural_sorted
-from .units import fmt_bytes
+from .units import fmt_bytes, plural
 
 if TYPE_CHECKING:  # pragma: no cover
     from .analysis import RankReport
@@ -153,10 +153,10 @@ def serving_memory(
     elements = sum(i.numel for i in adapter.source.tensors.values())
     if base is not None:
         shapes = [(ms.out, ms.inp) for ms in base.modules.values() if ms.layer is not None]
-        scope = f"all {len(shapes)} decoder linear modules of {base.name}"
+        scope = f"all {plural(len(shapes), 'decoder linear module')} of {base.name}"
     else:
         shapes = [m.shape for m in adapter.modules if m.kind != "embedding"]
-        scope = f"the adapter's {len(shapes)} modules only (give --base for every LoRA-capable layer)"
+        scope = f"the adapter's {plural(len(shapes), 'module')} only (give --base for every LoRA-capable layer)"
     max_r = max((m.rank for m in adapter.modules), default=0)
     return {
         "dtype": dtype,
@@ -260,13 +260,13 @@ def training_vram(
         kept = int(ACT_CHECKPOINTED * tokens * h * L)
         work = int(c * tokens * h)
         terms += [
-            Term("activations: checkpointed layer inputs", kept, f"2 B × {tokens:,} tokens × {h} hidden × {L} layers",
+            Term("activations: checkpointed layer inputs", kept, f"2 B × {plural(tokens, 'token')} × {h} hidden × {plural(L, 'layer')}",
                  "metrics.md [act]: checkpointing ≈ 2 B/token/layer/hidden"),
-            Term("activations: one layer recomputed", work, f"{c:.3g} B × {tokens:,} tokens × {h} hidden ({how})",
+            Term("activations: one layer recomputed", work, f"{c:.3g} B × {plural(tokens, 'token')} × {h} hidden ({how})",
                  "metrics.md [act]: one layer's working set"),
         ]
     else:
-        terms.append(Term("activations", int(c * tokens * h * L), f"{c:.3g} B × {tokens:,} tokens × {h} hidden × {L} layers ({how})",
+        terms.append(Term("activations", int(c * tokens * h * L), f"{c:.3g} B × {plural(tokens, 'token')} × {h} hidden × {plural(L, 'layer')} ({how})",
                           "metrics.md [act]: measured saved tensors, bf16, SDPA"))
     terms += [
         Term("logits (bf16 + fp32 upcast)", int(tokens * V * 6), f"{tokens:,} tokens × {V:,} vocab × (2 + 4) B",
@@ -300,7 +300,7 @@ def inference_vram(
     terms += [
         Term("adapter (merged)" if merged else "adapter (unmerged)", 0 if merged else adapter_elements * b,
              "0: folded into W" if merged else f"{adapter_elements:,} elements × {b} B ({dtype})", "metrics.md: Inference"),
-        Term("KV cache", per_token * tokens, f"{tokens:,} tokens × 2 · {base.layers} layers · {base.kv_dim} kv_dim · 2 B "
+        Term("KV cache", per_token * tokens, f"{plural(tokens, 'token')} × 2 · {plural(base.layers, 'layer')} · {base.kv_dim} kv_dim · 2 B "
              f"({fmt_bytes(per_token)}/token)", "metrics.md: 2·layers·kv_dim·2 B per token"),
         Term("CUDA context", CUDA_CONTEXT_BYTES, "≈ 0.4 GB", "metrics.md: 0.3–0.5 GB"),
     ]

@@ -5,7 +5,9 @@ Counts (``--max-params``): a number with an optional decimal suffix ``k`` (10³)
 with ``B``, decimal ``KB``/``MB``/``GB``/``TB`` (SI, 10³ⁿ) or binary ``KiB``/``MiB``/``GiB``/``TiB``
 (IEC 80000-13, 2¹⁰ⁿ); a bare number is bytes. Anything else is an :class:`~lora_inspect.errors.InspectError`
 naming what was accepted. The inverse direction too: :func:`fmt_count`, :func:`fmt_bytes`,
-:func:`fmt_float` write numbers the way every view shows them. Pure: no I/O.
+:func:`fmt_float` write numbers the way every view shows them, and :func:`plural`, :func:`noun`,
+:func:`verb` write a count in words (``1 adapter``, ``3 adapters``, ``3 modules have``): every
+sentence that states a count, in any layer, goes through them. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 
 from .errors import InspectError
 
-__all__ = ["json_safe", "parse_count", "parse_size", "COUNT_SUFFIXES", "SIZE_SUFFIXES", "fmt_count", "fmt_bytes", "fmt_float"]
+__all__ = ["json_safe", "parse_count", "parse_size", "COUNT_SUFFIXES", "SIZE_SUFFIXES", "fmt_count", "fmt_bytes", "fmt_float",
+           "plural", "noun", "verb"]
 
 COUNT_SUFFIXES = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 SIZE_SUFFIXES = {
@@ -108,3 +111,47 @@ def json_safe(o: Any) -> Any:
     if isinstance(o, (list, tuple)):
         return [json_safe(v) for v in o]
     return o
+
+
+_NOUNS = {"matrix": "matrices", "index": "indices", "entry": "entries", "directory": "directories"}
+_VERBS = {"is": "are", "has": "have", "was": "were", "does": "do"}
+
+
+def noun(n: int | float, word: str, many: str | None = None) -> str:
+    """``word`` as it goes with ``n``: itself for exactly 1, else ``many`` (default: the regular
+    plural: ``module`` → ``modules``, ``pass`` → ``passes``, ``entry`` → ``entries``)."""
+    if n == 1:
+        return word
+    if many is not None:
+        return many
+    if word in _NOUNS:
+        return _NOUNS[word]
+    if word.endswith(("s", "x", "ch", "sh")):
+        return word + "es"
+    if word.endswith("y") and word[-2:-1] not in ("a", "e", "i", "o", "u"):
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def verb(n: int | float, word: str) -> str:
+    """A verb given in its singular form (``has``, ``is``, ``changes``) as it goes with ``n`` things:
+    ``verb(1, "has")`` → ``has``, ``verb(2, "has")`` → ``have``, ``verb(2, "differs")`` → ``differ``."""
+    if n == 1:
+        return word
+    if word in _VERBS:
+        return _VERBS[word]
+    if word.endswith(("sses", "ches", "shes", "xes")):
+        return word[:-2]
+    return word[:-1] if word.endswith("s") else word
+
+
+def plural(n: int | float, word: str, many: str | None = None) -> str:
+    """``n`` and ``word`` in agreement: ``plural(1, "module")`` → ``"1 module"``, ``plural(0, "file")`` →
+    ``"0 files"``; in a phrase the last word takes the plural (``plural(2, "tensor file")`` →
+    ``"2 tensor files"``); ``many`` overrides the plural form of the whole phrase."""
+    if many is None:
+        head, _, last = word.rpartition(" ")
+        form = f"{head} {noun(n, last)}" if head else noun(n, last)
+    else:
+        form = word if n == 1 else many
+    return f"{n:,} {form}" if isinstance(n, int) else f"{n:g} {form}"

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 from . import _plain_keys, _safe_re
 from .errors import InspectError
+from .units import plural
 
 __all__ = [
     "is_number",
@@ -212,7 +213,7 @@ def show_value(v: Any) -> str:
     if isinstance(v, str) and len(v) > 60:
         return repr(v[:57]) + "…"
     if isinstance(v, (list, dict)) and len(v) > 8:
-        return f"{_kind(v)[2:] if _kind(v).startswith('a ') else _kind(v)} of {len(v)} items"
+        return f"{_kind(v)[2:] if _kind(v).startswith('a ') else _kind(v)} of {plural(len(v), 'item')}"
     s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
 

@@ -10,7 +10,7 @@ from ..analysis import unit_spectrum
 from ..naming import names_line, natural_sorted
 from ..spectrum import retained_energy
 from ..ties import extreme_module
-from ..units import fmt_bytes
+from ..units import fmt_bytes, plural, verb
 from .policy import Policy
 from .result import Result
 from .serving import extra_module, largest, profile_results
@@ -110,7 +110,8 @@ def _energy_rule(report: "RankReport", tau: float, k: int) -> Result:
     worst = 2.0 if worst_value is None else worst_value
     limit = f"{tau:g}@{k}"
     if unknown:
-        return Result("min-energy", False, None, limit, f"{len(unknown)} modules have non-finite factors (e.g. {unknown[0]})")
+        return Result("min-energy", False, None, limit,
+                      f"{plural(len(unknown), 'module')} {verb(len(unknown), 'has')} non-finite factors (e.g. {unknown[0]})")
     if worst_name is None:
         return Result("min-energy", True, 1.0, limit)
     ok = worst >= tau
@@ -144,10 +145,11 @@ def base_results(ad: Adapter, base: "BaseModel") -> list[Result]:
             if bn.endswith("." + first):
                 hint = f": missing prefix {bn[: len(bn) - len(first)]!r} — PEFT would load it as a silent no-op"
                 break
-        msg = f"{len(missing)} of {len(ad.modules)} modules match no module of {base.name}, e.g. {first!r}{hint}"
+        msg = (f"{len(missing):,} of {plural(len(ad.modules), 'module')} {verb(len(missing), 'matches')} no module of "
+               f"{base.name}, e.g. {first!r}{hint}")
     return [
         Result("base: names", not missing, len(missing), 0, msg),
-        Result("base: shapes", not wrong, len(wrong), 0, "" if not wrong else f"{len(wrong)} shape mismatches, e.g. {wrong[0]}"),
+        Result("base: shapes", not wrong, len(wrong), 0, "" if not wrong else f"{plural(len(wrong), 'shape mismatch')}, e.g. {wrong[0]}"),
     ]
 
 
@@ -156,10 +158,11 @@ def _integrity_rules(values: ValueScan, finite: bool) -> list[Result]:
     bad = values.nonfinite
     if finite and bad is not None:
         out.append(Result("finite", not bad, len(bad), 0,
-                          "" if not bad else f"{len(bad)} tensors hold NaN/inf: {names_line(bad)}"))
+                          "" if not bad else f"{plural(len(bad), 'tensor')} {verb(len(bad), 'holds')} NaN/inf: {names_line(bad)}"))
     zb = values.zero_b
     out.append(Result("trained", not zb, len(zb), 0, "" if not zb else (
-        f"{len(zb)} modules have an all-zero B factor (LoHa/LoKr: any factor), so they change nothing (saved "
+        f"{plural(len(zb), 'module')} {verb(len(zb), 'has')} an all-zero B factor (LoHa/LoKr: any factor), so "
+        f"{'it changes' if len(zb) == 1 else 'they change'} nothing (saved "
         f"before training?): "
         f"{names_line(zb)}")))
     return out

@@ -22,7 +22,7 @@ def calibrated(ad: Adapter, out: str, spec: TruncateSpec, calibrate: str, base: 
     from ..hf.model import is_hf_dir, load_hf
     from ..hf.text import DEFAULT_MAX_TOKENS
     from ..hf.verify import prepare_text
-    from ..rewrite.calibrate import calibrated_truncate
+    from ..rewrite.calibrate import calibrated_truncate, calibration_target
     from ..views.render import progress
 
     if base is None:
@@ -31,6 +31,7 @@ def calibrated(ad: Adapter, out: str, spec: TruncateSpec, calibrate: str, base: 
         raise InspectError(f"--base {base}: not a Hugging Face model directory (config.json with a model_type)")
     if not ridge > 0:
         raise click.BadParameter(f"must be > 0, got {ridge}", param_hint="'--ridge'")
+    calibration_target(ad, Path(out))  # what cannot be written is refused before the base is loaded
     hf = load_hf(base, device)
     bound = bind_adapter(ad.path, hf.model, ad)
     chunks = prepare_text(hf, calibrate, max_tokens or DEFAULT_MAX_TOKENS)

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import InspectError
 from ..files import AtomicOutput, dump_json, write_safetensors, write_text
+from ..units import plural
 from .canon import Canon, CanonModule, from_adapter, times
 from .check import Sketch, tolerance, unit_roundoff
 from .results import ModuleOut
@@ -86,7 +87,7 @@ def positive_scales(canon: Canon) -> tuple[Canon, list[str]]:
     if not bad:
         return canon, []
     mods = [replace(m, b=times(m.b, m.scale), scale=1.0) if not m.scale > 0 else m for m in canon.modules]
-    n = f"{len(bad)} module{'s' if len(bad) > 1 else ''}"
+    n = plural(len(bad), "module")
     return replace(canon, modules=mods), [f"{n} with a scale ≤ 0 (first {bad[0].name}: s = {bad[0].scale:g}): "
                                           "baked into B"]
 

@@ -32,6 +32,7 @@ import torch
 from ..errors import InspectError
 from ..formats.layout import Naming
 from ..kinds import Kind
+from ..units import plural
 from .canon import Canon, CanonModule, times
 from .names import kohya_to_dotted
 
@@ -299,10 +300,10 @@ def _fuse_notes(log: _Log) -> list[str]:
         notes.append(f"Flux: q/k/v(/proj_mlp) fused into qkv/linear1, down = cat(A), up = block-diagonal(B) "
                      f"unless all parts share A: {what}")
     if log.zero:
-        notes.append(f"Flux: {len(log.zero)} absent parts ({', '.join(log.zero[:3])}…) written as zero rows of up "
+        notes.append(f"Flux: {plural(len(log.zero), 'absent part')} ({', '.join(log.zero[:3])}…) written as zero rows of up "
                      "(ΔW = 0 there)")
     if log.baked:
-        notes.append(f"Flux: per-part scale baked into up for {len(log.baked)} parts ({log.baked[0]} …)")
+        notes.append(f"Flux: per-part scale baked into up for {plural(len(log.baked), 'part')} ({log.baked[0]} …)")
     if log.mlp_assumed:
         notes.append(f"Flux: MLP width of {', '.join(log.mlp_assumed[:3])} taken as {MLP_RATIO}·hidden "
                      "(no proj_mlp/proj_out module; diffusers' Flux mlp_ratio)")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from .. import validate as v
 from ..adapter import Adapter, Module
 from ..peft_rules import compiled_patterns, lookup_compiled
+from ..units import plural, verb
 from .alphas import alphas_for_ranks, alphas_scaled
 from .common import build_module, group_keys
 from .kohya import check_lycoris, finish
@@ -106,7 +107,8 @@ class DiffusersLayout(PipelineNaming, Layout):
             missing += not known
             modules.append(mod)
         if missing:
-            notes.append(f"{missing} modules have no alpha (.alpha key or lora_adapter_metadata): α = r assumed")
+            notes.append(f"{plural(missing, 'module')} {verb(missing, 'has')} no alpha (.alpha key or lora_adapter_metadata): "
+                         "α = r assumed")
         return finish(found.shown, DiffusersFormat.DIFFUSERS, source, modules, rest, notes, config)
 
     def convert_tensors(self, canon: "Canon", opts: WriteOptions) -> "Written":

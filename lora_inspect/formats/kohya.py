@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter, Module
 from ..errors import InspectError
+from ..units import plural, verb
 from .alphas import alphas_for_ranks, alphas_scaled
 from .common import build_module, group_keys
 from .layout import AlphaHome, Capabilities, Format, Found, Layout, Naming, Rewrite, WriteOptions
@@ -123,7 +124,8 @@ class KohyaLayout(KohyaNaming, Layout):
             missing += not known
             modules.append(mod)
         if missing:
-            notes.append(f"{missing} modules have no .alpha tensor: α = r (scale 1) assumed, as kohya does")
+            notes.append(f"{plural(missing, 'module')} {verb(missing, 'has')} no .alpha tensor: α = r (scale 1) assumed, "
+                         "as kohya does")
         if comfy:
             notes.append("ComfyUI dotted Flux names (diffusion_model.…): read as the kohya names lora_unet_…")
         return finish(found.shown, KohyaFormat.KOHYA, source, modules, rest, notes)

@@ -19,6 +19,7 @@ from ..adapter import Adapter, Module
 from ..errors import InspectError
 from ..orientation import EMBEDDING, PEFT
 from ..peft_rules import PEFT_DEFAULT_ALPHA, PEFT_PREFIX, CompiledPatterns, compiled_patterns, lookup_compiled
+from ..units import noun, plural, verb
 from .capabilities import AlphaHome, Capabilities, Models
 from .common import build_module, group_keys
 from .diffusers import looks_like_diffusers
@@ -183,7 +184,8 @@ def _prefix_notes(notes: list[str], unknown_alpha: bool, prefixed: int, total: i
     if unknown_alpha:
         notes.append("alpha unknown (no config, no header entry): assumed α = r, scale 1")
     if prefixed and prefixed < total:
-        notes.append(f"{total - prefixed} modules lack the {PEFT_PREFIX!r} prefix the others have")
+        notes.append(f"{plural(total - prefixed, 'module')} {verb(total - prefixed, 'lacks')} the {PEFT_PREFIX!r} prefix "
+                     f"the {'other has' if prefixed == 1 else 'others have'}")
     elif not prefixed and has_config:
         notes.append(f"keys lack the {PEFT_PREFIX!r} prefix: PEFT would load this adapter as a silent no-op")
 
@@ -222,7 +224,7 @@ class PeftLayout(DirectoryLayout):
         if not subfolders:
             return []
         # save_pretrained of several adapters: "default" here, the others in subfolders
-        return [f"{len(subfolders)} more adapters in subfolders ({', '.join(subfolders[:5])}"
+        return [f"{plural(len(subfolders), 'more adapter')} in {noun(len(subfolders), 'subfolder')} ({', '.join(subfolders[:5])}"
                 f"{' …' if len(subfolders) > 5 else ''}): only the top-level one is read here"]
 
     def carried_config(self, ad: Adapter) -> dict | None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 from .. import validate
 from ..errors import InspectError
+from ..units import noun, plural
 from ..validate import MAX_NAME_LENGTH
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -149,14 +150,14 @@ def _read_header_bytes(path: Path) -> tuple[bytes, int, int]:
                 raise InspectError(f"{path}: safetensors header length {n} is larger than the 100 MB limit (corrupt file?)")
             if 8 + n > size:
                 raise InspectError(
-                    f"{path}: safetensors header claims {n} bytes but the file has only {size - 8} after the length "
+                    f"{path}: safetensors header claims {plural(n, 'byte')} but the file has only {size - 8:,} after the length "
                     "(truncated download?)"
                 )
             raw = f.read(n)
     except OSError as e:
         raise InspectError(f"{path}: cannot read: {e.strerror or e}") from e
     if len(raw) != n:
-        raise InspectError(f"{path}: the file changed while it was read (header shorter than {n} bytes)")
+        raise InspectError(f"{path}: the file changed while it was read (header shorter than {plural(n, 'byte')})")
     return raw, n, size
 
 
@@ -176,7 +177,7 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str]]:
         if not v.isascii():
             _name_ok(path, v[:MAX_NAME_LENGTH], f"metadata value of {k[:60]!r}")
     if len(header) > validate.MAX_TENSORS:
-        raise InspectError(f"{path}: {len(header)} tensors in one file (limit {validate.MAX_TENSORS})")
+        raise InspectError(f"{path}: {len(header)} {noun(len(header), 'tensor')} in one file (limit {validate.MAX_TENSORS})")
     return header, meta
 
 
@@ -222,7 +223,7 @@ def _entry(path: Path, key: str, entry: object, data_len: int) -> TensorInfo:
         raise InspectError(f"{path}: tensor {key!r}: shape {validate.show_value(shape)} has more elements than int64 holds")
     nbytes = 0 if has_zero else nonzero
     if end - start != nbytes:
-        raise InspectError(f"{path}: tensor {key!r}: {end - start} bytes stored but {dtype} {shape} needs {nbytes}")
+        raise InspectError(f"{path}: tensor {key!r}: {plural(end - start, 'byte')} stored but {dtype} {shape} needs {nbytes:,}")
     return TensorInfo(key, dtype, tuple(dims), nbytes, start)
 
 
@@ -241,7 +242,7 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> 
             )
         end, prev = e, k
     if end != data_len:
-        raise InspectError(f"{path}: {data_len - end} bytes after the last tensor's data (corrupt or concatenated file)")
+        raise InspectError(f"{path}: {plural(data_len - end, 'byte')} after the last tensor's data (corrupt or concatenated file)")
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
@@ -385,7 +386,7 @@ def load_bin(path: Path) -> StateDictSource:
     if not isinstance(state, dict):
         raise InspectError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     if len(state) > validate.MAX_TENSORS:
-        raise InspectError(f"{path}: {len(state)} tensors in one file (limit {validate.MAX_TENSORS})")
+        raise InspectError(f"{path}: {len(state)} {noun(len(state), 'tensor')} in one file (limit {validate.MAX_TENSORS})")
     return StateDictSource(path, {k: _plain_tensor(path, k, v) for k, v in state.items()})
 
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import Adapter, LowRankUpdate, Module
 from ..errors import InspectError
 from ..orientation import PEFT, Orientation, Shapes
+from ..units import plural
 from .common import build_module
 from .kohya import KohyaNaming, finish
 from .layout import AlphaHome, Capabilities, Format, Found, Layout
@@ -114,7 +115,7 @@ class _Rows(Orientation):
                   b_shape: tuple[int, ...]) -> tuple["torch.Tensor", "torch.Tensor"]:
         rows = b_shape[0]
         if self.pad and bool(b_lin[rows:].any()):
-            raise InspectError(f"an XLabs qkv_lora covers the first {rows} rows of linear1 only; the rewritten "
+            raise InspectError(f"an XLabs qkv_lora covers the first {plural(rows, 'row')} of linear1 only; the rewritten "
                                "update reaches the MLP rows")
         return a_lin, b_lin[:rows]
 
@@ -158,7 +159,7 @@ def _build(name: str, roles: dict[str, str], source: TensorSource, pad: int) -> 
     mod, _ = build_module(name, roles, source, orient=_Rows(pad))
     mod.update = _XLabsUpdate(roles["A"], roles["B"], mod.rank, _Rows(pad), pad=pad)
     if ".processor.qkv_lora" in name and mod.shape[0] - pad != 3 * mod.shape[1]:
-        raise InspectError(f"{roles['B']!r}: up has {mod.shape[0] - pad} rows, not 3 × {mod.shape[1]} (q, k, v of a "
+        raise InspectError(f"{roles['B']!r}: up has {plural(mod.shape[0] - pad, 'row')}, not 3 × {mod.shape[1]} (q, k, v of a "
                            f"Flux block whose input width is {mod.shape[1]})")
     return mod
 

@@ -23,6 +23,7 @@ from ..adapter import module_layer, module_type
 from ..analysis import RankReport
 from ..naming import natural_key, natural_sorted
 from ..optional import require
+from ..units import plural
 
 __all__ = ["PLOT_HINT", "require_matplotlib", "Figure", "AdapterFigures", "render_figures", "short_labels"]
 
@@ -234,7 +235,7 @@ def _type_figure(report: RankReport, mtype: str, mpl: Any) -> Figure:
         cb.set_label("layer", fontsize=8)
     skipped = len(res) - len(drawn)
     fig.suptitle(
-        f"{mtype}: {len(res)} modules, r = {', '.join(map(str, ranks))}, rank@{tau:g} ≤ {k_type if k_type is not None else '-'}"
+        f"{mtype}: {plural(len(res), 'module')}, r = {', '.join(map(str, ranks))}, rank@{tau:g} ≤ {k_type if k_type is not None else '-'}"
         + (f"  ({skipped} zero or non-finite, not drawn)" if skipped else ""),
         fontsize=10,
     )

@@ -16,7 +16,7 @@ from typing import Union
 
 from ..analysis import RankReport
 from ..naming import natural_sorted
-from ..units import fmt_bytes
+from ..units import fmt_bytes, plural
 from ..views.base import base_lines, base_table
 from ..views.inspect import action_line, info_view, integrity_lines, rank_view
 from ..views.render import Table, fmt_count
@@ -180,7 +180,7 @@ def _integrity(report: RankReport) -> list[Block]:
         return [Text("no flags: every module is finite, non-zero and not dominated by one direction", "empty")]
     out: list[Block] = [Bullets(items)] if items else []
     if mods:
-        out.append(TableBlock(Table(f"{len(mods)} flagged modules", ["module", "flags"], mods[:200],
+        out.append(TableBlock(Table(plural(len(mods), "flagged module"), ["module", "flags"], mods[:200],
                                     justify=["left", "left"])))
     return out
 

@@ -32,6 +32,8 @@ import torch
 from ..adapter import Adapter, Module
 from ..errors import InspectError
 from ..files import check_output_path
+from ..formats import refuse_inexpressible
+from ..formats.layout import Format, Layout
 from ..spectrum import Decomposition, decompose, single_threaded_torch
 from .ranks import TruncateSpec, choose_ranks
 from .results import TruncateResult
@@ -47,7 +49,8 @@ from .truncation import (
     truncation_warnings,
 )
 
-__all__ = ["DEFAULT_RIDGE", "CalibratedModule", "whiten", "calibrated_factors", "calibrated_truncate", "ridge_cholesky"]
+__all__ = ["DEFAULT_RIDGE", "CalibratedModule", "whiten", "calibrated_factors", "calibrated_truncate", "calibration_target",
+           "ridge_cholesky"]
 
 DEFAULT_RIDGE = 1e-2
 
@@ -130,6 +133,19 @@ def _check_moments(ad: Adapter, moments: dict[str, torch.Tensor]) -> None:
         raise InspectError(f"{ad.path}: no calibration data reached module {missing[0]!r}")
 
 
+def calibration_target(ad: Adapter, out: Path) -> tuple[Layout, Format]:
+    """The layout and format a calibrated truncation of ``ad`` writes to ``out``, after refusing in one line
+    what it cannot write: DoRA and AdaLoRA, and (as truncate does) what that layout cannot hold
+    (:func:`~lora_inspect.formats.refuse_inexpressible`: conv modules in diffusers attention-processor
+    files, …). Cheap: the command calls it before it loads the base model and reads the calibration data."""
+    if ad.use_dora or ad.peft_type == "ADALORA" or any(m.is_dora for m in ad.modules):
+        raise InspectError(f"{ad.path}: calibrated truncation applies to plain LoRA modules (not DoRA/AdaLoRA)")
+    layout = layout_of(ad)
+    out_fmt = layout.output_format(ad, out)
+    refuse_inexpressible(ad, out_fmt)
+    return layout, out_fmt
+
+
 def calibrated_truncate(ad: Adapter, out: Path, spec: TruncateSpec, moments: dict[str, torch.Tensor], *,
                         ridge: float = DEFAULT_RIDGE, force: bool = False, calibration: dict[str, Any] | None = None,
                         progress: Callable[[int], None] | None = None) -> TruncateResult:
@@ -140,11 +156,8 @@ def calibrated_truncate(ad: Adapter, out: Path, spec: TruncateSpec, moments: dic
     check_output_path(ad.path, ad.weights_path, out, force, adapter_markers())
     if not ridge > 0:
         raise InspectError(f"ridge must be > 0, got {ridge}")
-    if ad.use_dora or ad.peft_type == "ADALORA" or any(m.is_dora for m in ad.modules):
-        raise InspectError(f"{ad.path}: calibrated truncation applies to plain LoRA modules (not DoRA/AdaLoRA)")
+    layout, out_fmt = calibration_target(ad, out)
     _check_moments(ad, moments)
-    layout = layout_of(ad)
-    out_fmt = layout.output_format(ad, out)
     cal = []
     with single_threaded_torch():
         for m in ad.modules:

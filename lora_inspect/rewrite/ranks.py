@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import InspectError, OptionError
 from ..formats.tensors import DTYPE_SIZES
+from ..units import plural
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Module
@@ -132,8 +133,8 @@ def _budget(modules: list["Module"], spec: TruncateSpec, fixed_bytes: int) -> tu
     facts = {"budget": {"bytes": spec.max_bytes, "fixed_bytes": fixed_bytes, "for_factors": int(budget)}}
     if budget <= 0:
         raise OptionError(
-            "max_bytes", f"a size budget of {spec.max_bytes} bytes is smaller than what every output keeps "
-            f"regardless of rank ({fixed_bytes} bytes: full tensors, DoRA magnitudes, biases, alphas and the header)"
+            "max_bytes", f"a size budget of {plural(spec.max_bytes, 'byte')} is smaller than what every output keeps "
+            f"regardless of rank ({plural(fixed_bytes, 'byte')}: full tensors, DoRA magnitudes, biases, alphas and the header)"
         )
     return unit, budget, facts
 

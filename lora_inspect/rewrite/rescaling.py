@@ -21,8 +21,10 @@ from ..adapter import Adapter, module_type
 from ..defaults import SCALE_RANGE
 from ..errors import InspectError, OptionError
 from ..files import check_output_path
+from ..formats import refuse_inexpressible
 from ..formats.layout import Layout
 from ..spectrum import single_threaded_torch
+from ..units import plural, verb
 from .results import ModuleRescale, RescaleResult
 from .selfcheck import Expected, write_checked
 from .tensors import extras_tensors, module_tensors, torch_dtype
@@ -112,7 +114,7 @@ def _warnings(ad: Adapter, layout: Layout, docs: list[ModuleRescale]) -> list[st
         off = sum(not SCALE_RANGE[0] <= abs(d.scale_after) <= SCALE_RANGE[1] for d in docs)
         if off:
             kind = "α/√r" if ad.use_rslora else "α/r"
-            out.append(f"{off} of {len(ad.modules)} modules now have {kind} outside the usual "
+            out.append(f"{off:,} of {plural(len(ad.modules), 'module')} now {verb(off, 'has')} {kind} outside the usual "
                        f"{SCALE_RANGE[0]:g}–{SCALE_RANGE[1]:g} range")
     return out
 
@@ -126,6 +128,7 @@ def rescale(ad: Adapter, out: Path, *, factor: float | None = None, alpha: float
     check_output_path(ad.path, ad.weights_path, out, force, adapter_markers())
     layout = layout_of(ad)
     out_fmt = layout.output_format(ad, out)
+    refuse_inexpressible(ad, out_fmt)  # as truncate: e.g. PEFT DoRA on an embedding, mlx-lm DoRA on some modules only
     factor, alpha_before = resolve_factor(ad, layout, factor, alpha)
     with single_threaded_torch():
         spectra = compute_spectra(ad.modules, progress=progress)

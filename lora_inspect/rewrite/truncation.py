@@ -35,6 +35,7 @@ from ..spectrum import (
     retained_energy,
     single_threaded_torch,
 )
+from ..units import noun, plural, verb
 from .ranks import RankChoice, TruncateSpec, choose_ranks
 from .results import ModuleChange, TruncateResult
 from .selfcheck import Expected, write_checked
@@ -176,19 +177,22 @@ def truncation_warnings(ad: Adapter, spec: TruncateSpec, dropped: list[str],
         same = [m.name for m in ad.modules if m.rank <= spec.rank and isinstance(m.update, LowRankUpdate)]
         exact = [m.name for m in ad.modules if m.rank <= spec.rank and not isinstance(m.update, LowRankUpdate)]
         if exact:
-            out.append(f"{len(exact)} LyCORIS modules have rank(ΔW) ≤ {spec.rank}: written as LoRA pairs holding "
-                       "their exact ΔW")
+            out.append(f"{plural(len(exact), 'LyCORIS module')} {verb(len(exact), 'has')} rank(ΔW) ≤ {spec.rank}: "
+                       f"written as LoRA {noun(len(exact), 'pair')} holding {'its' if len(exact) == 1 else 'their'} exact ΔW")
         if same:
-            what = "every module" if len(same) == len(ad.modules) else f"{len(same)} of {len(ad.modules)} modules"
-            out.append(f"{what} already {'has' if len(same) == 1 else 'have'} rank ≤ {spec.rank}: copied unchanged "
+            every = len(same) == len(ad.modules)
+            what = "every module" if every else f"{len(same):,} of {plural(len(ad.modules), 'module')}"
+            out.append(f"{what} already {'has' if every else verb(len(same), 'has')} rank ≤ {spec.rank}: copied unchanged "
                        "(same ΔW, scale baked into the factors)")
     larger = [m.name for m, c in zip(ad.modules, changes or []) if c.params_after > m.params]
     if larger:
-        out.append(f"{len(larger)} modules are larger as LoRA at the chosen rank than as stored "
-                   f"({', '.join(larger[:3])}{' …' if len(larger) > 3 else ''}): LoHa/LoKr/full store ΔW more compactly")
+        shown = ", ".join(larger[:3]) + (" …" if len(larger) > 3 else "")
+        out.append(f"{plural(len(larger), 'module')} {verb(len(larger), 'is')} larger as LoRA at the chosen rank "
+                   f"than as stored ({shown}): LoHa/LoKr/full store ΔW more compactly")
     if dropped:
-        out.append(f"{len(dropped)} modules keep rank 0 and are dropped: {', '.join(dropped[:3])}"
-                   + (" …" if len(dropped) > 3 else ""))
+        n = len(dropped)
+        out.append(f"{plural(n, 'module')} {verb(n, 'keeps')} rank 0 and {verb(n, 'is')} dropped: {', '.join(dropped[:3])}"
+                   + (" …" if n > 3 else ""))
     return out
 
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import InspectError
+from ..units import plural
 from .io import atomic_save_safetensors, load_safetensors
 from .lora import merge, target_matches
 from .model import logits_of
@@ -204,7 +205,7 @@ class TextTask(Task):
         n_hold = int(len(ids) * heldout_frac)
         self.train_ids = ids[: len(ids) - n_hold]
         if len(self.train_ids) < 2 * (seq_len + 1):
-            raise InspectError(f"text too short ({len(ids)} bytes) for seq_len {seq_len}")
+            raise InspectError(f"text too short ({plural(len(ids), 'byte')}) for seq_len {seq_len}")
         if heldout is None:
             heldout = self.windows(ids[len(ids) - n_hold :], seq_len, n_heldout)
         self.heldout = heldout.long()
@@ -214,7 +215,7 @@ class TextTask(Task):
         """Non-overlapping windows of seq_len + 1 bytes: (N, seq_len + 1)."""
         n = min(n_max, len(ids) // (seq_len + 1))
         if n == 0:
-            raise InspectError(f"held-out text ({len(ids)} bytes) is shorter than one window of {seq_len + 1}")
+            raise InspectError(f"held-out text ({plural(len(ids), 'byte')}) is shorter than one window of {seq_len + 1}")
         return ids[: n * (seq_len + 1)].view(n, seq_len + 1)
 
     def train_batch(self, step: int, global_batch: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ..convert.results import ConvertResult, MergeResult
+from ..ties import extreme_module
 from ..units import fmt_bytes, fmt_float
 from .render import Table, View
 from .schemas import CONVERT_SCHEMA, MERGE_SCHEMA
@@ -87,7 +88,9 @@ def merge_view(res: MergeResult, max_rows: int | None = 40) -> View:
     rows: list[Sequence[Any]] = [(m.name, "×".join(map(str, m.shape)), "+".join(map(str, m.inputs)),
                                   m.numerical_rank, m.rank_out, f"{m.retained_energy:.6f}", fmt_float(m.relative_error))
                                  for m in shown]
-    worst = max(res.modules, key=lambda m: (m.relative_error, m.name))
+    # a near-tie goes to the lowest layer, then the name (ties.extreme_module), not to the floats' last bits
+    _, worst_name = extreme_module(((m.relative_error, m.name) for m in res.modules), largest=True)
+    worst = next(m for m in res.modules if m.name == worst_name)
     ws = ", ".join(f"{w:g}" for w in res.weights)
     header = [f"wrote {res.output} ({res.target}, {res.dtype}, {fmt_bytes(res.output_bytes)}): {_what(res)} of "
               f"{plural(len(res.inputs), 'adapter')} (weights {ws}), {res.mode}"]

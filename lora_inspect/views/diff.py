@@ -79,7 +79,7 @@ def _summary_lines(res: DiffResult) -> list[str]:
                    f"rank@{res.energy:g} of A, of B): {phi}")
     for side, names in (("A", s.zero_a), ("B", s.zero_b)):
         if names:
-            out.append(f"! ΔW_{side} is zero (untrained?) in {len(names)} of {s.compared} compared modules, "
+            out.append(f"! ΔW_{side} is zero (untrained?) in {len(names):,} of {plural(s.compared, 'compared module')}, "
                        f"where cosine and φ{' and the relative distance' if side == 'A' else ''} are undefined: "
                        f"{names_line(names)}")
     return out

@@ -7,7 +7,7 @@ from typing import Any
 
 from .render import Table, View, fmt_bytes, fmt_count
 from .schemas import FOOTPRINT_SCHEMA
-from .words import plural
+from .words import plural, verb
 
 __all__ = ["footprint_view"]
 
@@ -74,7 +74,7 @@ def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
         footer.append(f"! the adapter's rank exceeds max_lora_rank={v['max_lora_rank']}: vLLM refuses it")
     if doc["base"] and doc["base"]["unmatched_modules"]:
         n, total = doc["base"]["unmatched_modules"], sum(g["modules"] for g in doc["by_type"].values())
-        footer.append(f"! {n} of {plural(total, 'module')} {'does' if n == 1 else 'do'} not match {doc['base']['name']} "
+        footer.append(f"! {n} of {plural(total, 'module')} {verb(n, 'does')} not match {doc['base']['name']} "
                       "by name and shape (lora-inspect check --base tells which)")
     if doc["vram"]:
         tr, inf = doc["vram"]["training"], doc["vram"]["inference"]
@@ -82,7 +82,7 @@ def footprint_view(doc: dict[str, Any], adapter_block: dict[str, Any]) -> View:
         title = (f"training VRAM on {doc['base']['name']} ({s['quant']}, batch {s['batch']} × seq {s['seq']}, "
                  f"{s['optimizer']}, {'gradient checkpointing' if s['grad_checkpointing'] else 'no checkpointing'})")
         tables.append(Table(title, ["term", "bytes", "formula"], _terms(tr), justify=["left", "right", "left"], kinds=_PROSE))
-        tables.append(Table(f"inference VRAM (batch {s['batch']} × {s['seq']} tokens of KV cache)", ["term", "bytes", "formula"],
+        tables.append(Table(f"inference VRAM (batch {s['batch']} × {plural(s['seq'], 'token')} of KV cache)", ["term", "bytes", "formula"],
                             _terms(inf), justify=["left", "right", "left"], kinds=_PROSE))
         footer.append(f"estimated peak: training {_gb(tr['total_bytes'])}, inference {_gb(inf['total_bytes'])} "
                       "(GB = 10⁹ B; allocator slack not included)")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..rewrite.results import ModuleChange, RescaleResult, TruncateResult
+from ..ties import extreme_module
 from ..units import fmt_bytes, fmt_count, fmt_float
 from .layout import glue
 from .render import Table, View
@@ -25,11 +26,19 @@ __all__ = ["TRUNCATE_SCHEMA", "RESCALE_SCHEMA", "truncate_doc", "truncate_view",
 
 
 
+def worst_change(changes: Sequence[ModuleChange]) -> ModuleChange | None:
+    """The module with the largest relative error (None for none); a near-tie (within
+    :data:`~lora_inspect.ties.TIE_RTOL`) goes to the lowest layer, then the name, never to the last bits of
+    the floats (:func:`~lora_inspect.ties.extreme_module`)."""
+    _, name = extreme_module(((c.relative_error, c.name) for c in changes), largest=True)
+    return next((c for c in changes if c.name == name), None)
+
+
 def _group(changes: list[ModuleChange]) -> dict:
     e_total = sum(float(np.sum(np.square(c.singular_values))) for c in changes)
     e_kept = sum(float(np.sum(np.square(c.singular_values[: c.rank_after]))) for c in changes)
     e_lost = sum(float(np.sum(np.square(c.singular_values[c.rank_after:]))) for c in changes)
-    worst = max(changes, key=lambda c: (c.relative_error, c.name)) if changes else None
+    worst = worst_change(changes)
     return {
         "modules": len(changes),
         "params_before": sum(c.params_before for c in changes),
@@ -49,7 +58,8 @@ def truncate_doc(res: TruncateResult, adapter_block: dict) -> dict:
     by_type: dict[str, list[ModuleChange]] = defaultdict(list)
     for c in res.modules:
         by_type[c.type].append(c)
-    worst = max(res.modules, key=lambda c: (c.relative_error, c.name))
+    worst = worst_change(res.modules)
+    assert worst is not None  # a truncation writes at least one module
     return {
         "schema": TRUNCATE_SCHEMA,
         "adapter": adapter_block,
@@ -85,12 +95,18 @@ def _calibrated_fields(c: ModuleChange) -> dict:
     return {"output_error": c.relative_error, "weight_error": c.weight_error, "output_error_plain": c.output_error_plain}
 
 
+def _tokens(n: Any) -> str:
+    """``1 token``, ``2,048 tokens``; ``? tokens`` where the count is not known."""
+    return plural(n, "token") if isinstance(n, int) else "? tokens"
+
+
 def _calibrated_table(res: TruncateResult, max_rows: int | None) -> Table:
     shown = res.modules if max_rows is None else res.modules[:max_rows]
     rows = [(c.name, "×".join(map(str, c.shape)), c.rank_before, c.rank_after, fmt_count(c.params_after),
              fmt_float(c.relative_error), fmt_float(c.output_error_plain or 0.0), fmt_float(c.weight_error or 0.0))
             for c in shown]
-    title = f"{plural(len(res.modules), 'module')}, calibrated on {(res.calibration or {}).get('tokens', '?')} tokens" + (
+    tokens = (res.calibration or {}).get("tokens")
+    title = f"{plural(len(res.modules), 'module')}, calibrated on {_tokens(tokens)}" + (
         f" (first {max_rows}; --all for every module)" if max_rows is not None and len(res.modules) > max_rows else "")
     return Table(title, ["module", "shape", "r", "→ k", "params", "output error", "plain's output error",
                          "weight error"], rows, optional=["weight error"])
@@ -154,7 +170,7 @@ def truncate_view(res: TruncateResult, adapter_block: dict, max_rows: int | None
                       f"kept the {res.choice['chosen']} choice")
     footer += [f"note: {n}" for n in doc["notes"]]
     if res.calibration is not None:
-        footer.append(f"calibrated on {res.calibration.get('tokens')} tokens of {res.calibration.get('data')} "
+        footer.append(f"calibrated on {_tokens(res.calibration.get('tokens'))} of {res.calibration.get('data')} "
                       f"(ridge {res.calibration.get('ridge'):g}): energies and errors are of the output ‖ΔW·X‖, "
                       "relative; plain truncation at the same k beside it")
     footer.append("self-check passed: the written adapter re-reads with the intended spectrum")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .render import Table, View
 from .schemas import VERIFY_SCHEMA
+from .words import plural
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..hf.verify import HFVerifyResult
@@ -86,6 +87,6 @@ def hf_verify_view(res: HFVerifyResult) -> View:
     legend = ["loss = next-token cross-entropy in nats per token of --data (the base's tokenizer); Δ vs base = "
               "loss minus the base model's; perplexity = exp(loss)", _KL_AGREE]
     return View(doc, [Table(
-        f"verify on {res.base} ({res.tokens} tokens of {res.data}, {res.device} {res.dtype}; base loss "
+        f"verify on {res.base} ({plural(res.tokens, 'token')} of {res.data}, {res.device} {res.dtype}; base loss "
         f"{res.base_loss:.6g})", COLUMNS, rows, kinds=KINDS, optional=OPTIONAL)],
         footer=legend + _versus_first(doc["results"]))
