@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import InspectError
 from .kinds import Algo, Kind
@@ -57,6 +57,9 @@ class Update:
 
     rank: int
     algo: Algo = Algo.LORA
+    # ΔW is a function of the base weight W (LyCORIS OFT, BOFT, (IA)³: formats/lycoris_base.py): no spectrum, factors
+    # or dense ΔW until --base binds W to it
+    needs_base: ClassVar[bool] = False
 
     @property
     def keys(self) -> list[str]:  # pragma: no cover - interface
@@ -140,7 +143,7 @@ class Module:
 
     name: str
     kind: Kind
-    shape: tuple[int, int]  # ΔW (out, in), conv flattened to in·kh·kw
+    shape: tuple[int, int]  # ΔW (out, in), conv flattened to in·kh·kw; 0 where only the base weight knows it (OFT …)
     rank: int
     alpha: float
     scale: float

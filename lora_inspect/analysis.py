@@ -1,9 +1,8 @@
 """Per-module spectra and the summary a user acts on (``lora-inspect rank``).
 
 Reads each module's factors once (memory-mapped), batches same-shaped modules into one QR call,
-and turns singular values into metrics (:mod:`lora_inspect.spectrum`). Returns dataclasses
-(:class:`RankReport`, :class:`RankSummary`); the documents and tables live in
-:mod:`lora_inspect.views.inspect`.
+and turns singular values into metrics (:mod:`lora_inspect.spectrum`). Returns dataclasses (:class:`RankReport`,
+:class:`RankSummary`); the documents and tables live in :mod:`lora_inspect.views.inspect`.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from .basemetrics import BaseAnalysis, BasisCache, analyse_base
 from .cholesky import gram_r_factor
 from .defaults import DEFAULT_ENERGY
 from .errors import InspectError
+from .formats.lycoris_bind import NEEDS_BASE, analysable
 from .formats.tensors import DTYPE_SIZES
 from .naming import natural_sorted
 from .spectrum import (
@@ -36,6 +36,7 @@ from .spectrum import (
     retained_energy,
     spectrum_stats,
 )
+from .units import plural
 
 if TYPE_CHECKING:  # pragma: no cover
     from .basecheckpoint import BaseCheckpoint, BaseTensor
@@ -297,12 +298,12 @@ def analyse(
             raise InspectError(f"module pattern {module_regex!r} is not a valid regular expression ({e})") from e
         modules = [m for m in modules if rx.search(m.name)]
         if not modules:
-            raise InspectError(f"module pattern {module_regex!r} matches none of the {len(adapter.modules)} modules")
-    base_tensors = base.check(adapter, modules) if base is not None else None
-    spectra = compute_spectra(modules, precision=precision, progress=progress)
+            raise InspectError(f"module pattern {module_regex!r} matches none of the adapter's {plural(len(adapter.modules), 'module')}")
+    todo, base_tensors = analysable(adapter, modules, base)  # --base completes OFT/BOFT/(IA)³ and conv kernels
+    spectra = compute_spectra(todo, precision=precision, progress=progress)
     results = []
     for m in modules:
-        sv, flags = spectra[m.name]
+        sv, flags = spectra.get(m.name, (None, [NEEDS_BASE]))
         res = ModuleResult(module=m, singular_values=sv, flags=list(flags))
         if sv is not None:
             res.stats = spectrum_stats(unit_spectrum(sv), energy)
@@ -310,9 +311,7 @@ def analyse(
             if res.stats.spike and FLAG_ZERO_B not in flags:
                 res.flags.append(FLAG_SPIKE)
         results.append(res)
-    part = None
-    if base is not None and base_tensors is not None:
-        part = _with_base(results, base, base_tensors, intruders, basis_cache, progress)
+    part = _with_base(results, base, base_tensors, intruders, basis_cache, progress) if base and base_tensors else None
     return RankReport(adapter=adapter, energy=energy, modules=results, summary=summarise(results), base=part)
 
 

@@ -32,6 +32,7 @@ class Kind(Choice):
 
     LINEAR = "linear"
     CONV = "conv"  # a k×k (or k×1) convolution, flattened to (out, in·kh·kw)
+    CONV_UNKNOWN = "conv?"  # a convolution whose kernel neither the file nor --base gives (ΔW flattened, kh·kw unknown)
     EMBEDDING = "embedding"  # ΔW (num_embeddings, dim)
 
 
@@ -43,3 +44,6 @@ class Algo(Choice):
     LOHA = "loha"  # Hadamard product of two low-rank products
     LOKR = "lokr"  # Kronecker product
     FULL = "full"  # the dense ΔW itself
+    OFT = "oft"  # LyCORIS Diag-OFT: W′ = blockdiag(R)ᵀ·W, its ΔW needs the base weight (formats/lycoris_base.py)
+    BOFT = "boft"  # LyCORIS butterfly OFT: a product of permuted block-diagonal rotations of W
+    IA3 = "ia3"  # (IA)³: W scaled per output row (or input column)

@@ -350,7 +350,7 @@ def test_top_level_adapter_with_named_adapters_in_subfolders_notes_them(tmp_path
     sub = _peft_dir(top)
     sub.rename(top / "other")
     doc = cli_json("info", top)
-    assert any("other" in n and "subfolders" in n for n in doc["notes"]), doc["notes"]
+    assert any("other" in n and "subfolder" in n for n in doc["notes"]), doc["notes"]
 
 
 def test_lycoris_file_is_refused_not_misread(tmp_path):

@@ -93,7 +93,10 @@ def test_base_dependent_modules_are_named_not_unknown(tmp_path):
     for word in ("OFT", "(IA)³", "GLoRA", "Norm", "--base"):
         assert word in res.stdout, word
     info = json.loads(run_cli("info", tmp_path / "m.safetensors", "--json").stdout)
-    assert info["modules"] == 1 and any("1 GLoRA modules (52 parameters)" in n for n in info["notes"])
+    # OFT and (IA)³ are modules (their ΔW with --base: tests/test_lycoris_oft.py); GLoRA is named and carried
+    assert info["modules"] == 3 and info["algos"] == {"ia3": 1, "loha": 1, "oft": 1}
+    assert info["params"] == 8 * 2 + 2 * 6 + 8 * 2 + 2 * 6 + 2 * 16 + 8
+    assert any("1 GLoRA module (52 parameters)" in n for n in info["notes"])
     only = {k: v for k, v in sd.items() if k.startswith("lora_unet_b")}
     save_file(only, str(tmp_path / "oft.safetensors"))
     err = run_cli("rank", tmp_path / "oft.safetensors")

@@ -24,8 +24,10 @@ from ..errors import InspectError
 from ..files import check_output_path
 from ..formats import MERGE_TARGETS, layout_for_target, layout_of
 from ..formats.layout import Layout, Naming, WriteOptions
+from ..kernels import row_form
 from ..rewrite.ranks import TruncateSpec, choose_ranks
 from ..spectrum import decompose, relative_error, retained_energy
+from ..units import plural, verb
 from .canon import Canon, CanonModule, from_adapter
 from .flux import flux_for_target
 from .results import MergeModule, MergeResult
@@ -52,7 +54,7 @@ def _target_layout(ads: list, target: str | None) -> Layout:
     """The layout a merge writes: ``target``, else the first input's (:func:`target_of`)."""
     layout = layout_for_target(target or target_of(ads[0]))
     if not layout.merge_target:
-        raise InspectError(f"merge does not write {layout.label} (one of {', '.join(MERGE_TARGETS)})")
+        raise InspectError(f"merge does not write {layout.label}: give --to, one of {', '.join(MERGE_TARGETS)}")
     return layout
 
 
@@ -85,14 +87,10 @@ def keyed_modules(canons: list[Canon], paths: list[Path]) -> tuple[list[str], di
 
 def check_row(key: str, row: list[CanonModule | None], paths: list[Path]) -> CanonModule:
     present = [(i, m) for i, m in enumerate(row) if m is not None]
-    i0, first = present[0]
     for i, m in present:
         if m.magnitude is not None:
             raise InspectError(f"{paths[i]}: module {m.source_name!r} is DoRA: a DoRA merge is not a sum of updates")
-        if (m.shape, m.kind, m.kernel) != (first.shape, first.kind, first.kernel):
-            raise InspectError(f"module {key!r}: {paths[i0]} has ΔW {first.shape} ({first.kind}) but {paths[i]} has "
-                               f"{m.shape} ({m.kind}); they cannot be added")
-    return first
+    return row_form(key, present, paths)  # a conv's flattened and 4-D forms add up (lora_inspect/kernels.py)
 
 
 def merge_modules(canons: list[Canon], weights: list[float], spec: TruncateSpec | None, paths: list[Path]
@@ -137,7 +135,7 @@ def _parse_weights(weights: list[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0] * n
     if len(weights) != n:
-        raise InspectError(f"{len(weights)} weights for {n} adapters: give one weight per adapter")
+        raise InspectError(f"--weights has {plural(len(weights), 'weight')} for {plural(n, 'adapter')}: give one per adapter")
     if not all(np.isfinite(weights)):
         raise InspectError("weights must be finite numbers")
     return [float(w) for w in weights]
@@ -177,7 +175,7 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
     notes = done.notes
     partial = sum(1 for f in facts if 0 in f.inputs)
     if partial:
-        notes.insert(0, f"{partial} modules are present in only some inputs (absent terms are zero)")
+        notes.insert(0, f"{plural(partial, 'module')} {verb(partial, 'is')} present in only some inputs (absent terms are zero)")
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) if out.is_dir() else out.stat().st_size
     mode = ("exact" if dense is None else "rank max rᵢ") if spec is None else f"{spec.mode} {_value(spec):g}"
     res = MergeResult(paths, [ad.format for ad in ads], ws, mode, out, str(layout.target), dt, facts, done.records,

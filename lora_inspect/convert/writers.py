@@ -48,7 +48,10 @@ def refuse(target: str, m: CanonModule, why: str) -> InspectError:
 _AS_LORA = {Algo.LOCON: "LoCon Tucker core folded into A",
             Algo.LOHA: "LoHa as its exact LoRA (rank r₁·r₂, face-split)",
             Algo.LOKR: "LoKr as its exact LoRA (rank = product of the factor ranks)",
-            Algo.FULL: "full ΔW as its exact LoRA (rank = min(out, in))"}
+            Algo.FULL: "full ΔW as its exact LoRA (rank = min(out, in))",
+            Algo.OFT: "OFT ΔW from the base weight as its exact LoRA (rank ≤ min(out, in))",
+            Algo.BOFT: "BOFT ΔW from the base weight as its exact LoRA (rank ≤ min(out, in))",
+            Algo.IA3: "(IA)³ ΔW from the base weight as its exact LoRA (rank ≤ min(out, in))"}
 
 
 def record(m: CanonModule, target: str, k: int, how: list[str]) -> ModuleOut:

@@ -93,7 +93,7 @@ def _module_refusal(caps: Capabilities, label: str, m: Held, need_component: boo
         return caps.reason("component", label)
     if m.dora and not caps.dora:
         return caps.reason("dora", label)
-    if m.kind == Kind.CONV and not caps.conv:
+    if m.kind in (Kind.CONV, Kind.CONV_UNKNOWN) and not caps.conv:  # conv?: a conv whose kernel is unknown
         return caps.reason("conv", label, m.kind)
     if m.kind == Kind.EMBEDDING and not caps.embeddings:
         return caps.reason("embedding", label, m.kind)

@@ -33,6 +33,7 @@ from ..errors import InspectError
 from ..kinds import Kind
 from ..optional import require
 from ..orientation import PEFT, Orientation, OrientName, Shapes
+from ..units import plural, verb
 from .common import build_module, group_keys
 from .gguf import GgufLayout
 from .gguf_source import GgufSource, is_gguf
@@ -103,7 +104,7 @@ class _PermutedRows(LowRankUpdate):
         if self.heads is None:
             raise InspectError(f"tensor {self.b_key!r}: llama.cpp stores Q/K rows permuted per attention head and "
                                "the adapter holds no head counts: undoing it needs the base model's config.json "
-                               "(convert's --base)")
+                               "(--base of convert, merge or diff)")
         return unpermute_rows(b, self.heads), a
 
     def singular_values(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
@@ -192,9 +193,9 @@ def _notes(arch: str, alpha: float, modules: list[Module], names: dict[str, str]
         notes.append("no adapter.lora.alpha (or 0): llama.cpp applies every tensor at scale 1")
     if arch in PERMUTE_ARCHS:
         notes.append(f"{arch}: Q/K rows are stored permuted per head (convert_hf_to_gguf.py · LlamaModel.permute); "
-                     "spectra need no head counts, a conversion to another layout needs --base")
+                     "spectra need no head counts; convert to another layout, merge and diff need --base")
     if extras:
-        notes.append(f"{len(extras)} norm tensors ({extras[0]} …): llama.cpp skips them")
+        notes.append(f"{plural(len(extras), 'norm tensor')} ({extras[0]} …): llama.cpp skips {'it' if len(extras) == 1 else 'them'}")
     return notes
 
 
@@ -306,7 +307,8 @@ class GgufReadLayout(GgufLayout):
         for m, u in permuted:
             heads = n_kv if u.b_key.endswith("attn_k.weight.lora_b") else n_head
             if m.shape[0] % (2 * heads):
-                raise InspectError(f"{where}: {heads} heads do not divide the {m.shape[0]} rows of {u.b_key!r} into "
+                raise InspectError(f"{where}: {plural(heads, 'head')} {verb(heads, 'does')} not divide the "
+                                   f"{plural(m.shape[0], 'row')} of {u.b_key!r} into "
                                    "pairs: another base model")
             m.update = replace(u, heads=heads)
         return ad

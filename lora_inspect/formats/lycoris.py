@@ -1,8 +1,10 @@
 """LyCORIS files (KohakuBlueleaf/LyCORIS ``lycoris/modules``; kohya naming ``lora_unet_…``, ``lora_te1_…``,
 ``lora_transformer_…``, or LyCORIS's own ``lycoris_…``): LoCon (with Tucker ``lora_mid``), LoHa
 (``hada_*``, Tucker ``hada_t1/t2``), LoKr (``lokr_*``, every full/low-rank/Tucker combination), ``full``
-(``diff``), each with an optional ``dora_scale``; (IA)³, OFT, BOFT, GLoRA and T-LoRA are named but need the
-base weight; Norm and sparse-residual keys are reported. Formulas and traps: docs/formats.md, "LyCORIS".
+(``diff``), each with an optional ``dora_scale``; Diag-OFT, BOFT and (IA)³, whose ΔW needs the base weight
+(``--base``: formats/lycoris_bind.py); GLoRA and T-LoRA are named, Norm and sparse-residual keys reported.
+Flattened convs get their kernels from their names (lora_inspect/kernels.py). Formulas and traps:
+docs/formats.md, "LyCORIS".
 
 A file is read here when any key carries a LyCORIS-only suffix (or the ``lycoris_`` prefix); plain
 ``lora_down``/``lora_up`` files stay with the kohya layout. Scale: s = α/r (r = LyCORIS's ``lora_dim``:
@@ -19,14 +21,19 @@ from typing import TYPE_CHECKING
 
 from ..adapter import Adapter, LowRankUpdate, Module
 from ..errors import InspectError
+from ..kernels import recover_kernels
 from ..kinds import Kind
 from ..orientation import PEFT
+from ..units import plural, verb
 from .kohya import KOHYA_PREFIXES, KohyaFormat, KohyaNaming, finish
 from .layout import AlphaHome, Capabilities, Format, Found, Layout, Rewrite
+from .lycoris_bind import adapter_with_base, base_module, base_notes
 from .lycoris_updates import FullUpdate, LoConUpdate, LoHaUpdate, LoKrUpdate, numel
 from .tensors import TensorSource
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     import torch
 
 __all__ = ["LycorisLayout", "LYCORIS_SUFFIXES", "BASE_DEPENDENT", "ReadContext", "read_loha", "read_lokr"]
@@ -251,15 +258,16 @@ def _module(c: ReadContext, algo: str) -> Module:
 
 def _note_unread(counts: dict[str, list[int]]) -> list[str]:
     notes = []
-    what = {"ia3": "(IA)³", "oft": "OFT", "boft": "BOFT", "glora": "GLoRA", "tlora": "T-LoRA"}
+    what = {"oft": "OFT (oft_diag)", "glora": "GLoRA", "tlora": "T-LoRA"}
     for algo, (n, params) in sorted(counts.items()):
-        if algo in what:
-            notes.append(f"{n} {what[algo]} modules ({params:,} parameters): their ΔW depends on the base weight, so "
-                         "their spectra need the base model (--base, a later issue); not analysed here")
+        if algo in what:  # OFT, BOFT and (IA)³ are read (formats/lycoris_bind.py)
+            notes.append(f"{plural(n, what[algo] + ' module')} ({params:,} parameters): {'its' if n == 1 else 'their'} ΔW "
+                         "depends on the base weight in a way lora-inspect does not compute (it does for OFT, BOFT, "
+                         "(IA)³); carried, not analysed")
         elif algo == "norm":
-            notes.append(f"{n} Norm modules (w_norm/b_norm, {params:,} parameters): added to norm layers, no spectrum")
+            notes.append(f"{plural(n, 'Norm module')} (w_norm/b_norm, {params:,} parameters): added to norm layers, no spectrum")
         else:
-            notes.append(f"{n} modules with {algo} keys ({params:,} parameters) carried unchanged, not analysed")
+            notes.append(f"{plural(n, 'module')} with {algo} keys ({params:,} parameters) carried unchanged, not analysed")
     return notes
 
 
@@ -293,22 +301,29 @@ class LycorisLayout(KohyaNaming, Layout):
                 rest.extend(extra)
                 if "bias_indices" in c.roles:
                     unread.setdefault("sparse", [0, 0])[0] += 1
+            elif (dependent := base_module(c)) is not None:  # OFT, BOFT, (IA)³: ΔW with --base
+                modules.append(dependent)
             else:
                 rest.extend(c.roles.values())
                 entry = unread.setdefault(algo, [0, 0])
                 entry[0] += 1
                 entry[1] += c.numel()
-        notes = _note_unread(unread)
+        notes = _note_unread(unread) + base_notes(modules) + recover_kernels(modules, self.canonical_name)
         if not any(name.startswith(KOHYA_PREFIXES + ("lycoris_",)) for name in groups):
             notes.append("module names carry no kohya/LyCORIS prefix (lora_unet_, lora_te1_, lycoris_ …)")
         if not modules:
             raise InspectError(f"{source.path}: no LyCORIS module whose ΔW the file alone determines; "
                                + ("; ".join(notes) if notes else "no LoCon/LoHa/LoKr/full keys"))
-        missing = sum(m.alpha_key is None and m.algo not in ("full",) for m in modules)
+        missing = sum(m.alpha_key is None and m.algo not in ("full",) and not m.update.needs_base for m in modules)
         if missing:
-            notes.append(f"{missing} modules have no .alpha tensor: α = r (scale 1) assumed, as LyCORIS does")
+            notes.append(f"{plural(missing, 'module')} {verb(missing, 'has')} no .alpha tensor: α = r (scale 1) assumed, "
+                         "as LyCORIS does")
         ad = finish(found.shown, LycorisFormat.LYCORIS, source, modules, rest, notes)
         return ad
+
+    def with_base(self, ad: Adapter, base: Path | None) -> Adapter:
+        """Flattened convs given the base weight's kernel, OFT/BOFT/(IA)³ bound to their base weights."""
+        return adapter_with_base(ad, base)
 
     def output_format(self, ad: Adapter, out: object) -> Format:
         return KohyaFormat.KOHYA if not ad.use_dora else LycorisFormat.LYCORIS
@@ -343,7 +358,7 @@ class LycorisLayout(KohyaNaming, Layout):
 
 def _alpha_scales(m: Module) -> bool:
     upd = m.update
-    if isinstance(upd, FullUpdate):
+    if isinstance(upd, FullUpdate) or upd.needs_base:  # OFT's α is its constraint: no α scales ΔW
         return False
     return not (isinstance(upd, LoKrUpdate) and (upd.full_full or upd.dim == 0))
 

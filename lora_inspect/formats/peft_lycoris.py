@@ -26,16 +26,21 @@ from typing import TYPE_CHECKING, Any
 from .. import validate as v
 from ..adapter import Adapter, Module
 from ..errors import InspectError
+from ..kernels import recover_kernels
 from ..kinds import Kind
 from ..peft_rules import PEFT_PREFIX, compiled_patterns, lookup_compiled
+from ..units import plural, verb
 from .layout import AlphaHome, Capabilities, Format, Found, Models, Rewrite
 from .lycoris import ReadContext, read_loha, read_lokr
+from .lycoris_bind import adapter_with_base
 from .lycoris_updates import LoHaUpdate, LoKrUpdate
 from .peft import PeftFormat, PeftLayout, peft_format
 from .peft_config import truncated_config
 from .tensors import TensorSource
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
     import torch
 
 __all__ = ["PeftLycorisLayout", "PEFT_LYCORIS_TYPES"]
@@ -167,10 +172,13 @@ def read_peft_lycoris(source: TensorSource, found: Found, fmt: Format) -> Adapte
         modules.append(_module(ReadContext(raw, groups[raw], source), name, s, where))
     notes = []
     if prefixed < len(groups):
-        notes.append(f"{len(groups) - prefixed} modules lack the {PEFT_PREFIX!r} prefix: PEFT would not load them")
+        lacking = len(groups) - prefixed
+        notes.append(f"{plural(lacking, 'module')} {verb(lacking, 'lacks')} the {PEFT_PREFIX!r} prefix: PEFT would not "
+                     f"load {'it' if lacking == 1 else 'them'}")
     full = sum(isinstance(m.update, LoKrUpdate) and m.update.full_full for m in modules)
     if full:
-        notes.append(f"{full} LoKr modules store both Kronecker factors whole: PEFT scales them by α/r = "
+        notes.append(f"{plural(full, 'LoKr module')} {verb(full, 'stores')} both Kronecker factors whole: PEFT scales "
+                     f"{'it' if full == 1 else 'them'} by α/r = "
                      "alpha/r of the config (LyCORIS files would use 1)")
     return Adapter(
         path=found.shown, format=fmt, weights_path=source.path, source=source, modules=modules, extras=sorted(rest),
@@ -211,7 +219,13 @@ class PeftLycorisLayout(PeftLayout):
         return peft_lycoris_type(found.config, str(found.config_path or found.shown)) is not None
 
     def read(self, source: TensorSource, found: Found) -> Adapter:
-        return read_peft_lycoris(source, found, peft_format(source, found))
+        ad = read_peft_lycoris(source, found, peft_format(source, found))
+        ad.notes += recover_kernels(ad.modules, self.canonical_name)  # flattened convs: kernels from UNet names
+        return ad
+
+    def with_base(self, ad: Adapter, base: Path | None) -> Adapter:
+        """Flattened convs given the kernel of their 4-D base weights (``convert --base``)."""
+        return adapter_with_base(ad, base)
 
     def global_alpha(self, ad: Adapter) -> float | None:
         return ad.alpha

@@ -107,7 +107,7 @@ def _module_doc(r: ModuleResult) -> dict[str, Any]:
         "name": m.name,
         "kind": m.kind,
         "algo": m.algo,
-        "shape": list(m.shape),
+        "shape": list(m.shape),  # 0 where only the base weight knows it (OFT/BOFT/(IA)³ without --base)
         "rank": m.rank,
         "alpha": m.alpha,
         "scale": m.scale,
@@ -172,6 +172,12 @@ def action_line(report: RankReport) -> str:
     if s.non_finite:
         return (f"{plural(len(s.non_finite), 'module')} with a non-finite ΔW "
                 f"({names_line(s.non_finite)}): retrain or repair the adapter before truncating it")
+    dependent = [m.name for m in report.adapter.modules if m.algo in ("oft", "boft", "ia3")]  # ΔW from the base W
+    if dependent:
+        one = len(dependent) == 1
+        return (f"{plural(len(dependent), 'OFT/BOFT/(IA)³ module')} ({names_line(dependent)}): truncate reads no base "
+                f"weight and refuses {'it' if one else 'them'}; convert --base BASE --to kohya writes "
+                f"{'its' if one else 'their'} exact LoRA, then truncate that")
     if s.analysed == 0:
         return "no module could be analysed: nothing to recommend"
     if any(m.algo not in ("lora",) for m in report.adapter.modules):  # LyCORIS: a rewrite is a conversion
@@ -222,7 +228,7 @@ def _rank_row(r: ModuleResult) -> tuple:
     m = r.module
     sv = r.singular_values
     return (
-        m.name, "×".join(map(str, m.shape)), m.rank, fmt_float(m.scale), fmt_float(r.sigma1),
+        m.name, "×".join(str(d) if d else "?" for d in m.shape), m.rank, fmt_float(m.scale), fmt_float(r.sigma1),
         r.energy_rank if r.energy_rank is not None else "-",
         fmt_float(r.stable_rank), fmt_float(r.entropy_rank),
         r.energy_rank if r.energy_rank is not None else "-",
