@@ -46,16 +46,20 @@ class Tour:
     tail: int = 0  # … and the last `tail`
     json_abridge: bool = False
     slow: bool = False
+    rel_tol: float = 1e-9  # numbers compare to this, relative (see REL_TOL); looser only where stated
 
 
 TOURS: dict[str, Tour] = {
     "info": Tour(("info samples/planted",)),
-    "rank": Tour(("rank samples/planted",), head=8, tail=1),
+    "rank": Tour(("rank samples/planted",), head=8, tail=2),
     "rank-json": Tour(("rank samples/planted --json",), fence="json", prompt=False, json_abridge=True),
     "truncate": Tour(("truncate samples/planted -o planted-r4 --rank 4",), head=10, tail=3),
     "truncate-budget": Tour(("truncate samples/text -o text-budget --max-params 4k",), head=1, tail=5),
     "rescale": Tour(("rescale samples/planted -o planted-half --factor 0.5",), head=8, tail=2),
-    "verify": Tour(("verify samples/planted planted-r4 planted-half samples/planted-kohya.safetensors",)),
+    # verify evaluates a float32 torch model over ~2,000 positions: its sums round differently with other
+    # kernels (AVX2/AVX-512) and batchings, so its numbers compare to 1e-4 relative
+    "verify": Tour(("verify samples/planted planted-r4 planted-half samples/planted-kohya.safetensors",),
+                   rel_tol=1e-4),
     "train": Tour(("train --task planted --planted-rank 4 --rank 32 --targets all-linear --steps 400 "
                    "--out runs/planted",), slow=True),
     "footprint": Tour(("footprint samples/planted",)),
@@ -158,20 +162,20 @@ REL_TOL = 1e-9  # numbers in a block may differ by this much, relative (abs 1e-1
 # a float64 depend on the CPU's kernels (AVX2 or AVX-512 BLAS), never on what the tool does
 
 
-def _close(a: str, b: str) -> bool:
+def _close(a: str, b: str, rel_tol: float) -> bool:
     x, y = float(a), float(b)
-    return abs(x - y) <= max(REL_TOL * max(abs(x), abs(y)), 1e-12)
+    return abs(x - y) <= max(rel_tol * max(abs(x), abs(y)), 1e-12)
 
 
-def same(old: str, new: str) -> bool:
-    """Whether two blocks say the same: text exactly, every number to :data:`REL_TOL` relative (after
+def same(old: str, new: str, rel_tol: float = REL_TOL) -> bool:
+    """Whether two blocks say the same: text exactly, every number to ``rel_tol`` relative (after
     :func:`normalise`). Digits are compared as numbers only where both sides have a number at that place."""
     a, b = normalise(old), normalise(new)
     if a == b:
         return True
     ta, tb = _NUM.split(a), _NUM.split(b)
     na, nb = _NUM.findall(a), _NUM.findall(b)
-    return ta == tb and len(na) == len(nb) and all(_close(x, y) for x, y in zip(na, nb))
+    return ta == tb and len(na) == len(nb) and all(_close(x, y, rel_tol) for x, y in zip(na, nb))
 
 
 def regenerate(known: dict[str, tuple[Path, str]], names: list[str], slow: bool) -> dict[str, str]:
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no such tour block in {', '.join(map(str, docs))}: {missing}", file=sys.stderr)
         return 2
     new = regenerate(known, names, args.slow)
-    stale = [n for n, body in new.items() if not same(known[n][1], body)]
+    stale = [n for n, body in new.items() if not same(known[n][1], body, TOURS[n].rel_tol)]
     if args.check:
         for n in stale:
             diff = difflib.unified_diff(normalise(known[n][1]).splitlines(), normalise(new[n]).splitlines(),
