@@ -367,3 +367,33 @@ def test_detection_by_magic_leaves_other_layouts_alone(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # gguf not installed: only GGUF files need it
     assert cli_json("info", mlx)["adapter"]["format"] == "mlx"
     one_line_error(run_cli("info", DATA / "qwen2-plain-f32.gguf"), "needs gguf", "lora-inspect[convert]")
+
+
+def _gguf_model(path: Path) -> None:
+    """A model GGUF (general.type = model), as llama.cpp's base converter writes one: weights, no LoRA."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type("model")
+    w.add_block_count(1)
+    w.add_tensor("blk.0.attn_q.weight", np.ones((8, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_scan_and_check_skip_a_model_gguf_beside_an_adapter(tmp_path):
+    """A hub folder often holds the base model as GGUF too: it is not an adapter, so it gets no row (scan)
+    and no verdict (check), as a safetensors base does — not an error row that fails the scan."""
+    hub = tmp_path / "hub"
+    (hub / "a").mkdir(parents=True)
+    (hub / "a" / "qwen2.gguf").write_bytes((DATA / "qwen2-plain-f32.gguf").read_bytes())
+    _gguf_model(hub / "model.gguf")
+    res = run_cli("scan", hub, "-o", tmp_path / "rows.jsonl", "--json")
+    assert res.exit_code == 0, res.stderr
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [Path(r["path"]).name for r in rows] == ["qwen2.gguf"] and rows[0]["error"] is None
+    doc = cli_json("check", hub)
+    assert [Path(a["path"]).name for a in doc["adapters"]] == ["qwen2.gguf"]
+    assert [Path(p).name for p in doc["not_adapters"]] == ["model.gguf"]

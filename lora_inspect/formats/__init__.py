@@ -31,7 +31,7 @@ from .peft_lycoris import PeftLycorisLayout
 from .tensors import TensorSource, open_tensors
 from .xlabs import XLabsLayout
 
-__all__ = ["load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "layout_of",
+__all__ = ["open_source", "load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "layout_of",
            "layout_for_target", "writer_of", "refuse_inexpressible", "ADAPTER_MARKERS", "WEIGHT_SUFFIXES", "TARGETS",
            "MERGE_TARGETS"]
 
@@ -106,11 +106,17 @@ def _layout_for(keys: list[str], found: Found) -> Layout | None:
     return next((layout for layout in LAYOUTS if layout.matches(keys, found)), None)
 
 
+def open_source(path: Path) -> TensorSource:
+    """The tensors of any weight file: a container a layout opens itself (GGUF), else safetensors or a
+    pickle (:func:`~lora_inspect.formats.tensors.open_tensors`). Only the header is read."""
+    opened = (layout.open(path) for layout in LAYOUTS)
+    source = next((s for s in opened if s is not None), None)
+    return source if source is not None else open_tensors(path)
+
+
 def _from_file(found: Found) -> Adapter:
     path = found.weights
-    opened = (layout.open(path) for layout in LAYOUTS)  # a container a layout opens itself (GGUF), else ours
-    source = next((s for s in opened if s is not None), None)
-    source = source if source is not None else open_tensors(path)
+    source = open_source(path)
     keys = source.keys()
     if not keys:
         raise InspectError(f"{path}: the file holds no tensors")

@@ -179,10 +179,10 @@ def _unexpected(e: BaseException) -> str:
 def no_lora_keys(p: Path) -> bool:
     """A readable tensor file none of whose keys mentions LoRA (a base model's weights): not an adapter,
     so no row. A file that cannot be read, or has LoRA keys in a layout no reader knows, gets its error row."""
-    from ..formats.tensors import open_tensors
+    from ..formats import open_source
 
     try:
-        keys = open_tensors(p).keys()
+        keys = open_source(p).keys()
     except InspectError:
         return False
     return bool(keys) and not any("lora" in k.lower() for k in keys)
