@@ -26,6 +26,16 @@ def tiny_llama(seed: int = 0, vocab: int = 96, hidden: int = 32, layers: int = 2
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_flux(layers: int = 1, single_layers: int = 1):
+    """A tiny diffusers FluxTransformer2DModel in float64 (seeded): the oracle model of the Flux tests."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=layers, num_single_layers=single_layers,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).to(torch.float64)
+
+
 def tiny_gpt2(seed: int = 0, vocab: int = 80, hidden: int = 32, layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 

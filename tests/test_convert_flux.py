@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import tiny_flux as build_tiny_flux
 from safetensors.torch import load_file, save_file
 
 from lora_inspect.convert.canon import from_adapter
@@ -42,12 +43,7 @@ TOP = {"x_embedder", "context_embedder", "proj_out", "norm_out.linear"} | {p for
 
 
 def tiny_flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
-                                  axes_dims_rope=(2, 2, 4)).to(torch.float64)
+    return build_tiny_flux(layers=1, single_layers=1)
 
 
 def _weights(model) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import tiny_flux as build_tiny_flux
 from safetensors.torch import load_file, save_file
 
 from lora_inspect.formats import detect_format, load_adapter
@@ -38,12 +39,7 @@ REL = 1e-6
 
 
 def tiny_flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
-                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
-                                  axes_dims_rope=(2, 2, 4)).to(torch.float64)
+    return build_tiny_flux(layers=2, single_layers=2)
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
