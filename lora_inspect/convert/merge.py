@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import InspectError
-from ..files import check_output_path
-from ..formats import MERGE_TARGETS, layout_for_target, layout_of
+from ..formats import MERGE_TARGETS, check_output, layout_for_target, layout_of
 from ..formats.layout import Layout, Naming, WriteOptions
 from ..kernels import row_form
 from ..rewrite.ranks import TruncateSpec, choose_ranks
@@ -155,7 +154,7 @@ def merge(ads: list, out: Path, *, weights: list[float] | None = None, spec: Tru
         dense.validate()
     out = Path(out)
     for ad in ads:
-        check_output_path(ad.path, ad.weights_path, out, force, _markers())
+        check_output(ad, out, force)
     paths = [Path(ad.path) for ad in ads]
     canons = _read_inputs(ads, out)
     layout = _target_layout(ads, target)
@@ -203,7 +202,3 @@ def _value(spec: TruncateSpec) -> float:
     return next(float(x) for x in (spec.rank, spec.energy, spec.max_params, spec.max_bytes) if x is not None)
 
 
-def _markers() -> tuple[str, ...]:
-    from ..formats import ADAPTER_MARKERS
-
-    return ADAPTER_MARKERS

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InspectError, OptionError
-from ..files import AtomicOutput, check_output_path
-from ..formats import layout_for_target, layout_of
+from ..files import AtomicOutput
+from ..formats import check_output, layout_for_target, layout_of
 from ..formats.layout import Converted, Held, Layout, WriteOptions
 from .canon import Canon, CanonModule, from_adapter
 from .checked import compare
@@ -39,12 +39,6 @@ def default_dtype(ad) -> str:
     """The source's common factor dtype (16-bit kept, everything else fp32)."""
     c = Counter(m.dtype for m in ad.modules).most_common(1)
     return _ST.get(c[0][0], "fp32") if c else "fp32"
-
-
-def _markers() -> tuple[str, ...]:
-    from ..formats import ADAPTER_MARKERS
-
-    return ADAPTER_MARKERS
 
 
 def _gguf_modules(path: Path, canon: Canon, plan: GgufPlan, records: list[ModuleOut]) -> list[CanonModule]:
@@ -147,7 +141,7 @@ def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str |
     one-model adapter in a pipeline (:func:`place_in`)."""
     layout = layout_for_target(target)
     out = Path(out)
-    check_output_path(ad.path, ad.weights_path, out, force, _markers())
+    check_output(ad, out, force)
     dt_name = dtype or layout.default_dtype(default_dtype(ad))
     with named_file(ad.path, out):
         canon = from_adapter(layout_of(ad).with_base(ad, base) if base is not None else ad, native=True)

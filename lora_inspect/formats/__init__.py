@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..adapter import Adapter
 from ..errors import InspectError
+from ..files import check_output_path
 from ..validate import require_regular_file
 from .diffusers import DiffusersLayout
 from .diffusers_attn import DiffusersAttnProcsLayout
@@ -31,7 +32,7 @@ from .peft_lycoris import PeftLycorisLayout
 from .tensors import TensorSource, open_tensors
 from .xlabs import XLabsLayout
 
-__all__ = ["open_source", "load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "layout_of",
+__all__ = ["open_source", "check_output", "load_adapter", "detect_format", "LAYOUTS", "Layout", "Capabilities", "layout_named", "layout_of",
            "layout_for_target", "writer_of", "refuse_inexpressible", "ADAPTER_MARKERS", "WEIGHT_SUFFIXES", "TARGETS",
            "MERGE_TARGETS"]
 
@@ -104,6 +105,12 @@ def layout_for_target(target: str) -> Layout:
 
 def _layout_for(keys: list[str], found: Found) -> Layout | None:
     return next((layout for layout in LAYOUTS if layout.matches(keys, found)), None)
+
+
+def check_output(ad: Adapter, out: Path, force: bool) -> None:
+    """Refuse OUT in one line unless it is free, or ``force`` and OUT is a file or an adapter directory (one
+    holding a file of :data:`ADAPTER_MARKERS`); never the input itself (:func:`files.check_output_path`)."""
+    check_output_path(ad.path, ad.weights_path, out, force, ADAPTER_MARKERS)
 
 
 def open_source(path: Path) -> TensorSource:

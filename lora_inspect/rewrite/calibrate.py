@@ -31,8 +31,7 @@ import torch
 
 from ..adapter import Adapter, Module
 from ..errors import InspectError
-from ..files import check_output_path
-from ..formats import refuse_inexpressible
+from ..formats import check_output, refuse_inexpressible
 from ..formats.layout import Format, Layout
 from ..spectrum import Decomposition, decompose, single_threaded_torch
 from .ranks import TruncateSpec, choose_ranks
@@ -41,7 +40,6 @@ from .selfcheck import Expected, write_checked
 from .tensors import extras_tensors, torch_dtype
 from .truncation import (
     Factored,
-    adapter_markers,
     assemble,
     layout_of,
     rank_independent_bytes,
@@ -153,7 +151,7 @@ def calibrated_truncate(ad: Adapter, out: Path, spec: TruncateSpec, moments: dic
     each module name to Σ = XᵀX/n of its input (:func:`lora_inspect.hf.collect.input_moments`)."""
     spec.validate()
     out = Path(out)
-    check_output_path(ad.path, ad.weights_path, out, force, adapter_markers())
+    check_output(ad, out, force)
     if not ridge > 0:
         raise InspectError(f"ridge must be > 0, got {ridge}")
     layout, out_fmt = calibration_target(ad, out)

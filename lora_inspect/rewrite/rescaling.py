@@ -20,15 +20,14 @@ import torch
 from ..adapter import Adapter, module_type
 from ..defaults import SCALE_RANGE
 from ..errors import InspectError, OptionError
-from ..files import check_output_path
-from ..formats import refuse_inexpressible
+from ..formats import check_output, refuse_inexpressible
 from ..formats.layout import Layout
 from ..spectrum import single_threaded_torch
 from ..units import plural, verb
 from .results import ModuleRescale, RescaleResult
 from .selfcheck import Expected, write_checked
 from .tensors import extras_tensors, module_tensors, torch_dtype
-from .truncation import adapter_markers, layout_of
+from .truncation import layout_of
 
 __all__ = ["rescale", "resolve_factor"]
 
@@ -125,7 +124,7 @@ def rescale(ad: Adapter, out: Path, *, factor: float | None = None, alpha: float
     from ..analysis import compute_spectra
 
     out = Path(out)
-    check_output_path(ad.path, ad.weights_path, out, force, adapter_markers())
+    check_output(ad, out, force)
     layout = layout_of(ad)
     out_fmt = layout.output_format(ad, out)
     refuse_inexpressible(ad, out_fmt)  # as truncate: e.g. PEFT DoRA on an embedding, mlx-lm DoRA on some modules only

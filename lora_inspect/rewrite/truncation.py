@@ -22,8 +22,7 @@ import torch
 
 from ..adapter import Adapter, LowRankUpdate, Module, module_type
 from ..errors import InspectError
-from ..files import check_output_path
-from ..formats import refuse_inexpressible
+from ..formats import check_output, refuse_inexpressible
 from ..formats.layout import Layout
 from ..formats.tensors import DTYPE_SIZES
 from ..spectrum import (
@@ -41,14 +40,8 @@ from .results import ModuleChange, TruncateResult
 from .selfcheck import Expected, write_checked
 from .tensors import check_finite, extras_tensors, header_reserve, torch_dtype
 
-__all__ = ["truncate", "to_stored", "layout_of", "adapter_markers", "Factored", "assemble", "rank_independent_bytes",
+__all__ = ["truncate", "to_stored", "layout_of", "Factored", "assemble", "rank_independent_bytes",
            "truncation_warnings"]
-
-
-def adapter_markers() -> tuple[str, ...]:
-    from ..formats import ADAPTER_MARKERS
-
-    return ADAPTER_MARKERS
 
 
 def layout_of(ad: Adapter) -> Layout:
@@ -201,7 +194,7 @@ def truncate(ad: Adapter, out: Path, spec: TruncateSpec, *, force: bool = False,
     """Write the truncated adapter to ``out`` (atomically, self-checked) and return what was done."""
     spec.validate()
     out = Path(out)
-    check_output_path(ad.path, ad.weights_path, out, force, adapter_markers())
+    check_output(ad, out, force)
     if ad.peft_type == "ADALORA":
         raise InspectError(f"{ad.path}: AdaLoRA adapters cannot be truncated (convert to LoRA first)")
     layout = layout_of(ad)
