@@ -75,7 +75,7 @@ def measure_small() -> tuple[list[tuple], str]:
         torch.cuda.reset_peak_memory_stats()
         model = build_model(cfg).to(device=dev, dtype=torch.bfloat16)
         names = inject_lora(model, targets, r=8, alpha=16)
-        for n, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # fp32 adapters, as PEFT
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -81,7 +81,7 @@ def write_section(report: Path, heading: str, body: str) -> None:
     """Replace (or append) one `## heading` section of a markdown report, leaving the others alone."""
     text = report.read_text() if report.exists() else "# Benchmarks\n\nMeasured on this project's 2-core CPU machine unless a section says otherwise.\n"
     lines = text.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip() == f"## {heading}"), None)
+    start = next((i for i, line in enumerate(lines) if line.strip() == f"## {heading}"), None)
     new = [f"## {heading}", "", *body.rstrip().splitlines(), ""]
     if start is None:
         lines += ["", *new]
