@@ -25,7 +25,7 @@ LOWER_LAYER = [
     "adapter.py", "orientation.py", "naming.py", "spectrum.py", "analysis.py", "validate.py", "_safe_re.py",
     "_plain_keys.py", "files.py", "peft_rules.py", "footprint.py", "diff.py", "checks/*.py", "units.py",
     "defaults.py", "errors.py", "basemodels.py", "formats/*.py", "formats/**/*.py", "rewrite/*.py", "hf/*.py",
-    "scan/*.py", "cholesky.py", "basecheckpoint.py", "basemetrics.py", "optional.py",
+    "scan/*.py", "cholesky.py", "basecheckpoint.py", "basemetrics.py", "integrity.py", "ties.py", "optional.py",
 ]
 # at least these must be found, or the globs above are out of date
 MUST_EXIST = ["adapter.py", "spectrum.py", "analysis.py", "validate.py", "files.py", "formats/layout.py",

@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter
-from ..analysis import unit_spectrum
+from ..integrity import all_finite_bits, all_zero_bits, bit_view
 from ..naming import names_line, natural_sorted
-from ..spectrum import retained_energy
 from ..ties import extreme_module
 from ..units import fmt_bytes, plural, verb
 from .policy import Policy
@@ -37,8 +36,6 @@ def scan_values(adapter: Adapter, report: "RankReport | None" = None, *, finite:
     With a ``report`` from ``analysis.analyse``, what it already established is not read again: its
     ``zero_b`` modules, and the factors it found finite. Flagged (non-finite) modules are read again
     to name the bad tensor exactly."""
-    from ..spectrum import all_finite
-
     done: set[str] = set()
     zero_b: list[str] = []
     b_keys = zero_keys(adapter)
@@ -49,12 +46,26 @@ def scan_values(adapter: Adapter, report: "RankReport | None" = None, *, finite:
     for key in adapter.source.keys():  # noqa: SIM118 (a tensor source, not a dict)
         if key in done or (not finite and key not in b_keys):
             continue
-        t = adapter.source.get(key)
-        if finite and t.is_floating_point() and t.numel() and not all_finite(t):
+        nonfinite, zero = _values(adapter, key)
+        if finite and nonfinite:
             bad.append(key)
-        if key in b_keys and report is None and t.numel() and not bool(t.any()) and b_keys[key] not in zero_b:
+        if key in b_keys and report is None and zero and b_keys[key] not in zero_b:
             zero_b.append(b_keys[key])
     return ValueScan(natural_sorted(bad) if finite else None, natural_sorted(zero_b))
+
+
+def _values(adapter: Adapter, key: str) -> tuple[bool, bool]:
+    """(holds NaN/±inf, is all zero) for one non-empty tensor: on the raw bits of the memory map for float
+    tensors in a safetensors file (no torch), else through the tensor source."""
+    view = bit_view(adapter.source, key)
+    if view is not None:
+        return not all_finite_bits(view), all_zero_bits(view)
+    from ..spectrum import all_finite
+
+    t = adapter.source.get(key)
+    if not t.numel():
+        return False, False
+    return t.is_floating_point() and not all_finite(t), not bool(t.any())
 
 
 def zero_keys(adapter: Adapter) -> dict[str, str]:
@@ -100,6 +111,9 @@ def _size_rules(ad: Adapter, p: Policy) -> list[Result]:
 
 
 def _energy_rule(report: "RankReport", tau: float, k: int) -> Result:
+    from ..analysis import unit_spectrum  # torch: only when a spectrum is asked for
+    from ..spectrum import retained_energy
+
     unknown, kept = [], []
     for r in report.modules:
         if r.singular_values is None:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import click
 
-from ..analysis import analyse
 from ..basemodels import load_base
 from ..checks import (
     Policy,
@@ -66,6 +65,13 @@ def _adapters(args: tuple[str, ...]) -> list[tuple[Path, bool]]:
     return list(out)
 
 
+def _spectra(ad):
+    """``rank``'s analysis, for --min-energy: imported only then (it needs torch; the other rules do not)."""
+    from ..analysis import analyse
+
+    return analyse(ad, DEFAULT_ENERGY)
+
+
 def _entries(paths: list[tuple[Path, bool]], policy: Policy, bm) -> tuple[list, list[str]]:
     """(shown path, results) per adapter, and the files skipped: a tensor file without LoRA keys (base
     weights) found inside a folder is no adapter (as in ``scan``); named on the command line it is an error."""
@@ -83,7 +89,7 @@ def _entries(paths: list[tuple[Path, bool]], policy: Policy, bm) -> tuple[list, 
                 raise
             skipped.append(_shown(p))
             continue
-        report = analyse(ad, DEFAULT_ENERGY) if policy.needs_spectra else None
+        report = _spectra(ad) if policy.needs_spectra else None
         # the spectra already read every module's factors: only the other tensors are scanned again
         values = scan_values(ad, report, finite=policy.require_finite) if policy.needs_values else None
         entries.append((_shown(p), evaluate(ad, policy, base=bm, report=report, values=values)))
