@@ -18,7 +18,7 @@ import numpy as np
 from .errors import InspectError
 from .formats.tensors import SafetensorsSource, TensorSource
 
-__all__ = ["BitView", "bit_view", "all_finite_bits", "all_zero_bits"]
+__all__ = ["BitView", "bit_view", "all_finite_bits", "all_zero_bits", "nonfinite_and_zero"]
 
 CHUNK = 1 << 22  # elements per step: bounds the temporaries to a few tens of MB, whatever the tensor
 
@@ -59,6 +59,19 @@ def bit_view(source: TensorSource, key: str) -> BitView | None:
 def _chunks(bits: np.ndarray):
     for start in range(0, bits.size, CHUNK):
         yield bits[start:start + CHUNK]
+
+
+def nonfinite_and_zero(view: BitView) -> tuple[bool, bool]:
+    """(holds NaN or ±inf, is all zero) in one pass over the memory map."""
+    exp = view.bits.dtype.type(view.exp)
+    rest = view.bits.dtype.type(((1 << (8 * view.bits.dtype.itemsize)) - 1) ^ view.sign)
+    nonfinite, nonzero = False, False
+    for c in _chunks(view.bits):
+        nonfinite = nonfinite or bool(np.any((c & exp) == exp))
+        nonzero = nonzero or bool(np.any(c & rest))
+        if nonfinite and nonzero:
+            break
+    return nonfinite, not nonzero
 
 
 def all_finite_bits(view: BitView) -> bool:

@@ -280,3 +280,18 @@ def test_gguf_errors_name_the_flag_that_fixes_them(tmp_path):
         line = _one_error_line(res)
         assert all(w in line for w in words), (args, line)
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_check_names_each_adapter_once_and_policy_flags_that_contradict(tmp_path):
+    """An adapter both named and found under a named folder is checked once; --policy with --no-config,
+    and a --policy file with no [tool.lora-inspect] table, are one line, exit 2."""
+    d = tmp_path / "hub" / "a"
+    _hub_peft(d, _mods(1, r=4), 4)
+    res = run_cli("check", tmp_path / "hub", d, "--json")  # found under hub/, and named
+    assert res.exit_code == 0, res.output
+    assert [a["path"] for a in json.loads(res.stdout)["adapters"]] == ["hub/a"]  # once, not twice
+    pol = _policy(tmp_path / "policy.toml", "[tool.black]\nline-length = 100\n")
+    res = run_cli("check", d, "--policy", pol, "--no-config")
+    assert res.exit_code == 2 and "contradict" in _one_error_line(res)
+    res = run_cli("check", d, "--policy", pol)
+    assert res.exit_code == 2 and "no [tool.lora-inspect.check] or [tool.lora-inspect] table" in _one_error_line(res)

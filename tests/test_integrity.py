@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_inspect.formats.tensors import SafetensorsSource
-from lora_inspect.integrity import all_finite_bits, all_zero_bits, bit_view
+from lora_inspect.integrity import all_finite_bits, all_zero_bits, bit_view, nonfinite_and_zero
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -51,6 +51,7 @@ def test_the_bits_say_what_torch_says(tmp_path, seed):
         assert view is not None, key
         assert all_finite_bits(view) == bool(torch.isfinite(t).all()), key
         assert all_zero_bits(view) == (not bool(t.any())), key
+        assert nonfinite_and_zero(view) == (not bool(torch.isfinite(t).all()), not bool(t.any())), key
     # the poisoned ones really are flagged (the comparison above is not vacuous)
     assert not all_finite_bits(bit_view(source, "bfloat16.special0"))
     assert all_zero_bits(bit_view(source, "float16.zeros")) and not all_zero_bits(bit_view(source, "float16.nan_only"))

@@ -115,3 +115,25 @@ def test_truncate_calibrate_refuses_before_loading_the_base(attn_procs_conv, tmp
                   "--base", base)
     _one_line_refusal(res, "diffusers-attn-procs cannot hold it: conv LoRA")
     assert not out.exists()
+
+
+def test_truncate_calibrate_refuses_an_existing_out_before_loading_the_base(tmp_path, monkeypatch):
+    """Without --force an existing OUT is refused before the model is loaded and the text is read."""
+    import lora_inspect.hf.model as hf_model
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base was loaded before the refusal")
+
+    monkeypatch.setattr(hf_model, "load_hf", never)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "cal.txt").write_text("some calibration text")
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    planted = Path(__file__).resolve().parents[1] / "samples" / "planted"
+    res = run_cli("truncate", planted, "--rank", "1", "-o", out, "--calibrate", tmp_path / "cal.txt", "--base", base)
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--force" in res.stderr and "base was loaded" not in res.stderr, res.stderr
+    assert (out / "keep.txt").read_text() == "mine"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..adapter import Adapter
-from ..integrity import all_finite_bits, all_zero_bits, bit_view
+from ..integrity import bit_view, nonfinite_and_zero
 from ..naming import names_line, natural_sorted
 from ..ties import extreme_module
 from ..units import fmt_bytes, plural, verb
@@ -59,7 +59,7 @@ def _values(adapter: Adapter, key: str) -> tuple[bool, bool]:
     tensors in a safetensors file (no torch), else through the tensor source."""
     view = bit_view(adapter.source, key)
     if view is not None:
-        return not all_finite_bits(view), all_zero_bits(view)
+        return nonfinite_and_zero(view)
     from ..spectrum import all_finite
 
     t = adapter.source.get(key)

@@ -178,7 +178,8 @@ def _lorax(ad: Adapter, cfg: dict[str, Any], base: "BaseModel | None") -> list[R
 def _sglang(ad: Adapter, cfg: dict[str, Any], base: "BaseModel | None") -> list[Result]:
     name = "sglang"
     pref = [m.name for m in ad.modules if "language_model." in m.name or m.name.startswith(("base_model.", "model.model."))]
-    unprefixed = [m.a_key for m in ad.modules if not m.a_key.startswith(layout_of(ad).key_prefix)]  # PEFT's prefix
+    prefix = layout_of(ad).key_prefix  # PEFT's base_model.model.
+    unprefixed = [m.a_key for m in ad.modules if not m.a_key.startswith(prefix)]
     bad = pref + unprefixed
     out = [Result(f"{name}: module names", not bad, len(bad), 0,
                   "" if not bad else f"prefixed or non-standard module names such as {bad[0]!r} are rejected")]

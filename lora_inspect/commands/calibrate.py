@@ -31,7 +31,7 @@ def calibrated(ad: Adapter, out: str, spec: TruncateSpec, calibrate: str, base: 
         raise InspectError(f"--base {base}: not a Hugging Face model directory (config.json with a model_type)")
     if not ridge > 0:
         raise click.BadParameter(f"must be > 0, got {ridge}", param_hint="'--ridge'")
-    calibration_target(ad, Path(out))  # what cannot be written is refused before the base is loaded
+    calibration_target(ad, Path(out), force)  # refusals come before the base is loaded
     hf = load_hf(base, device)
     bound = bind_adapter(ad.path, hf.model, ad)
     chunks = prepare_text(hf, calibrate, max_tokens or DEFAULT_MAX_TOKENS)

@@ -57,12 +57,12 @@ def _adapters(args: tuple[str, ...]) -> list[tuple[Path, bool]]:
     home), nested adapters included."""
     from ..scan import adapters_under
 
-    out: dict[tuple[Path, bool], None] = {}
+    out: dict[Path, bool] = {}  # each adapter once, named if any argument names it
     for a in args:
         for p in adapters_under(Path(a)):
             named = p == Path(a) or (Path(a).name == "adapter_config.json" and p == Path(a).parent)
-            out.setdefault((p, named), None)
-    return list(out)
+            out[p] = out.get(p, False) or named
+    return list(out.items())
 
 
 def _spectra(ad):

@@ -35,7 +35,7 @@ class GgufLayout(Layout):
                              ("conv", "{kind} LoRA is not written to GGUF here")))
 
     def matches(self, keys: list[str], found: Found) -> bool:
-        return False  # written only: llama.cpp's GGUF adapters are not read here
+        return False  # this entry writes; reading is GgufReadLayout's (formats/gguf_read.py), its subclass
 
     def write_converted(self, canon: "Canon", out: Path, opts: WriteOptions) -> Converted:
         from ..convert.run import write_gguf_checked

@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..files import AtomicOutput
     from .tensors import TensorSource
 
-__all__ = ["GgufReadLayout", "GgufFormat", "load_gguf", "unpermute_rows", "PERMUTE_ARCHS"]
+__all__ = ["GgufReadLayout", "GgufFormat", "unpermute_rows", "PERMUTE_ARCHS"]
 
 # archs whose HF → GGUF converter subclasses LlamaModel with undo_permute (convert_hf_to_gguf.py)
 PERMUTE_ARCHS = frozenset({"llama", "mistral", "granite", "granitemoe"})
@@ -355,16 +355,3 @@ class GgufReadLayout(GgufLayout):
     def write(self, atomic: "AtomicOutput", ad: Adapter, rw: Rewrite) -> None:
         assert isinstance(ad.source, GgufSource) and rw.config is not None
         _write(atomic.tmp, ad.source, float(rw.config[_ALPHA]), rw.tensors)
-
-
-def load_gguf(path: Path, base: Path | None = None) -> Adapter:
-    """A GGUF adapter file read as ``load_adapter`` reads one once the loader asks :meth:`Layout.open` (errors
-    name the file), its Q/K given head counts from ``base`` when given (:meth:`GgufReadLayout.with_base`)."""
-    path = Path(path)
-    layout = GgufReadLayout()
-    try:
-        ad = layout.read(GgufSource(path), Found(path, path))
-    except InspectError as e:
-        raise e.located(path) from e
-    ad.layout = layout
-    return layout.with_base(ad, base) if base is not None else ad

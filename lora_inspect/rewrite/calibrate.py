@@ -31,7 +31,7 @@ import torch
 
 from ..adapter import Adapter, Module
 from ..errors import InspectError
-from ..formats import check_output, refuse_inexpressible
+from ..formats import check_output, layout_of, refuse_inexpressible
 from ..formats.layout import Format, Layout
 from ..spectrum import Decomposition, decompose, single_threaded_torch
 from .ranks import TruncateSpec, choose_ranks
@@ -41,7 +41,6 @@ from .tensors import extras_tensors, torch_dtype
 from .truncation import (
     Factored,
     assemble,
-    layout_of,
     rank_independent_bytes,
     to_stored,
     truncation_warnings,
@@ -131,11 +130,13 @@ def _check_moments(ad: Adapter, moments: dict[str, torch.Tensor]) -> None:
         raise InspectError(f"{ad.path}: no calibration data reached module {missing[0]!r}")
 
 
-def calibration_target(ad: Adapter, out: Path) -> tuple[Layout, Format]:
+def calibration_target(ad: Adapter, out: Path, force: bool = False) -> tuple[Layout, Format]:
     """The layout and format a calibrated truncation of ``ad`` writes to ``out``, after refusing in one line
-    what it cannot write: DoRA and AdaLoRA, and (as truncate does) what that layout cannot hold
-    (:func:`~lora_inspect.formats.refuse_inexpressible`: conv modules in diffusers attention-processor
-    files, …). Cheap: the command calls it before it loads the base model and reads the calibration data."""
+    what it cannot write: an existing OUT without ``force``, DoRA and AdaLoRA, and (as truncate does) what
+    that layout cannot hold (:func:`~lora_inspect.formats.refuse_inexpressible`: conv modules in diffusers
+    attention-processor files, …). Cheap: the command calls it before it loads the base model and reads the
+    calibration data."""
+    check_output(ad, out, force)
     if ad.use_dora or ad.peft_type == "ADALORA" or any(m.is_dora for m in ad.modules):
         raise InspectError(f"{ad.path}: calibrated truncation applies to plain LoRA modules (not DoRA/AdaLoRA)")
     layout = layout_of(ad)
@@ -151,10 +152,9 @@ def calibrated_truncate(ad: Adapter, out: Path, spec: TruncateSpec, moments: dic
     each module name to Σ = XᵀX/n of its input (:func:`lora_inspect.hf.collect.input_moments`)."""
     spec.validate()
     out = Path(out)
-    check_output(ad, out, force)
     if not ridge > 0:
         raise InspectError(f"ridge must be > 0, got {ridge}")
-    layout, out_fmt = calibration_target(ad, out)
+    layout, out_fmt = calibration_target(ad, out, force)
     _check_moments(ad, moments)
     cal = []
     with single_threaded_torch():

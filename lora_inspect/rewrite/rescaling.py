@@ -20,14 +20,13 @@ import torch
 from ..adapter import Adapter, module_type
 from ..defaults import SCALE_RANGE
 from ..errors import InspectError, OptionError
-from ..formats import check_output, refuse_inexpressible
+from ..formats import check_output, layout_of, refuse_inexpressible
 from ..formats.layout import Layout
 from ..spectrum import single_threaded_torch
 from ..units import plural, verb
 from .results import ModuleRescale, RescaleResult
 from .selfcheck import Expected, write_checked
 from .tensors import extras_tensors, module_tensors, torch_dtype
-from .truncation import layout_of
 
 __all__ = ["rescale", "resolve_factor"]
 

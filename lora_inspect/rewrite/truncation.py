@@ -22,8 +22,7 @@ import torch
 
 from ..adapter import Adapter, LowRankUpdate, Module, module_type
 from ..errors import InspectError
-from ..formats import check_output, refuse_inexpressible
-from ..formats.layout import Layout
+from ..formats import check_output, layout_of, refuse_inexpressible
 from ..formats.tensors import DTYPE_SIZES
 from ..spectrum import (
     Decomposition,
@@ -40,15 +39,8 @@ from .results import ModuleChange, TruncateResult
 from .selfcheck import Expected, write_checked
 from .tensors import check_finite, extras_tensors, header_reserve, torch_dtype
 
-__all__ = ["truncate", "to_stored", "layout_of", "Factored", "assemble", "rank_independent_bytes",
+__all__ = ["truncate", "to_stored", "Factored", "assemble", "rank_independent_bytes",
            "truncation_warnings"]
-
-
-def layout_of(ad: Adapter) -> Layout:
-    """The layout that read ``ad`` (it writes the rewrite)."""
-    from ..formats import layout_of as of
-
-    return of(ad)
 
 
 def to_stored(m: Module, b_lin: torch.Tensor, a_lin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
