@@ -28,6 +28,7 @@ import torch
 
 from .. import validate as v
 from ..errors import InspectError
+from ..formats.gguf import HEAD_KEYS, MODEL_TYPE_ARCH, PERMUTE_ARCHS
 from ..optional import require
 from .canon import Canon, CanonModule, times
 from .results import ModuleOut
@@ -36,16 +37,9 @@ from .writers import record, refuse
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-__all__ = ["GgufPlan", "plan_gguf", "write_gguf", "read_gguf", "llama_permute", "PERMUTE_ARCHS", "base_config",
+__all__ = ["GgufPlan", "plan_gguf", "write_gguf", "read_gguf", "llama_permute", "base_config",
            "config_path", "gguf_factors", "canon_factors"]
 
-# archs whose HF → GGUF converter subclasses LlamaModel and permutes q/k (convert_hf_to_gguf.py)
-PERMUTE_ARCHS = {"llama", "mistral", "granite", "granitemoe"}
-# HF model_type → gguf arch name where they differ; "lora-inspect" is this project's training base
-# (lora_inspect.train.model: Llama blocks, HF's rotate-half RoPE, Llama's module names)
-_MODEL_TYPE = {"mistral": "llama", "mixtral": "llama", "lora-inspect": "llama"}
-# (heads, KV heads) keys: Hugging Face's config.json, then this project's (format lora-inspect/model/1)
-_HEAD_KEYS = (("num_attention_heads", "num_key_value_heads"), ("n_heads", "n_kv_heads"))
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -85,7 +79,7 @@ def _arch(name: str | None, cfg: dict | None, where: str) -> str:
     arch_given = name is not None
     if name is None and cfg is not None:
         mt = v.string(cfg, "model_type", where)
-        name = _MODEL_TYPE.get(mt, mt) if isinstance(mt, str) else None
+        name = MODEL_TYPE_ARCH.get(mt, mt) if isinstance(mt, str) else None
     if name is None:
         raise InspectError("GGUF needs the base model's architecture: give --arch (llama, qwen2 …) or --base "
                            "(the base model's directory, its config.json names it)")
@@ -109,9 +103,9 @@ def plan_gguf(canon: Canon, arch: str | None, cfg: dict | None, where: str) -> G
 
 
 def _heads(cfg: dict, where: str) -> tuple[int | None, int | None]:
-    """(attention heads, KV heads) from a base config.json, either spelling (:data:`_HEAD_KEYS`); KV heads
+    """(attention heads, KV heads) from a base config.json, either spelling (:data:`~lora_inspect.formats.gguf.HEAD_KEYS`); KV heads
     default to the heads (no grouped-query attention)."""
-    for heads, kv in _HEAD_KEYS:
+    for heads, kv in HEAD_KEYS:
         nh = v.integer(cfg, heads, where, default=None, minimum=1)
         if nh is not None:
             return nh, v.integer(cfg, kv, where, default=None, minimum=1) or nh

@@ -14,12 +14,12 @@ import torch
 from ..errors import InspectError, OptionError
 from ..files import AtomicOutput
 from ..formats import check_output, layout_for_target, layout_of
+from ..formats.gguf import PERMUTE_ARCHS
 from ..formats.layout import Converted, Held, Layout, WriteOptions
 from .canon import Canon, CanonModule, from_adapter
 from .checked import compare
 from .flux import flux_for_target
 from .gguf_out import (
-    PERMUTE_ARCHS,
     GgufPlan,
     base_config,
     llama_permute,

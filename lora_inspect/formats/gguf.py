@@ -23,6 +23,15 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["GgufLayout"]
 
 
+# archs whose HF → GGUF converter subclasses LlamaModel and permutes Q/K rows (convert_hf_to_gguf.py): one home
+# for the writer (convert/gguf_out.py) and the reader (gguf_read.py)
+PERMUTE_ARCHS = frozenset({"llama", "mistral", "granite", "granitemoe"})
+# HF model_type → GGUF arch where they differ; "lora-inspect" is this project's training base
+# (lora_inspect.train.model: Llama blocks, HF's rotate-half RoPE, Llama's module names)
+MODEL_TYPE_ARCH = {"mistral": "llama", "mixtral": "llama", "lora-inspect": "llama"}
+# (heads, KV heads) keys of a base's config.json: Hugging Face's, then this project's (lora-inspect/model/1)
+HEAD_KEYS = (("num_attention_heads", "num_key_value_heads"), ("n_heads", "n_kv_heads"))
+
 class GgufLayout(Layout):
     name = "gguf"
     label = "GGUF"

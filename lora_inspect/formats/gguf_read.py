@@ -35,7 +35,7 @@ from ..optional import require
 from ..orientation import PEFT, Orientation, OrientName, Shapes
 from ..units import plural, verb
 from .common import build_module, group_keys
-from .gguf import GgufLayout
+from .gguf import HEAD_KEYS, MODEL_TYPE_ARCH, PERMUTE_ARCHS, GgufLayout
 from .gguf_source import GgufSource, is_gguf
 from .layout import Format, Found, Rewrite
 
@@ -45,12 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..files import AtomicOutput
     from .tensors import TensorSource
 
-__all__ = ["GgufReadLayout", "GgufFormat", "unpermute_rows", "PERMUTE_ARCHS"]
+__all__ = ["GgufReadLayout", "GgufFormat", "unpermute_rows"]
 
-# archs whose HF → GGUF converter subclasses LlamaModel with undo_permute (convert_hf_to_gguf.py)
-PERMUTE_ARCHS = frozenset({"llama", "mistral", "granite", "granitemoe"})
-_MODEL_TYPE = {"mistral": "llama", "mixtral": "llama", "lora-inspect": "llama"}  # config model_type → GGUF arch
-_HEAD_KEYS = (("num_attention_heads", "num_key_value_heads"), ("n_heads", "n_kv_heads"))
 _ALPHA = "adapter.lora.alpha"
 _ALORA = "adapter.alora.invocation_tokens"
 # which of gguf's many source names for a GGUF tensor is the transformers module path (first match wins)
@@ -225,7 +221,7 @@ def _read(source: GgufSource, found: Found) -> Adapter:
 
 
 def _heads(cfg: dict, where: str) -> tuple[int, int]:
-    for heads, kv in _HEAD_KEYS:
+    for heads, kv in HEAD_KEYS:
         nh = v.integer(cfg, heads, where, default=None, minimum=1)
         if nh is not None:
             return nh, v.integer(cfg, kv, where, default=None, minimum=1) or nh
@@ -234,7 +230,7 @@ def _heads(cfg: dict, where: str) -> tuple[int, int]:
 
 def _check_base(ad: Adapter, cfg: dict, where: str, arch: str) -> None:
     mt = v.string(cfg, "model_type", where)
-    if isinstance(mt, str) and _MODEL_TYPE.get(mt, mt) != arch:
+    if isinstance(mt, str) and MODEL_TYPE_ARCH.get(mt, mt) != arch:
         raise InspectError(f"{where}: model_type {mt!r}, but {ad.path} is a {arch} adapter: another base model")
     hidden = v.integer(cfg, "hidden_size", where, default=None, minimum=1)
     q = next((m for m in ad.modules if isinstance(m.update, _PermutedRows)), None)
