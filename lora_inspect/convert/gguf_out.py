@@ -124,13 +124,6 @@ def _n_blocks(canon: Canon) -> int:
     return max(idx) + 1 if idx else 1
 
 
-def _check_module(m: CanonModule) -> None:
-    if m.magnitude is not None:
-        raise refuse("GGUF", m, "DoRA (llama.cpp has no magnitude vectors)")
-    if m.kind not in ("linear", "embedding"):
-        raise refuse("GGUF", m, f"{m.kind} LoRA is not written to GGUF here")
-
-
 def gguf_factors(kind: str, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(lora_a, lora_b) as numpy-order tensors for llama.cpp from canonical B (out × r), A (r × in):
     (A, B) for a linear module; for an embedding (ΔW vocab × dim) (B (vocab, r), Aᵀ (dim, r))."""
@@ -161,7 +154,6 @@ def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor
     tmap = gguf.get_tensor_name_map(arch_enum, _n_blocks(canon))
     out, records = [], []
     for m in canon.modules:
-        _check_module(m)
         gname = tmap.get_name(m.path, try_suffixes=(".weight",))
         if gname is None:
             raise refuse("GGUF", m, f"no {plan.arch} GGUF tensor name for {m.path!r} (is --arch right?)")
