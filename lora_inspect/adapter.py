@@ -35,12 +35,12 @@ from .naming import natural_sorted
 from .orientation import PEFT, Orientation, OrientName
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
     from .formats.layout import Format, Layout
     from .formats.tensors import TensorInfo, TensorSource
 
-# torch is imported where tensor data is touched: header-only commands (info, check) stay light.
+# numpy is imported where tensor data is touched: header-only commands (info, check) stay light.
 
 __all__ = ["require_mergeable", "Module", "Adapter", "Update", "LowRankUpdate", "module_type", "module_layer"]
 
@@ -68,20 +68,20 @@ class Update:
     def params(self, shape: tuple[int, int]) -> int:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":  # pragma: no cover
+    def dense(self, source: "TensorSource", dtype: "np.dtype | type") -> "np.ndarray":  # pragma: no cover
         raise NotImplementedError
 
-    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors(self, source: "TensorSource", dtype: "np.dtype | type") -> tuple["np.ndarray", "np.ndarray"]:
         """(B, A) with B@A = the unscaled ΔW exactly (the low-rank route)."""
         raise InspectError(f"{type(self).__name__}: no low-rank factor pair")  # pragma: no cover
 
-    def singular_values(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+    def singular_values(self, source: "TensorSource", dtype: "np.dtype | type", scale: float) -> Any:
         """The exact spectrum of scale·ΔW (numpy, descending) when it is not taken from :meth:`factors`;
         None for the factor route. Raises ValueError on NaN/inf."""
         return None
 
-    def decomposition(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
-        """What a truncation cuts: an object with ``s`` (descending σ, torch) and ``factors(keep, stored)``
+    def decomposition(self, source: "TensorSource", dtype: "np.dtype | type", scale: float) -> Any:
+        """What a truncation cuts: an object with ``s`` (descending σ, numpy) and ``factors(keep, stored)``
         (``spectrum.Decomposition``'s interface). Raises ValueError on NaN/inf."""
         from .spectrum import all_finite, decompose
 
@@ -119,13 +119,13 @@ class LowRankUpdate(Update):
         """r·(out + in)."""
         return self.rank * (shape[0] + shape[1])
 
-    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple[torch.Tensor, torch.Tensor]:
-        b, a = self.orient.to_linear(source.get(self.a_key).to(dtype), source.get(self.b_key).to(dtype))
+    def factors(self, source: "TensorSource", dtype: "np.dtype | type") -> tuple[np.ndarray, np.ndarray]:
+        b, a = self.orient.to_linear(source.get(self.a_key).astype(dtype), source.get(self.b_key).astype(dtype))
         if self.e_key is not None:
-            a = a * source.get(self.e_key).to(dtype).reshape(-1, 1)
+            a = a * source.get(self.e_key).astype(dtype).reshape(-1, 1)
         return b, a
 
-    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+    def dense(self, source: "TensorSource", dtype: "np.dtype | type") -> "np.ndarray":
         b, a = self.factors(source, dtype)
         return b @ a
 
@@ -204,27 +204,27 @@ class Module:
     def is_dora(self) -> bool:
         return self.magnitude_key is not None
 
-    def factors(self, dtype: "torch.dtype | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, dtype: "np.dtype | type | None" = None) -> tuple[np.ndarray, np.ndarray]:
         """Read (B, A) in linear orientation, *unscaled*: ΔW = self.scale · B @ A (float64 by default)."""
-        import torch
+        import numpy as np
 
-        return self.update.factors(self.source, dtype or torch.float64)
+        return self.update.factors(self.source, dtype or np.float64)
 
-    def delta(self, dtype: "torch.dtype | None" = None) -> torch.Tensor:
+    def delta(self, dtype: "np.dtype | type | None" = None) -> np.ndarray:
         """The dense ΔW (out, in) — for tests and small models only."""
-        import torch
+        import numpy as np
 
-        return self.scale * self.update.dense(self.source, dtype or torch.float64)
+        return self.scale * self.update.dense(self.source, dtype or np.float64)
 
-    def magnitude(self) -> torch.Tensor | None:
+    def magnitude(self) -> np.ndarray | None:
         if self.magnitude_key is None:
             return None
-        return self.source.get(self.magnitude_key).double().reshape(-1)
+        return self.source.get(self.magnitude_key).astype("f8").reshape(-1)
 
-    def bias(self) -> torch.Tensor | None:
+    def bias(self) -> np.ndarray | None:
         if self.bias_key is None:
             return None
-        return self.source.get(self.bias_key).double()
+        return self.source.get(self.bias_key).astype("f8")
 
 
 @dataclass

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .adapter import Adapter, LowRankUpdate, Module, module_layer, module_type
 from .basemetrics import BaseAnalysis, BasisCache, analyse_base
@@ -165,23 +164,25 @@ def unit_spectrum(sv: np.ndarray) -> np.ndarray:
 _BUFFERS = threading.local()
 
 
-def _into(x: torch.Tensor, slot: int) -> torch.Tensor:
+def _into(x: np.ndarray, slot: int) -> np.ndarray:
     """x converted to float64 in this thread's reusable buffer ``slot`` (valid until the next call):
-    converting into memory already mapped is 3× faster here than a fresh tensor per factor, whose
-    pages the kernel must fault in and zero (reports/scan.md, "rank speed")."""
-    bufs = getattr(_BUFFERS, "bufs", None) or [torch.empty(0, dtype=torch.float64)] * 2
-    if bufs[slot].numel() < x.numel():
-        bufs[slot] = torch.empty(x.numel(), dtype=torch.float64)
+    converting into memory already mapped is faster than a fresh array per factor, whose pages the
+    kernel must fault in and zero (reports/scan.md, "rank speed")."""
+    bufs = getattr(_BUFFERS, "bufs", None) or [np.empty(0)] * 2
+    if bufs[slot].size < x.size:
+        bufs[slot] = np.empty(x.size)
     _BUFFERS.bufs = bufs
-    return bufs[slot][: x.numel()].view(x.shape).copy_(x)
+    out = bufs[slot][: x.size].reshape(x.shape)
+    np.copyto(out, x)
+    return out
 
 
-def _factors64(m: Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) in float64, linear orientation, as ``m.factors(torch.float64)`` but read as stored and
+def _factors64(m: Module) -> tuple[np.ndarray, np.ndarray]:
+    """(B, A) in float64, linear orientation, as ``m.factors(np.float64)`` but read as stored and
     converted once, into per-thread buffers."""
     u = m.update
     if not isinstance(u, LowRankUpdate) or u.e_key is not None:
-        return m.factors(torch.float64)
+        return m.factors(np.float64)
     b, a = u.orient.to_linear(m.source.get(u.a_key), m.source.get(u.b_key))
     return _into(b, 0), _into(a, 1)
 
@@ -203,8 +204,8 @@ def _reduce(m: Module, precision: str, gram: bool) -> tuple[Module, Any, Any, li
     rb = gram_r_factor(b) if gram else None
     ra = gram_r_factor(a, rows=True) if gram else None
     # ill-conditioned or rank-deficient: Householder QR in the compute dtype (exact: bf16 → f64 → f32)
-    rb = r_factor(b.to(dtype)) if rb is None else rb
-    ra = r_factor(a.T.to(dtype)) if ra is None else ra
+    rb = r_factor(b.astype(dtype)) if rb is None else rb
+    ra = r_factor(a.T.astype(dtype)) if ra is None else ra
     # R_b = 0 exactly when B = 0; a product update (LoHa's face-split factors) is also zero when its A side is
     zero = not rb.any() or (not isinstance(m.update, LowRankUpdate) and not ra.any())
     return m, rb, ra, [FLAG_ZERO_B] if zero else []

@@ -8,7 +8,7 @@ caller takes Householder QR (:func:`lora_inspect.spectrum.r_factor`). See ``docs
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 __all__ = ["gram_r_factor", "GRAM_MAX_COND"]
 
@@ -17,21 +17,21 @@ __all__ = ["gram_r_factor", "GRAM_MAX_COND"]
 GRAM_MAX_COND = 1e4
 
 
-def gram_r_factor(x: torch.Tensor, rows: bool = False) -> torch.Tensor | None:
+def gram_r_factor(x: np.ndarray, rows: bool = False) -> np.ndarray | None:
     """R (float64, upper) with RᵀR = XᵀX, X = x (m, n) or xᵀ when ``rows``, from the float64 Gram's Cholesky
     factor; None when X is rank deficient, wider than tall, or κ(X) > :data:`GRAM_MAX_COND` (κ² = λmax/λmin)."""
     m, n = (x.shape[1], x.shape[0]) if rows else x.shape
     if m < n or n == 0:
         return None
-    x64 = x if x.dtype == torch.float64 else x.to(torch.float64)
-    g = x64 @ x64.T if rows else x64.T @ x64
-    try:  # entries past ~1e154 overflow when squared (LinAlgError): QR handles them
-        ev = torch.linalg.eigvalsh(g) if bool(torch.isfinite(g).all()) else None
-    except RuntimeError:
-        ev = None
-    if ev is None:
+    x64 = x if x.dtype == np.float64 else x.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # entries past ~1e154 overflow when squared: QR handles them
+        g = x64 @ x64.T if rows else x64.T @ x64
+    if not np.isfinite(g).all():
         return None
-    if not (bool(torch.isfinite(ev).all()) and ev[0] > 0 and ev[-1] <= GRAM_MAX_COND**2 * ev[0]):
+    ev = np.linalg.eigvalsh(g)
+    if not (np.isfinite(ev).all() and ev[0] > 0 and ev[-1] <= GRAM_MAX_COND**2 * ev[0]):
         return None
-    chol, info = torch.linalg.cholesky_ex(g)
-    return None if int(info) else chol.T
+    try:
+        return np.linalg.cholesky(g).T
+    except np.linalg.LinAlgError:
+        return None

@@ -1,6 +1,7 @@
 """Writing files: atomic outputs, output-path checks, the deterministic safetensors writer, JSON.
 
-Determinism: the safetensors container is written here rather than by ``safetensors.torch.save_file``,
+Determinism: the safetensors container is written here (from numpy arrays in their storage dtypes,
+:mod:`lora_inspect.arrays`; no torch) rather than by ``safetensors.torch.save_file``,
 whose header metadata order follows a Rust ``HashMap`` and changes from run to run. Header keys are
 sorted, tensors are laid out by (element size descending, key) — the order the safetensors library
 uses, which keeps every tensor aligned — and the header is padded with spaces to a multiple of 8
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import InspectError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
 __all__ = [
     "write_safetensors",
@@ -91,21 +92,25 @@ def write_bytes(path: Path, data: bytes) -> None:
         raise os_error(path, e) from e
 
 
-def _safetensors_layout(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None):
-    from .formats.tensors import TORCH_TO_ST
+def _safetensors_layout(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None):
+    import numpy as np
+
+    from .arrays import st_dtype
 
     items = []
     for key, t in tensors.items():
-        if t.dtype not in TORCH_TO_ST:
-            raise InspectError(f"{path}: cannot store tensor {key!r} of dtype {t.dtype}")
-        items.append((key, t.detach().to("cpu").contiguous()))
-    items.sort(key=lambda kv: (-kv[1].element_size(), kv[0]))
+        try:
+            name = st_dtype(t)
+        except (ValueError, AttributeError):
+            raise InspectError(f"{path}: cannot store tensor {key!r} of dtype {getattr(t, 'dtype', type(t).__name__)}") from None
+        t = np.ascontiguousarray(t)
+        items.append((key, name, t.astype(t.dtype.newbyteorder("<")) if t.dtype.byteorder == ">" else t))
+    items.sort(key=lambda kv: (-kv[2].itemsize, kv[0]))
     header: dict[str, Any] = {}
     offset = 0
-    for key, t in items:
-        n = t.numel() * t.element_size()
-        header[key] = {"dtype": TORCH_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
+    for key, name, t in items:
+        header[key] = {"dtype": name, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
     if metadata:
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise InspectError(f"{path}: header metadata must map strings to strings")
@@ -115,19 +120,18 @@ def _safetensors_layout(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     return items, raw, offset
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
-    """Write a safetensors file deterministically (byte-identical for equal inputs); returns the bytes
-    written. Not atomic by itself: write to :attr:`AtomicOutput.tmp` for that. ``train`` calls this."""
-    import torch
-
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> int:
+    """Write a safetensors file deterministically (byte-identical for equal inputs) from numpy arrays in
+    their storage dtypes (bf16 as :data:`lora_inspect.arrays.BF16`); returns the bytes written. Not
+    atomic by itself: write to :attr:`AtomicOutput.tmp` for that. ``train`` calls this."""
     items, raw, offset = _safetensors_layout(path, tensors, metadata)
     try:
         with open(path, "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
-            for _, t in items:
-                if t.numel():
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            for _, _, t in items:
+                if t.size:
+                    f.write(t.reshape(-1).view("u1").data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
@@ -135,12 +139,15 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     return 8 + len(raw) + offset
 
 
-def write_bin(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """A pickled state dict; ``torch.save`` is deterministic for the same dict in the same order."""
+def write_bin(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """A pickled state dict (torch's engine: the arrays become tensors here); ``torch.save`` is
+    deterministic for the same dict in the same order."""
     import torch
 
+    from .arrays import to_torch
+
     try:
-        torch.save({k: tensors[k].contiguous() for k in sorted(tensors)}, str(path))
+        torch.save({k: to_torch(tensors[k]) for k in sorted(tensors)}, str(path))
     except OSError as e:
         raise os_error(path, e) from e
     except RuntimeError as e:  # torch wraps write failures of its zip writer

@@ -13,7 +13,7 @@ The orientations (see :mod:`lora_inspect.adapter` for the conventions):
 - :data:`EMBEDDING` — PEFT ``lora_embedding_A`` (r, vocab), ``lora_embedding_B`` (dim, r); PEFT applies
   s·(B@A)ᵀ, so B = Aᵀ_stored and A = Bᵀ_stored and ΔW is (vocab, dim);
 - :data:`MLX` — mlx-lm ``lora_a`` (in, r), ``lora_b`` (r, out): both transposed.
-Torch is imported only where tensors are touched.
+Tensors are numpy arrays (:mod:`lora_inspect.arrays`); reshapes and transposes are views.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .errors import InspectError
 from .kinds import Choice, Kind
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
 __all__ = ["Orientation", "OrientName", "Shapes", "PeftOrientation", "EmbeddingOrientation", "MlxOrientation", "PEFT",
            "EMBEDDING",
@@ -63,11 +63,11 @@ class Orientation:
     def shapes(self, module: str, a_shape: Shape, b_shape: Shape) -> Shapes:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def to_linear(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+    def to_linear(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         raise NotImplementedError
 
-    def to_stored(self, b_lin: torch.Tensor, a_lin: torch.Tensor, a_shape: Shape,
-                  b_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
+    def to_stored(self, b_lin: np.ndarray, a_lin: np.ndarray, a_shape: Shape,
+                  b_shape: Shape) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - interface
         raise NotImplementedError
 
     def magnitude_len(self, out: int, inp: int) -> int:
@@ -103,11 +103,11 @@ class PeftOrientation(Orientation):
         kind = Kind.LINEAR if len(a_shape) == 2 else Kind.CONV
         return Shapes(b_shape[0], math.prod(a_shape[1:]), a_shape[0], b_shape[1], kind, kernel)
 
-    def to_linear(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_linear(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
 
-    def to_stored(self, b_lin: torch.Tensor, a_lin: torch.Tensor, a_shape: Shape,
-                  b_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_stored(self, b_lin: np.ndarray, a_lin: np.ndarray, a_shape: Shape,
+                  b_shape: Shape) -> tuple[np.ndarray, np.ndarray]:
         k = b_lin.shape[1]
         return a_lin.reshape((k,) + tuple(a_shape[1:])), b_lin.reshape((b_shape[0], k) + tuple(b_shape[2:]))
 
@@ -121,11 +121,11 @@ class EmbeddingOrientation(Orientation):
         _two_d(module, "embedding", a_shape, b_shape)
         return Shapes(a_shape[1], b_shape[0], a_shape[0], b_shape[1], Kind.EMBEDDING)
 
-    def to_linear(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_linear(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return a.T, b.T
 
-    def to_stored(self, b_lin: torch.Tensor, a_lin: torch.Tensor, a_shape: Shape,
-                  b_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_stored(self, b_lin: np.ndarray, a_lin: np.ndarray, a_shape: Shape,
+                  b_shape: Shape) -> tuple[np.ndarray, np.ndarray]:
         return b_lin.T, a_lin.T
 
     def magnitude_len(self, out: int, inp: int) -> int:
@@ -143,11 +143,11 @@ class MlxOrientation(Orientation):
         _two_d(module, "mlx", a_shape, b_shape)
         return Shapes(b_shape[1], a_shape[0], a_shape[1], b_shape[0], Kind.LINEAR)
 
-    def to_linear(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_linear(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return b.T, a.T
 
-    def to_stored(self, b_lin: torch.Tensor, a_lin: torch.Tensor, a_shape: Shape,
-                  b_shape: Shape) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_stored(self, b_lin: np.ndarray, a_lin: np.ndarray, a_shape: Shape,
+                  b_shape: Shape) -> tuple[np.ndarray, np.ndarray]:
         return a_lin.T, b_lin.T
 
 

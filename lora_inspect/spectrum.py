@@ -5,7 +5,8 @@ Aᵀ = Q_a R_a. Then ΔW = Q_b (s·R_b R_aᵀ) Q_aᵀ with orthonormal Q's, so t
 those of the r×r core s·R_b R_aᵀ, and its singular vectors are U = Q_b U_core, V = Q_a V_core.
 Cost O((out + in)·r²) instead of O(out·in·min(out, in)) for a dense SVD. The QR route keeps small
 singular values that the Gram route (eigenvalues of BᵀB·AAᵀ) loses (``docs/metrics.md``).
-The core is always decomposed in float64.
+The core is always decomposed in float64. numpy's LAPACK does the work (no torch): ``geqrf`` for
+Householder QR, ``potrf`` for CholeskyQR, ``gesdd`` for the cores.
 
 Rank metrics (σ₁ ≥ … ≥ σ_r ≥ 0):
 - energy rank at τ: smallest k with Σ_{i≤k} σᵢ² ≥ τ·Σ σᵢ² (the Eckart–Young retained energy);
@@ -17,14 +18,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-import torch
 
 from .errors import NonFiniteUpdate
 
@@ -35,7 +34,6 @@ __all__ = [
     "compute_dtype",
     "parallel_map",
     "worker_count",
-    "single_threaded_torch",
     "Decomposition",
     "decompose",
     "r_factor",
@@ -56,29 +54,16 @@ __all__ = [
 SPIKE_RATIO = 10.0  # σ₁/σ₂ at or above this is flagged as a dominant spike
 
 
-def compute_dtype(stored: str, precision: str = "auto") -> torch.dtype:
+def compute_dtype(stored: str, precision: str = "auto") -> np.dtype:
     """The dtype to decompose a factor stored as ``stored`` (safetensors name) in.
 
     auto: 16-bit data carries 8–11 significant bits, so float32 arithmetic is exact far beyond it;
     fp32/fp64 data is decomposed in float64. ``fp32``/``fp64`` force one."""
     if precision == "fp64":
-        return torch.float64
+        return np.dtype(np.float64)
     if precision == "fp32":
-        return torch.float32
-    return torch.float32 if stored in ("BF16", "F16", "F8_E4M3", "F8_E5M2") else torch.float64
-
-
-@contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """One intra-op thread: LAPACK on thin factors ran best, and steadily, single-threaded on this class
-    of machine (``docs/metrics.md``: two threads were erratic under load); callers that want
-    parallelism run modules in worker threads instead."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+        return np.dtype(np.float32)
+    return np.dtype(np.float32) if stored in ("BF16", "F16", "F8_E4M3", "F8_E5M2") else np.dtype(np.float64)
 
 
 def worker_count() -> int:
@@ -94,42 +79,40 @@ def parallel_map(
     fn: Callable[[T], R], items: Sequence[T], *, workers: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[R]:
-    """``[fn(x) for x in items]`` over worker threads, each torch op single-threaded; order kept.
-
-    torch's kernels release the GIL, so modules run in parallel without intra-op threading (which
-    was erratic on this class of machine, see :func:`single_threaded_torch`)."""
+    """``[fn(x) for x in items]`` over worker threads; order kept. numpy's LAPACK/BLAS calls and its
+    large elementwise loops release the GIL, so modules are reduced in parallel."""
     workers = workers or worker_count()
     out: list[R] = []
-    with single_threaded_torch():
-        if workers > 1 and len(items) > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                for res in pool.map(fn, items):
-                    out.append(res)
-                    if progress:
-                        progress(1)
-        else:
-            for x in items:
-                out.append(fn(x))
+    if workers > 1 and len(items) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            for res in pool.map(fn, items):
+                out.append(res)
                 if progress:
                     progress(1)
+    else:
+        for x in items:
+            out.append(fn(x))
+            if progress:
+                progress(1)
     return out
 
 
-def all_finite(x: torch.Tensor) -> bool:
+def all_finite(x: np.ndarray) -> bool:
     """Exact, and cheap in the common case: a finite sum proves every element finite (NaN and ±inf
     always reach the sum); only a non-finite sum — NaN/inf present, or a huge-value overflow — pays
-    for the elementwise check. 20× cheaper than ``isfinite(x).all()`` on a 14336×64 factor. (NaN does
-    not always reach a Householder R: a 1-column factor with NaN on top came out finite.)"""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+    for the elementwise check. (NaN does not always reach a Householder R: a 1-column factor with NaN
+    on top came out finite.)"""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(x.sum())) or bool(np.isfinite(x).all())
 
 
-def r_factor(x: torch.Tensor) -> torch.Tensor:
-    """R of the reduced QR of x (…, m, n): (…, min(m, n), n). Only R is needed for singular values."""
-    return torch.linalg.qr(x, mode="r")[1]
+def r_factor(x: np.ndarray) -> np.ndarray:
+    """R of the reduced QR of x (m, n): (min(m, n), n). Only R is needed for singular values."""
+    return np.linalg.qr(x, mode="r")
 
 
 def core_singular_values(
-    rbs: list[torch.Tensor], ras: list[torch.Tensor], scales: list[float], r: int
+    rbs: list[np.ndarray], ras: list[np.ndarray], scales: list[float], r: int
 ) -> np.ndarray:
     """Singular values of the cores s·R_b R_aᵀ for many modules of one rank r, in one batched float64 SVD.
 
@@ -137,57 +120,58 @@ def core_singular_values(
     which adds zero singular values only. Returns (N, r) descending.
     """
     n = len(rbs)
-    pb = torch.zeros(n, r, r, dtype=torch.float64)
-    pa = torch.zeros(n, r, r, dtype=torch.float64)
+    pb = np.zeros((n, r, r))
+    pa = np.zeros((n, r, r))
     for i, (rb, ra) in enumerate(zip(rbs, ras)):
         pb[i, : rb.shape[0]] = rb
         pa[i, : ra.shape[0]] = ra
-    core = (pb @ pa.transpose(-1, -2)) * torch.tensor(scales, dtype=torch.float64).reshape(-1, 1, 1)
-    finite = torch.isfinite(core).flatten(1).all(dim=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        core = (pb @ pa.transpose(0, 2, 1)) * np.asarray(scales, dtype=np.float64).reshape(-1, 1, 1)
+        finite = np.isfinite(core).reshape(n, -1).all(axis=1)
     out = np.full((n, r), np.nan)  # a core that overflows float64 (finite factors, huge values) stays NaN
-    if bool(finite.any()):
-        out[finite.numpy()] = torch.linalg.svdvals(core[finite]).abs().numpy()
+    if finite.any():
+        out[finite] = np.abs(np.linalg.svd(core[finite], compute_uv=False))
     return out
 
 
-def singular_values(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> np.ndarray:
+def singular_values(b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """Singular values (length r, descending, float64) of s·B@A from the QR factors and an r×r SVD —
     the same route ``analysis.compute_spectra`` takes for a whole adapter, for one module."""
     return core_singular_values([r_factor(b)], [r_factor(a.T)], [float(scale)], b.shape[1])[0]
 
 
-def svd_factors(
-    b: torch.Tensor, a: torch.Tensor, scale: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def svd_factors(b: np.ndarray, a: np.ndarray, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thin SVD of s·B@A in float64 without forming it: returns U (out, r'), S (r',), Vh (r', in)."""
-    b = b.to(torch.float64)
-    a = a.to(torch.float64)
-    qb, rb = torch.linalg.qr(b)  # (out, p), (p, r)
-    qa, ra = torch.linalg.qr(a.T)  # (in, q), (q, r)
+    b = np.asarray(b, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    qb, rb = np.linalg.qr(b)  # (out, p), (p, r)
+    qa, ra = np.linalg.qr(a.T)  # (in, q), (q, r)
     uc, s, vch = _core_svd(scale, rb, ra)
     return qb @ uc, s, vch @ qa.T
 
 
-def truncate_factors(
-    b: torch.Tensor, a: torch.Tensor, scale: float, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def truncate_factors(b: np.ndarray, a: np.ndarray, scale: float, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best rank-k factors of s·B@A (Eckart–Young), scale baked in, split evenly:
     B' = Q_b U_k √S_k (out, k), A' = √S_k V_kᵀ Q_aᵀ (k, in), so B'@A' = the truncated ΔW. float64.
 
     k may exceed the numerical rank; the extra directions have σ = 0 (zero columns/rows)."""
-    return decompose(b.to(torch.float64), a.to(torch.float64), scale).factors(k)
+    return decompose(np.asarray(b, dtype=np.float64), np.asarray(a, dtype=np.float64), scale).factors(k)
+
+
+def _max_cond(table: dict[str, float], dtype: np.dtype) -> float:
+    return table["f8" if np.dtype(dtype) == np.float64 else "f4"]
 
 
 # CholeskyQR is used when κ(factor) is at most this (per compute dtype): its R then carries a relative
 # error ≈ u_compute·κ² (Higham, "Accuracy and Stability of Numerical Algorithms", §19.8; Fukaya et al.
 # 2014), below the rounding of the stored result (bf16/fp16 → float32 compute: 6e-8·100² = 6e-4 < 2^-8·…;
 # fp32/fp64 → float64 compute: 1.1e-16·1e4² = 1e-8 < 2^-24). Otherwise Householder (geqrf) is used.
-_CHOL_MAX_COND = {torch.float32: 1e2, torch.float64: 1e4}
+_CHOL_MAX_COND = {"f4": 1e2, "f8": 1e4}
 # Up to this κ, R comes from Householder QR and Q = X R⁻¹ is applied by triangular solves: Q's
 # orthogonality error is ≈ u·κ (Higham §19.8, "QR via R⁻¹"), below the stored result's rounding
 # (float32 compute for 16-bit storage: 6e-8·1e3 = 6e-5 < fp16's 4.9e-4; float64: 1e-16·1e8 = 1e-8 < 2^-24).
-# Beyond it, the reflectors themselves are applied (geqrf/ormqr).
-_SOLVE_MAX_COND = {torch.float32: 1e3, torch.float64: 1e8}
+# Beyond it, Householder's own orthonormal Q is formed and applied.
+_SOLVE_MAX_COND = {"f4": 1e3, "f8": 1e8}
 
 
 @dataclass
@@ -197,20 +181,20 @@ class Decomposition:
     the R factors — :class:`CholeskyDecomposition` and :class:`HouseholderDecomposition` — and differ
     only in how they map the kept directions back to factors (:meth:`factors`)."""
 
-    u: torch.Tensor  # (p, r') float64
-    s: torch.Tensor  # (r',) float64, descending
-    vh: torch.Tensor  # (r', q) float64
+    u: np.ndarray  # (p, r') float64
+    s: np.ndarray  # (r',) float64, descending
+    vh: np.ndarray  # (r', q) float64
 
     @property
     def singular_values(self) -> np.ndarray:
-        return self.s.numpy().copy()
+        return self.s.copy()
 
-    def _scaled(self, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scaled(self, keep: int) -> tuple[np.ndarray, np.ndarray]:
         """U_k √S_k (p, k) and V_k √S_k (q, k), float64."""
-        root = self.s[:keep].sqrt()
+        root = np.sqrt(self.s[:keep])
         return self.u[:, :keep] * root, self.vh[:keep].T * root
 
-    def factors(self, keep: int, stored: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, keep: int, stored: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(B′ (out, stored), A′ (stored, in)) in the compute dtype: B′@A′ is the best rank-``keep``
         approximation of ΔW (scale included); columns/rows past ``keep`` are zero."""
         raise NotImplementedError  # pragma: no cover - interface
@@ -221,73 +205,75 @@ class CholeskyDecomposition(Decomposition):
     """CholeskyQR route (well-conditioned factors): R = chol(BᵀB)ᵀ; Q_b = B R_b⁻¹ is never formed,
     only the small r×k product R_b⁻¹ U_k √S_k."""
 
-    b: torch.Tensor  # set by decompose
-    a: torch.Tensor
-    rb: torch.Tensor  # float64 upper-triangular
-    ra: torch.Tensor
+    b: np.ndarray  # set by decompose
+    a: np.ndarray
+    rb: np.ndarray  # float64 upper-triangular
+    ra: np.ndarray
 
-    def factors(self, keep: int, stored: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, keep: int, stored: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        from scipy.linalg import solve_triangular
+
         stored = keep if stored is None else stored
         keep = min(keep, self.s.shape[0])
-        mb = torch.zeros(self.rb.shape[0], stored, dtype=torch.float64)
-        ma = torch.zeros(self.ra.shape[0], stored, dtype=torch.float64)
+        mb = np.zeros((self.rb.shape[0], stored))
+        ma = np.zeros((self.ra.shape[0], stored))
         if keep:  # B′ = B R_b⁻¹ U_k √S_k, A′ = √S_k V_kᵀ R_a⁻ᵀ A
             us, vs = self._scaled(keep)
-            mb[:, :keep] = torch.linalg.solve_triangular(self.rb, us, upper=True)
-            ma[:, :keep] = torch.linalg.solve_triangular(self.ra, vs, upper=True)
+            mb[:, :keep] = solve_triangular(self.rb, us, lower=False)
+            ma[:, :keep] = solve_triangular(self.ra, vs, lower=False)
         dt = self.b.dtype
-        return self.b @ mb.to(dt), ma.T.to(dt) @ self.a
+        return self.b @ mb.astype(dt), ma.T.astype(dt) @ self.a
 
 
 @dataclass
 class HouseholderDecomposition(Decomposition):
-    """Householder route (``geqrf``/``ormqr``): the reflectors are applied to the small (·, k) blocks."""
+    """Householder route: B = Q_b R_b and Aᵀ = Q_a R_a by reduced QR (``geqrf``/``orgqr``), Q kept to
+    map the small (·, k) blocks back."""
 
-    hb: torch.Tensor  # set by decompose
-    tb: torch.Tensor
-    ha: torch.Tensor
-    ta: torch.Tensor
+    qb: np.ndarray  # set by decompose: (out, p), (in, q) orthonormal, compute dtype
+    qa: np.ndarray
     out_dim: int
     in_dim: int
 
-    def factors(self, keep: int, stored: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, keep: int, stored: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         stored = keep if stored is None else stored
         keep = min(keep, self.s.shape[0])
-        dt = self.hb.dtype
-        cb = torch.zeros(self.out_dim, stored, dtype=dt)
-        ca = torch.zeros(self.in_dim, stored, dtype=dt)
-        if not keep:
-            return cb, ca.T
-        us, vs = self._scaled(keep)
-        cb[: us.shape[0], :keep] = us.to(dt)
-        ca[: vs.shape[0], :keep] = vs.to(dt)
-        return torch.ormqr(self.hb, self.tb, cb), torch.ormqr(self.ha, self.ta, ca).T
+        dt = self.qb.dtype
+        cb = np.zeros((self.qb.shape[1], stored), dtype=dt)
+        ca = np.zeros((self.qa.shape[1], stored), dtype=dt)
+        if keep:
+            us, vs = self._scaled(keep)
+            cb[: us.shape[0], :keep] = us
+            ca[: vs.shape[0], :keep] = vs
+        return self.qb @ cb, (self.qa @ ca).T
 
 
-def _chol_r(x: torch.Tensor, xt_first: bool) -> torch.Tensor | None:
+def _chol_r(x: np.ndarray, xt_first: bool) -> np.ndarray | None:
     """Upper R (float64) with RᵀR = XᵀX (X = x, or xᵀ when ``xt_first``) that is safe to invert, or
     None when X is too ill-conditioned (or rank deficient) for that in x's dtype.
 
     The Gram matrix's eigenvalues give κ(X) exactly (κ² = λmax/λmin) for the price of one syrk: up to
     ``_CHOL_MAX_COND`` R is its Cholesky factor (CholeskyQR); up to ``_SOLVE_MAX_COND`` it is taken
     from a Householder QR instead (accurate R, and X R⁻¹ still near-orthonormal)."""
-    g = ((x @ x.T) if xt_first else (x.T @ x)).to(torch.float64)
-    if not bool(torch.isfinite(g).all()):  # the Gram overflows (huge values): Householder needs no Gram
+    with np.errstate(over="ignore", invalid="ignore"):
+        g = ((x @ x.T) if xt_first else (x.T @ x)).astype(np.float64)
+    if not np.isfinite(g).all():  # the Gram overflows (huge values): Householder needs no Gram
         return None
-    ev = torch.linalg.eigvalsh(g)
-    if not (torch.isfinite(ev).all() and ev[0] > 0):
+    ev = np.linalg.eigvalsh(g)
+    if not (np.isfinite(ev).all() and ev[0] > 0):
         return None
     kappa2 = float(ev[-1] / ev[0])
-    if kappa2 <= _CHOL_MAX_COND.get(x.dtype, 1e2) ** 2:
-        low, info = torch.linalg.cholesky_ex(g)
-        if int(info) == 0:
-            return low.T
-    if kappa2 <= _SOLVE_MAX_COND.get(x.dtype, 1e3) ** 2:
-        return r_factor(x.T if xt_first else x).to(torch.float64)
+    if kappa2 <= _max_cond(_CHOL_MAX_COND, x.dtype) ** 2:
+        try:
+            return np.linalg.cholesky(g).T
+        except np.linalg.LinAlgError:
+            pass
+    if kappa2 <= _max_cond(_SOLVE_MAX_COND, x.dtype) ** 2:
+        return r_factor(x.T if xt_first else x).astype(np.float64)
     return None
 
 
-def decompose(b: torch.Tensor, a: torch.Tensor, scale: float) -> Decomposition:
+def decompose(b: np.ndarray, a: np.ndarray, scale: float) -> Decomposition:
     """R factors of B and Aᵀ (CholeskyQR when well conditioned, else Householder) and the float64 SVD of
     the core s·R_b R_aᵀ. The factors must be finite (callers check with :func:`all_finite`, which is
     how they name the module); a non-finite core after the QR (an overflow) is an InspectError."""
@@ -298,19 +284,18 @@ def decompose(b: torch.Tensor, a: torch.Tensor, scale: float) -> Decomposition:
     if rb is not None and ra is not None:
         u, s, vh = _core_svd(scale, rb, ra)
         return CholeskyDecomposition(u, s, vh, b=b, a=a, rb=rb, ra=ra)
-    hb, tb = torch.geqrf(b)
-    ha, ta = torch.geqrf(a.T.contiguous())
-    rb = torch.triu(hb[: min(out_dim, r)]).to(torch.float64)
-    ra = torch.triu(ha[: min(in_dim, r)]).to(torch.float64)
-    u, s, vh = _core_svd(scale, rb, ra)
-    return HouseholderDecomposition(u, s, vh, hb=hb, tb=tb, ha=ha, ta=ta, out_dim=out_dim, in_dim=in_dim)
+    qb, rb = np.linalg.qr(b)
+    qa, ra = np.linalg.qr(np.ascontiguousarray(a.T))
+    u, s, vh = _core_svd(scale, rb.astype(np.float64), ra.astype(np.float64))
+    return HouseholderDecomposition(u, s, vh, qb=qb, qa=qa, out_dim=out_dim, in_dim=in_dim)
 
 
-def _core_svd(scale: float, rb: torch.Tensor, ra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    core = scale * (rb @ ra.T)
-    if not torch.isfinite(core).all():
+def _core_svd(scale: float, rb: np.ndarray, ra: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with np.errstate(over="ignore", invalid="ignore"):
+        core = scale * (rb @ ra.T)
+    if not np.isfinite(core).all():
         raise NonFiniteUpdate()
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    u, s, vh = np.linalg.svd(core, full_matrices=False)
     return u, s, vh
 
 

@@ -2,13 +2,16 @@
 
 The safetensors header is parsed and checked by hand before the library opens the file, so a
 truncated or hostile file gives one line naming the problem rather than a Rust panic or a huge
-allocation. Tensor data is memory-mapped through ``safe_open`` and read only when asked for.
-``.bin`` files are read only through ``torch.load(weights_only=True)``: pickled code never runs.
+allocation. Tensor data is memory-mapped (``mmap``) and viewed as numpy arrays only when asked for:
+no torch, no copy (bf16 aside, which :func:`lora_inspect.arrays.decode` widens to float32).
+``.bin`` files are read only through ``torch.load(weights_only=True)``: pickled code never runs, and
+the tensors become numpy arrays at once.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import struct
 import warnings
@@ -22,7 +25,7 @@ from ..units import noun, plural
 from ..validate import MAX_NAME_LENGTH
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
 __all__ = ["TensorInfo", "TensorSource", "SafetensorsSource", "StateDictSource", "open_tensors", "DTYPE_SIZES"]
 
@@ -33,26 +36,13 @@ DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }
-_TORCH_NAMES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "float16": "F16",
-    "bfloat16": "BF16", "int32": "I32", "float32": "F32", "int64": "I64", "float64": "F64",
-}
-# header-only work (info, check) never imports torch; the dtype maps are built on first use
+# header-only work (info, check) never imports numpy: struct reads a one-element tensor
 _SCALAR_FORMATS = {
     "F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B",
     "U16": "<H", "U32": "<I", "U64": "<Q", "BOOL": "<?",
 }
-
-
-def __getattr__(name: str):  # PEP 562: ST_TO_TORCH / TORCH_TO_ST without importing torch at module load
-    if name in ("ST_TO_TORCH", "TORCH_TO_ST"):
-        import torch
-
-        t2s = {getattr(torch, k): v for k, v in _TORCH_NAMES.items()}
-        globals()["TORCH_TO_ST"] = t2s
-        globals()["ST_TO_TORCH"] = {v: k for k, v in t2s.items()}
-        return globals()[name]
-    raise AttributeError(name)
+# what analysis reads (the F8 formats have no numpy dtype)
+_READABLE = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "I64", "U64", "F64")
 
 
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -83,8 +73,23 @@ class TensorSource:
     def info(self, key: str) -> TensorInfo:
         return self.tensors[key]
 
-    def get(self, key: str) -> torch.Tensor:  # pragma: no cover - interface
+    def raw(self, key: str) -> np.ndarray:  # pragma: no cover - interface
+        """The tensor as stored (bf16 as :data:`lora_inspect.arrays.BF16` bits): for copying it unchanged."""
         raise NotImplementedError
+
+    def get(self, key: str) -> np.ndarray:
+        """The tensor's numbers as a numpy array (bf16 widened to float32; read-only for a memory map)."""
+        from ..arrays import decode
+
+        return decode(self.raw(key))
+
+    def _known(self, key: str) -> TensorInfo:
+        info = self.tensors.get(key)
+        if info is None:
+            raise InspectError(f"{self.path}: no tensor named {key!r}")
+        if info.dtype not in _READABLE:
+            raise InspectError(f"{self.path}: tensor {key!r} has dtype {info.dtype}, which cannot be analysed")
+        return info
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -93,7 +98,7 @@ class TensorSource:
         """The value of a one-element tensor (a kohya/diffusers ``.alpha``). NaN and ±inf are returned
         as they are (a float, never an exception): the caller names the module and refuses them."""
         t = self.get(key)
-        if t.numel() != 1:
+        if t.size != 1:
             raise InspectError(f"{self.path}: tensor {key!r} must hold one value, found shape {tuple(t.shape)}")
         try:
             return float(t.reshape(-1)[0])
@@ -261,19 +266,18 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
 
 
 class SafetensorsSource(TensorSource):
-    """Lazy: the header now, tensor data through ``safe_open`` when a key is asked for."""
+    """Lazy: the header now; tensor data memory-mapped when a key is asked for, viewed without a copy."""
 
     def __init__(self, path: Path):
         self.path = path
         self.tensors, self.metadata, self.data_start = read_safetensors_header(path)
-        self._handle = None
+        self.data_len = sum(t.nbytes for t in self.tensors.values())  # the header tiles the data exactly
+        self._data: np.ndarray | None = None
 
     def scalar(self, key: str) -> float:
         """Read a one-element tensor straight from the file (no torch), e.g. a kohya ``.alpha``.
         NaN and ±inf come back as floats: the caller names the module and refuses them."""
-        info = self.tensors.get(key)
-        if info is None:
-            raise InspectError(f"{self.path}: no tensor named {key!r}")
+        info = self._known(key)
         if info.numel != 1:
             raise InspectError(f"{self.path}: tensor {key!r} must hold one value, found shape {info.shape}")
         if info.dtype == "BF16":
@@ -292,29 +296,29 @@ class SafetensorsSource(TensorSource):
             raise InspectError(f"{self.path}: tensor {key!r}: the file ends inside its data (changed while read?)")
         return float(struct.unpack(fmt, pad + raw)[0])
 
-    def _open(self):
-        if self._handle is None:
+    def _open(self) -> np.ndarray:
+        """The file's data section as bytes, memory-mapped read-only once (an empty file maps nothing)."""
+        import numpy as np
+
+        if self._data is None:
             validate.require_regular_file(self.path)
-            from safetensors import safe_open
-
             try:
-                self._handle = safe_open(str(self.path), framework="pt")
-            except Exception as e:  # SafetensorError and friends
-                raise InspectError(f"{self.path}: safetensors refused the file: {_first_line(e)}") from e
-        return self._handle
+                with validate.open_regular(self.path) as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size < self.data_start + self.data_len:
+                        raise InspectError(f"{self.path}: the file is shorter than its header says (changed since read?)")
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            except OSError as e:
+                raise InspectError(f"{self.path}: cannot read: {e.strerror or e}") from e
+            self._data = np.frombuffer(mm, dtype=np.uint8, count=self.data_len, offset=self.data_start)
+        return self._data
 
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self.tensors:
-            raise InspectError(f"{self.path}: no tensor named {key!r}")
-        info = self.tensors[key]
-        if info.dtype not in _TORCH_NAMES.values():
-            raise InspectError(f"{self.path}: tensor {key!r} has dtype {info.dtype}, which cannot be analysed")
-        try:
-            return self._open().get_tensor(key)
-        except InspectError:
-            raise
-        except Exception as e:
-            raise InspectError(f"{self.path}: cannot read tensor {key!r}: {_first_line(e)}") from e
+    def raw(self, key: str) -> np.ndarray:
+        from ..arrays import NUMPY_OF
+
+        info = self._known(key)
+        data = self._open()[info.offset: info.offset + info.nbytes]
+        return data.view(NUMPY_OF[info.dtype]).reshape(info.shape)
 
 
 def _first_line(e: BaseException) -> str:
@@ -323,28 +327,33 @@ def _first_line(e: BaseException) -> str:
 
 
 class StateDictSource(TensorSource):
-    """An in-memory state dict (from a ``.bin`` read with ``weights_only=True``)."""
+    """In-memory arrays (a ``.bin`` read with ``weights_only=True``, converted from torch at once)."""
 
-    def __init__(self, path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, state: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+        from ..arrays import st_dtype
+
         self.path = path
         self._state = state
         self.metadata = metadata or {}
         self.tensors = {}
         for k, t in state.items():
-            dt = _TORCH_NAMES.get(str(t.dtype).removeprefix("torch."))
-            if dt is None:
-                raise InspectError(f"{path}: tensor {k!r} has unsupported dtype {t.dtype}")
-            self.tensors[k] = TensorInfo(k, dt, tuple(t.shape), t.numel() * t.element_size())
+            try:
+                dt = st_dtype(t)
+            except ValueError:
+                raise InspectError(f"{path}: tensor {k!r} has unsupported dtype {t.dtype}") from None
+            self.tensors[k] = TensorInfo(k, dt, tuple(t.shape), t.nbytes)
 
-    def get(self, key: str) -> torch.Tensor:
-        if key not in self._state:
-            raise InspectError(f"{self.path}: no tensor named {key!r}")
+    def raw(self, key: str) -> np.ndarray:
+        self._known(key)
         return self._state[key]
 
 
-def _plain_tensor(path: Path, key: object, value: object) -> torch.Tensor:
-    """One entry of a loaded ``.bin``: a string key and a dense CPU tensor (a Parameter is unwrapped)."""
+def _plain_tensor(path: Path, key: object, value: object) -> np.ndarray:
+    """One entry of a loaded ``.bin``: a string key and a dense CPU tensor (a Parameter is unwrapped), as
+    a numpy array (bf16 as its bits)."""
     import torch
+
+    from ..arrays import from_torch
 
     if not isinstance(key, str):
         raise InspectError(f"{path}: state dict key {validate.show_value(key)} is not a string")
@@ -362,7 +371,13 @@ def _plain_tensor(path: Path, key: object, value: object) -> torch.Tensor:
     if value.is_quantized or value.is_meta or value.device.type != "cpu":
         what = "quantized" if value.is_quantized else f"on device {value.device.type}"
         raise InspectError(f"{path}: tensor {key!r} is {what}; only plain CPU tensors are read")
-    return value.detach()
+    if str(value.dtype).removeprefix("torch.") not in _BIN_DTYPES:
+        raise InspectError(f"{path}: tensor {key!r} has unsupported dtype {value.dtype}")
+    return from_torch(value)
+
+
+# what a ``.bin`` tensor may be (torch's names): the dtypes numpy holds, and bf16 as its bits
+_BIN_DTYPES = ("bool", "uint8", "int8", "int16", "float16", "bfloat16", "int32", "float32", "int64", "float64")
 
 
 def load_bin(path: Path) -> StateDictSource:
