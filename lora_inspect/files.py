@@ -95,10 +95,12 @@ def write_bytes(path: Path, data: bytes) -> None:
 def _safetensors_layout(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None):
     import numpy as np
 
-    from .arrays import st_dtype
+    from .arrays import from_torch, st_dtype
 
     items = []
     for key, t in tensors.items():
+        if not isinstance(t, np.ndarray) and hasattr(t, "detach"):  # a torch engine's tensor (train): its door
+            t = from_torch(t)
         try:
             name = st_dtype(t)
         except (ValueError, AttributeError):
@@ -120,9 +122,10 @@ def _safetensors_layout(path: Path, tensors: dict[str, np.ndarray], metadata: di
     return items, raw, offset
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> int:
+def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> int:
     """Write a safetensors file deterministically (byte-identical for equal inputs) from numpy arrays in
-    their storage dtypes (bf16 as :data:`lora_inspect.arrays.BF16`); returns the bytes written. Not
+    their storage dtypes (bf16 as :data:`lora_inspect.arrays.BF16`; a torch tensor, as ``train`` hands
+    over, is converted bit for bit); returns the bytes written. Not
     atomic by itself: write to :attr:`AtomicOutput.tmp` for that. ``train`` calls this."""
     items, raw, offset = _safetensors_layout(path, tensors, metadata)
     try:

@@ -1,12 +1,11 @@
-"""NaN/±inf and all-zero tests on the raw bits of a memory-mapped safetensors tensor: numpy only, no torch,
-at the speed of reading the file.
+"""NaN/±inf and all-zero tests on the raw bits of a tensor as stored (a memory map for safetensors): numpy
+only, no torch, at the speed of reading the file.
 
 IEEE formats (and bfloat16, the top half of a float32) store a non-finite value as an all-ones exponent:
 a value is finite exactly when ``bits & EXP != EXP``. A value is zero (+0.0 or -0.0) exactly when every
 bit but the sign is clear, so a tensor is all zero when no element has ``bits & ~SIGN``; a NaN is not zero,
-as ``torch.Tensor.any`` counts it. Other dtypes (integers, bool, 8-bit floats) and tensors not in a
-safetensors file are not handled here: :func:`bit_view` returns None and the caller reads them through
-torch.
+as ``torch.Tensor.any`` counts it. Other dtypes (integers, bool) are not handled here: :func:`bit_view`
+returns None and the caller reads their values.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import InspectError
-from .formats.tensors import SafetensorsSource, TensorSource
+from .formats.tensors import TensorSource
 
 __all__ = ["BitView", "bit_view", "all_finite_bits", "all_zero_bits", "nonfinite_and_zero"]
 
@@ -39,21 +38,17 @@ _FLOATS: dict[str, tuple[type, int, int]] = {
 
 
 def bit_view(source: TensorSource, key: str) -> BitView | None:
-    """The raw bits of ``key`` when it is an IEEE or bfloat16 tensor in a safetensors file, else None.
-    The offsets were validated against the file's size when its header was read."""
-    if not isinstance(source, SafetensorsSource):
-        return None
+    """The raw bits of ``key`` when it is an IEEE or bfloat16 tensor, else None: a view of the tensor as
+    stored (:meth:`TensorSource.raw`; for safetensors, of the memory map, no copy)."""
     info = source.tensors[key]
     spec = _FLOATS.get(info.dtype)
     if spec is None or info.numel == 0:
         return None
     uint, exp, sign = spec
-    try:
-        bits = np.memmap(source.path, dtype=uint, mode="r", offset=source.data_start + info.offset,
-                         shape=(info.numel,))
-    except (OSError, ValueError) as e:
-        raise InspectError(f"{source.path}: cannot read tensor {key!r}: {e}") from e
-    return BitView(bits, exp, sign)
+    raw = source.raw(key)
+    if not raw.flags.c_contiguous:
+        raise InspectError(f"{source.path}: tensor {key!r}: not contiguous")  # pragma: no cover - sources hand out C order
+    return BitView(raw.reshape(-1).view(uint), exp, sign)
 
 
 def _chunks(bits: np.ndarray):

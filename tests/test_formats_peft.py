@@ -176,7 +176,8 @@ def test_dora_low_rank_part_from_saved_tensors(builds):
         sv_close(m["singular_values"], svdvals64(ref), 1e-5)
     ad = load_adapter(b.path)
     assert all(mod.is_dora for mod in ad.modules)
-    assert torch.equal(ad.module("model.embed_tokens").magnitude(), st["base_model.model.model.embed_tokens.lora_magnitude_vector"])
+    assert torch.equal(torch.from_numpy(ad.module("model.embed_tokens").magnitude()),
+                       st["base_model.model.model.embed_tokens.lora_magnitude_vector"].double())
     assert ad.extras == ["base_model.model.model.embed_tokens.base_layer.weight"]
 
 
@@ -187,7 +188,7 @@ def test_lora_bias_attached_and_merged(builds):
     for mod in ad.modules:
         assert mod.bias_key is not None and mod.bias_key.endswith("lora_B.bias")
         bias_delta = b.merged_state[mod.name + ".bias"] - b.base_state[mod.name + ".bias"]
-        assert torch.allclose(mod.scale * mod.bias(), bias_delta, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(mod.scale * torch.from_numpy(mod.bias()), bias_delta.double(), rtol=1e-5, atol=1e-6)
 
 
 def test_modules_to_save_are_extras_with_exact_params(builds):

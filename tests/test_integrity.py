@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from notorch import blocked_env
 from safetensors.torch import save_file
 
 from lora_inspect.formats.tensors import SafetensorsSource
@@ -57,34 +58,18 @@ def test_the_bits_say_what_torch_says(tmp_path, seed):
     assert all_zero_bits(bit_view(source, "float16.zeros")) and not all_zero_bits(bit_view(source, "float16.nan_only"))
 
 
-def test_other_dtypes_are_left_to_torch(tmp_path):
+def test_other_dtypes_are_read_as_values(tmp_path):
     path = tmp_path / "t.safetensors"
     save_file({"i": torch.arange(6, dtype=torch.int32), "e": torch.zeros(0)}, str(path))
     source = SafetensorsSource(path)
     assert bit_view(source, "i") is None and bit_view(source, "e") is None
 
 
-_BLOCK = """
-import importlib.abc, sys
-class _NoTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked for this test")
-        return None
-sys.meta_path.insert(0, _NoTorch())
-"""
-
-
 def _check_json(args: list[str], cwd: Path, block: bool, tmp: Path) -> tuple[int, dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_INSPECT_")}
     env.update(NO_COLOR="1", PYTHONPATH=str(ROOT))
     if block:
-        site = tmp / "blocker"
-        site.mkdir(exist_ok=True)
-        (site / "sitecustomize.py").write_text(_BLOCK)
-        env["PYTHONPATH"] = f"{site}{os.pathsep}{ROOT}"
-        probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
-        assert probe.returncode != 0 and "torch is blocked" in probe.stderr  # the blocker works
+        env = blocked_env(tmp)
     res = subprocess.run([sys.executable, "-m", "lora_inspect", "check", *args, "--json"], cwd=cwd, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode in (0, 1), res.stderr

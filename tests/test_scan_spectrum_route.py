@@ -18,11 +18,16 @@ def _factors(seed: int, out: int, inp: int, r: int, decades: float, dtype=torch.
     scale = torch.logspace(0, -decades, r, dtype=torch.float64)
     b = (torch.randn(out, r, generator=g, dtype=torch.float64) * scale).to(dtype)
     a = torch.randn(r, inp, generator=g, dtype=torch.float64).to(dtype)
-    return b, a
+    return _np(b), _np(a)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """As the readers hand factors over: numpy, bf16 widened to float32 (exact)."""
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def _dense(b, a, s):
-    return np.linalg.svd(s * (b.double() @ a.double()).numpy(), compute_uv=False)
+    return np.linalg.svd(s * (b.astype(np.float64) @ a.astype(np.float64)), compute_uv=False)
 
 
 @settings(max_examples=40, deadline=None)
@@ -32,8 +37,8 @@ def test_gram_route_equals_qr_route(seed, r, extra, decades, bf16):
     dt = torch.bfloat16 if bf16 else torch.float32
     b, a = _factors(seed, r + extra, r + 2 * extra + 1, r, decades, dt)
     rb, ra = gram_r_factor(b), gram_r_factor(a, rows=True)
-    qb = r_factor(b.to(torch.float64))
-    qa = r_factor(a.T.to(torch.float64))
+    qb = r_factor(b.astype(np.float64))
+    qa = r_factor(a.T.astype(np.float64))
     ref = core_singular_values([qb], [qa], [1.5], r)[0]
     assert np.allclose(ref, _dense(b, a, 1.5)[:r], rtol=0, atol=1e-9 * ref[0])
     if rb is None or ra is None:
@@ -47,8 +52,8 @@ def test_ill_conditioned_factors_are_refused():
     assert gram_r_factor(b) is None
     b, _ = _factors(1, 64, 64, 8, 2.0)
     assert gram_r_factor(b) is not None and GRAM_MAX_COND >= 1e2
-    assert gram_r_factor(torch.zeros(16, 4)) is None  # B = 0 (untrained): QR, which flags it
-    assert gram_r_factor(torch.randn(3, 8)) is None  # fewer rows than columns
+    assert gram_r_factor(np.zeros((16, 4), dtype=np.float32)) is None  # B = 0 (untrained): QR, which flags it
+    assert gram_r_factor(np.ones((3, 8))) is None  # fewer rows than columns
 
 
 @pytest.mark.parametrize("decades", [0.0, 2.0, 8.0])
@@ -60,7 +65,7 @@ def test_compute_spectra_same_on_both_routes(tmp_path, monkeypatch, decades):
 
     mods = {f"model.layers.0.self_attn.{p}": _factors(i, 48, 40, 8, decades, torch.float32)
             for i, p in enumerate(("q_proj", "v_proj"))}
-    ad = load_adapter(_hub_peft(tmp_path / "p", {k: (b.contiguous(), a.contiguous()) for k, (b, a) in mods.items()}, 8))
+    ad = load_adapter(_hub_peft(tmp_path / "p", {k: (torch.from_numpy(b), torch.from_numpy(a)) for k, (b, a) in mods.items()}, 8))
     monkeypatch.setenv("LORA_INSPECT_REDUCTION", "qr")
     qr = compute_spectra(ad.modules)
     monkeypatch.setenv("LORA_INSPECT_REDUCTION", "auto")
@@ -70,5 +75,5 @@ def test_compute_spectra_same_on_both_routes(tmp_path, monkeypatch, decades):
 
 
 def test_factors_whose_gram_overflows_take_qr():
-    b = torch.randn(32, 4, dtype=torch.float64) * 1e160  # finite, but BᵀB is not
+    b = np.random.default_rng(0).standard_normal((32, 4)) * 1e160  # finite, but BᵀB is not
     assert gram_r_factor(b) is None
