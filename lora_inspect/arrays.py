@@ -60,8 +60,8 @@ def decode(x: np.ndarray) -> np.ndarray:
     """Stored → numbers: bf16 bits widened to float32 (a new array); any other array as it is."""
     if x.dtype != BF16:
         return x
-    bits = np.ascontiguousarray(x).view(np.uint16)
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    bits = np.ascontiguousarray(x).view(np.uint16)  # (ascontiguousarray makes a 0-d array 1-d: shape restored)
+    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(x.shape)
 
 
 def _to_bf16(x: np.ndarray) -> np.ndarray:
@@ -73,7 +73,7 @@ def _to_bf16(x: np.ndarray) -> np.ndarray:
     nan = np.isnan(f)
     if nan.any():
         rounded[nan] = 0x7FC0
-    return rounded.view(BF16)
+    return rounded.view(BF16).reshape(np.shape(x))
 
 
 def encode(x: np.ndarray, st: str) -> np.ndarray:
@@ -97,7 +97,7 @@ def to_torch(x: np.ndarray) -> "torch.Tensor":
     import torch
 
     if x.dtype == BF16:
-        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16).copy()).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(x).view(np.int16).reshape(x.shape).copy()).view(torch.bfloat16)
     return torch.from_numpy(np.array(x, copy=True, order="C"))
 
 

@@ -19,8 +19,14 @@ from typing import Any, NoReturn
 
 import click
 
-from . import __version__
-from .errors import EXIT_BAD_INPUT, InspectError
+# One BLAS thread per call, set before numpy loads (the user's own setting wins): modules are reduced in
+# parallel by worker threads (spectrum.parallel_map), and a multi-threaded BLAS under them oversubscribes the
+# cores — rank on the 8B-shaped adapter ran 8× slower on two cores (docs/internals.md, "Threads").
+for _var in ("OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from . import __version__  # noqa: E402 - after the thread setting
+from .errors import EXIT_BAD_INPUT, InspectError  # noqa: E402
 
 __all__ = ["main", "unknown_command", "HELP_WIDTH"]
 

@@ -105,7 +105,7 @@ def _safetensors_layout(path: Path, tensors: dict[str, np.ndarray], metadata: di
             name = st_dtype(t)
         except (ValueError, AttributeError):
             raise InspectError(f"{path}: cannot store tensor {key!r} of dtype {getattr(t, 'dtype', type(t).__name__)}") from None
-        t = np.ascontiguousarray(t)
+        t = np.ascontiguousarray(t).reshape(t.shape)  # (a 0-d array stays 0-d: a kohya .alpha is shape [])
         items.append((key, name, t.astype(t.dtype.newbyteorder("<")) if t.dtype.byteorder == ">" else t))
     items.sort(key=lambda kv: (-kv[2].itemsize, kv[0]))
     header: dict[str, Any] = {}

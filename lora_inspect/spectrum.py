@@ -108,7 +108,8 @@ def all_finite(x: np.ndarray) -> bool:
 
 def r_factor(x: np.ndarray) -> np.ndarray:
     """R of the reduced QR of x (m, n): (min(m, n), n). Only R is needed for singular values."""
-    return np.linalg.qr(x, mode="r")
+    r: np.ndarray = np.linalg.qr(x, mode="r")  # type: ignore[assignment]  # mode="r" returns R alone
+    return r
 
 
 def core_singular_values(

@@ -243,7 +243,7 @@ def test_convert_planted_to_gguf_with_its_base(tmp_path):
     for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")):
         a, b = t[f"blk.1.{gg}.weight.lora_a"], t[f"blk.1.{gg}.weight.lora_b"]
         applied = float(f["adapter.lora.alpha"]) / b.shape[1] * (b @ a)  # llama.cpp: scale = α / rank
-        want = ad.module(f"model.layers.1.self_attn.{hf}").delta().double().numpy()
+        want = ad.module(f"model.layers.1.self_attn.{hf}").delta()
         if hf != "v_proj":
             want = _llama_permute(want, n_heads)  # the head count came from the base's config.json
         np.testing.assert_allclose(applied, want, atol=1e-5 * np.abs(want).max())
