@@ -53,9 +53,9 @@ def test_factors_are_the_dense_minimiser(llama, n_rows, k):
         c = whiten(m, sigma, ridge=1e-3)
         b1, a1 = calibrated_factors(c, k)
         _, lam = ridge_cholesky(sigma, 1e-3)
-        dw = m.delta().numpy()
+        dw = m.delta()
         want = _dense_min(dw, sigma.numpy(), lam, k)
-        got = (b1 @ a1).numpy()
+        got = b1 @ a1
         assert np.linalg.matrix_rank(got, tol=1e-9 * np.abs(got).max()) <= k
         assert np.abs(got - want).max() <= 1e-8 * np.abs(want).max(), m.name
         # reported errors: the dense values
@@ -81,9 +81,9 @@ def test_output_error_not_above_plain_on_the_data(llama):
         sigma = torch.from_numpy(x.T @ x / 400)
         for k in (1, 2, 4):
             b1, a1 = calibrated_factors(whiten(m, sigma, ridge), k)
-            dw = m.delta().numpy()
+            dw = m.delta()
             u, s, vt = np.linalg.svd(dw)
-            cal, plain = _out_err(dw, (b1 @ a1).numpy(), x), _out_err(dw, (u[:, :k] * s[:k]) @ vt[:k], x)
+            cal, plain = _out_err(dw, b1 @ a1, x), _out_err(dw, (u[:, :k] * s[:k]) @ vt[:k], x)
             assert cal <= plain * (1 + 1e-7)
             better += cal < 0.99 * plain
             worse += cal > plain
@@ -128,8 +128,8 @@ def test_cli_end_to_end_matches_oracles(llama, tmp_path):
     for m in src.modules:
         s = sig[m.name.removeprefix("base_model.model.")]
         _, lam = ridge_cholesky(torch.from_numpy(s), 1e-2)
-        want = _dense_min(m.delta().numpy(), s, lam, 2)
-        got = new.module(m.name).delta().numpy()
+        want = _dense_min(m.delta(), s, lam, 2)
+        got = new.module(m.name).delta()
         assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max(), m.name  # float32 storage
         row = rows[m.name]
         assert row["output_error"] <= row["output_error_plain"] + 1e-9 and row["weight_error"] > 0

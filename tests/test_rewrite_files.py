@@ -22,8 +22,8 @@ CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
 LIN = "lora_unet_mid_block_attentions_0_proj_in"
 
 
-def dense_truncation(delta: torch.Tensor, k: int) -> torch.Tensor:
-    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+def dense_truncation(delta: torch.Tensor | np.ndarray, k: int) -> torch.Tensor:
+    u, s, vh = torch.linalg.svd(torch.as_tensor(delta).to(torch.float64), full_matrices=False)
     return (u[:, :k] * s[:k]) @ vh[:k]
 
 
@@ -184,7 +184,8 @@ def test_kohya_output_deterministic(kohya, tmp_path):
 
 def test_decomposition_matches_reference_factors():
     g = torch.Generator().manual_seed(3)
-    b, a = torch.randn(30, 6, generator=g, dtype=torch.float64), torch.randn(6, 17, generator=g, dtype=torch.float64)
+    b = torch.randn(30, 6, generator=g, dtype=torch.float64).numpy()
+    a = torch.randn(6, 17, generator=g, dtype=torch.float64).numpy()
     d = decompose(b, a, 0.7)
     for k in (1, 3, 6, 8):
         b1, a1 = d.factors(k)
@@ -221,8 +222,8 @@ def test_decomposition_routes_by_conditioning(kappa, route):
     the Eckart–Young truncation; κ(B) picks the route."""
     g = torch.Generator().manual_seed(9)
     q, _ = torch.linalg.qr(torch.randn(40, 6, generator=g, dtype=torch.float64))
-    b = q * torch.logspace(0, -math.log10(kappa), 6, dtype=torch.float64)
-    a = torch.randn(6, 25, generator=g, dtype=torch.float64)
+    b = (q * torch.logspace(0, -math.log10(kappa), 6, dtype=torch.float64)).numpy()
+    a = torch.randn(6, 25, generator=g, dtype=torch.float64).numpy()
     d = decompose(b, a, 1.3)
     from lora_inspect.spectrum import HouseholderDecomposition
 

@@ -21,19 +21,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+import numpy as np
 
+from ..arrays import encode
 from ..errors import InspectError
 from ..kinds import Algo, Kind
 from .canon import CanonModule
 from .results import ModuleOut
 
-__all__ = ["Written", "refuse", "record", "stored_pair", "peft_magnitude", "alpha_of", "Handler", "dispatch"]
+__all__ = ["Written", "refuse", "record", "stored", "stored_pair", "peft_magnitude", "alpha_of", "Handler", "dispatch"]
 
 
 @dataclass
 class Written:
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, np.ndarray]  # in storage dtypes (bf16 as arrays.BF16 bits)
     weights_name: str | None  # None: a single file at OUT
     config: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
@@ -67,13 +68,18 @@ def _conv_shapes(m: CanonModule, k: int) -> tuple[tuple[int, ...], tuple[int, ..
     return (k, inp // (kh * kw), kh, kw), (out, k, 1, 1)
 
 
-def stored_pair(m: CanonModule, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear (B, A) → stored (A, B) in PEFT/kohya orientation (conv reshaped)."""
+def stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` in the storage dtype ``dtype`` (a safetensors name), C-contiguous; ``x`` itself when it already is."""
+    y = encode(x, dtype)
+    return y if y.flags.c_contiguous else np.ascontiguousarray(y)  # (ascontiguousarray makes a 0-d array 1-d)
+
+
+def stored_pair(m: CanonModule, b: np.ndarray, a: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Linear (B, A) → stored (A, B) in PEFT/kohya orientation (conv reshaped), in storage dtype ``dtype``."""
     if m.kind == Kind.CONV:
         a_sh, b_sh = _conv_shapes(m, b.shape[1])
         a, b = a.reshape(a_sh), b.reshape(b_sh)
-    return a.to(dtype).contiguous(), b.to(dtype).contiguous()
+    return stored(a, dtype), stored(b, dtype)
 
 
 def alpha_of(m: CanonModule) -> float:
@@ -81,19 +87,20 @@ def alpha_of(m: CanonModule) -> float:
     return m.scale * m.rank
 
 
-def peft_magnitude(m: CanonModule, dtype: torch.dtype) -> torch.Tensor:
+def peft_magnitude(m: CanonModule, dtype: str) -> np.ndarray:
     """PEFT's (and diffusers') DoRA magnitude: (out,) for linear, (1, out, 1, 1) for Conv2d, (1, out, 1) for
     Conv1d (``peft/tuners/lora/dora.py · _DoraConvNdLayer``: weight norm kept with keepdim)."""
     assert m.magnitude is not None
     shape = {3: (1, -1, 1), 4: (1, -1, 1, 1)}.get(m.conv_ndim, (1, -1, 1, 1)) if m.kind == Kind.CONV else (-1,)
-    return m.magnitude.reshape(shape).to(dtype).contiguous()
+    return stored(m.magnitude.reshape(shape), dtype)
 
 
-# one module's tensors (key → tensor) in a layout, or None when the handler does not take the module
-Handler = Callable[[CanonModule, torch.dtype], "dict[str, torch.Tensor] | None"]
+# one module's tensors (key → array in the storage dtype named by the str) in a layout, or None when the
+# handler does not take the module
+Handler = Callable[[CanonModule, str], "dict[str, np.ndarray] | None"]
 
 
-def dispatch(handlers: Sequence[Handler], m: CanonModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def dispatch(handlers: Sequence[Handler], m: CanonModule, dtype: str) -> dict[str, np.ndarray]:
     """The tensors of ``m`` from the first handler that takes it (PEFT's dispatchers: an ordered list of
     small handlers, first match wins). Capabilities were checked before: a module no handler takes is a bug."""
     for handler in handlers:

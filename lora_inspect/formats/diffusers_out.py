@@ -1,6 +1,6 @@
 """``convert --to diffusers``: canonical modules → one diffusers ``pytorch_lora_weights`` file
 (:meth:`DiffusersLayout.convert_tensors <lora_inspect.formats.diffusers.DiffusersLayout.convert_tensors>`;
-imported when a conversion runs, torch with it).
+imported when a conversion runs).
 
 ``<component>.<path>.lora_A/lora_B.weight`` with s baked into ``lora_B``: no α anywhere means α = r, s = 1 to
 diffusers (``diffusers · get_peft_kwargs``); DoRA magnitudes as PEFT stores them.
@@ -8,7 +8,7 @@ diffusers (``diffusers · get_peft_kwargs``); DoRA magnitudes as PEFT stores the
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from ..convert.canon import Canon, CanonModule, times
 from ..convert.writers import Written, peft_magnitude, record, stored_pair
@@ -17,7 +17,7 @@ from .layout import WriteOptions
 __all__ = ["write_diffusers"]
 
 
-def _pair(m: CanonModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _pair(m: CanonModule, dtype: str) -> dict[str, np.ndarray]:
     a, b = stored_pair(m, times(m.b, m.scale), m.a, dtype)
     out = {m.name + ".lora_A.weight": a, m.name + ".lora_B.weight": b}
     if m.magnitude is not None:
@@ -26,7 +26,7 @@ def _pair(m: CanonModule, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def write_diffusers(canon: Canon, opts: WriteOptions) -> Written:
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     records = []
     for m in canon.modules:
         tensors.update(_pair(m, opts.dtype))

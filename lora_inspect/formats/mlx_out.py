@@ -1,6 +1,6 @@
 """``convert --to mlx``: canonical modules → an mlx-lm adapter directory
 (:meth:`MlxLayout.convert_tensors <lora_inspect.formats.mlx.MlxLayout.convert_tensors>`; imported when a
-conversion runs, torch with it).
+conversion runs).
 
 mlx-lm holds one absolute ``scale`` and one ``rank`` (its capabilities: no per-module α or rank): the common
 s is written as ``scale`` (else 1) and any other s baked into B; a smaller rank is zero-padded (padded
@@ -13,10 +13,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-import torch
+import numpy as np
 
+from ..arrays import decode
 from ..convert.canon import Canon, CanonModule, times
-from ..convert.writers import Written, record
+from ..convert.writers import Written, record, stored
 from .capabilities import Capabilities
 from .layout import WriteOptions
 
@@ -33,12 +34,12 @@ def _keys(paths: list[str]) -> list[str]:
     return sorted(keys)
 
 
-def _padded(m: CanonModule, b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero rows/columns up to ``rank``: they add nothing to B@A."""
+def _padded(m: CanonModule, b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero rows/columns up to ``rank`` (float64): they add nothing to B@A."""
     if m.rank >= rank:
         return b, a
-    b = torch.cat([b.double(), b.new_zeros(m.shape[0], rank - m.rank, dtype=torch.float64)], dim=1)
-    a = torch.cat([a.double(), a.new_zeros(rank - m.rank, m.shape[1], dtype=torch.float64)], dim=0)
+    b = np.concatenate([decode(b).astype(np.float64), np.zeros((m.shape[0], rank - m.rank))], axis=1)
+    a = np.concatenate([decode(a).astype(np.float64), np.zeros((rank - m.rank, m.shape[1]))], axis=0)
     return b, a
 
 
@@ -51,15 +52,15 @@ def _scale(canon: Canon, caps: Capabilities) -> float:
 def write_mlx(canon: Canon, opts: WriteOptions, caps: Capabilities) -> Written:
     rank = max(m.rank for m in canon.modules)
     scale = _scale(canon, caps)
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     records = []
     for m in canon.modules:
         f = m.scale / scale
         b, a = _padded(m, times(m.b, f), m.a, rank if caps.one_rank_only else m.rank)
-        tensors[m.path + ".lora_a"] = a.T.to(opts.dtype).contiguous()
-        tensors[m.path + ".lora_b"] = b.T.to(opts.dtype).contiguous()
+        tensors[m.path + ".lora_a"] = stored(a.T, opts.dtype)
+        tensors[m.path + ".lora_b"] = stored(b.T, opts.dtype)
         if m.magnitude is not None:
-            tensors[m.path + ".m"] = m.magnitude.reshape(-1).to(opts.dtype).contiguous()
+            tensors[m.path + ".m"] = stored(m.magnitude.reshape(-1), opts.dtype)
         how = [] if f == 1.0 else [f"s = {m.scale:.6g} baked into B (scale {scale:g})"]
         if m.rank < rank:
             how.append(f"zero-padded {m.rank} → {rank}")

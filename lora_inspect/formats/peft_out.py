@@ -1,5 +1,5 @@
 """``convert --to peft``: canonical modules → a PEFT LoRA directory (:meth:`PeftLayout.convert_tensors
-<lora_inspect.formats.peft.PeftLayout.convert_tensors>`; imported when a conversion runs, torch with it).
+<lora_inspect.formats.peft.PeftLayout.convert_tensors>`; imported when a conversion runs).
 
 α per module, α_m = s_m·r_m (rsLoRA: α·√r, written with use_rslora false), r and α of the most common
 module as ``r``/``lora_alpha`` and the others as ``rank_pattern``/``alpha_pattern`` with the full escaped
@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-import torch
+import numpy as np
 
 from ..convert.canon import Canon, CanonModule
-from ..convert.writers import Handler, Written, alpha_of, dispatch, peft_magnitude, record, stored_pair
+from ..convert.writers import Handler, Written, alpha_of, dispatch, peft_magnitude, record, stored, stored_pair
 from ..kinds import Kind
 from ..peft_rules import PEFT_PREFIX
 from .layout import WriteOptions
@@ -23,16 +23,15 @@ from .layout import WriteOptions
 __all__ = ["write_peft"]
 
 
-def _embedding(m: CanonModule, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+def _embedding(m: CanonModule, dtype: str) -> dict[str, np.ndarray] | None:
     """PEFT applies s·(B_st@A_st)ᵀ to an embedding: A_st = Bᵀ (k, vocab), B_st = Aᵀ (dim, k)."""
     if m.kind != Kind.EMBEDDING:
         return None
     key = PEFT_PREFIX + m.path
-    return {key + ".lora_embedding_A": m.b.T.to(dtype).contiguous(),
-            key + ".lora_embedding_B": m.a.T.to(dtype).contiguous()}
+    return {key + ".lora_embedding_A": stored(m.b.T, dtype), key + ".lora_embedding_B": stored(m.a.T, dtype)}
 
 
-def _pair(m: CanonModule, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+def _pair(m: CanonModule, dtype: str) -> dict[str, np.ndarray] | None:
     key = PEFT_PREFIX + m.path
     a, b = stored_pair(m, m.b, m.a, dtype)
     out = {key + ".lora_A.weight": a, key + ".lora_B.weight": b}
@@ -57,7 +56,7 @@ def _config(canon: Canon, r: int, alpha: float, rp: dict, ap: dict, targets: lis
 
 
 def write_peft(canon: Canon, opts: WriteOptions) -> Written:
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     records = []
     r = Counter(m.rank for m in canon.modules).most_common(1)[0][0]
     alpha = Counter(alpha_of(m) for m in canon.modules).most_common(1)[0][0]

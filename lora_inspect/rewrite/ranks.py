@@ -1,4 +1,4 @@
-"""Rank choice for ``truncate`` (numpy only; torch is imported by nothing here).
+"""Rank choice for ``truncate`` (numpy only).
 
 Per-module ranks:
 
@@ -22,20 +22,13 @@ import numpy as np
 
 from ..errors import InspectError, OptionError
 from ..formats.tensors import DTYPE_SIZES
+from ..spectrum import energy_rank
 from ..units import plural
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Module
 
 __all__ = ["TruncateSpec", "RankChoice", "choose_ranks", "greedy_budget_ranks", "energy_rank"]
-
-
-def energy_rank(sv: np.ndarray, tau: float) -> int:
-    """Smallest k with Σ_{i≤k} σᵢ² ≥ τ·Σ σᵢ² (:func:`lora_inspect.spectrum.energy_rank`, imported
-    lazily so that this module stays torch-free)."""
-    from ..spectrum import energy_rank as _energy_rank
-
-    return _energy_rank(sv, tau)
 
 
 def greedy_budget_ranks(spectra: list[np.ndarray], costs: list[int], caps: list[int], budget: float) -> list[int]:

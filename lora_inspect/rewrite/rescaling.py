@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..adapter import Adapter, module_type
+from ..arrays import NUMPY_OF, decode, encode, st_dtype
 from ..defaults import SCALE_RANGE
 from ..errors import InspectError, OptionError
 from ..formats import check_output, layout_of, refuse_inexpressible
 from ..formats.layout import Layout
-from ..spectrum import single_threaded_torch
 from ..units import plural, verb
 from .results import ModuleRescale, RescaleResult
 from .selfcheck import Expected, write_checked
-from .tensors import extras_tensors, module_tensors, torch_dtype
+from .tensors import extras_tensors, module_tensors, storage_dtype
 
 __all__ = ["rescale", "resolve_factor"]
 
@@ -56,11 +56,26 @@ def _safe_alpha(ad: Adapter, layout: Layout) -> float | None:
         return None
 
 
-def _finfo(st: str) -> torch.finfo:
-    return torch.finfo(torch_dtype(st) if torch_dtype(st).is_floating_point else torch.float32)
+@dataclass(frozen=True)
+class _Range:
+    max: float  # largest finite number
+    tiny: float  # smallest normal number
 
 
-def _check_range(ad: Adapter, spectra: dict, factor: float, bake: bool, tensors: dict[str, torch.Tensor]) -> None:
+# bfloat16 (numpy has none): float32's exponent range with 8 significant bits
+_BF16_RANGE = _Range(max=float.fromhex("0x1.fep127"), tiny=float.fromhex("0x1p-126"))
+
+
+def _finfo(st: str) -> _Range:
+    """The range of a stored dtype (float32's for a non-float one, as the factors are read in float)."""
+    storage_dtype(st)
+    if st == "BF16":
+        return _BF16_RANGE
+    fi = np.finfo(NUMPY_OF[st] if st in ("F16", "F32", "F64") else np.float32)
+    return _Range(max=float(fi.max), tiny=float(fi.tiny))
+
+
+def _check_range(ad: Adapter, spectra: dict, factor: float, bake: bool, tensors: dict[str, np.ndarray]) -> None:
     """Refuse F when F·(stored values) leaves the stored dtype's range: 'overflow' above its largest
     finite number, 'underflow' below its smallest normal one (the result would lose its precision or be 0)."""
     for m in ad.modules:
@@ -69,8 +84,8 @@ def _check_range(ad: Adapter, spectra: dict, factor: float, bake: bool, tensors:
         top = float(sv[0]) if len(sv) else 0.0
         values = [(top * factor, fi)]
         if bake:
-            b = tensors[m.update.bake_key]
-            values.append((float(b.abs().max()) * factor if b.numel() else 0.0, fi))
+            b = decode(tensors[m.update.bake_key])
+            values.append((float(np.abs(b).max()) * factor if b.size else 0.0, fi))
         elif m.alpha_key:  # a stored .alpha tensor × F must fit its own dtype
             values.append((abs(m.alpha) * factor, _finfo(m.source.info(m.alpha_key).dtype)))
         for x, fi in values:
@@ -82,12 +97,12 @@ def _check_range(ad: Adapter, spectra: dict, factor: float, bake: bool, tensors:
                                   f"(largest value would be {x:.3g}, below the smallest normal {fi.tiny:.3g})")
 
 
-def _bake(ad: Adapter, tensors: dict[str, torch.Tensor], factor: float) -> None:
+def _bake(ad: Adapter, tensors: dict[str, np.ndarray], factor: float) -> None:
     for m in ad.modules:
         for key in (m.update.bake_key, m.bias_key):
             if key:
-                t = tensors[key]
-                tensors[key] = (t.to(torch.float64) * factor).to(t.dtype)
+                x = tensors[key]  # as stored: F·x computed in float64, stored back in x's dtype
+                tensors[key] = encode(decode(x).astype(np.float64) * factor, st_dtype(x))
 
 
 def _records(ad: Adapter, spectra: dict, factor: float, bake: bool) -> tuple[list[ModuleRescale], dict[str, Expected]]:
@@ -128,8 +143,7 @@ def rescale(ad: Adapter, out: Path, *, factor: float | None = None, alpha: float
     out_fmt = layout.output_format(ad, out)
     refuse_inexpressible(ad, out_fmt)  # as truncate: e.g. PEFT DoRA on an embedding, mlx-lm DoRA on some modules only
     factor, alpha_before = resolve_factor(ad, layout, factor, alpha)
-    with single_threaded_torch():
-        spectra = compute_spectra(ad.modules, progress=progress)
+    spectra = compute_spectra(ad.modules, progress=progress)
     for m in ad.modules:
         if spectra[m.name][0] is None:
             raise InspectError(f"{ad.path}: module {m.name!r} holds NaN/inf values: refusing to rewrite a corrupt adapter")

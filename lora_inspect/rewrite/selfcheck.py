@@ -107,15 +107,12 @@ def write_checked(ad: Adapter, layout: Layout, out: Path, rw: Rewrite, expected:
                   dropped: set[str]) -> tuple[int, float, list[str]]:
     """Write ``rw`` through ``layout`` at a temporary path, verify it, rename it onto ``out``.
     Returns (bytes of the output's weight file, worst error/tolerance, notes from the writer)."""
-    from ..spectrum import single_threaded_torch
-
     with AtomicOutput(out, suffix=layout.tmp_suffix(ad, rw.fmt)) as atomic:
         layout.write(atomic, ad, rw)
-        with single_threaded_torch():
-            try:
-                max_err = verify(atomic.tmp, expected, dropped, list(ad.extras))
-            except InspectError as e:  # about what was written from ad: name the input, nothing was written
-                raise e.located(ad.path) from e
+        try:
+            max_err = verify(atomic.tmp, expected, dropped, list(ad.extras))
+        except InspectError as e:  # about what was written from ad: name the input, nothing was written
+            raise e.located(ad.path) from e
         atomic.commit()
     weights = layout.weights_file(out)
     size = weights.stat().st_size if weights.is_file() else 0

@@ -4,8 +4,8 @@ Truncation (Eckart–Young–Mirsky: the best rank-k approximation in Frobenius 
 the k largest singular triplets). For ΔW = s·B@A, Householder QR B = Q_b R_b, Aᵀ = Q_a R_a, SVD of the
 r×r core s·R_b R_aᵀ = U S Vᵀ (docs/formats.md, "Writing a PEFT adapter"):
 B′ = Q_b U_k √S_k (out, k), A′ = √S_k V_kᵀ Q_aᵀ (k, in), so B′@A′ is the truncated ΔW with the scale
-baked in (the layout then stores α so that s′ = 1). Q_b and Q_a are never formed: ``torch.ormqr``
-applies the Householder reflectors of ``torch.geqrf`` to the small (·, k) blocks. 16-bit data is
+baked in (the layout then stores α so that s′ = 1). The QR route (Gram/Cholesky when well conditioned,
+Householder otherwise) is :func:`lora_inspect.spectrum.decompose`'s, in numpy. 16-bit data is
 decomposed in float32 (it carries 8–11 significant bits), everything else in float64; the core is
 always float64. Rank choice: :mod:`lora_inspect.rewrite.ranks`; layout specifics: the adapter's
 :class:`~lora_inspect.formats.layout.Layout`.
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..adapter import Adapter, LowRankUpdate, Module, module_type
+from ..arrays import decode, encode
 from ..errors import InspectError
 from ..formats import check_output, layout_of, refuse_inexpressible
 from ..formats.tensors import DTYPE_SIZES
@@ -31,33 +31,42 @@ from ..spectrum import (
     parallel_map,
     relative_error,
     retained_energy,
-    single_threaded_torch,
 )
 from ..units import noun, plural, verb
 from .ranks import RankChoice, TruncateSpec, choose_ranks
 from .results import ModuleChange, TruncateResult
 from .selfcheck import Expected, write_checked
-from .tensors import check_finite, extras_tensors, header_reserve, torch_dtype
+from .tensors import check_finite, extras_tensors, header_reserve, storage_dtype
 
 __all__ = ["truncate", "to_stored", "Factored", "assemble", "rank_independent_bytes",
            "truncation_warnings"]
 
 
-def to_stored(m: Module, b_lin: torch.Tensor, a_lin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear-orientation factors → (A_stored, B_stored) in the module's orientation and ``dtype``."""
+_TORCH_NAME = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}  # as messages name them
+
+
+def _stored(x: np.ndarray, st: str) -> np.ndarray:
+    y = encode(x, st)
+    return y if y.flags.c_contiguous else np.ascontiguousarray(y)
+
+
+def to_stored(m: Module, b_lin: np.ndarray, a_lin: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Linear-orientation factors → (A_stored, B_stored) in the module's orientation and storage ``dtype``
+    (a safetensors name)."""
+    dtype = storage_dtype(dtype)
     if not isinstance(m.update, LowRankUpdate):  # another update type: written as a kohya LoRA/LoCon pair
         k = b_lin.shape[1]
         if m.kernel is not None:
             kh, kw = m.kernel
-            return (a_lin.reshape(k, m.shape[1] // (kh * kw), kh, kw).to(dtype).contiguous(),
-                    b_lin.reshape(m.shape[0], k, 1, 1).to(dtype).contiguous())
-        return a_lin.to(dtype).contiguous(), b_lin.to(dtype).contiguous()
+            return (_stored(a_lin.reshape(k, m.shape[1] // (kh * kw), kh, kw), dtype),
+                    _stored(b_lin.reshape(m.shape[0], k, 1, 1), dtype))
+        return _stored(a_lin, dtype), _stored(b_lin, dtype)
     lr = m.low_rank
     a_st, b_st = lr.orient.to_stored(b_lin, a_lin, m.source.info(lr.a_key).shape, m.source.info(lr.b_key).shape)
-    a_st, b_st = a_st.to(dtype).contiguous(), b_st.to(dtype).contiguous()
-    if not (all_finite(a_st) and all_finite(b_st)):  # the scale, baked into the factors, leaves the dtype's range
+    a_st, b_st = _stored(a_st, dtype), _stored(b_st, dtype)
+    if not (all_finite(decode(a_st)) and all_finite(decode(b_st))):  # the scale, baked in, leaves the dtype's range
         raise InspectError(f"{m.source.path}: module {m.name!r}: overflow: the truncated factors (scale {m.scale:g} "
-                           f"baked in) exceed the range of {str(dtype).removeprefix('torch.')}")
+                           f"baked in) exceed the range of {_TORCH_NAME.get(dtype, dtype.lower())}")
     return a_st, b_st
 
 
@@ -66,7 +75,7 @@ class Factored:
     """Per-module spectra, and the new factors (or the decompositions to cut once ranks are known)."""
 
     spectra: list[np.ndarray] = field(default_factory=list)
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     decomps: dict[str, Decomposition] = field(default_factory=dict)
 
 
@@ -83,11 +92,11 @@ def _decompose_all(ad: Adapter, spec: TruncateSpec, one_rank: bool,
         except InspectError as e:
             raise InspectError(f"{ad.path}: module {m.name!r}: {e}") from e
         sv = np.zeros(m.rank)
-        sv[: d.s.shape[0]] = d.s.numpy()
+        sv[: d.s.shape[0]] = d.s
         if stream:
             assert spec.rank is not None
             b_new, a_new = d.factors(min(spec.rank, m.rank))
-            return sv, None, to_stored(m, b_new, a_new, torch_dtype(m.dtype))
+            return sv, None, to_stored(m, b_new, a_new, m.dtype)
         return sv, d, None
 
     got = Factored()
@@ -100,9 +109,9 @@ def _decompose_all(ad: Adapter, spec: TruncateSpec, one_rank: bool,
     return got
 
 
-def rank_independent_bytes(ad: Adapter, extras: dict[str, torch.Tensor]) -> int:
+def rank_independent_bytes(ad: Adapter, extras: dict[str, np.ndarray]) -> int:
     """What every output keeps regardless of rank: full tensors, magnitudes, biases, alphas, header."""
-    n = sum(t.numel() * t.element_size() for t in extras.values())
+    n = sum(int(x.nbytes) for x in extras.values())
     for m in ad.modules:
         n += sum(m.source.info(k).nbytes for k in (m.magnitude_key, m.bias_key, m.alpha_key) if k)
     return n + header_reserve(ad)
@@ -120,22 +129,22 @@ def _change(m: Module, sv: np.ndarray, k: int, st: int) -> ModuleChange:
     )
 
 
-def _module_out(ad: Adapter, m: Module, factors: tuple[torch.Tensor, torch.Tensor],
-                tensors: dict[str, torch.Tensor]) -> None:
+def _module_out(ad: Adapter, m: Module, factors: tuple[np.ndarray, np.ndarray],
+                tensors: dict[str, np.ndarray]) -> None:
     """The module's new factors, its magnitude unchanged and its bias with s baked in (merge adds s·bias)."""
     tensors[m.a_key], tensors[m.b_key] = factors
     if m.magnitude_key:
-        tensors[m.magnitude_key] = m.source.get(m.magnitude_key)
+        tensors[m.magnitude_key] = m.source.raw(m.magnitude_key)
     if m.bias_key:
         bias = m.source.get(m.bias_key)
         check_finite(ad, m.name, bias)
-        tensors[m.bias_key] = (bias.to(torch.float64) * m.scale).to(bias.dtype)
+        tensors[m.bias_key] = encode(bias.astype(np.float64) * m.scale, m.source.info(m.bias_key).dtype)
     if m.alpha_key:  # the layout sets its value
-        tensors[m.alpha_key] = m.source.get(m.alpha_key)
+        tensors[m.alpha_key] = m.source.raw(m.alpha_key)
 
 
 def assemble(ad: Adapter, got: Factored, choice: RankChoice):
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, np.ndarray] = {}
     changes, dropped, expected, ranks = [], [], {}, {}
     for m, sv, k, st in zip(ad.modules, got.spectra, choice.keep, choice.stored):
         if st == 0:
@@ -197,14 +206,13 @@ def truncate(ad: Adapter, out: Path, spec: TruncateSpec, *, force: bool = False,
     if one_rank and not spec.uniform and spec.rank is None:
         notes.append(f"{layout.name} needs one rank for all modules: ranks padded to a uniform rank")
     got = _decompose_all(ad, spec, one_rank, progress)
-    with single_threaded_torch():
-        extras = extras_tensors(ad)
-        choice = choose_ranks(ad.modules, got.spectra, spec, fixed_bytes=rank_independent_bytes(ad, extras),
-                              force_uniform=one_rank)
-        for m, k, st in zip(ad.modules, choice.keep, choice.stored):
-            if m.name not in got.factors and st > 0:
-                got.factors[m.name] = to_stored(m, *got.decomps.pop(m.name).factors(k, st), torch_dtype(m.dtype))
-        got.decomps.clear()
+    extras = extras_tensors(ad)
+    choice = choose_ranks(ad.modules, got.spectra, spec, fixed_bytes=rank_independent_bytes(ad, extras),
+                          force_uniform=one_rank)
+    for m, k, st in zip(ad.modules, choice.keep, choice.stored):
+        if m.name not in got.factors and st > 0:
+            got.factors[m.name] = to_stored(m, *got.decomps.pop(m.name).factors(k, st), m.dtype)
+    got.decomps.clear()
     tensors, changes, dropped, expected, ranks = assemble(ad, got, choice)
     tensors.update(extras)
     rw = layout.truncated(ad, out_fmt, tensors, ranks, dropped)
