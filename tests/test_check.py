@@ -309,15 +309,12 @@ def test_pyproject_underscores_dora_and_base(plain, tmp_path):
 
 # ---------------------------------------------------------------- tensor data only when needed
 def test_header_only_rules_read_no_tensor_data(plain, monkeypatch):
-    from lora_inspect.checks import rules
-    from lora_inspect.formats import tensors
+    from lora_inspect.formats import bin_source, tensors
 
     calls = []
-    for cls in (tensors.SafetensorsSource, tensors.StateDictSource):
-        orig = cls.get
-        monkeypatch.setattr(cls, "get", lambda self, key, _o=orig: calls.append(key) or _o(self, key))
-    bits = rules.bit_view  # the integrity rule reads float tensors as raw bits of the memory map
-    monkeypatch.setattr(rules, "bit_view", lambda source, key: calls.append(key) or bits(source, key))
+    for cls in (tensors.SafetensorsSource, bin_source.StateDictSource):  # get() and the integrity bits read raw()
+        orig = cls.raw
+        monkeypatch.setattr(cls, "raw", lambda self, key, _o=orig: calls.append(key) or _o(self, key))
     r = run_cli("check", plain, "--no-integrity", "--max-rank", "8", "--max-size", "1MB", "--serving", "vllm",
                 "--serving", "llamacpp", "--serving", "sglang", "--base", "tiny-llama", "--deny-dora")
     assert r.exit_code == 0 and calls == []

@@ -14,6 +14,7 @@ import torch
 from builders import run_cli
 from safetensors.torch import load_file, save_file
 
+from lora_inspect.arrays import to_torch
 from lora_inspect.formats import load_adapter
 from lora_inspect.kernels import named_kernel
 
@@ -71,7 +72,7 @@ def test_flattened_conv_gets_its_kernel_from_its_name_and_is_written_4d(algo, kw
         assert sd[f"{SGM_CONV1}.lora_down.weight"].shape[1:] == (conv[0], 3, 3)
         assert sd[f"{SGM_CONV1}.lora_up.weight"].shape[2:] == (1, 1)
         (got,) = load_adapter(out).modules
-        assert float((got.delta() - want).abs().max()) <= 1e-6 * float(want.abs().max())
+        assert float((to_torch(got.delta()) - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 
 def _loha(prefix: str, out: int, width: int, r: int = 2) -> dict[str, torch.Tensor]:
@@ -122,7 +123,7 @@ def test_base_gives_the_kernel_of_an_unknown_name(tmp_path):
     assert res.exit_code == 0, res.stderr
     assert load_file(str(out))[f"{name}.lora_down.weight"].shape[1:] == (8, 3, 3)
     want = forward_delta(model, base, "conv")
-    assert float((load_adapter(out).modules[0].delta() - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    assert float((to_torch(load_adapter(out).modules[0].delta()) - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 
 def test_base_with_another_kernel_is_refused(tmp_path):
@@ -143,7 +144,7 @@ def test_merge_adds_the_flattened_and_4d_forms_of_a_conv(tmp_path):
     assert json.loads(res.stdout)["modules"][0]["kind"] == "conv"
     assert load_file(str(out))[f"{name}.lora_down.weight"].dim() == 4
     want = forward_delta(m1, b1, "conv") + forward_delta(m2, b2, "conv")
-    assert float((load_adapter(out).modules[0].delta() - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    assert float((to_torch(load_adapter(out).modules[0].delta()) - want).abs().max()) <= 1e-6 * float(want.abs().max())
     other = tmp_path / "k1.safetensors"  # a 1×1 conv of the same flattened shape (12, 72): not the same module
     save_file({f"{name}.lora_down.weight": rnd(2, 72, 1, 1), f"{name}.lora_up.weight": rnd(12, 2, 1, 1)}, str(other))
     res = run_cli("merge", full, other, "-o", tmp_path / "no.safetensors")
@@ -185,7 +186,7 @@ def test_peft_loha_conv_gets_its_kernel(tmp_path):
     model.save_pretrained(str(tmp_path / "ad"))
     (m,) = load_adapter(tmp_path / "ad").modules
     assert m.kind == "conv" and m.kernel == (3, 3)
-    assert float((m.delta() - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    assert float((to_torch(m.delta()) - want).abs().max()) <= 1e-6 * float(want.abs().max())
     res = run_cli("truncate", tmp_path / "ad", "--rank", "4", "-o", tmp_path / "t")
     assert res.exit_code == 0, res.stderr
     sd = load_file(str(tmp_path / "t" / "adapter_model.safetensors"))

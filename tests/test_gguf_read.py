@@ -19,6 +19,7 @@ import torch
 from builders import cli_json, peft_lora_layers, read_st, run_cli, sv_close, write_mlx
 
 from lora_inspect.adapter import Adapter
+from lora_inspect.arrays import to_torch
 from lora_inspect.errors import InspectError
 from lora_inspect.formats import load_adapter
 from lora_inspect.formats.gguf_read import GgufReadLayout
@@ -287,10 +288,11 @@ def test_convert_to_gguf_reads_back_with_the_same_delta(peft_dir, tmp_path):
         assert res.exit_code == 0, res.stderr
     ad, ad16 = (load_adapter(tmp_path / f"{dt}.gguf") for dt in ("fp32", "bf16"))
     ad, ad16 = (with_base(x, base) for x in (ad, ad16))
-    assert_deltas({m.name: m.delta() for m in ad.modules}, peft_deltas(DATA / peft_dir, arch), 1e-5)
+    assert_deltas({m.name: to_torch(m.delta()) for m in ad.modules}, peft_deltas(DATA / peft_dir, arch), 1e-5)
     assert {m.dtype for m in ad16.modules} == {"BF16"}
     for m in ad.modules:
-        assert torch.equal(ad16.source.get(m.b_key), ad.source.get(m.b_key).to(torch.bfloat16))
+        assert torch.equal(to_torch(ad16.source.raw(m.b_key)), to_torch(ad.source.get(m.b_key)).to(torch.bfloat16))
+        assert np.array_equal(ad16.source.get(m.b_key), to_torch(ad16.source.raw(m.b_key)).float().numpy())
 
 
 # ------------------------------------------------------------------ malformed files: one line, exit 2, nothing written

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,13 +75,13 @@ def _read(path: Path, base: Path | None = None) -> dict[Key, torch.Tensor]:
 
 def _normal(canon: Canon) -> dict[Key, torch.Tensor]:
     """ΔW by canonical name, Flux modules in diffusers' (split) naming, where convert and merge meet them."""
-    return {(m.component, m.path): m.delta() for m in flux_for_target(canon, Naming.PIPELINE).modules}
+    return {(m.component, m.path): torch.as_tensor(m.delta()) for m in flux_for_target(canon, Naming.PIPELINE).modules}
 
 
 def _expected(b: Built, name: str, f: float = 1.0) -> dict[Key, torch.Tensor]:
     """The builder's independent ΔW (× ``f``) in the same naming as :func:`_read` (B = ΔW, A = I: a Flux split
     only cuts rows of B)."""
-    mods = [CanonModule(c, p, _kind(d), f * d, torch.eye(d.shape[1], dtype=torch.float64), 1.0)
+    mods = [CanonModule(c, p, _kind(d), (f * d).numpy(), np.eye(d.shape[1], dtype=np.float64), 1.0)
             for (c, p), d in b.expected.items()]
     return _normal(Canon(mods, _layout(name).naming))
 

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from lora_inspect import validate
 from lora_inspect.errors import InspectError
-from lora_inspect.formats.tensors import SafetensorsSource, load_bin, open_tensors, read_safetensors_header
+from lora_inspect.formats.bin_source import load_bin
+from lora_inspect.formats.tensors import SafetensorsSource, open_tensors, read_safetensors_header
 
 PROPS = settings(max_examples=150, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -21,7 +21,7 @@ from .peft_config import COMPONENTS, config_in_metadata, rescaled_config, trunca
 from .tensors import TensorSource
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
     from ..convert.canon import Canon
     from ..convert.writers import Written
@@ -122,7 +122,7 @@ class DiffusersLayout(PipelineNaming, Layout):
             return float(v.number(cfg, "lora_alpha", f"{ad.weights_path}: lora_adapter_metadata"))
         return super().global_alpha(ad)
 
-    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         alphas_for_ranks(ad, tensors, ranks)
         metadata = dict(ad.metadata)
@@ -133,7 +133,7 @@ class DiffusersLayout(PipelineNaming, Layout):
             metadata["lora_adapter_metadata"] = _json(truncated_config(cfg, names, gone))
         return Rewrite(out_fmt, tensors, metadata, None)
 
-    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], factor: float) -> Rewrite:
         metadata = dict(ad.metadata)
         if any(m.alpha_key for m in ad.modules):
             alphas_scaled(ad, tensors, factor, lambda m: None)

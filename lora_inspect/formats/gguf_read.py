@@ -27,21 +27,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .. import validate as v
 from ..adapter import Adapter, LowRankUpdate, Module
+from ..arrays import BF16
 from ..errors import InspectError
 from ..kinds import Kind
 from ..optional import require
 from ..orientation import PEFT, Orientation, OrientName, Shapes
 from ..units import plural, verb
+from .alphas import scaled_like
 from .common import build_module, group_keys
 from .gguf import HEAD_KEYS, MODEL_TYPE_ARCH, PERMUTE_ARCHS, GgufLayout
 from .gguf_source import GgufSource, is_gguf
 from .layout import Format, Found, Rewrite
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from ..files import AtomicOutput
     from .tensors import TensorSource
 
@@ -68,18 +70,18 @@ class _EmbeddingRows(Orientation):
     def shapes(self, module: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> Shapes:
         return Shapes(a_shape[0], b_shape[0], a_shape[1], b_shape[1], Kind.EMBEDDING)
 
-    def to_linear(self, a: "torch.Tensor", b: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def to_linear(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return a, b.T
 
-    def to_stored(self, b_lin: "torch.Tensor", a_lin: "torch.Tensor", a_shape: tuple[int, ...],
-                  b_shape: tuple[int, ...]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def to_stored(self, b_lin: np.ndarray, a_lin: np.ndarray, a_shape: tuple[int, ...],
+                  b_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         return b_lin, a_lin.T
 
 
 EMBEDDING_ROWS = _EmbeddingRows()
 
 
-def unpermute_rows(b: "torch.Tensor", heads: int) -> "torch.Tensor":
+def unpermute_rows(b: np.ndarray, heads: int) -> np.ndarray:
     """The inverse of ``LlamaModel.permute(w, n_head, n_head_kv)`` on the rows of ``b`` (``heads``: the count
     that permute used, the KV heads for K)."""
     return b.reshape(heads, b.shape[0] // heads // 2, 2, *b.shape[1:]).swapaxes(1, 2).reshape(b.shape)
@@ -92,10 +94,10 @@ class _PermutedRows(LowRankUpdate):
 
     heads: int | None = None
 
-    def stored(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def stored(self, source: "TensorSource", dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
         return super().factors(source, dtype)
 
-    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors(self, source: "TensorSource", dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
         b, a = self.stored(source, dtype)
         if self.heads is None:
             raise InspectError(f"tensor {self.b_key!r}: llama.cpp stores Q/K rows permuted per attention head and "
@@ -103,7 +105,7 @@ class _PermutedRows(LowRankUpdate):
                                "(--base of convert, merge or diff)")
         return unpermute_rows(b, self.heads), a
 
-    def singular_values(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+    def singular_values(self, source: "TensorSource", dtype: np.dtype | type, scale: float) -> Any:
         if self.heads is not None:
             return None  # the factor route, un-permuted
         from ..spectrum import all_finite, singular_values
@@ -113,7 +115,7 @@ class _PermutedRows(LowRankUpdate):
             raise ValueError("non-finite factors")
         return singular_values(b, a, scale)
 
-    def decomposition(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+    def decomposition(self, source: "TensorSource", dtype: np.dtype | type, scale: float) -> Any:
         """The stored rows are cut (a truncation is written back in the GGUF's own row order)."""
         from ..spectrum import all_finite, decompose
 
@@ -239,10 +241,8 @@ def _check_base(ad: Adapter, cfg: dict, where: str, arch: str) -> None:
                            "another base model")
 
 
-def _write(path: Path, source: GgufSource, alpha: float, tensors: dict[str, "torch.Tensor"]) -> None:
+def _write(path: Path, source: GgufSource, alpha: float, tensors: dict[str, np.ndarray]) -> None:
     """A GGUF adapter at ``path``: the source's metadata (α replaced) and ``tensors`` in numpy order."""
-    import torch
-
     gguf = require("gguf", "writing GGUF")
     arch = source.value("general.architecture", ("STRING",))
     w = gguf.GGUFWriter(str(path), arch=arch)
@@ -252,11 +252,11 @@ def _write(path: Path, source: GgufSource, alpha: float, tensors: dict[str, "tor
                 w.add_key_value(key, val, kinds[0], kinds[1] if len(kinds) > 1 else None)
         w.add_float32(_ALPHA, alpha)
         for name, t in tensors.items():
-            t = t.detach().contiguous()
-            if t.dtype == torch.bfloat16:  # numpy has no bfloat16: its 16-bit words, typed BF16 (gguf 0.19)
-                w.add_tensor(name, t.view(torch.int16).numpy().view("uint16"), raw_dtype=gguf.GGMLQuantizationType.BF16)
+            t = np.ascontiguousarray(t)
+            if t.dtype == BF16:  # numpy has no bfloat16: its 16-bit words, typed BF16 (gguf 0.19)
+                w.add_tensor(name, t.view(np.uint16), raw_dtype=gguf.GGMLQuantizationType.BF16)
             else:
-                w.add_tensor(name, t.numpy())
+                w.add_tensor(name, t)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -323,26 +323,23 @@ class GgufReadLayout(GgufLayout):
     def global_alpha(self, ad: Adapter) -> float | None:
         return ad.alpha
 
-    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         """Every scale is baked to 1 in ``tensors``; llama.cpp applies α/r per tensor, so α is the most common
         new rank and each other module's B is multiplied by its r/α."""
-        import torch
-
         alpha = float(Counter(ranks.values()).most_common(1)[0][0])
         for m in ad.modules:
             if m.name in ranks and ranks[m.name] != alpha:
-                b = tensors[m.b_key]
-                tensors[m.b_key] = (b.to(torch.float64) * (ranks[m.name] / alpha)).to(b.dtype)
+                tensors[m.b_key] = scaled_like(tensors[m.b_key], ranks[m.name] / alpha)
         return Rewrite(out_fmt, tensors, {}, {_ALPHA: alpha})
 
-    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], factor: float) -> Rewrite:
         if not ad.alpha:
             raise InspectError(f"{ad.path}: no adapter.lora.alpha (llama.cpp applies scale 1), so there is none to "
                                "scale", hint="bake the factor into B instead", option="bake")
         return Rewrite(out_fmt, tensors, {}, {_ALPHA: ad.alpha * factor})
 
-    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray]) -> Rewrite:
         return Rewrite(out_fmt, tensors, {}, {_ALPHA: ad.alpha or 0.0})
 
     def tmp_suffix(self, ad: Adapter, out_fmt: Format) -> str:

@@ -4,7 +4,8 @@ The fixed header (magic, version, counts) is checked by hand before the reader s
 hostile count or a big-endian file is one line; the rest is parsed by ``gguf.GGUFReader`` over a
 memory map of a file opened with :func:`lora_inspect.validate.open_regular` (a FIFO never blocks),
 and any failure of the reader (a truncated file, a duplicated key) is one line naming the file.
-Tensor data stays mapped: :meth:`GgufSource.get` copies one tensor into torch when it is asked for.
+Tensor data stays mapped: :meth:`GgufSource.raw` copies one tensor out of the map when it is asked for (BF16 as
+the :data:`~lora_inspect.arrays.BF16` marker), :meth:`~lora_inspect.formats.tensors.TensorSource.get` gives its numbers (BF16 widened to float32).
 
 Shapes: GGUF stores ggml's ``ne`` (fastest dimension first); ``GGUFReader`` reports ``ne`` as
 ``ReaderTensor.shape`` and gives ``data`` in numpy order, the reverse. :class:`TensorInfo` holds the numpy
@@ -16,15 +17,15 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from .. import validate as v
+from ..arrays import BF16
 from ..errors import InspectError
 from ..optional import require
 from .tensors import TensorInfo, TensorSource
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 __all__ = ["GgufSource", "is_gguf", "MAGIC"]
 
@@ -125,18 +126,15 @@ class GgufSource(TensorSource):
             raise InspectError(f"{self.path}: GGUF {key} is {got}, expected {' or '.join(types)}")
         return val
 
-    def get(self, key: str) -> "torch.Tensor":
-        import numpy as np
-        import torch
-
+    def raw(self, key: str) -> np.ndarray:
+        """The tensor as stored, copied from the map: F32/F16 arrays, BF16 as the marker dtype."""
         info = self.tensors.get(key)
         if info is None:
             raise InspectError(f"{self.path}: no tensor named {key!r}")
         data = self._tensors[key].data
         try:
             if info.dtype == "BF16":  # GGUFReader gives BF16 as raw bytes (rows × 2·cols uint8)
-                words = np.array(data, copy=True).view(np.int16).reshape(info.shape)
-                return torch.from_numpy(words).view(torch.bfloat16)
-            return torch.from_numpy(np.array(data, copy=True).reshape(info.shape))
+                return np.array(data, copy=True).view(BF16).reshape(info.shape)
+            return np.array(data, copy=True).reshape(info.shape)
         except ValueError as e:
             raise InspectError(f"{self.path}: tensor {key!r}: its data does not fit shape {info.shape} ({e})") from e

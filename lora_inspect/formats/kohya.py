@@ -25,7 +25,7 @@ from .layout import AlphaHome, Capabilities, Format, Found, Layout, Naming, Rewr
 from .tensors import TensorSource
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
     from ..convert.canon import Canon
     from ..convert.writers import Written
@@ -135,11 +135,11 @@ class KohyaLayout(KohyaNaming, Layout):
 
         return write_kohya(canon, opts)
 
-    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         alphas_for_ranks(ad, tensors, ranks)
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 
-    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], factor: float) -> Rewrite:
         alphas_scaled(ad, tensors, factor, _kohya_alpha_key)  # α = r implied: store it explicitly, scaled
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)

@@ -63,7 +63,7 @@ from ..kinds import Choice
 from .capabilities import AlphaHome, Capabilities, Held, Models, refusal
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
     from ..adapter import Adapter, Module
     from ..convert.canon import Canon
@@ -109,18 +109,19 @@ class Rewrite:
     """What a rewrite writes: the output's format, tensors, header metadata and config."""
 
     fmt: Format
-    tensors: dict[str, "torch.Tensor"]
+    tensors: dict[str, "np.ndarray"]
     metadata: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] | None = None
 
 
 @dataclass
 class WriteOptions:
-    """What a conversion asks of the target's writer: the factor dtype, the source's full tensors to carry,
-    and the options only some targets read (kohya's UNet naming, GGUF's architecture and base model)."""
+    """What a conversion asks of the target's writer: the factor dtype (a storage dtype name, ``"F32"``,
+    ``"BF16"`` …), the source's full tensors to carry, and the options only some targets read (kohya's UNet
+    naming, GGUF's architecture and base model)."""
 
-    dtype: "torch.dtype"
-    extras: dict[str, "torch.Tensor"] = field(default_factory=dict)
+    dtype: str
+    extras: dict[str, "np.ndarray"] = field(default_factory=dict)
     unet_names: str = "auto"
     arch: str | None = None
     base: Path | None = None
@@ -136,7 +137,7 @@ class Converted:
     ratio: float
 
 
-def write_weights(path: Path, tensors: dict[str, "torch.Tensor"], metadata: dict[str, str] | None) -> None:
+def write_weights(path: Path, tensors: dict[str, "np.ndarray"], metadata: dict[str, str] | None) -> None:
     """A weight file whose container follows its suffix (``.safetensors`` or a pickled ``.bin``)."""
     if path.suffix == ".safetensors":
         write_safetensors(path, tensors, metadata or None)
@@ -243,18 +244,18 @@ class Layout:
         alphas = {m.alpha for m in ad.modules}
         return alphas.pop() if len(alphas) == 1 else None
 
-    def truncated(self, ad: "Adapter", out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: "Adapter", out_fmt: Format, tensors: dict[str, "np.ndarray"], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         """The output for new stored ranks (module name → rank) with every scale baked to 1 (the
         factors in ``tensors`` already carry it); ``dropped`` modules are gone from ``tensors``."""
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 
-    def rescaled(self, ad: "Adapter", out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: "Adapter", out_fmt: Format, tensors: dict[str, "np.ndarray"], factor: float) -> Rewrite:
         """The output with every α multiplied by ``factor`` (factors unchanged)."""
         raise InspectError(f"{ad.path}: no alpha is stored anywhere (α = r assumed), so there is none to scale",
                            hint="bake the factor into B instead", option="bake")
 
-    def baked(self, ad: "Adapter", out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+    def baked(self, ad: "Adapter", out_fmt: Format, tensors: dict[str, "np.ndarray"]) -> Rewrite:
         """The output when B was multiplied instead (config and metadata unchanged)."""
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 

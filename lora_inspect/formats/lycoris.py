@@ -19,12 +19,16 @@ import math
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..adapter import Adapter, LowRankUpdate, Module
+from ..arrays import encode
 from ..errors import InspectError
 from ..kernels import recover_kernels
 from ..kinds import Kind
 from ..orientation import PEFT
 from ..units import plural, verb
+from .alphas import scaled_like
 from .kohya import KOHYA_PREFIXES, KohyaFormat, KohyaNaming, finish
 from .layout import AlphaHome, Capabilities, Format, Found, Layout, Rewrite
 from .lycoris_bind import adapter_with_base, base_module, base_notes
@@ -33,8 +37,6 @@ from .tensors import TensorSource
 
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
-
-    import torch
 
 __all__ = ["LycorisLayout", "LYCORIS_SUFFIXES", "BASE_DEPENDENT", "ReadContext", "read_loha", "read_lokr"]
 
@@ -328,31 +330,26 @@ class LycorisLayout(KohyaNaming, Layout):
     def output_format(self, ad: Adapter, out: object) -> Format:
         return KohyaFormat.KOHYA if not ad.use_dora else LycorisFormat.LYCORIS
 
-    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
-        import torch
-
         for m in ad.modules:  # every kept module states α = k (s = 1): the scale is in the factors
             if m.name in ranks:
-                tensors[f"{m.name}.alpha"] = torch.tensor(float(ranks[m.name]), dtype=torch.float32)
+                tensors[f"{m.name}.alpha"] = np.array(float(ranks[m.name]), dtype=np.float32)
         return Rewrite(out_fmt, tensors, _metadata(ad), None)
 
-    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], factor: float) -> Rewrite:
         """α × F where α sets the scale; baked into one factor where it does not (LoKr stored whole, full)."""
-        import torch
-
         for m in ad.modules:
             if _alpha_scales(m):  # α × F (α absent or 0 meant α = r: stored explicitly, scaled)
                 key = m.alpha_key or f"{m.name}.alpha"
-                dt = m.source.get(m.alpha_key).dtype if m.alpha_key else torch.float32
-                tensors[key] = torch.tensor(m.alpha * factor, dtype=torch.float64).to(dt)
+                st = m.source.info(m.alpha_key).dtype if m.alpha_key else "F32"
+                tensors[key] = encode(np.array(m.alpha * factor, dtype=np.float64), st)
             else:
                 key = m.update.bake_key
-                t = tensors[key]
-                tensors[key] = (t.to(torch.float64) * factor).to(t.dtype)
+                tensors[key] = scaled_like(tensors[key], factor)
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 
-    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray]) -> Rewrite:
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 
 

@@ -30,14 +30,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+
 from ..adapter import Update
 from ..errors import InspectError
 from ..kinds import Algo
 from .lycoris_updates import DenseDecomposition
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from .tensors import TensorSource
 
 __all__ = ["BaseDependentUpdate", "OFTUpdate", "BOFTUpdate", "IA3Update", "BoundUpdate", "cayley", "CAYLEY_EPS",
@@ -46,27 +46,23 @@ __all__ = ["BaseDependentUpdate", "OFTUpdate", "BOFTUpdate", "IA3Update", "Bound
 CAYLEY_EPS = 1e-8  # LyCORIS adds it to ‖Q‖ before comparing with the constraint (get_r: torch.norm(q) + 1e-8)
 
 
-def cayley(blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+def cayley(blocks: np.ndarray, constraint: float) -> np.ndarray:
     """R = (I + Q)(I − Q)⁻¹ per block (= (I − Q)⁻¹(I + Q): the two commute), Q = blocks − blocksᵀ, scaled to
     c/(‖Q‖_F + ε) when c > 0 and ‖Q‖_F + ε > c (LyCORIS ``get_r``; I − Q is invertible for a skew Q)."""
-    import torch
-
-    q = blocks - blocks.transpose(-1, -2)
+    q = blocks - np.swapaxes(blocks, -1, -2)
     if constraint > 0:
-        norm = float(torch.linalg.vector_norm(q)) + CAYLEY_EPS
+        norm = float(np.linalg.norm(q.reshape(-1))) + CAYLEY_EPS
         if norm > constraint:
             q = q * (constraint / norm)
-    eye = torch.eye(q.shape[-1], dtype=q.dtype)
-    return torch.linalg.solve(eye - q, eye + q)
+    eye = np.eye(q.shape[-1], dtype=q.dtype)
+    return np.linalg.solve(eye - q, eye + q)  # both (…, b, b): solved block by block
 
 
-def _get(source: TensorSource, key: str) -> torch.Tensor:
-    import torch
-
-    return source.get(key).to(torch.float64)
+def _get(source: TensorSource, key: str) -> np.ndarray:
+    return np.asarray(source.get(key), dtype=np.float64)
 
 
-def _finite(*ts: torch.Tensor) -> None:
+def _finite(*ts: np.ndarray) -> None:
     from ..spectrum import all_finite
 
     if not all(all_finite(t) for t in ts):
@@ -113,16 +109,16 @@ class BaseDependentUpdate(Update):
         raise InspectError(f"module {self.name!r}: {self.label}'s ΔW is not linear in any stored tensor, so no "
                            "factor or α scales it; convert --base BASE writes its exact LoRA, which can be rescaled")
 
-    def factors(self, source: TensorSource, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, source: TensorSource, dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
         raise self._refuse(source)
 
-    def dense(self, source: TensorSource, dtype: torch.dtype) -> torch.Tensor:
+    def dense(self, source: TensorSource, dtype: np.dtype | type) -> np.ndarray:
         raise self._refuse(source)
 
-    def singular_values(self, source: TensorSource, dtype: torch.dtype, scale: float) -> Any:
+    def singular_values(self, source: TensorSource, dtype: np.dtype | type, scale: float) -> Any:
         raise self._refuse(source)
 
-    def decomposition(self, source: TensorSource, dtype: torch.dtype, scale: float) -> Any:
+    def decomposition(self, source: TensorSource, dtype: np.dtype | type, scale: float) -> Any:
         raise InspectError(self.cause())  # truncate names the file and module
 
     def misfit(self, shape: tuple[int, ...]) -> str | None:
@@ -135,7 +131,7 @@ class BaseDependentUpdate(Update):
             return f"its tensors are a {'conv' if self.conv_hint else 'Linear'}'s, the base weight is {len(shape)}-D"
         return None
 
-    def delta(self, w: torch.Tensor, source: TensorSource) -> torch.Tensor:  # pragma: no cover - interface
+    def delta(self, w: np.ndarray, source: TensorSource) -> np.ndarray:  # pragma: no cover - interface
         """ΔW (out, in·kh·kw) float64 from W (out, in·kh·kw) float64, at multiplier 1."""
         raise NotImplementedError
 
@@ -149,24 +145,22 @@ class OFTUpdate(BaseDependentUpdate):
     label = "OFT"
     role_order = ("oft_blocks", "rescale", "alpha")
 
-    def _rotations(self, source: TensorSource) -> torch.Tensor:
+    def _rotations(self, source: TensorSource) -> np.ndarray:
         blocks = _get(source, self.roles["oft_blocks"])
         _finite(blocks)
         return cayley(blocks, self.constraint)
 
-    def _rescaled(self, new: torch.Tensor, source: TensorSource) -> torch.Tensor:
+    def _rescaled(self, new: np.ndarray, source: TensorSource) -> np.ndarray:
         if "rescale" not in self.roles:
             return new
         rescale = _get(source, self.roles["rescale"])
         _finite(rescale)
         return rescale.reshape(-1, 1) * new
 
-    def delta(self, w: torch.Tensor, source: TensorSource) -> torch.Tensor:
-        import torch
-
+    def delta(self, w: np.ndarray, source: TensorSource) -> np.ndarray:
         r = self._rotations(source)
         n, b = r.shape[-3], r.shape[-1]
-        new = torch.einsum("knm,kni->kmi", r, w.reshape(n, b, -1)).reshape(w.shape)
+        new = (np.swapaxes(r, -1, -2) @ w.reshape(n, b, -1)).reshape(w.shape)  # einsum("knm,kni->kmi", r, w)
         return self._rescaled(new, source) - w
 
 
@@ -177,17 +171,15 @@ class BOFTUpdate(OFTUpdate):
     algo = Algo.BOFT
     label = "BOFT"
 
-    def delta(self, w: torch.Tensor, source: TensorSource) -> torch.Tensor:
-        import torch
-
+    def delta(self, w: np.ndarray, source: TensorSource) -> np.ndarray:
         r = self._rotations(source)  # (m, n, b, b)
         b = r.shape[-1]
-        x = w
+        x, rest = w, w.shape[1:]
         for i in range(r.shape[0]):
             k = 2**i * (b // 2)
-            x = x.unflatten(0, (-1, 2, k)).transpose(1, 2).flatten(0, 2).unflatten(0, (-1, b))
-            x = torch.einsum("bij,bjn->bin", r[i], x)
-            x = x.flatten(0, 1).unflatten(0, (-1, k, 2)).transpose(1, 2).flatten(0, 2)
+            x = x.reshape(-1, 2, k, *rest).swapaxes(1, 2).reshape(-1, b, *rest)
+            x = r[i] @ x  # einsum("bij,bjn->bin", r[i], x)
+            x = x.reshape(-1, k, 2, *rest).swapaxes(1, 2).reshape(-1, *rest)
         return self._rescaled(x, source) - w
 
 
@@ -200,11 +192,11 @@ class IA3Update(BaseDependentUpdate):
     role_order = ("weight", "on_input")
     verb = "scales"
 
-    def delta(self, w: torch.Tensor, source: TensorSource) -> torch.Tensor:
+    def delta(self, w: np.ndarray, source: TensorSource) -> np.ndarray:
         v = _get(source, self.roles["weight"]).reshape(-1)
         _finite(v)
         if self.input_side:
-            return w * v.repeat_interleave(w.shape[1] // v.shape[0]).reshape(1, -1)
+            return w * np.repeat(v, w.shape[1] // v.shape[0]).reshape(1, -1)
         return v.reshape(-1, 1) * w
 
 
@@ -214,7 +206,7 @@ class BoundUpdate(Update):
     and truncations by a dense SVD (as ``full``), factors the full-rank SVD factors."""
 
     inner: BaseDependentUpdate
-    weight: Callable[[], torch.Tensor]  # W (out, in·kh·kw) as float64, read when needed
+    weight: Callable[[], np.ndarray]  # W (out, in·kh·kw) as float64, read when needed
     rank: int
 
     def __post_init__(self) -> None:
@@ -234,27 +226,23 @@ class BoundUpdate(Update):
     def bake_key(self) -> str:
         return self.inner.bake_key
 
-    def dense(self, source: TensorSource, dtype: torch.dtype) -> torch.Tensor:
+    def dense(self, source: TensorSource, dtype: np.dtype | type) -> np.ndarray:
         w = self.weight()
         _finite(w)
-        return self.inner.delta(w, source).to(dtype)
+        return np.asarray(self.inner.delta(w, source), dtype=dtype)
 
-    def singular_values(self, source: TensorSource, dtype: torch.dtype, scale: float) -> Any:
-        import torch
-
-        d = self.dense(source, torch.float64)
+    def singular_values(self, source: TensorSource, dtype: np.dtype | type, scale: float) -> Any:
+        d = self.dense(source, np.dtype(np.float64))
         _finite(d)
-        return (abs(scale) * torch.linalg.svdvals(d)).numpy()
+        return abs(scale) * np.linalg.svd(d, compute_uv=False)
 
-    def decomposition(self, source: TensorSource, dtype: torch.dtype, scale: float) -> Any:
-        import torch
+    def decomposition(self, source: TensorSource, dtype: np.dtype | type, scale: float) -> Any:
+        return DenseDecomposition(scale * self.dense(source, np.dtype(np.float64)))
 
-        return DenseDecomposition(scale * self.dense(source, torch.float64))
-
-    def factors(self, source: TensorSource, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, source: TensorSource, dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
         d = self.decomposition(source, dtype, 1.0)
         b, a = d.factors(d.s.shape[0])
-        return b.to(dtype), a.to(dtype)
+        return b.astype(dtype), a.astype(dtype)
 
 
 def rank_bound(blocks_shape: tuple[int, ...], rescaled: bool) -> int:

@@ -16,6 +16,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..adapter import Adapter, Module
 from ..errors import InspectError
 from ..kernels import apply_base_kernel, is_flattened
@@ -127,8 +129,6 @@ def _base_info(ck: BaseCheckpoint, m: Module) -> tuple[Path, str, tuple[int, ...
 
 
 def _bind(m: Module, ck: BaseCheckpoint) -> None:
-    import torch
-
     upd = m.update
     assert isinstance(upd, BaseDependentUpdate)
     found = _base_info(ck, m)
@@ -144,7 +144,7 @@ def _bind(m: Module, ck: BaseCheckpoint) -> None:
     m.kind, m.kernel = (Kind.CONV, (shape[2], shape[3])) if len(shape) == 4 else (Kind.LINEAR, None)
     m.rank = min(upd.rank, *m.shape)
     bt = ck.locate(m)  # the dtype checks (a quantised base is refused); the shape fits now
-    m.update = BoundUpdate(upd, partial(ck.weight, bt, torch.float64), m.rank)
+    m.update = BoundUpdate(upd, partial(ck.weight, bt, np.dtype(np.float64)), m.rank)
 
 
 def complete_with_base(modules: Sequence[Module], ck: BaseCheckpoint) -> None:

@@ -27,14 +27,12 @@ from ..adapter import Update
 from ..kinds import Algo
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from .tensors import TensorSource
 
 __all__ = ["LoConUpdate", "LoHaUpdate", "LoKrUpdate", "FullUpdate", "DenseDecomposition", "KronDecomposition"]
 
 
-def _finite(*ts: "torch.Tensor") -> None:
+def _finite(*ts: np.ndarray) -> None:
     from ..spectrum import all_finite
 
     for t in ts:
@@ -42,59 +40,54 @@ def _finite(*ts: "torch.Tensor") -> None:
             raise ValueError("non-finite factors")
 
 
-def _get(source: "TensorSource", key: str, dtype: "torch.dtype") -> "torch.Tensor":
-    return source.get(key).to(dtype)
+def _get(source: "TensorSource", key: str, dtype: np.dtype | type) -> np.ndarray:
+    """A tensor in the compute dtype (read-only when the source's array already is one: never written into)."""
+    return np.asarray(source.get(key), dtype=dtype)
 
 
-def _tucker_right(t: "torch.Tensor", wb: "torch.Tensor") -> "torch.Tensor":
+def _tucker_right(t: np.ndarray, wb: np.ndarray) -> np.ndarray:
     """einsum("i j k l, j q -> i q k l", t, wb) flattened to (r, q·K)."""
-    import torch
-
-    return torch.einsum("ijkl,jq->iqkl", t, wb.reshape(wb.shape[0], -1)).reshape(t.shape[0], -1)
+    return np.einsum("ijkl,jq->iqkl", t, wb.reshape(wb.shape[0], -1), optimize=True).reshape(t.shape[0], -1)
 
 
 class _Truncatable:
     """The truncation interface of ``spectrum.Decomposition`` for an SVD held in another form: subclasses
     give σ (``self.s``, descending, float64) and the top-k scaled singular vectors (:meth:`_top`)."""
 
-    s: "torch.Tensor"
-    dtype: "torch.dtype"
+    s: np.ndarray
+    dtype: np.dtype | type
 
     @property
     def singular_values(self) -> np.ndarray:
-        return self.s.numpy().copy()
+        return self.s.copy()
 
-    def _top(self, keep: int) -> tuple["torch.Tensor", "torch.Tensor"]:  # pragma: no cover - interface
+    def _top(self, keep: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def factors(self, keep: int, stored: int | None = None) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors(self, keep: int, stored: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """B (out × stored), A (stored × in) with B@A the best rank-``keep`` approximation (√σ on each side);
         columns past ``keep`` are zero."""
-        import torch
-
         stored = keep if stored is None else stored
         keep = min(keep, self.s.shape[0])
         bk, ak = self._top(keep)
-        b = torch.zeros(bk.shape[0], stored, dtype=torch.float64)
-        a = torch.zeros(stored, ak.shape[1], dtype=torch.float64)
+        b = np.zeros((bk.shape[0], stored), dtype=np.float64)
+        a = np.zeros((stored, ak.shape[1]), dtype=np.float64)
         b[:, :keep], a[:keep] = bk, ak
-        return b.to(self.dtype), a.to(self.dtype)
+        return b.astype(self.dtype), a.astype(self.dtype)
 
 
 class DenseDecomposition(_Truncatable):
     """Full SVD of a dense ΔW (scale included)."""
 
-    def __init__(self, delta: "torch.Tensor", rank: int | None = None) -> None:
-        import torch
-
+    def __init__(self, delta: np.ndarray, rank: int | None = None) -> None:
         _finite(delta)
-        u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+        u, s, vh = np.linalg.svd(np.asarray(delta, dtype=np.float64), full_matrices=False)
         keep = s.shape[0] if rank is None else rank  # LoHa: σ past r₁r₂ are rounding
         self.u, self.s, self.vh = u[:, :keep], s[:keep], vh[:keep]
         self.dtype = delta.dtype
 
-    def _top(self, keep: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-        root = self.s[:keep].sqrt()
+    def _top(self, keep: int) -> tuple[np.ndarray, np.ndarray]:
+        root = np.sqrt(self.s[:keep])
         return self.u[:, :keep] * root, self.vh[:keep] * root[:, None]
 
 
@@ -102,18 +95,17 @@ class KronDecomposition(_Truncatable):
     """SVD of s·kron(W₁, W₂) from the SVDs of W₁ and W₂: σ = s·σ₁ᵢσ₂ⱼ (sorted descending), and the
     rank-k truncation keeps the k largest products with vectors kron(u₁ᵢ, u₂ⱼ), kron(v₁ᵢ, v₂ⱼ)."""
 
-    def __init__(self, svd1: tuple, svd2: tuple, scale: float, dtype: "torch.dtype") -> None:
-        import torch
-
+    def __init__(self, svd1: tuple, svd2: tuple, scale: float, dtype: np.dtype | type) -> None:
         (self.u1, s1, self.v1h), (self.u2, s2, self.v2h) = svd1, svd2
         prod = abs(scale) * (s1[:, None] * s2[None, :]).reshape(-1)
-        self.s, order = torch.sort(prod, descending=True)
+        order = np.argsort(-prod, kind="stable")
+        self.s = prod[order]
         self.i, self.j = order // s2.shape[0], order % s2.shape[0]
         self.sign = -1.0 if scale < 0 else 1.0
         self.dtype = dtype
 
-    def _top(self, keep: int) -> tuple["torch.Tensor", "torch.Tensor"]:
-        i, j, root = self.i[:keep], self.j[:keep], self.s[:keep].sqrt()
+    def _top(self, keep: int) -> tuple[np.ndarray, np.ndarray]:
+        i, j, root = self.i[:keep], self.j[:keep], np.sqrt(self.s[:keep])
         out, inp = self.u1.shape[0] * self.u2.shape[0], self.v1h.shape[1] * self.v2h.shape[1]
         b = (self.u1[:, i][:, None, :] * self.u2[:, j][None, :, :]).reshape(out, keep) * root * self.sign
         a = (self.v1h[i][:, :, None] * self.v2h[j][:, None, :]).reshape(keep, inp) * root[:, None]
@@ -142,7 +134,7 @@ class _LyUpdate(Update):
     def params(self, shape: tuple[int, int]) -> int:
         return self._numel
 
-    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+    def dense(self, source: "TensorSource", dtype: np.dtype | type) -> np.ndarray:
         b, a = self.factors(source, dtype)
         return b @ a
 
@@ -159,17 +151,15 @@ class LoConUpdate(_LyUpdate):
     def bake_key(self) -> str:
         return self.roles["lora_up.weight"]
 
-    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors(self, source: "TensorSource", dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
         up = _get(source, self.roles["lora_up.weight"], dtype)
         down = _get(source, self.roles["lora_down.weight"], dtype)
         mid = _get(source, self.roles["lora_mid.weight"], dtype)
         return up.reshape(up.shape[0], -1), _mid_down(mid, down)
 
 
-def _mid_down(mid: "torch.Tensor", down: "torch.Tensor") -> "torch.Tensor":
-    import torch
-
-    return torch.einsum("abkl,bi->aikl", mid, down.reshape(down.shape[0], -1)).reshape(mid.shape[0], -1)
+def _mid_down(mid: np.ndarray, down: np.ndarray) -> np.ndarray:
+    return np.einsum("abkl,bi->aikl", mid, down.reshape(down.shape[0], -1), optimize=True).reshape(mid.shape[0], -1)
 
 
 @dataclass(eq=False)
@@ -194,7 +184,7 @@ class LoHaUpdate(_LyUpdate):
         """Dense SVD when r₁r₂ ≥ min(out, in)/2 (cheaper than QR of r₁r₂-wide factors then)."""
         return self.widths[0] * self.widths[1] >= min(self.out_in) / 2
 
-    def pairs(self, source: "TensorSource", dtype: "torch.dtype") -> list[tuple["torch.Tensor", "torch.Tensor"]]:
+    def pairs(self, source: "TensorSource", dtype: np.dtype | type) -> list[tuple[np.ndarray, np.ndarray]]:
         """[(U₁, V₁), (U₂, V₂)] with ΔW = (U₁V₁) ⊙ (U₂V₂)."""
         out = []
         for i in ("1", "2"):
@@ -205,26 +195,24 @@ class LoHaUpdate(_LyUpdate):
                 out.append((wa.reshape(wa.shape[0], -1), wb.reshape(wb.shape[0], -1)))
         return out
 
-    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors(self, source: "TensorSource", dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
         (u1, v1), (u2, v2) = self.pairs(source, dtype)
         b = (u1[:, :, None] * u2[:, None, :]).reshape(u1.shape[0], -1)
         a = (v1[:, None, :] * v2[None, :, :]).reshape(-1, v1.shape[1])
         return b, a
 
-    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+    def dense(self, source: "TensorSource", dtype: np.dtype | type) -> np.ndarray:
         (u1, v1), (u2, v2) = self.pairs(source, dtype)
         return (u1 @ v1) * (u2 @ v2)
 
-    def singular_values(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+    def singular_values(self, source: "TensorSource", dtype: np.dtype | type, scale: float) -> Any:
         if not self.dense_route:
             return None
-        import torch
-
         d = self.dense(source, dtype)
         _finite(d)
-        return (abs(scale) * torch.linalg.svdvals(d.to(torch.float64)))[: self.rank].numpy()
+        return (abs(scale) * np.linalg.svd(np.asarray(d, dtype=np.float64), compute_uv=False))[: self.rank]
 
-    def decomposition(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+    def decomposition(self, source: "TensorSource", dtype: np.dtype | type, scale: float) -> Any:
         if self.dense_route:
             return DenseDecomposition(scale * self.dense(source, dtype), self.rank)
         return super().decomposition(source, dtype, scale)
@@ -246,12 +234,12 @@ class LoKrUpdate(_LyUpdate):
     def bake_key(self) -> str:
         return self.roles.get("lokr_w1") or self.roles["lokr_w1_a"]
 
-    def w1_pair(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"] | None:
+    def w1_pair(self, source: "TensorSource", dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray] | None:
         if "lokr_w1" in self.roles:
             return None
         return _get(source, self.roles["lokr_w1_a"], dtype), _get(source, self.roles["lokr_w1_b"], dtype)
 
-    def w2_pair(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"] | None:
+    def w2_pair(self, source: "TensorSource", dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray] | None:
         if "lokr_w2" in self.roles:
             return None
         wa, wb = _get(source, self.roles["lokr_w2_a"], dtype), _get(source, self.roles["lokr_w2_b"], dtype)
@@ -259,25 +247,21 @@ class LoKrUpdate(_LyUpdate):
             return wa.T, _tucker_right(_get(source, self.roles["lokr_t2"], dtype), wb)
         return wa, wb.reshape(wb.shape[0], -1)
 
-    def w1(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+    def w1(self, source: "TensorSource", dtype: np.dtype | type) -> np.ndarray:
         p = self.w1_pair(source, dtype)
         return _get(source, self.roles["lokr_w1"], dtype) if p is None else p[0] @ p[1]
 
-    def w2(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+    def w2(self, source: "TensorSource", dtype: np.dtype | type) -> np.ndarray:
         p = self.w2_pair(source, dtype)
         if p is None:
             w = _get(source, self.roles["lokr_w2"], dtype)
             return w.reshape(w.shape[0], -1)
         return p[0] @ p[1]
 
-    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
-        import torch
+    def dense(self, source: "TensorSource", dtype: np.dtype | type) -> np.ndarray:
+        return np.kron(self.w1(source, dtype), self.w2(source, dtype))
 
-        return torch.kron(self.w1(source, dtype), self.w2(source, dtype))
-
-    def _svd(self, full: "torch.Tensor | None", pair: tuple | None) -> tuple:
-        import torch
-
+    def _svd(self, full: np.ndarray | None, pair: tuple | None) -> tuple:
         if pair is not None:
             from ..spectrum import svd_factors
 
@@ -285,12 +269,10 @@ class LoKrUpdate(_LyUpdate):
             return svd_factors(pair[0], pair[1], 1.0)
         assert full is not None
         _finite(full)
-        u, s, vh = torch.linalg.svd(full.to(torch.float64), full_matrices=False)
+        u, s, vh = np.linalg.svd(np.asarray(full, dtype=np.float64), full_matrices=False)
         return u, s, vh
 
-    def _sv(self, full: "torch.Tensor | None", pair: tuple | None) -> np.ndarray:
-        import torch
-
+    def _sv(self, full: np.ndarray | None, pair: tuple | None) -> np.ndarray:
         if pair is not None:
             from ..spectrum import singular_values as lowrank_sv
 
@@ -298,21 +280,21 @@ class LoKrUpdate(_LyUpdate):
             return lowrank_sv(pair[0], pair[1], 1.0)
         assert full is not None
         _finite(full)
-        return torch.linalg.svdvals(full.to(torch.float64)).numpy()
+        return np.linalg.svd(np.asarray(full, dtype=np.float64), compute_uv=False)
 
-    def singular_values(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+    def singular_values(self, source: "TensorSource", dtype: np.dtype | type, scale: float) -> Any:
         p1, p2 = self.w1_pair(source, dtype), self.w2_pair(source, dtype)
         s1 = self._sv(None if p1 else self.w1(source, dtype), p1)
         s2 = self._sv(None if p2 else self.w2(source, dtype), p2)
         return np.sort(abs(scale) * np.outer(s1, s2).reshape(-1))[::-1].copy()
 
-    def decomposition(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+    def decomposition(self, source: "TensorSource", dtype: np.dtype | type, scale: float) -> Any:
         p1, p2 = self.w1_pair(source, dtype), self.w2_pair(source, dtype)
         svd1 = self._svd(None if p1 else self.w1(source, dtype), p1)
         svd2 = self._svd(None if p2 else self.w2(source, dtype), p2)
         return KronDecomposition(svd1, svd2, scale, dtype)
 
-    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors(self, source: "TensorSource", dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
         """Exact factors of the unscaled ΔW: every product direction (width rank(W₁)·rank(W₂))."""
         d = self.decomposition(source, dtype, 1.0)
         return d.factors(d.s.shape[0])
@@ -329,21 +311,19 @@ class FullUpdate(_LyUpdate):
     def bake_key(self) -> str:
         return self.roles["diff"]
 
-    def dense(self, source: "TensorSource", dtype: "torch.dtype") -> "torch.Tensor":
+    def dense(self, source: "TensorSource", dtype: np.dtype | type) -> np.ndarray:
         d = _get(source, self.roles["diff"], dtype)
         return d.reshape(d.shape[0], -1)
 
-    def singular_values(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
-        import torch
-
+    def singular_values(self, source: "TensorSource", dtype: np.dtype | type, scale: float) -> Any:
         d = self.dense(source, dtype)
         _finite(d)
-        return (abs(scale) * torch.linalg.svdvals(d.to(torch.float64))).numpy()
+        return abs(scale) * np.linalg.svd(np.asarray(d, dtype=np.float64), compute_uv=False)
 
-    def decomposition(self, source: "TensorSource", dtype: "torch.dtype", scale: float) -> Any:
+    def decomposition(self, source: "TensorSource", dtype: np.dtype | type, scale: float) -> Any:
         return DenseDecomposition(scale * self.dense(source, dtype))
 
-    def factors(self, source: "TensorSource", dtype: "torch.dtype") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def factors(self, source: "TensorSource", dtype: np.dtype | type) -> tuple[np.ndarray, np.ndarray]:
         d = self.decomposition(source, dtype, 1.0)
         return d.factors(d.s.shape[0])
 

@@ -20,7 +20,7 @@ from .common import build_module, group_keys
 from .layout import AlphaHome, Capabilities, DirectoryLayout, Format, Found, Models, Rewrite, WriteOptions
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
     from ..convert.canon import Canon
     from ..convert.writers import Written
@@ -119,15 +119,15 @@ class MlxLayout(DirectoryLayout):
         config["lora_parameters"] = lp
         return config
 
-    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         # mlx-lm's scale is absolute: the old one is baked into the factors
         return Rewrite(out_fmt, tensors, dict(ad.metadata), self._config(ad, rank=int(max(ranks.values())), scale=1.0))
 
-    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], factor: float) -> Rewrite:
         return Rewrite(out_fmt, tensors, dict(ad.metadata), self._config(ad, scale=float(ad.modules[0].scale * factor)))
 
-    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray]) -> Rewrite:
         return Rewrite(out_fmt, tensors, dict(ad.metadata), ad.config)
 
     def weights_name(self, ad: Adapter) -> str:

@@ -28,7 +28,7 @@ from .peft_config import config_in_metadata, metadata_alpha, rescaled_config, tr
 from .tensors import TensorSource
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    import numpy as np
 
     from ..convert.canon import Canon
     from ..convert.writers import Written
@@ -255,7 +255,7 @@ class PeftLayout(DirectoryLayout):
             return float(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
         return ad.alpha
 
-    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         metadata = dict(ad.metadata)
         if out_fmt == PeftFormat.DIR:
@@ -274,7 +274,7 @@ class PeftLayout(DirectoryLayout):
                     metadata[key] = str(next(iter(ranks.values())))
         return Rewrite(out_fmt, tensors, metadata, None)
 
-    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], factor: float) -> Rewrite:
         metadata = dict(ad.metadata)
         if ad.config_path is not None and ad.config is not None:  # the config file travels with the output
             return Rewrite(out_fmt, tensors, metadata, rescaled_config(ad.config, factor, str(ad.config_path)))
@@ -290,7 +290,7 @@ class PeftLayout(DirectoryLayout):
             metadata[key] = repr(float(metadata[key]) * factor)
         return Rewrite(out_fmt, tensors, metadata, None)
 
-    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray]) -> Rewrite:
         if out_fmt == PeftFormat.DIR and ad.config is None:
             raise InspectError(f"{ad.path}: PEFT directory without a config")
         return Rewrite(out_fmt, tensors, dict(ad.metadata), ad.config if out_fmt == PeftFormat.DIR else None)

@@ -41,7 +41,7 @@ from .tensors import TensorSource
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
 
-    import torch
+    import numpy as np
 
 __all__ = ["PeftLycorisLayout", "PEFT_LYCORIS_TYPES"]
 
@@ -230,13 +230,13 @@ class PeftLycorisLayout(PeftLayout):
     def global_alpha(self, ad: Adapter) -> float | None:
         return ad.alpha
 
-    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], ranks: dict[str, int],
+    def truncated(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], ranks: dict[str, int],
                   dropped: list[str]) -> Rewrite:
         """A PEFT LoRA directory: the truncated pairs with s baked in, α = r for each module."""
         return Rewrite(PeftFormat.DIR, tensors, dict(ad.metadata),
                        truncated_config(_lora_config(ad.config or {}), ranks, dropped))
 
-    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"], factor: float) -> Rewrite:
+    def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], factor: float) -> Rewrite:
         """``alpha`` and every ``alpha_pattern`` value × F (PEFT: s = α/r for every LoHa/LoKr module)."""
         cfg = copy.deepcopy(ad.config or {})
         cfg["alpha"] = _times(ad.alpha if ad.alpha is not None else PEFT_DEFAULT_LYCORIS_ALPHA, factor)
@@ -244,6 +244,6 @@ class PeftLycorisLayout(PeftLayout):
             cfg["alpha_pattern"] = {k: _times(x, factor) for k, x in cfg["alpha_pattern"].items()}
         return Rewrite(PeftFormat.DIR, tensors, dict(ad.metadata), cfg)
 
-    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, "torch.Tensor"]) -> Rewrite:
+    def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray]) -> Rewrite:
         return Rewrite(PeftFormat.DIR, tensors, dict(ad.metadata), ad.config)
 

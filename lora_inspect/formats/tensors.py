@@ -4,8 +4,7 @@ The safetensors header is parsed and checked by hand before the library opens th
 truncated or hostile file gives one line naming the problem rather than a Rust panic or a huge
 allocation. Tensor data is memory-mapped (``mmap``) and viewed as numpy arrays only when asked for:
 no torch, no copy (bf16 aside, which :func:`lora_inspect.arrays.decode` widens to float32).
-``.bin`` files are read only through ``torch.load(weights_only=True)``: pickled code never runs, and
-the tensors become numpy arrays at once.
+``.bin`` files are read by :mod:`lora_inspect.formats.bin_source`.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import math
 import mmap
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -27,7 +25,7 @@ from ..validate import MAX_NAME_LENGTH
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-__all__ = ["TensorInfo", "TensorSource", "SafetensorsSource", "StateDictSource", "open_tensors", "DTYPE_SIZES"]
+__all__ = ["TensorInfo", "TensorSource", "SafetensorsSource", "open_tensors", "first_line", "name_ok", "DTYPE_SIZES"]
 
 # safetensors dtype names → bytes per element
 DTYPE_SIZES = {
@@ -106,7 +104,7 @@ class TensorSource:
             raise InspectError(f"{self.path}: tensor {key!r}: cannot read its value ({e.__class__.__name__})") from e
 
 
-def _name_ok(path: Path, key: str, what: str = "tensor name") -> None:
+def name_ok(path: Path, key: str, what: str = "tensor name") -> None:
     if len(key) > MAX_NAME_LENGTH:
         raise InspectError(f"{path}: {what} of {len(key)} characters (limit {MAX_NAME_LENGTH}): {key[:40]!r}…")
     if not key.isascii():
@@ -178,9 +176,9 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str]]:
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise InspectError(f"{path}: safetensors __metadata__ must map strings to strings")
     for k, v in meta.items():
-        _name_ok(path, k, "metadata key")
+        name_ok(path, k, "metadata key")
         if not v.isascii():
-            _name_ok(path, v[:MAX_NAME_LENGTH], f"metadata value of {k[:60]!r}")
+            name_ok(path, v[:MAX_NAME_LENGTH], f"metadata value of {k[:60]!r}")
     if len(header) > validate.MAX_TENSORS:
         raise InspectError(f"{path}: {len(header)} {noun(len(header), 'tensor')} in one file (limit {validate.MAX_TENSORS})")
     return header, meta
@@ -202,7 +200,7 @@ def _offsets_ok(offs: object) -> bool:
 def _entry(path: Path, key: str, entry: object, data_len: int) -> TensorInfo:
     """One header entry → TensorInfo, each field checked (types exact: a bool is not an integer)."""
     if len(key) > MAX_NAME_LENGTH or not key.isascii():
-        _name_ok(path, key)
+        name_ok(path, key)
     if not isinstance(entry, dict):
         raise InspectError(f"{path}: tensor {key!r}: header entry is not an object")
     dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -321,92 +319,15 @@ class SafetensorsSource(TensorSource):
         return data.view(NUMPY_OF[info.dtype]).reshape(info.shape)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return (lines[0] if lines else e.__class__.__name__)[:200]
 
 
-class StateDictSource(TensorSource):
-    """In-memory arrays (a ``.bin`` read with ``weights_only=True``, converted from torch at once)."""
-
-    def __init__(self, path: Path, state: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
-        from ..arrays import st_dtype
-
-        self.path = path
-        self._state = state
-        self.metadata = metadata or {}
-        self.tensors = {}
-        for k, t in state.items():
-            try:
-                dt = st_dtype(t)
-            except ValueError:
-                raise InspectError(f"{path}: tensor {k!r} has unsupported dtype {t.dtype}") from None
-            self.tensors[k] = TensorInfo(k, dt, tuple(t.shape), t.nbytes)
-
-    def raw(self, key: str) -> np.ndarray:
-        self._known(key)
-        return self._state[key]
-
-
-def _plain_tensor(path: Path, key: object, value: object) -> np.ndarray:
-    """One entry of a loaded ``.bin``: a string key and a dense CPU tensor (a Parameter is unwrapped), as
-    a numpy array (bf16 as its bits)."""
-    import torch
-
-    from ..arrays import from_torch
-
-    if not isinstance(key, str):
-        raise InspectError(f"{path}: state dict key {validate.show_value(key)} is not a string")
-    _name_ok(path, key)
-    if isinstance(value, dict):
-        raise InspectError(f"{path}: entry {key!r} is a nested dict, not a tensor (a checkpoint holding a state "
-                           "dict? save the state dict itself)")
-    if not isinstance(value, torch.Tensor):
-        raise InspectError(f"{path}: entry {key!r} is {type(value).__name__}, not a tensor")
-    if type(value) not in (torch.Tensor, torch.nn.Parameter):
-        raise InspectError(f"{path}: tensor {key!r} is a tensor subclass ({type(value).__name__}); only plain tensors are read")
-    if value.layout != torch.strided:
-        raise InspectError(f"{path}: tensor {key!r} is stored {str(value.layout).removeprefix('torch.')} "
-                           "(sparse tensors are not read; save it dense)")
-    if value.is_quantized or value.is_meta or value.device.type != "cpu":
-        what = "quantized" if value.is_quantized else f"on device {value.device.type}"
-        raise InspectError(f"{path}: tensor {key!r} is {what}; only plain CPU tensors are read")
-    if str(value.dtype).removeprefix("torch.") not in _BIN_DTYPES:
-        raise InspectError(f"{path}: tensor {key!r} has unsupported dtype {value.dtype}")
-    return from_torch(value)
-
-
-# what a ``.bin`` tensor may be (torch's names): the dtypes numpy holds, and bf16 as its bits
-_BIN_DTYPES = ("bool", "uint8", "int8", "int16", "float16", "bfloat16", "int32", "float32", "int64", "float64")
-
-
-def load_bin(path: Path) -> StateDictSource:
-    """Read a pickled state dict without executing code (``weights_only=True``): only string keys and
-    plain dense tensors are accepted; anything else is one line naming the key."""
-    import torch
-
-    try:
-        with validate.open_regular(path) as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": not the user's concern
-            state = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
-    except InspectError:
-        raise
-    except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
-            raise InspectError(
-                f"{path}: refused: the pickle asks to run code or build objects that are not tensors "
-                "(only plain tensors are loaded; convert it with a trusted tool to .safetensors)"
-            ) from e
-        raise InspectError(f"{path}: not a readable PyTorch state dict ({_first_line(e)})") from e
-    if not isinstance(state, dict):
-        raise InspectError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    if len(state) > validate.MAX_TENSORS:
-        raise InspectError(f"{path}: {len(state)} {noun(len(state), 'tensor')} in one file (limit {validate.MAX_TENSORS})")
-    return StateDictSource(path, {k: _plain_tensor(path, k, v) for k, v in state.items()})
-
-
 def open_tensors(path: Path) -> TensorSource:
     if path.suffix in (".bin", ".pt", ".pth"):
+        from .bin_source import load_bin
+
         return load_bin(path)
     return SafetensorsSource(path)
 

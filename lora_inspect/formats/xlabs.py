@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from ..adapter import Adapter, LowRankUpdate, Module
 from ..errors import InspectError
@@ -46,9 +48,6 @@ from .common import build_module
 from .kohya import KohyaNaming, finish
 from .layout import AlphaHome, Capabilities, Format, Found, Layout
 from .tensors import TensorSource
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 __all__ = ["XLabsLayout", "XLabsFormat", "looks_like_xlabs", "xlabs_module", "bfl_weight", "MLP_RATIO"]
 
@@ -104,15 +103,13 @@ class _Rows(Orientation):
         sh = PEFT.shapes(module, a_shape, b_shape)
         return replace(sh, out=sh.out + self.pad)
 
-    def to_linear(self, a: "torch.Tensor", b: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+    def to_linear(self, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if not self.pad:
             return b, a
-        import torch
+        return np.concatenate([b, np.zeros((self.pad, b.shape[1]), dtype=b.dtype)]), a
 
-        return torch.cat([b, b.new_zeros(self.pad, b.shape[1])]), a
-
-    def to_stored(self, b_lin: "torch.Tensor", a_lin: "torch.Tensor", a_shape: tuple[int, ...],
-                  b_shape: tuple[int, ...]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def to_stored(self, b_lin: np.ndarray, a_lin: np.ndarray, a_shape: tuple[int, ...],
+                  b_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         rows = b_shape[0]
         if self.pad and bool(b_lin[rows:].any()):
             raise InspectError(f"an XLabs qkv_lora covers the first {plural(rows, 'row')} of linear1 only; the rewritten "
@@ -129,7 +126,7 @@ class _XLabsUpdate(LowRankUpdate):
     def params(self, shape: tuple[int, int]) -> int:
         return self.rank * (shape[0] - self.pad + shape[1])
 
-    def decomposition(self, source: TensorSource, dtype: "torch.dtype", scale: float) -> Any:
+    def decomposition(self, source: TensorSource, dtype: np.dtype | type, scale: float) -> Any:
         """As :class:`LowRankUpdate`'s; NaN/inf refused naming the XLabs key (``truncate`` adds file and module)."""
         from ..spectrum import all_finite
 
