@@ -33,12 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from . import validate
 from .errors import InspectError
 from .formats.tensors import SafetensorsSource, TensorInfo
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
+    from numpy.typing import DTypeLike
 
     from .adapter import Adapter, Module
 
@@ -159,15 +161,15 @@ class BaseCheckpoint:
             return True
         return self.model_type == "gpt2" and module.name.endswith(GPT2_CONV1D)
 
-    def weight(self, bt: BaseTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W as a 2-D (out, in) matrix (memory-mapped read, converted to ``dtype``; default float32)."""
-        import torch
-
+    def weight(self, bt: BaseTensor, dtype: DTypeLike | None = None) -> np.ndarray:
+        """W as a 2-D (out, in) matrix (memory-mapped read, converted to ``dtype``; default float32).
+        Read-only when the stored dtype is already ``dtype`` (a view of the memory map): copy before
+        writing into it."""
         w = self.source(bt.path).get(bt.key)
-        w = w.reshape(w.shape[0], -1) if w.dim() != 2 else w
+        w = w.reshape(w.shape[0], -1) if w.ndim != 2 else w
         if bt.transposed:
             w = w.T
-        return w.to(dtype or torch.float32)
+        return w.astype(dtype or np.float32, copy=False)
 
     def check(self, adapter: Adapter, modules: list[Module] | None = None) -> list[BaseTensor]:
         """The base tensor of each of ``modules`` (default: all the adapter's), in order; the first

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .defaults import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
 from .errors import InspectError
@@ -105,13 +105,43 @@ class BaseAnalysis:
         return dict(sorted(out.items()))
 
 
-def _seeded(shape: tuple[int, int], q: int, dtype: torch.dtype) -> torch.Tensor:
-    g = torch.Generator().manual_seed(shape[0] * 1_000_003 + shape[1])  # deterministic per shape
-    return torch.randn(shape[1], q, generator=g, dtype=torch.float64).to(dtype)
+def _uniform53(rs: np.random.RandomState, n: int) -> np.ndarray:
+    """n doubles in [0, 1) as torch's CPU generator draws them: two 32-bit MT19937 words (high, low) per
+    draw, the low 53 bits of the 64 scaled by 2⁻⁵³."""
+    raw = rs.randint(0, 1 << 32, size=2 * n, dtype=np.uint64)
+    r64 = (raw[0::2] << np.uint64(32)) | raw[1::2]
+    return (r64 & np.uint64((1 << 53) - 1)).astype(np.float64) * 2.0**-53
 
 
-def top_subspace(w: torch.Tensor, k: int, iters: int = SUBSPACE_ITERS,
-                 oversample: int = OVERSAMPLE) -> tuple[torch.Tensor, torch.Tensor]:
+def _box_muller16(d: np.ndarray) -> np.ndarray:
+    """torch's ``normal_fill_16`` on blocks of 16 uniforms: the first 8 give the radius, the last 8 the angle."""
+    blk = d.reshape(-1, 16)
+    radius = np.sqrt(-2.0 * np.log(1.0 - blk[:, :8]))
+    theta = 2.0 * np.pi * blk[:, 8:]
+    return np.concatenate([radius * np.cos(theta), radius * np.sin(theta)], axis=1).reshape(-1)
+
+
+def _seeded(shape: tuple[int, int], q: int, dtype: np.dtype) -> np.ndarray:
+    """The (in, q) float64 normal start matrix of the subspace iteration, deterministic per shape: the
+    numbers ``torch.randn(in, q, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)`` gives
+    (torch seeds MT19937 with the seed's low 32 bits, as numpy's RandomState does; ≥ 16 entries are drawn
+    as uniforms and turned into normals 16 at a time, the last block redrawn when 16 does not divide the
+    size), so results are those of the torch implementation before it."""
+    seed = shape[0] * 1_000_003 + shape[1]
+    n = shape[1] * q
+    rs = np.random.RandomState(seed & 0xFFFFFFFF)
+    d = _uniform53(rs, max(n, 16))
+    if n < 16:  # torch draws these one by one (only a 1-column start on < 16 inputs): any normals do
+        return _box_muller16(d)[:n].reshape(shape[1], q).astype(dtype)
+    m = n - n % 16
+    d[:m] = _box_muller16(d[:m])
+    if n % 16:
+        d[n - 16:] = _box_muller16(_uniform53(rs, 16))
+    return d.reshape(shape[1], q).astype(dtype)
+
+
+def top_subspace(w: np.ndarray, k: int, iters: int = SUBSPACE_ITERS,
+                 oversample: int = OVERSAMPLE) -> tuple[np.ndarray, np.ndarray]:
     """Top-k left singular vectors (out, k) and values (k,) of w, both float64, by seeded subspace
     iteration with q = k + oversample columns (Halko et al. 2011, Alg. 4.4, QR between steps); exact (a dense
     SVD, float64) when min(out, in) ≤ 2q or the matrix has at most :data:`DENSE` entries.
@@ -119,23 +149,23 @@ def top_subspace(w: torch.Tensor, k: int, iters: int = SUBSPACE_ITERS,
     out_dim, in_dim = w.shape
     k = max(1, min(k, out_dim, in_dim))
     q = k + oversample
-    if min(out_dim, in_dim) <= 2 * q or w.numel() <= DENSE:
-        u, s, _ = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
+    if min(out_dim, in_dim) <= 2 * q or w.size <= DENSE:
+        u, s, _ = np.linalg.svd(np.asarray(w, dtype=np.float64), full_matrices=False)
         return u[:, :k], s[:k]
     y = w @ _seeded((out_dim, in_dim), q, w.dtype)
     for _ in range(iters):
-        qy = torch.linalg.qr(y)[0]
-        z = torch.linalg.qr(w.T @ qy)[0]
+        qy = np.linalg.qr(y)[0]
+        z = np.linalg.qr(w.T @ qy)[0]
         y = w @ z
-    qy = torch.linalg.qr(y)[0]
-    ub, s, _ = torch.linalg.svd((qy.T @ w).to(torch.float64), full_matrices=False)  # (q, in): small
-    return qy.to(torch.float64) @ ub[:, :k], s[:k]
+    qy = np.linalg.qr(y)[0]
+    ub, s, _ = np.linalg.svd((qy.T @ w).astype(np.float64), full_matrices=False)  # (q, in): small
+    return qy.astype(np.float64) @ ub[:, :k], s[:k]
 
 
-def intruder_similarity(u_tuned: torch.Tensor, u_base: torch.Tensor) -> torch.Tensor:
+def intruder_similarity(u_tuned: np.ndarray, u_base: np.ndarray) -> np.ndarray:
     """c_j = max_i |u_tuned_jᵀ u_base_i| (Shuttleworth et al. Alg. 1; their code takes |U_tunedᵀ U_base| and
     the max over base vectors). u_tuned (out, k), u_base (out, p): returns (k,) float64."""
-    return (u_tuned.T.to(torch.float64) @ u_base.to(torch.float64)).abs().amax(dim=1)
+    return np.abs(np.asarray(u_tuned.T, dtype=np.float64) @ np.asarray(u_base, dtype=np.float64)).max(axis=1)
 
 
 class BasisCache:
@@ -147,7 +177,7 @@ class BasisCache:
     def __init__(self, directory: Path | None = None, max_bytes: int = 1 << 30):
         self.directory = directory
         self.max_bytes = max_bytes
-        self._mem: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._mem: OrderedDict[tuple, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.hits = self.misses = 0
         self._lock = threading.Lock()  # modules run in worker threads; a basis is computed outside the lock
 
@@ -156,7 +186,7 @@ class BasisCache:
             return None
         return self.directory / (hashlib.sha256(repr(key).encode()).hexdigest()[:32] + ".safetensors")
 
-    def get(self, key: tuple, compute) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, key: tuple, compute) -> tuple[np.ndarray, np.ndarray]:
         """(U (out, p) float32, S (p,) float64) for the base tensor ``key``; ``compute()`` on a miss."""
         with self._lock:
             if key in self._mem:
@@ -176,22 +206,22 @@ class BasisCache:
                 self._store(path, val)
         with self._lock:
             self._mem[key] = val
-            while len(self._mem) > 1 and sum(u.numel() * 4 for u, _ in self._mem.values()) > self.max_bytes:
+            while len(self._mem) > 1 and sum(u.size * 4 for u, _ in self._mem.values()) > self.max_bytes:
                 self._mem.popitem(last=False)
         return val
 
     @staticmethod
-    def _load(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _load(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
         from .formats.tensors import SafetensorsSource
 
         try:
             src = SafetensorsSource(path)
-            return src.get("u").to(torch.float32), src.get("s").to(torch.float64)
+            return src.get("u").astype(np.float32), src.get("s").astype(np.float64)
         except InspectError:
             return None  # a damaged cache entry is recomputed (and rewritten)
 
     @staticmethod
-    def _store(path: Path, val: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def _store(path: Path, val: tuple[np.ndarray, np.ndarray]) -> None:
         """Atomically (:func:`lora_inspect.files.atomic_path`): readers never see half an entry."""
         from .files import atomic_path, os_error, write_safetensors
 
@@ -200,63 +230,64 @@ class BasisCache:
         except OSError as e:
             raise os_error(path.parent, e) from None
         with atomic_path(path) as tmp:
-            write_safetensors(tmp, {"u": val[0].contiguous(), "s": val[1].contiguous()})
+            write_safetensors(tmp, {"u": np.ascontiguousarray(val[0], dtype=np.float32),
+                                    "s": np.ascontiguousarray(val[1], dtype=np.float64)})
 
 
-def _work_dtype(w: torch.Tensor) -> torch.dtype:
-    return torch.float64 if w.numel() <= SMALL else torch.float32
+def _work_dtype(w: np.ndarray) -> np.dtype:
+    return np.dtype(np.float64) if w.size <= SMALL else np.dtype(np.float32)
 
 
-def dora_effective_delta(w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+def dora_effective_delta(w: np.ndarray, delta: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
     """ΔW_eff = m·(W + ΔW)/‖W + ΔW‖_row − W (PEFT DoRA: ``lora_magnitude_vector`` over the output rows;
     docs/metrics.md). All (out, in) in W's dtype."""
     v = w + delta
-    norm = torch.linalg.vector_norm(v, dim=1)
-    return (magnitude.to(w.dtype) / norm).reshape(-1, 1) * v - w
+    norm = np.linalg.norm(v, axis=1)
+    return (np.asarray(magnitude, dtype=w.dtype) / norm).reshape(-1, 1) * v - w
 
 
-_DeltaSVD = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "list[float] | None", float]
+_DeltaSVD = tuple[np.ndarray, np.ndarray, np.ndarray, "list[float] | None", float]
 
 
-def _delta_svd(module: Module, w: torch.Tensor) -> _DeltaSVD:
+def _delta_svd(module: Module, w: np.ndarray) -> _DeltaSVD:
     """(U_Δ (out, r'), S (r',), V_Δ (in, r'), every σ of ΔW_eff for DoRA or None, ‖ΔW‖_F); float64,
     the directions with σ above rounding only (at most r for DoRA: the adapter's rank)."""
-    b, a = module.factors(torch.float64)
+    b, a = module.factors(np.dtype(np.float64))
     eff = None
     mag = module.magnitude() if module.kind != "embedding" else None
     if mag is not None:
-        d = dora_effective_delta(w, (module.scale * (b @ a)).to(w.dtype), mag)
-        u, s, vh = torch.linalg.svd(d.to(torch.float64) if d.numel() <= SMALL else d, full_matrices=False)
-        u, s, vh = u.to(torch.float64), s.to(torch.float64), vh.to(torch.float64)
+        d = dora_effective_delta(w, (module.scale * (b @ a)).astype(w.dtype), mag)
+        u, s, vh = np.linalg.svd(d.astype(np.float64) if d.size <= SMALL else d, full_matrices=False)
+        u, s, vh = u.astype(np.float64), s.astype(np.float64), vh.astype(np.float64)
         eff = [float(x) for x in s]
         energy = float((s**2).sum())
         u, s, vh = u[:, : module.rank], s[: module.rank], vh[: module.rank]
         s_all = math.sqrt(energy)
     else:
         u, s, vh = svd_factors(b, a, module.scale)
-        s_all = float(torch.linalg.vector_norm(s))
-    tol = float(s[0]) * max(w.shape) * torch.finfo(torch.float64).eps if s.numel() else 0.0
+        s_all = float(np.linalg.norm(s))
+    tol = float(s[0]) * max(w.shape) * float(np.finfo(np.float64).eps) if s.size else 0.0
     keep = int((s > tol).sum())
     return u[:, :keep], s[:keep], vh[:keep].T, eff, s_all
 
 
-def module_base_metrics(module: Module, w: torch.Tensor, key: str = "", *,
-                        basis: tuple[torch.Tensor, torch.Tensor] | None = None) -> BaseMetrics | None:
+def module_base_metrics(module: Module, w: np.ndarray, key: str = "", *,
+                        basis: tuple[np.ndarray, np.ndarray] | None = None) -> BaseMetrics | None:
     """Every base-aware metric of one module; ``w`` is its base weight (out, in) (float32 or float64).
     ``basis`` = the complete left singular basis of W (U, S) turns on intruder dimensions (and gives
     σ₁(W) exactly). None when ΔW is zero."""
-    w = w.to(_work_dtype(w))
+    w = w.astype(_work_dtype(w), copy=False)
     u_d, s_d, v_d, eff, d_fro = _delta_svd(module, w)
-    r = int(s_d.numel())
+    r = int(s_d.size)
     if r == 0:
         return None
-    w_fro = float(torch.linalg.vector_norm(w.to(torch.float64)))
+    w_fro = float(np.linalg.norm(w.astype(np.float64, copy=False)))
     k = min(r, OVERLAP_K)
     if basis is not None:
-        u_w, s_w = basis[0][:, :k].to(torch.float64), basis[1]
+        u_w, s_w = basis[0][:, :k].astype(np.float64), basis[1]
     else:
         u_w, s_w = top_subspace(w, k)
-    proj = float(torch.linalg.matrix_norm(u_d.T @ (w @ v_d.to(w.dtype)).to(torch.float64)))
+    proj = float(np.linalg.norm(u_d.T @ (w @ v_d.astype(w.dtype)).astype(np.float64)))
     k = min(k, u_w.shape[1])
     cos = u_d.T @ u_w[:, :k]  # (r, k): every direction of ΔW against W's top-k
     in_top = float(((s_d.reshape(-1, 1) * cos) ** 2).sum() / (d_fro**2)) if d_fro > 0 else 0.0
@@ -275,7 +306,7 @@ def module_base_metrics(module: Module, w: torch.Tensor, key: str = "", *,
     return m
 
 
-def _intruders(m: BaseMetrics, module: Module, w: torch.Tensor, u_base: torch.Tensor) -> None:
+def _intruders(m: BaseMetrics, module: Module, w: np.ndarray, u_base: np.ndarray) -> None:
     b, a = module.factors(w.dtype)
     mag = module.magnitude() if module.kind != "embedding" else None
     delta = module.scale * (b @ a)
@@ -290,10 +321,11 @@ def _intruders(m: BaseMetrics, module: Module, w: torch.Tensor, u_base: torch.Te
         m.flags.append(FLAG_INTRUDERS)
 
 
-def full_basis(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def full_basis(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The complete (thin) left singular basis of W: U (out, min(out, in)) float32, S float64."""
-    u, s, _ = torch.linalg.svd(w.to(_work_dtype(w)), full_matrices=False)
-    return u.to(torch.float32).contiguous(), s.to(torch.float64).contiguous()  # as a cache file gives it back
+    u, s, _ = np.linalg.svd(w.astype(_work_dtype(w), copy=False), full_matrices=False)
+    # as a cache file gives it back
+    return np.ascontiguousarray(u, dtype=np.float32), np.ascontiguousarray(s, dtype=np.float64)
 
 
 def analyse_base(modules: list[Module], checkpoint: BaseCheckpoint, tensors: list[BaseTensor], *,
@@ -301,7 +333,7 @@ def analyse_base(modules: list[Module], checkpoint: BaseCheckpoint, tensors: lis
                  progress=None, workers: int | None = None) -> BaseAnalysis:
     """Base-aware metrics for ``modules`` (finite, non-zero updates), streaming: each base weight is read
     once, used, and dropped (at most ``workers`` in memory at a time). ``tensors`` are the modules' base
-    tensors (``checkpoint.check``). Modules run in worker threads with single-threaded torch ops
+    tensors (``checkpoint.check``). Modules run in worker threads with single-threaded BLAS
     (:func:`lora_inspect.spectrum.parallel_map`): on a loaded 2-core machine a two-thread QR of a 4096×72
     panel took 0.8 s, a one-thread one 3 ms."""
     basis_cache = cache if cache is not None else BasisCache()

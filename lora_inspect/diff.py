@@ -26,7 +26,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .adapter import Adapter, module_layer, module_type
 from .analysis import SAFE_SIGMA, unit_spectrum
@@ -65,26 +64,26 @@ def _norm(sv: np.ndarray) -> float:
     return math.hypot(*(float(x) for x in s))
 
 
-def factor_inner(b1: torch.Tensor, a1: torch.Tensor, s1: float, b2: torch.Tensor, a2: torch.Tensor, s2: float) -> float:
+def factor_inner(b1: np.ndarray, a1: np.ndarray, s1: float, b2: np.ndarray, a2: np.ndarray, s2: float) -> float:
     """⟨s₁B₁A₁, s₂B₂A₂⟩_F = s₁s₂·tr((B₁ᵀB₂)(A₂A₁ᵀ)) in float64, from r₁×r₂ products only."""
-    b1, a1, b2, a2 = (t.to(torch.float64) for t in (b1, a1, b2, a2))
-    return float(s1 * s2 * torch.trace((b1.T @ b2) @ (a2 @ a1.T)))
+    b1, a1, b2, a2 = (np.asarray(t, dtype=np.float64) for t in (b1, a1, b2, a2))
+    return float(s1 * s2 * np.trace((b1.T @ b2) @ (a2 @ a1.T)))
 
 
 def factor_distance(
-    b1: torch.Tensor, a1: torch.Tensor, s1: float, b2: torch.Tensor, a2: torch.Tensor, s2: float
+    b1: np.ndarray, a1: np.ndarray, s1: float, b2: np.ndarray, a2: np.ndarray, s2: float
 ) -> tuple[float, float]:
     """(‖X − Y‖_F, ‖X − Y‖₂) for X = s₁B₁A₁, Y = s₂B₂A₂, via the spectrum of the stacked product
     [s₁B₁, −s₂B₂] @ [A₁; A₂] (QR route, no dense out×in matrix, no cancellation)."""
-    b = torch.cat([s1 * b1.to(torch.float64), -s2 * b2.to(torch.float64)], dim=1)
-    a = torch.cat([a1.to(torch.float64), a2.to(torch.float64)], dim=0)
+    b = np.concatenate([s1 * np.asarray(b1, dtype=np.float64), -s2 * np.asarray(b2, dtype=np.float64)], axis=1)
+    a = np.concatenate([np.asarray(a1, dtype=np.float64), np.asarray(a2, dtype=np.float64)], axis=0)
     if b.shape[1] == 0:
         return 0.0, 0.0
     sv = singular_values(b, a, 1.0)
     return _norm(sv), float(sv[0]) if len(sv) else 0.0
 
 
-def subspace_similarity(u1: torch.Tensor, u2: torch.Tensor, i: int, j: int | None = None) -> float:
+def subspace_similarity(u1: np.ndarray, u2: np.ndarray, i: int, j: int | None = None) -> float:
     """φ(i, j) = ‖U_iᵀ U'_j‖_F² / min(i, j) (LoRA paper §7) for column-orthonormal U (n, ≥i), U' (n, ≥j)."""
     j = i if j is None else j
     if i <= 0 or j <= 0:
@@ -126,8 +125,8 @@ class ModuleDiff:
 
 def compare_factors(
     name: str,
-    b1: torch.Tensor, a1: torch.Tensor, s1: float,
-    b2: torch.Tensor, a2: torch.Tensor, s2: float,
+    b1: np.ndarray, a1: np.ndarray, s1: float,
+    b2: np.ndarray, a2: np.ndarray, s2: float,
     *,
     top: int = 1,
     energy: float = 0.95,
@@ -139,8 +138,8 @@ def compare_factors(
     if shape_a != shape_b:
         d.status = STATUS_SHAPE
         return d
-    b1, a1, b2, a2 = (t.to(torch.float64) for t in (b1, a1, b2, a2))
-    if not all(bool(torch.isfinite(t).all()) for t in (b1, a1, b2, a2)) or not (math.isfinite(s1) and math.isfinite(s2)):
+    b1, a1, b2, a2 = (np.asarray(t, dtype=np.float64) for t in (b1, a1, b2, a2))
+    if not all(bool(np.isfinite(t).all()) for t in (b1, a1, b2, a2)) or not (math.isfinite(s1) and math.isfinite(s2)):
         d.status = STATUS_NON_FINITE
         return d
     try:
@@ -149,12 +148,12 @@ def compare_factors(
     except NonFiniteUpdate:  # finite factors, but ΔW overflows float64
         d.status = STATUS_NON_FINITE
         return d
-    sv1n, sv2n = sv1.numpy(), sv2.numpy()
+    sv1n, sv2n = np.asarray(sv1), np.asarray(sv2)
     d.norm_a = _norm(sv1n)
     d.norm_b = _norm(sv2n)
     d.energy_rank_a = energy_rank(unit_spectrum(sv1n), energy)
     d.energy_rank_b = energy_rank(unit_spectrum(sv2n), energy)
-    if torch.equal(b1, b2) and torch.equal(a1, a2) and s1 == s2:
+    if np.array_equal(b1, b2) and np.array_equal(a1, a2) and s1 == s2:
         d.distance = d.spectral_distance = 0.0  # the same factors: exactly the same ΔW
     else:
         d.distance, d.spectral_distance = factor_distance(b1, a1, s1, b2, a2, s2)
@@ -291,7 +290,7 @@ def diff_adapters(a: Adapter, b: Adapter, *, top: int = 1, energy: float = 0.95)
     diffs = []
     for ma in common:
         mb = names_b[ma.name]
-        b1, a1 = ma.factors(torch.float64)
-        b2, a2 = mb.factors(torch.float64)
+        b1, a1 = ma.factors(np.float64)
+        b2, a2 = mb.factors(np.float64)
         diffs.append(compare_factors(ma.name, b1, a1, ma.scale, b2, a2, mb.scale, top=top, energy=energy))
     return DiffResult(a, b, top, energy, diffs, only_a, only_b, summarise(diffs, len(only_a), len(only_b)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from builders import build_peft, cli_json, run_cli, tiny_gpt2, tiny_llama
@@ -125,10 +126,39 @@ def test_subspace_iteration_matches_dense_svd():
     v = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))[0]
     s = torch.logspace(1, -3, 200, dtype=torch.float64)
     w = (u[:, :200] * s) @ v.T
-    got_u, got_s = top_subspace(w.float(), 6)
-    assert torch.allclose(got_s, s[:6], rtol=1e-5)
-    cos = (got_u.T @ u[:, :6]).abs().diagonal()
+    got_u, got_s = top_subspace(w.float().numpy(), 6)
+    assert got_u.dtype == np.float64 and got_s.dtype == np.float64
+    assert torch.allclose(torch.from_numpy(got_s), s[:6], rtol=1e-5)
+    cos = (torch.from_numpy(got_u).T @ u[:, :6]).abs().diagonal()
     assert bool((cos > 1 - 1e-5).all())
+
+
+def _torch_top_subspace(w: torch.Tensor, k: int, iters: int, oversample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The subspace iteration as the torch implementation did it (start: torch.randn from a per-shape seed)."""
+    out_dim, in_dim = w.shape
+    q = k + oversample
+    g = torch.Generator().manual_seed(out_dim * 1_000_003 + in_dim)
+    y = w @ torch.randn(in_dim, q, generator=g, dtype=torch.float64).to(w.dtype)
+    for _ in range(iters):
+        y = w @ torch.linalg.qr(w.T @ torch.linalg.qr(y)[0])[0]
+    qy = torch.linalg.qr(y)[0]
+    ub, s, _ = torch.linalg.svd((qy.T @ w).double(), full_matrices=False)
+    return qy.double() @ ub[:, :k], s[:k]
+
+
+@pytest.mark.parametrize("shape,dtype", [((400, 200), torch.float64), ((70000, 41), torch.float32),
+                                         ((257, 333), torch.float32)])
+def test_subspace_iteration_starts_where_torch_did(shape, dtype):
+    """The seeded start matrix is torch's randn bit for bit (MT19937, torch's 53-bit uniforms and 16-wide
+    Box–Muller; a seed past 32 bits), so even a slowly converging iteration — a flat spectrum, one step,
+    where the start still shows in the result — gives the numbers the torch implementation gave."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    got_u, got_s = top_subspace(w.numpy(), 5, iters=1)
+    ref_u, ref_s = _torch_top_subspace(w, 5, 1, 8)
+    tol = 1e-10 if dtype == torch.float64 else 2e-4
+    np.testing.assert_allclose(got_s, ref_s.numpy(), rtol=tol)
+    np.testing.assert_allclose(np.abs(got_u.T @ ref_u.numpy()).diagonal(), 1.0, atol=tol)
 
 
 def test_cli_json_is_additive_and_cache_round_trips(llama, tmp_path):
@@ -208,8 +238,8 @@ def test_randomized_intruders_match_reference_on_planted(monkeypatch):
     rep = analyse(ad, base=ck, intruders=True)
     assert rep.base is not None
     for m in ad.modules:
-        w = ck.weight(ck.locate(m), torch.float64)
-        n, c = _ref_intruders(w, w + m.delta())
+        w = torch.from_numpy(ck.weight(ck.locate(m), np.float64))
+        n, c = _ref_intruders(w, w + torch.from_numpy(m.delta()))
         got = rep.base.modules[m.name]
         assert got.intruders == n, m.name
         assert torch.allclose(torch.tensor(got.intruder_similarity, dtype=torch.float64), c, atol=5e-3), m.name

@@ -109,7 +109,7 @@ def test_diff_against_truncation_equals_predicted_error(llama, tmp_path, k):
     trunc, predicted = {}, {}
     for m in ad.modules:
         b, a = m.factors()
-        trunc[m.name] = truncate_factors(b, a, m.scale, k)
+        trunc[m.name] = tuple(torch.from_numpy(x) for x in truncate_factors(b, a, m.scale, k))
         sv = singular_values(b, a, m.scale)
         predicted[m.name] = (relative_error(sv, k), sv)
     out = write_peft_dir(tmp_path / f"trunc-{k}", trunc, r=k)
@@ -180,7 +180,7 @@ def test_inner_product_formula_against_dense():
     b1, a1 = torch.randn(9, 2, generator=g, dtype=torch.float64), torch.randn(2, 13, generator=g, dtype=torch.float64)
     b2, a2 = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(5, 13, generator=g, dtype=torch.float64)
     dense = float(((0.7 * b1 @ a1) * (-1.3 * b2 @ a2)).sum())
-    assert factor_inner(b1, a1, 0.7, b2, a2, -1.3) == pytest.approx(dense, rel=1e-12)
+    assert factor_inner(b1.numpy(), a1.numpy(), 0.7, b2.numpy(), a2.numpy(), -1.3) == pytest.approx(dense, rel=1e-12)
 
 
 def test_phi_never_exceeds_one():
@@ -189,7 +189,7 @@ def test_phi_never_exceeds_one():
         g = torch.Generator().manual_seed(seed)
         b, a = torch.randn(4, 2, generator=g), torch.randn(2, 5, generator=g)
         for b2 in (b, -b, 2 * b):
-            d = compare_factors("m", b, a, 1.0, b2, a, 1.0, top=2)
+            d = compare_factors("m", b.numpy(), a.numpy(), 1.0, b2.numpy(), a.numpy(), 1.0, top=2)
             assert 0.0 <= d.phi <= 1.0, (seed, d.phi)
 
 
@@ -199,7 +199,7 @@ def test_tiny_distance_has_no_cancellation():
     b, a = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(4, 40, generator=g, dtype=torch.float64)
     db = torch.randn(30, 4, generator=g, dtype=torch.float64)
     b2 = b + 1e-9 * db
-    d = compare_factors("m", b, a, 1.0, b2, a, 1.0)
+    d = compare_factors("m", b.numpy(), a.numpy(), 1.0, b2.numpy(), a.numpy(), 1.0)
     ref = float(torch.linalg.matrix_norm(1e-9 * db @ a) / torch.linalg.matrix_norm(b @ a))
     assert d.rel_distance == pytest.approx(ref, rel=1e-6)
 

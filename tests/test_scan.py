@@ -212,3 +212,26 @@ def test_ray_rows_equal_local_rows(tmp_path):
     finally:
         ray.shutdown()
     assert _canon(remote) == _canon(local) and len(local) >= 12
+
+
+def test_workers_start_with_one_blas_thread_and_the_driver_env_is_restored(tmp_path, monkeypatch):
+    """BLAS reads its thread count when numpy loads, so the forkserver (which preloads the worker and numpy)
+    and each worker are started with one thread in their environment; the driver's own values come back."""
+    import multiprocessing as mp
+
+    from lora_inspect.scan.local import ONE_BLAS_THREAD, one_blas_thread
+
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "7")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    out = tmp_path / "env.txt"
+    show = 'printf "%s %s %s" "$OPENBLAS_NUM_THREADS" "$OMP_NUM_THREADS" "$MKL_NUM_THREADS" > "$0"'
+    ctx = mp.get_context("forkserver")
+    proc = ctx.Process(target=subprocess.run, args=(["sh", "-c", show, str(out)],), kwargs={"check": True})
+    with one_blas_thread():
+        assert all(os.environ[k] == "1" for k in ONE_BLAS_THREAD)
+        proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0 and out.read_text() == "1 1 1"
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "7"
+    assert "OMP_NUM_THREADS" not in os.environ and "MKL_NUM_THREADS" not in os.environ

@@ -26,7 +26,7 @@ def _train(out, **kw):
 
 def _deltas(path):
     """{module path: ΔW} through the project's own PEFT reader — the thing under test against PEFT."""
-    return {m.name: m.delta() for m in load_adapter(path).modules}
+    return {m.name: torch.from_numpy(m.delta()) for m in load_adapter(path).modules}
 
 
 @pytest.mark.parametrize("rslora,targets", [(False, ["q_proj", "v_proj"]), (True, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])])

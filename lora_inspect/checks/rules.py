@@ -56,16 +56,16 @@ def scan_values(adapter: Adapter, report: "RankReport | None" = None, *, finite:
 
 def _values(adapter: Adapter, key: str) -> tuple[bool, bool]:
     """(holds NaN/±inf, is all zero) for one non-empty tensor: on the raw bits of the memory map for float
-    tensors in a safetensors file (no torch), else through the tensor source."""
+    tensors in a safetensors file, else through the tensor source (numpy arrays)."""
     view = bit_view(adapter.source, key)
     if view is not None:
         return nonfinite_and_zero(view)
     from ..spectrum import all_finite
 
     t = adapter.source.get(key)
-    if not t.numel():
+    if not t.size:
         return False, False
-    return t.is_floating_point() and not all_finite(t), not bool(t.any())
+    return t.dtype.kind == "f" and not all_finite(t), not bool(t.any())
 
 
 def zero_keys(adapter: Adapter) -> dict[str, str]:
@@ -111,7 +111,7 @@ def _size_rules(ad: Adapter, p: Policy) -> list[Result]:
 
 
 def _energy_rule(report: "RankReport", tau: float, k: int) -> Result:
-    from ..analysis import unit_spectrum  # torch: only when a spectrum is asked for
+    from ..analysis import unit_spectrum  # the spectra: only when one is asked for
     from ..spectrum import retained_energy
 
     unknown, kept = [], []

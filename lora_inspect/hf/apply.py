@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from ..adapter import require_mergeable
+from ..arrays import to_torch
 from ..errors import InspectError
 from ..formats.kohya import KOHYA_PREFIXES
 from ..peft_rules import strip_prefix
@@ -70,8 +72,8 @@ def bind_adapter(path: str | Path, model: nn.Module, adapter=None) -> Bound:
         if tuple(m.shape) != want:
             raise InspectError(f"{path}: module {m.name!r} has ΔW shape {tuple(m.shape)} but the base layer is {want} "
                                "(made for another base?)")
-        b, a = m.factors(torch.float64)
-        factors[target] = (b * m.scale, a)
+        b, a = m.factors(np.dtype(np.float64))  # numpy: torch from here on
+        factors[target] = (to_torch(b) * m.scale, to_torch(a))
         names[target] = m.name
     return Bound(str(path), factors, names)
 

@@ -7,25 +7,49 @@ the driver sends one path at a time, waits on every pipe and process sentinel wi
 as timeout, and when a task runs past ``timeout`` or its worker dies, that adapter gets an error row,
 the worker is killed and replaced, and the scan goes on. Memory is bounded by what one worker needs for
 the largest adapter times the number of workers; the driver holds rows only.
+
+BLAS runs single-threaded in the workers (the pool is the parallelism): :data:`ONE_BLAS_THREAD` is set in
+the environment while a worker (and with it the forkserver, which preloads numpy) is started, so the
+children's BLAS reads it when it loads; the driver's own environment is restored right after.
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from typing import Any
 
 from .row import ScanConfig, error_row
 
-__all__ = ["run_local"]
+__all__ = ["run_local", "ONE_BLAS_THREAD", "one_blas_thread"]
 
 Result = Callable[[int, "dict[str, Any] | str"], None]
+# read by OpenBLAS, OpenMP, MKL and Accelerate once, when the library loads (numpy's import)
+ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                   "VECLIB_MAXIMUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """:data:`ONE_BLAS_THREAD` in ``os.environ`` for the block (processes started in it inherit it), then
+    the previous values back (unset ones unset)."""
+    saved = {k: os.environ.get(k) for k in ONE_BLAS_THREAD}
+    os.environ.update(ONE_BLAS_THREAD)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _context():
@@ -50,7 +74,8 @@ def _start(ctx, cfg: ScanConfig, memory: int | None) -> _Worker:
 
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=serve, args=(child, cfg, memory), daemon=True)
-    proc.start()
+    with one_blas_thread():  # the forkserver starts (and imports numpy) with the first worker
+        proc.start()
     child.close()
     return _Worker(proc, parent)
 

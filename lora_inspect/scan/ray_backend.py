@@ -7,6 +7,7 @@ Batching: adapters are grouped in path order until a batch holds ``batch_bytes``
 ``batch_max`` adapters, so that thousands of 100 kB adapters do not pay Ray's per-task cost each.
 Limits: a batch that runs past ``timeout`` × its size is cancelled (``ray.cancel(force=True)``) and its
 adapters get error rows; memory is left to Ray's own memory monitor (a killed task's adapters get error rows).
+BLAS runs single-threaded in Ray's workers (:data:`local.ONE_BLAS_THREAD` in the runtime environment).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..optional import require
+from .local import ONE_BLAS_THREAD
 from .row import ScanConfig, adapter_files, error_row
 
 __all__ = ["run_ray", "batches"]
@@ -53,11 +55,8 @@ def batches(paths: list[str], batch_bytes: int = BATCH_BYTES, batch_max: int = B
 
 def _run_batch(items: list[tuple[int, str]], cfg: ScanConfig) -> list[tuple[int, Any]]:
     os.environ["LORA_INSPECT_THREADS"] = "1"
-    import torch
-
     from .worker import run_task
 
-    torch.set_num_threads(1)
     return [(i, run_task(p, cfg)) for i, p in items]
 
 
@@ -68,7 +67,7 @@ def _init(address: str | None, jobs: int) -> bool:
     kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     kw["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(
-        x for x in (here, os.environ.get("PYTHONPATH", "")) if x)}}
+        x for x in (here, os.environ.get("PYTHONPATH", "")) if x), **ONE_BLAS_THREAD}}
     if address:
         ray.init(address=address, **kw)
     else:

@@ -1,9 +1,11 @@
 """The scan worker process: limits first, imports once, then one adapter per message.
 
-Imported by the forkserver (``lora_inspect.scan.local`` preloads it), so torch and the readers are
+Imported by the forkserver (``lora_inspect.scan.local`` preloads it), so numpy and the readers are
 imported once in the server and every worker forked from it starts with them loaded. A worker sets
 its own address-space limit (``RLIMIT_AS``, when asked) to what it uses after start-up plus the
-budget, runs torch single-threaded (the pool is the parallelism) and answers ``(index, row dict)``,
+budget, runs BLAS single-threaded (the pool is the parallelism: ``local`` starts the server and the
+workers with one BLAS thread in their environment) and per-module work in one thread
+(``LORA_INSPECT_THREADS``), and answers ``(index, row dict)``,
 ``(index, "skipped")`` for each ``(index, path)`` it receives, until it receives None.
 """
 
@@ -50,9 +52,6 @@ def run_task(path: str, cfg: ScanConfig) -> dict[str, Any] | str:
 def serve(conn: Any, cfg: ScanConfig, memory_budget: int | None) -> None:
     """The worker loop (see the module docstring)."""
     os.environ["LORA_INSPECT_THREADS"] = "1"
-    import torch
-
-    torch.set_num_threads(1)
     _limit_memory(memory_budget)
     while True:
         try:

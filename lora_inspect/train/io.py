@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..arrays import from_torch
 from ..errors import InspectError
 from ..files import atomic_path, write_safetensors, write_text
 
@@ -31,8 +32,10 @@ def atomic_write_json(obj, path: str | Path, *, sort_keys: bool = True) -> None:
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """torch tensors (CPU or not) written as they are stored (the writer takes numpy arrays: converted here)."""
+    arrays = {k: from_torch(t) for k, t in tensors.items()}
     with atomic_path(Path(path)) as tmp:
-        write_safetensors(tmp, tensors, metadata)
+        write_safetensors(tmp, arrays, metadata)
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

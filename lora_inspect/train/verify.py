@@ -25,11 +25,13 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..adapter import require_mergeable
+from ..arrays import to_torch
 from ..errors import InspectError
 from ..formats.kohya import KOHYA_PREFIXES
 from ..peft_rules import strip_prefix
@@ -102,7 +104,7 @@ def adapter_deltas(path: str | Path, weight_shapes: dict[str, tuple[int, ...]]) 
         if tuple(m.shape) != want:
             raise InspectError(f"{path}: module {m.name!r} has ΔW shape {tuple(m.shape)} but the base's weight is "
                                f"{want} (made for another base?)")
-        out[target] = m.delta(torch.float64)
+        out[target] = to_torch(m.delta(np.dtype(np.float64)))  # numpy from the adapter: torch from here on
     return out
 
 
