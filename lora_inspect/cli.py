@@ -27,6 +27,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
 
 from . import __version__  # noqa: E402 - after the thread setting
 from .errors import EXIT_BAD_INPUT, InspectError  # noqa: E402
+from .optional import is_missing_torch, missing_torch  # noqa: E402
 
 __all__ = ["main", "unknown_command", "HELP_WIDTH"]
 
@@ -183,6 +184,10 @@ class _Group(click.Group):
             sys.exit(130)
         except MemoryError:
             _fail_after_traceback(ctx, "out of memory (is the input what it claims to be?)")
+        except ImportError as e:
+            if not is_missing_torch(e):
+                raise
+            _fail_after_traceback(ctx, missing_torch(" ".join(["lora-inspect", *([ctx.invoked_subcommand] if ctx.invoked_subcommand else [])])))
         except Exception as e:  # a bug or an input we did not foresee: still one line
             first = str(e).splitlines()[0] if str(e) else ""
             hint = "" if _debug_enabled(ctx) else " (run with --debug for details)"

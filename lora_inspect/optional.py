@@ -27,7 +27,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised by tests/test_one_home.py under Python 3.10
     import tomli as tomllib
 
-__all__ = ["require", "missing_message", "EXTRAS", "tomllib"]
+__all__ = ["require", "missing_message", "missing_torch", "is_missing_torch", "EXTRAS", "TORCH_ENGINE", "tomllib"]
+
+# torch is a dependency, but only these import it (lazily): analysis, rewrites and conversions run without it
+TORCH_ENGINE = "training, verify, calibrated truncation, .bin files and Hugging Face bases"
 
 # top-level import name → (the distribution pip installs, the extra of lora-inspect that brings it)
 EXTRAS: dict[str, tuple[str, str]] = {
@@ -49,6 +52,16 @@ def missing_message(module: str, purpose: str) -> str:
     top = module.split(".")[0]
     dist, extra = EXTRAS[top]
     return f"{purpose} needs {dist}: pip install 'lora-inspect[{extra}]'"
+
+
+def missing_torch(purpose: str) -> str:
+    """The one line when torch is not installed and ``purpose`` (a command) needs it."""
+    return f"{purpose} needs torch (the engine of {TORCH_ENGINE}): pip install torch"
+
+
+def is_missing_torch(e: ImportError) -> bool:
+    """Whether ``e`` says that torch itself cannot be imported."""
+    return e.name is not None and (e.name == "torch" or e.name.startswith("torch."))
 
 
 def require(module: str, purpose: str) -> ModuleType:

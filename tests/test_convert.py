@@ -55,7 +55,7 @@ def test_round_trip_through_layout_peft_loader_logits(llama_rs, tmp_path, via):
     src, new = load_adapter(llama_rs.path), load_adapter(back)
     for m in src.modules:  # ΔW per module, float64
         d_new = new.module(m.name).delta()
-        assert torch.allclose(d_new, m.delta(), atol=1e-6 * float(m.delta().abs().max()))
+        assert np.allclose(d_new, m.delta(), atol=1e-6 * float(np.abs(m.delta()).max()))
 
 
 def test_peft_to_peft_patterns_escaped_full_names(llama_rs, tmp_path):
@@ -178,8 +178,8 @@ def test_dora_to_mlx_fuses_like_peft(tmp_path):
         want = dora.merged_state[name + ".weight"].numpy()
         np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
     # poisoned control: the same file read as plain LoRA is not PEFT's DoRA weight
-    plain = dora.base_state["model.layers.0.self_attn.q_proj.weight"] + load_adapter(out).module(
-        "model.layers.0.self_attn.q_proj").delta()
+    plain = dora.base_state["model.layers.0.self_attn.q_proj.weight"] + torch.from_numpy(load_adapter(out).module(
+        "model.layers.0.self_attn.q_proj").delta())
     assert float((plain - dora.merged_state["model.layers.0.self_attn.q_proj.weight"]).abs().max()) > 1e-3
 
 
@@ -229,7 +229,7 @@ def test_conv_to_mlx_refused_and_kohya_diffusers_round_trip(tmp_path):
     assert {m.target for m in k2.modules} == {sgm.get(k, k) for k in mods}
     a, b = load_adapter(src), load_adapter(tmp_path / "k2.safetensors")
     for m in a.modules:
-        assert torch.allclose(b.module(sgm.get(m.name, m.name)).delta(), m.delta(), atol=1e-5)
+        assert np.allclose(b.module(sgm.get(m.name, m.name)).delta(), m.delta(), atol=1e-5)
 
 
 def test_convert_json_and_existing_output(llama_rs, tmp_path):
@@ -274,3 +274,60 @@ def test_diffusers_loader_applies_our_diffusers_file(tmp_path):
         d = (st[key].double() - base[key]).reshape(st[key].shape[0], -1)
         want = kohya_delta(down, up, alpha)
         assert float((d - want).abs().max() / want.abs().max()) < 1e-6, path
+
+
+def _as_bf16(src, dst):
+    """A copy of a PEFT adapter with its factors stored as bf16 (rounded by torch)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    w = str(dst / "adapter_model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(w).items()}, w)
+    return dst
+
+
+def test_bf16_source_bits_kept_and_checked_as_before(llama_rs, tmp_path):
+    """A bf16 adapter read natively: bf16 → bf16 copies the bits (each module checked ``identical``); bf16 → fp32
+    widens exactly (a dtype change is ``sketched``, as under torch, with no error but the α's); bf16 → fp16 rounds like torch."""
+    from safetensors.torch import load_file
+
+    src = _as_bf16(llama_rs.path, tmp_path / "bf16")
+    want = {k.replace("base_model.model.", "").replace(".weight", ""): v
+            for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
+    for dtype, check in (("bf16", "identical"), ("fp32", "sketched"), ("fp16", "sketched")):
+        out = tmp_path / f"k-{dtype}.safetensors"
+        res = convert(load_adapter(src), out, "kohya", dtype=dtype)
+        assert {m.check for m in res.modules} == {check}, dtype
+        if dtype != "fp16":  # only the fp32 α's rounding (rsLoRA's α·√r)
+            assert res.max_check_error <= 2.0**-22, dtype
+        got = load_file(str(out))
+        names = {m.source: m.target for m in res.modules}
+        for name, target in names.items():
+            for mine, theirs in (("lora_A", "lora_down"), ("lora_B", "lora_up")):
+                stored = got[f"{target}.{theirs}.weight"]
+                ref = want[f"{name}.{mine}"]
+                expect = {"bf16": ref, "fp32": ref.float(), "fp16": ref.to(torch.float16)}[dtype]
+                assert stored.dtype == expect.dtype and torch.equal(stored, expect), (dtype, name, mine)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gguf_16_bit_is_the_fp32_file_rounded_like_torch(llama_rs, tmp_path, dtype):
+    """GGUF BF16/F16 tensors read back as the fp32 file's rounded by torch, bit for bit (no llama.cpp needed)."""
+    pytest.importorskip("gguf")
+    from lora_inspect.convert.gguf_out import read_gguf
+
+    base = tmp_path / "base"
+    tiny_llama(3).config.save_pretrained(base)
+    files = {}
+    for dt in ("fp32", dtype):
+        files[dt] = tmp_path / f"lora-{dt}.gguf"
+        res = run_cli("convert", llama_rs.path, "--to", "gguf", "-o", files[dt], "--base", base, "--dtype", dt)
+        assert res.exit_code == 0, res.output
+    torch_dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    want = {k: torch.from_numpy(np.array(t)).to(torch_dt).float() for k, t in read_gguf(files["fp32"])[1].items()}
+    got = read_gguf(files[dtype])[1]
+    assert set(got) == set(want) and want
+    for k, w in want.items():
+        assert torch.equal(torch.from_numpy(np.array(got[k], dtype=np.float32)), w), k

@@ -65,7 +65,9 @@ def applied(state_dict, metadata=None) -> dict[str, torch.Tensor]:
     return _weights(model)
 
 
-def _close(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-6) -> bool:
+def _close(x, y, ref, tol: float = 1e-6) -> bool:
+    """‖x − y‖ ≤ tol·‖ref‖ for tensors or arrays (canonical modules' ΔW are numpy)."""
+    x, y, ref = (torch.as_tensor(t) for t in (x, y, ref))
     return float((x - y).norm()) <= tol * max(float(ref.norm()), 1e-30)
 
 

@@ -42,7 +42,7 @@ def _out_path(tmp: Path, target: str) -> Path:
 
 def _written_deltas(out: Path) -> dict:
     c = from_adapter(load_adapter(out))
-    return {(m.component, m.path): m.delta() for m in c.modules}
+    return {(m.component, m.path): torch.from_numpy(m.delta()) for m in c.modules}
 
 
 def _gguf_deltas(out: Path, expected: dict) -> dict:
@@ -126,8 +126,9 @@ def test_rename_only_copies_bytes_and_checks_scale_exactly(sources, tmp_path):
     assert doc["self_check"]["max_relative_error"] <= 2.0**-22
     a, b = load_adapter(src), load_adapter(tmp_path / "k.safetensors")
     for ma, mb in zip(a.modules, b.modules):
-        assert torch.equal(ma.source.get(ma.a_key), mb.source.get(mb.a_key))
-        assert torch.equal(ma.source.get(ma.b_key), mb.source.get(mb.b_key))
+        for ka, kb in ((ma.a_key, mb.a_key), (ma.b_key, mb.b_key)):
+            xa, xb = ma.source.raw(ka), mb.source.raw(kb)
+            assert xa.dtype == xb.dtype and np.array_equal(xa, xb)
 
 
 @pytest.mark.parametrize("how", ["factor", "scale"])
@@ -168,10 +169,20 @@ def test_sketch_estimates_the_frobenius_difference():
         b1, a1 = torch.randn(out, r, generator=g, dtype=torch.float64), torch.randn(r, inp, generator=g, dtype=torch.float64)
         b2, a2 = b1 + 1e-3 * torch.randn(out, r, generator=g, dtype=torch.float64), a1
         sk = Sketch(seed=i)
-        est = sk.norm(sk.apply(b1, a1, 1.0) - sk.apply(b2, a2, 1.0))
+        est = sk.norm(sk.apply(b1.numpy(), a1.numpy(), 1.0) - sk.apply(b2.numpy(), a2.numpy(), 1.0))
         ratios.append(est / diff_norm(b1, a1, b2, a2))
     assert min(ratios) > 0.25 and max(ratios) < 3
     assert 0.8 < float(np.mean(np.square(ratios))) < 1.2  # E‖DX‖²/p = ‖D‖²
+
+
+def test_sketch_probe_is_torch_randn():
+    """The sketch's Gaussian X is what torch.randn drew for it (float64, widths below, at and past 16 elements)."""
+    for seed in (0, 3):
+        sk = Sketch(seed=seed)
+        for width in (1, 2, 3, 5, 16, 17, 333):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + width)
+            want = torch.randn(width, sk.columns, generator=g, dtype=torch.float64).numpy()
+            np.testing.assert_allclose(sk.probe(width), want, rtol=1e-14, atol=0)
 
 
 def _tiny_unet(seed: int):

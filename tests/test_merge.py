@@ -44,7 +44,7 @@ def test_exact_merge_equals_dense_sum(pair, tmp_path):
     assert "model.layers.0.self_attn.k_proj" in names and "model.layers.0.mlp.down_proj" in names
     for m in out.modules:
         want = _expected(pair, w, m.name)
-        got = m.delta()
+        got = torch.from_numpy(m.delta())
         assert float((got - want).norm() / want.norm()) < 1e-6, m.name
     q = next(x for x in res.modules if x.name == "model.layers.0.self_attn.q_proj")
     assert q.inputs == [4, 8] and q.rank_out == 12 and q.relative_error == 0.0
@@ -64,7 +64,7 @@ def test_rank_k_is_eckart_young(pair, tmp_path):
         n = min(len(ours), int((s > 1e-12 * s[0]).sum()))
         assert float((ours[:n] - s[:n]).abs().max()) <= 1e-6 * float(s[0]), m.name
         trunc = (u[:, :k] * s[:k]) @ vh[:k]
-        got = m.delta()
+        got = torch.from_numpy(m.delta())
         assert float((got - trunc).norm()) <= 1e-6 * float(s[0]) * 10, m.name
         rel = float((want - trunc).norm() / want.norm())
         assert abs(fact.relative_error - rel) < 1e-6  # the reference ΔW went through fp32 weights
@@ -89,7 +89,7 @@ def test_against_peft_svd_combination(tmp_path):
     for m in ours.modules:
         layer = pm.base_model.model.get_submodule(m.name)
         peft_delta = layer.get_delta_weight("svd").double()
-        assert float((m.delta() - peft_delta).norm() / peft_delta.norm()) < 1e-5, m.name
+        assert float((torch.from_numpy(m.delta()) - peft_delta).norm() / peft_delta.norm()) < 1e-5, m.name
 
 
 def test_mixed_layouts_and_refusals(pair, tmp_path):
@@ -102,7 +102,7 @@ def test_mixed_layouts_and_refusals(pair, tmp_path):
     assert doc["schema"] == "lora-inspect/merge/1"
     out = load_adapter(tmp_path / "mk")
     want = pair[0].delta("model.layers.0.self_attn.q_proj") + 2 * (2.0 / 4) * (up.double() @ down.double())
-    got = out.module("model.layers.0.self_attn.q_proj").delta()
+    got = torch.from_numpy(out.module("model.layers.0.self_attn.q_proj").delta())
     assert float((got - want).norm() / want.norm()) < 1e-6
     # disjoint names: one line naming them
     other = write_kohya(tmp_path / "o.safetensors", {"lora_unet_mid_block_attentions_0_proj_in": (down, up, None)})
@@ -142,5 +142,5 @@ def test_lycoris_loha_and_lokr_merge_with_a_lora_exactly(tmp_path):
     loha = (1.0 / 2) * (d(w1a) @ d(w1b)) * (d(w2a) @ d(w2b))  # LoHa: α / r₁ with r = dim of w1
     lokr = (4.0 / 2) * torch.kron(d(k1), d(k2a) @ d(k2b))  # LoKr: α / r of the low-rank w2
     want = 0.5 * loha + 0.25 * lokr + 2 * (2.0 / 4) * (d(up) @ d(down))
-    got = load_adapter(tmp_path / "m.safetensors").modules[0].delta()
+    got = torch.from_numpy(load_adapter(tmp_path / "m.safetensors").modules[0].delta())
     assert float((got - want).norm() / want.norm()) < 1e-6

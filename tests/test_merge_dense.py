@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from peft.utils import merge_utils as mu
 
 from lora_inspect.convert.canon import from_adapter
+from lora_inspect.convert.cpu_random import CpuGenerator
 from lora_inspect.convert.dense_merge import (
     METHODS,
     DenseSpec,
@@ -69,15 +71,15 @@ COMBOS = [(m, "total") for m in METHODS] + [("ties", "frequency"), ("dare_ties",
 def test_pre_svd_delta_is_merge_utils(pair, method, sign, precision, monkeypatch):
     mods = _mods(pair, Q)
     # the dense updates are PEFT's: its merged weights minus the base (fp32 model), and (B@A)·s exactly
-    ups = dense_updates(mods, torch.float64)
+    ups = dense_updates(mods, np.float64)
     for u, m, p in zip(ups, mods, pair):
-        assert torch.allclose(u, m.scale * (m.b @ m.a), rtol=0, atol=1e-13)
-        assert float((u - p.delta(Q)).norm() / u.norm()) < 1e-6
+        assert np.allclose(u, m.scale * (m.b @ m.a), rtol=0, atol=1e-13)
+        assert float((torch.from_numpy(u) - p.delta(Q)).norm() / np.linalg.norm(u)) < 1e-6
     w = [0.7, -0.45]
     for d in (0.35, 1.0):
         spec = DenseSpec(method, d, sign, seed=11, precision=precision)
-        ours = dense_delta(mods, w, spec, Q)
-        same = dense_updates(mods, spec.dtype)
+        ours = torch.from_numpy(dense_delta(mods, w, spec, Q))
+        same = torch.from_numpy(dense_updates(mods, spec.dtype))
         torch.manual_seed(module_seed(11, Q))
         with monkeypatch.context() as mp:
             if precision == "fp64":
@@ -97,29 +99,38 @@ def test_three_inputs_and_negative_weights():
         for sign in ("total", "frequency"):
             spec = DenseSpec(method, 0.4, sign, seed=2, precision="fp32")
             t32 = ts.float()
-            gen = torch.Generator().manual_seed(99)
-            ours = combine(t32.clone(), w, spec, gen)
+            ours = torch.from_numpy(combine(t32.numpy().copy(), w, spec, CpuGenerator(99)))
             torch.manual_seed(99)
             assert torch.equal(ours, _peft(method, t32, w, 0.4, sign)), (method, sign)
+
+
+@pytest.mark.parametrize("seed", [0, 99, 2**32 + 7, 2**63 - 1])
+def test_masks_are_torch_bernoulli_draws(seed):
+    """The DARE masks are torch's: ``torch.bernoulli`` of a float32 p from ``torch.Generator().manual_seed(seed)``,
+    bit for bit, one draw after another from the same generator (seeds past 2³² included)."""
+    gen, ours = torch.Generator().manual_seed(seed), CpuGenerator(seed)
+    for shape, p in (((7,), 0.3), ((20, 28), 0.35), ((3, 1000), 0.999), ((33, 17), 0.5)):
+        want = torch.bernoulli(torch.full(shape, p, dtype=torch.float32), generator=gen).numpy().astype(bool)
+        assert np.array_equal(ours.bernoulli(shape, p), want), (shape, p)
 
 
 def test_dare_mask_statistics_and_seeds(pair):
     mods = _mods(pair, Q)
     spec = DenseSpec("dare_linear", 0.3, seed=5)
     kept = dense_delta(mods[:1], [1.0], spec, Q) != 0
-    n = kept.numel()
+    n = kept.size
     frac = float(kept.sum()) / n
     assert abs(frac - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5  # Bernoulli(0.3), 4σ
-    full = dense_updates(mods[:1], torch.float64)[0]
-    assert torch.allclose(dense_delta(mods[:1], [1.0], spec, Q)[kept], full[kept] / 0.3, rtol=1e-15, atol=0)
-    assert torch.equal(dense_delta(mods, [1.0, 1.0], spec, Q), dense_delta(mods, [1.0, 1.0], spec, Q))
+    full = dense_updates(mods[:1], np.float64)[0]
+    assert np.allclose(dense_delta(mods[:1], [1.0], spec, Q)[kept], full[kept] / 0.3, rtol=1e-15, atol=0)
+    assert np.array_equal(dense_delta(mods, [1.0, 1.0], spec, Q), dense_delta(mods, [1.0, 1.0], spec, Q))
     other = DenseSpec("dare_linear", 0.3, seed=6)
-    assert not torch.equal(dense_delta(mods, [1.0, 1.0], spec, Q), dense_delta(mods, [1.0, 1.0], other, Q))
+    assert not np.array_equal(dense_delta(mods, [1.0, 1.0], spec, Q), dense_delta(mods, [1.0, 1.0], other, Q))
     assert module_seed(5, Q) != module_seed(5, Q.replace("q_proj", "k_proj"))
     # fp32 and fp64 runs draw the same masks
-    lo = dense_delta(mods, [1.0, 1.0], DenseSpec("dare_ties", 0.3, seed=5, precision="fp32"), Q).double()
+    lo = dense_delta(mods, [1.0, 1.0], DenseSpec("dare_ties", 0.3, seed=5, precision="fp32"), Q).astype(np.float64)
     hi = dense_delta(mods, [1.0, 1.0], DenseSpec("dare_ties", 0.3, seed=5), Q)
-    assert float((lo - hi).norm() / hi.norm()) < 1e-6
+    assert float(np.linalg.norm(lo - hi) / np.linalg.norm(hi)) < 1e-6
 
 
 @pytest.mark.parametrize("method,spec", [("ties", None), ("dare_ties", TruncateSpec(rank=3)),
@@ -133,8 +144,8 @@ def test_written_delta_is_eckart_young(pair, tmp_path, method, spec):
     assert res.method == method and res.density == 0.5
     out = {m.name: m for m in load_adapter(tmp_path / "m").modules}
     for fact in res.modules:
-        full = dense_delta(_mods(pair, fact.name), [wi for wi, p in zip(w, pair) if _has(p, fact.name)], dense,
-                           fact.name)
+        full = torch.from_numpy(dense_delta(_mods(pair, fact.name), [wi for wi, p in zip(w, pair)
+                                                                     if _has(p, fact.name)], dense, fact.name))
         u, s, vh = torch.linalg.svd(full)
         k = fact.rank_out
         if spec is None:
@@ -143,7 +154,7 @@ def test_written_delta_is_eckart_young(pair, tmp_path, method, spec):
             assert fact.name not in out
             continue
         trunc = (u[:, :k] * s[:k]) @ vh[:k]
-        got = out[fact.name].delta()
+        got = torch.from_numpy(out[fact.name].delta())
         assert float((got - trunc).norm() / trunc.norm()) < 1e-6, fact.name
         assert abs(fact.relative_error - float((full - trunc).norm() / full.norm())) < 1e-9
     if spec is not None and spec.max_params:
@@ -183,7 +194,7 @@ def test_against_peft_add_weighted_adapter(tmp_path, method, monkeypatch):
     for m in load_adapter(tmp_path / "m").modules:
         peft_delta = pm.base_model.model.get_submodule(m.name).get_delta_weight("m").double()
         assert m.rank == 4
-        assert float((m.delta() - peft_delta).norm() / peft_delta.norm()) < 1e-5, m.name
+        assert float((torch.from_numpy(m.delta()) - peft_delta).norm() / peft_delta.norm()) < 1e-5, m.name
 
 
 def test_cli_json_and_refusals(pair, tmp_path):
@@ -239,16 +250,17 @@ def test_module_order_and_conv(tmp_path):
     for f in res.modules:
         mods = [m for c in canons for m in c.modules if m.path == f.name]
         taus = [kohya_delta(*specs[i][mods[i].source_name]) for i in range(2)]
-        assert all(torch.allclose(t, u, atol=1e-12) for t, u in zip(taus, dense_updates(mods, torch.float64)))
-        full = dense_delta(mods, [1.0, -0.7], dense, f.name)
+        assert all(torch.allclose(t, torch.from_numpy(u), atol=1e-12)
+                   for t, u in zip(taus, dense_updates(mods, np.float64)))
+        full = torch.from_numpy(dense_delta(mods, [1.0, -0.7], dense, f.name))
         u, s, vh = torch.linalg.svd(full)
         trunc = (u[:, :3] * s[:3]) @ vh[:3]
-        got = out[mods[0].source_name].delta()
+        got = torch.from_numpy(out[mods[0].source_name].delta())
         assert float((got.reshape(trunc.shape) - trunc).norm() / trunc.norm()) < 1e-6
     forward, _ = dense_merge_modules(canons, [1.0, -0.7], None, paths, dense)
     for c in canons:
         c.modules.reverse()
     backward, _ = dense_merge_modules(canons, [1.0, -0.7], None, paths, dense)
     fb = {m.path: m.delta() for m in backward}
-    assert [m.path for m in forward] == list(reversed(fb)) and all(torch.equal(m.delta(), fb[m.path])
+    assert [m.path for m in forward] == list(reversed(fb)) and all(np.array_equal(m.delta(), fb[m.path])
                                                                     for m in forward)

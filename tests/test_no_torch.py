@@ -106,3 +106,23 @@ def test_diff_merge_report_scan_without_torch(sources, env, tmp_path):
         for k in [k for k in r if any(s in k for s in strip)]:
             r.pop(k)
     assert rows["normal"] == rows["blocked"] and len(rows["normal"]) == 3
+
+
+def test_the_torch_engine_says_in_one_line_how_to_get_torch(sources, env, tmp_path):
+    """Where torch is the engine (a .bin read, training, calibration) and it is missing: exit 2, one line
+    naming the command and the install; --help still works."""
+    import torch
+
+    torch.save({"base_model.model.q.lora_A.weight": torch.ones(2, 3),
+                "base_model.model.q.lora_B.weight": torch.ones(3, 2)}, str(tmp_path / "adapter_model.bin"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    peft = sources["peft"]
+    jobs = [["info", tmp_path / "adapter_model.bin"], ["train", "--task", "planted", "--rank", "4", "--steps", "2", "--out", tmp_path / "run"],
+            ["truncate", peft, "-o", tmp_path / "c", "--rank", "2", "--calibrate", tmp_path / "adapter_model.bin"],
+            ["train", "--help"], ["verify", "--help"]]
+    got = run_many_blocked(jobs, tmp_path, env)
+    for job, (code, out, err) in zip(jobs[:3], got[:3]):
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and "needs torch" in lines[0] and "pip install torch" in lines[0], (job, err)
+        assert lines[0].startswith(f"lora-inspect: error: lora-inspect {job[0]} needs torch"), lines
+    assert [code for code, _, _ in got[3:]] == [0, 0] and all("Usage" in out for _, out, _ in got[3:])

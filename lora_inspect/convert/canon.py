@@ -7,9 +7,11 @@ conv kernel, a DoRA magnitude, and where it came from. Writers decide how to sto
 module, a global α with the rest baked into B, or all of it baked into B).
 
 Factors are float64 by default (``merge`` does arithmetic on them). ``convert`` reads them in their
-stored floating dtype (``native=True``): a plain LoRA pair is then a view of the memory-mapped file,
-so a conversion that changes only names and layout copies bytes and never rounds. Arithmetic on
-factors (a baked scale, a split, a padding) goes through :func:`times`, which works in float64.
+stored floating dtype (``native=True``): a plain LoRA pair then holds the values of the file in its own
+dtype (bf16 as :data:`lora_inspect.arrays.BF16` bits, on which numpy refuses arithmetic), so a conversion
+that changes only names and layout copies bytes and never rounds. Arithmetic on factors (a baked scale, a
+split, a padding) goes through :func:`times`, which works in float64; :func:`numbers` gives a factor's
+values (bf16 widened to float32, exactly) where one is only looked at.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
+from ..arrays import NUMPY_OF, decode, encode
 from ..errors import InspectError
 from ..formats import layout_of
 from ..formats.layout import Layout, Naming
@@ -29,9 +32,9 @@ from .names import full_name
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Adapter, Module
 
-__all__ = ["CanonModule", "Canon", "from_adapter", "times"]
+__all__ = ["CanonModule", "Canon", "from_adapter", "times", "numbers", "same_values"]
 
-_NATIVE = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_NATIVE = ("F32", "F16", "BF16", "F64")
 
 
 @dataclass
@@ -39,12 +42,12 @@ class CanonModule:
     component: str | None
     path: str
     kind: Kind
-    b: torch.Tensor  # (out, k) float64, or the stored dtype (from_adapter(native=True))
-    a: torch.Tensor  # (k, in·kh·kw), same dtype as b
+    b: np.ndarray  # (out, k) float64, or the stored dtype (from_adapter(native=True); bf16 as arrays.BF16)
+    a: np.ndarray  # (k, in·kh·kw), same dtype as b
     scale: float
     kernel: tuple[int, int] | None = None
     conv_ndim: int = 4  # stored A dims for a conv (3 = Conv1d, 4 = Conv2d)
-    magnitude: torch.Tensor | None = None
+    magnitude: np.ndarray | None = None
     source_name: str = ""
     alpha: float | None = None  # the source's α (s = α/r or α/√r) where one was stored
     rslora: bool = False
@@ -62,14 +65,24 @@ class CanonModule:
     def shape(self) -> tuple[int, int]:
         return int(self.b.shape[0]), int(self.a.shape[1])
 
-    def delta(self) -> torch.Tensor:
+    def delta(self) -> np.ndarray:
         """Dense ΔW (tests and small modules only)."""
-        return self.scale * (self.b.double() @ self.a.double())
+        return self.scale * (numbers(self.b).astype(np.float64) @ numbers(self.a).astype(np.float64))
 
 
-def times(t: torch.Tensor, f: float) -> torch.Tensor:
+def numbers(t: np.ndarray) -> np.ndarray:
+    """A factor's values: stored bf16 bits widened to float32 (exact), any other array as it is."""
+    return decode(t)
+
+
+def same_values(x: np.ndarray, y: np.ndarray) -> bool:
+    """Same shape and equal values (``torch.equal``: across dtypes, −0 = 0, NaN ≠ NaN)."""
+    return x.shape == y.shape and bool(np.array_equal(decode(x), decode(y)))
+
+
+def times(t: np.ndarray, f: float) -> np.ndarray:
     """``f·t`` computed in float64 (``t`` itself when f = 1, so stored factors stay untouched)."""
-    return t if f == 1.0 else t.double() * f
+    return t if f == 1.0 else decode(t).astype(np.float64) * f
 
 
 @dataclass
@@ -88,21 +101,29 @@ class Canon:
         return {m.component for m in self.modules}
 
 
-def _read_dtype(m: "Module", native: bool) -> torch.dtype:
-    """The stored dtype for a plain pair (no arithmetic on read), float64 otherwise."""
+def _factors(m: "Module", native: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(B, A): for a plain pair read natively, in the stored dtype (no arithmetic on read; bf16 widened to
+    float32 and narrowed back, both exact, to its :data:`~lora_inspect.arrays.BF16` bits); float64 otherwise."""
     from ..adapter import LowRankUpdate
 
-    if not (native and isinstance(m.update, LowRankUpdate) and m.update.e_key is None):
-        return torch.float64
-    stored = {m.source.info(k).dtype for k in (m.update.a_key, m.update.b_key)}
-    return _NATIVE.get(stored.pop(), torch.float64) if len(stored) == 1 else torch.float64
+    u = m.update
+    if not (native and isinstance(u, LowRankUpdate) and u.e_key is None):
+        return m.factors(np.dtype(np.float64))
+    stored = {m.source.info(k).dtype for k in (u.a_key, u.b_key)}
+    st = stored.pop() if len(stored) == 1 else None
+    if st not in _NATIVE:
+        return m.factors(np.dtype(np.float64))
+    if st == "BF16":  # the update's own reading (a GGUF's Q/K rows un-permuted …), then its bits again
+        b, a = m.factors(np.dtype(np.float32))
+        return encode(b, "BF16"), encode(a, "BF16")
+    return m.factors(NUMPY_OF[st])
 
 
 def _module(ad: "Adapter", layout: Layout, m: "Module", native: bool) -> CanonModule:
     if m.bias_key is not None:
         raise InspectError(f"{ad.path}: module {m.name!r} has a LoRA bias (lora_bias): convert and merge do not carry "
                            "it yet")
-    b, a = m.factors(_read_dtype(m, native))
+    b, a = _factors(m, native)
     comp, path = layout.canonical_name(m)  # one model (PEFT, mlx-lm): GPT-2's "transformer.h.0…" is a path
     stored_a = m.source.tensors.get(m.a_key)  # LoHa/LoKr: no A is stored (a 4-D Conv2d LoRA is written)
     ndim = len(stored_a.shape) if m.kind == Kind.CONV and stored_a is not None else 4
@@ -119,7 +140,7 @@ def from_adapter(ad: "Adapter", native: bool = False, finite: bool = True) -> Ca
     layout = layout_of(ad)
     mods = [_module(ad, layout, m, native) for m in ad.modules]
     for m in mods if finite else []:
-        if not (all_finite(m.b) and all_finite(m.a)):
+        if not (all_finite(numbers(m.b)) and all_finite(numbers(m.a))):
             raise InspectError(f"{ad.path}: module {m.source_name!r} holds NaN or inf")
     seen: dict[str, str] = {}
     for m in mods:

@@ -15,27 +15,30 @@ r = 64 about 16× fewer flops than an exact norm from QRs of the stacked factors
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
+from ..arrays import decode
 from ..defaults import UNIT_ROUNDOFF
+from .cpu_random import CpuGenerator
 
 __all__ = ["tolerance", "unit_roundoff", "Sketch", "SKETCH_COLUMNS"]
 
-_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 SKETCH_COLUMNS = 8
 
 
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """u of a torch float dtype (:data:`lora_inspect.defaults.UNIT_ROUNDOFF`; fp32's for others)."""
-    return UNIT_ROUNDOFF.get(_NAMES.get(dtype, "F32"), 2.0**-24)
+def unit_roundoff(dtype: str) -> float:
+    """u of a storage dtype, a safetensors name (:data:`lora_inspect.defaults.UNIT_ROUNDOFF`; fp32's for others)."""
+    return UNIT_ROUNDOFF.get(dtype, UNIT_ROUNDOFF["F32"])
 
 
-def tolerance(b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> float:
+def _norm64(x: np.ndarray) -> float:
+    return float(np.linalg.norm(np.asarray(decode(x), dtype=np.float64).reshape(-1)))
+
+
+def tolerance(b: np.ndarray, a: np.ndarray, dtype: str, scale: float = 1.0) -> float:
     """Rounding both stored factors to unit roundoff u changes s·B@A by ≤ (2u + u²)·|s|·‖B‖_F‖A‖_F; slack 8."""
     u = unit_roundoff(dtype)
-    nb = float(torch.linalg.vector_norm(b, dtype=torch.float64))
-    na = float(torch.linalg.vector_norm(a, dtype=torch.float64))
-    return 8 * 3 * u * abs(scale) * nb * na + 1e-300
+    return 8 * 3 * u * abs(scale) * _norm64(b) * _norm64(a) + 1e-300
 
 
 class Sketch:
@@ -44,19 +47,21 @@ class Sketch:
 
     def __init__(self, seed: int = 0, columns: int = SKETCH_COLUMNS) -> None:
         self.seed, self.columns = seed, columns
-        self._x: dict[int, torch.Tensor] = {}
+        self._x: dict[int, np.ndarray] = {}
 
-    def probe(self, width: int) -> torch.Tensor:
+    def probe(self, width: int) -> np.ndarray:
+        """X (width × p), float64: ``torch.randn`` of a generator seeded with seed·1000003 + width, as drawn
+        before the port to numpy (:class:`~lora_inspect.convert.cpu_random.CpuGenerator`)."""
         if width not in self._x:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + width)
-            self._x[width] = torch.randn(width, self.columns, generator=g, dtype=torch.float64)
+            self._x[width] = CpuGenerator(self.seed * 1_000_003 + width).randn(width, self.columns)
         return self._x[width]
 
-    def apply(self, b: torch.Tensor, a: torch.Tensor, scale: float) -> torch.Tensor:
+    def apply(self, b: np.ndarray, a: np.ndarray, scale: float) -> np.ndarray:
         """s·B@(A@X) in float64 (out × p); never forms B@A."""
         x = self.probe(int(a.shape[1]))
-        return (b.double() @ (a.double() @ x)) * scale
+        b64, a64 = (np.asarray(decode(f), dtype=np.float64) for f in (b, a))
+        return (b64 @ (a64 @ x)) * scale
 
-    def norm(self, y: torch.Tensor) -> float:
+    def norm(self, y: np.ndarray) -> float:
         """‖Y‖_F/√p: the estimate of ‖ΔW‖_F from its sketch Y = ΔW·X."""
-        return float(torch.linalg.vector_norm(y)) / self.columns**0.5
+        return float(np.linalg.norm(y.reshape(-1))) / self.columns**0.5

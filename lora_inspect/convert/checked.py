@@ -10,12 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from ..errors import InspectError
 from ..files import AtomicOutput, dump_json, write_safetensors, write_text
 from ..units import plural
-from .canon import Canon, CanonModule, from_adapter, times
+from .canon import Canon, CanonModule, from_adapter, numbers, same_values, times
 from .check import Sketch, tolerance, unit_roundoff
 from .results import ModuleOut
 
@@ -29,10 +29,10 @@ def _key(m: CanonModule, flat: bool) -> str:
     return m.path if flat else m.name
 
 
-def compare(expected: list[CanonModule], got: list[CanonModule], dtype: torch.dtype,
+def compare(expected: list[CanonModule], got: list[CanonModule], dtype: str,
             records: list[ModuleOut]) -> tuple[float, float]:
-    """Every module's written ΔW against the expected one, by a Gaussian sketch (:mod:`.check`).
-    Returns (worst relative error estimate, worst error/tolerance)."""
+    """Every module's written ΔW against the expected one, by a Gaussian sketch (:mod:`.check`); ``dtype``
+    is the storage dtype written (a safetensors name). Returns (worst relative error estimate, worst error/tolerance)."""
     flat = len({m.component for m in expected}) <= 1 and len({m.component for m in got}) <= 1
     have = {_key(m, flat): m for m in got}
     if set(have) != {_key(m, flat) for m in expected}:
@@ -59,21 +59,21 @@ def compare(expected: list[CanonModule], got: list[CanonModule], dtype: torch.dt
 
 def _identical(m: CanonModule, g: CanonModule) -> bool:
     return (g.b.dtype == m.b.dtype and g.a.dtype == m.a.dtype and g.b.shape == m.b.shape
-            and g.a.shape == m.a.shape and torch.equal(g.a, m.a) and torch.equal(g.b, m.b))
+            and same_values(g.a, m.a) and same_values(g.b, m.b))
 
 
 def _same_factors(m: CanonModule, g: CanonModule) -> tuple[float, float]:
     """Bit-identical factors: ΔW differs by |s′ − s|/|s| exactly (nothing when B or A is zero, e.g. an unadapted
     part split out of a fused module); the scale may only round as an fp32 α does."""
-    if g.scale == m.scale or not (bool(m.b.any()) and bool(m.a.any())):
+    if g.scale == m.scale or not (bool(numbers(m.b).any()) and bool(numbers(m.a).any())):
         return 0.0, 0.0
     rel = abs(g.scale - m.scale) / abs(m.scale) if m.scale else abs(g.scale)
-    return rel, rel / (4 * unit_roundoff(torch.float32))
+    return rel, rel / (4 * unit_roundoff("F32"))
 
 
-def _sketched(sk: Sketch, m: CanonModule, g: CanonModule, dtype: torch.dtype) -> tuple[float, float]:
+def _sketched(sk: Sketch, m: CanonModule, g: CanonModule, dtype: str) -> tuple[float, float]:
     """Changed factors: the sketched ‖ΔW′ − ΔW‖_F against 3× the rounding bound (:mod:`.check`)."""
-    b, a = m.b.double(), m.a.double()  # once, for the sketch and the tolerance
+    b, a = numbers(m.b).astype(np.float64), numbers(m.a).astype(np.float64)  # once, for the sketch and the tolerance
     y = sk.apply(b, a, m.scale)
     err = sk.norm(sk.apply(g.b, g.a, g.scale) - y)
     norm = sk.norm(y)
@@ -98,7 +98,6 @@ def write_checked(layout: "Layout", canon: Canon, out: Path, opts: "WriteOptions
     re-read it and compare every ΔW."""
     from ..formats import load_adapter
     from ..formats.layout import Converted
-    from ..spectrum import single_threaded_torch
 
     canon, baked = positive_scales(canon)
     w = layout.convert_tensors(canon, opts)
@@ -116,11 +115,10 @@ def write_checked(layout: "Layout", canon: Canon, out: Path, opts: "WriteOptions
             write_safetensors(d / w.weights_name, w.tensors, w.metadata or None)
             if w.config is not None:
                 write_text(d / "adapter_config.json", dump_json(w.config))
-        with single_threaded_torch():
-            try:
-                back = from_adapter(load_adapter(atomic.tmp), native=True, finite=False)
-            except InspectError as e:
-                raise InspectError(f"self-check failed: the written adapter does not load ({e})") from e
-            worst, ratio = compare(canon.modules, back.modules, opts.dtype, w.records)
+        try:
+            back = from_adapter(load_adapter(atomic.tmp), native=True, finite=False)
+        except InspectError as e:
+            raise InspectError(f"self-check failed: the written adapter does not load ({e})") from e
+        worst, ratio = compare(canon.modules, back.modules, opts.dtype, w.records)
         atomic.commit()
     return Converted(w.records, w.notes + atomic.notes, worst, ratio)

@@ -18,9 +18,10 @@ functions of the ΔWᵢ, not of the factors (TIES/DARE on A and B separately, PE
 types, are gauge-dependent) and, for ``ties``/``dare_*``, not a weighted sum. The pruned ΔW has full
 rank in general: it is truncated by a dense SVD (Eckart–Young) to max rᵢ of the module's inputs (PEFT's
 ``svd_rank=None`` takes max r over the whole configs, rank patterns included) or by the rank rules of
-``truncate``. DARE is random: module ``key`` draws from ``torch.Generator().manual_seed(module_seed(seed,
-key))``, so a file depends on the seed only, not on the order of the modules; masks are drawn in float32
-(as PEFT does on a float32 model) whatever the compute dtype. Memory per module is estimated by
+``truncate``. DARE is random: module ``key`` draws what ``torch.Generator().manual_seed(module_seed(seed,
+key))`` draws (:class:`~lora_inspect.convert.cpu_random.CpuGenerator`, the same stream on numpy), so a file
+depends on the seed only, not on the order of the modules; masks are drawn in float32 (as PEFT does on a
+float32 model) whatever the compute dtype. Memory per module is estimated by
 :func:`peak_bytes` and refused above a limit; only one module's dense tensors are alive at a time.
 """
 
@@ -30,12 +31,12 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from ..errors import InspectError, OptionError
 from ..rewrite.ranks import TruncateSpec, choose_ranks
 from ..spectrum import energy_rank, relative_error, retained_energy
 from .canon import Canon, CanonModule
+from .cpu_random import CpuGenerator
 from .merge import check_row, keyed_modules, numerical_rank
 from .results import MergeModule
 
@@ -44,7 +45,7 @@ __all__ = ["METHODS", "SIGNS", "PRECISIONS", "DEFAULT_SEED", "DEFAULT_LIMIT", "D
 
 METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 SIGNS = ("total", "frequency")
-PRECISIONS = {"fp64": torch.float64, "fp32": torch.float32}
+PRECISIONS: dict[str, np.dtype] = {"fp64": np.dtype(np.float64), "fp32": np.dtype(np.float32)}
 DEFAULT_SEED = 0
 DEFAULT_LIMIT = 8 * 2**30  # bytes per module
 
@@ -76,7 +77,7 @@ class DenseSpec:
             raise OptionError("max_bytes_dense", f"the memory limit must be ≥ 1 byte, got {self.max_bytes}")
 
     @property
-    def dtype(self) -> torch.dtype:
+    def dtype(self) -> np.dtype:
         return PRECISIONS[self.precision]
 
     @property
@@ -90,60 +91,65 @@ def module_seed(seed: int, key: str) -> int:
     return int.from_bytes(h[:8], "little") & (2**63 - 1)
 
 
-def peak_bytes(n: int, shape: tuple[int, int], dtype: torch.dtype) -> int:
+def peak_bytes(n: int, shape: tuple[int, int], dtype: np.dtype) -> int:
     """Estimated peak memory of one module: ((2n + 3)·itemsize + 8)·out·in bytes — the stacked updates,
     their signs, the election, the merged ΔW and its SVD's U, Vᵀ and workspace, plus the boolean masks and
-    ``topk``'s int64 indices. Measured peaks (resident set, 2048×3072): n=2 fp64 297 MiB (estimate 384),
+    the partition's int64 indices. Measured peaks (resident set, 2048×3072): n=2 fp64 297 MiB (estimate 384),
     n=3 fp64 391 MiB (480), n=2 fp32 196 MiB (216)."""
-    item = torch.finfo(dtype).bits // 8
+    item = np.dtype(dtype).itemsize
     return ((2 * n + 3) * item + 8) * shape[0] * shape[1]
 
 
-def dense_updates(mods: list[CanonModule], dtype: torch.dtype) -> torch.Tensor:
+def dense_updates(mods: list[CanonModule], dtype: np.dtype) -> np.ndarray:
     """τ (n × out × in): τᵢ = (BᵢAᵢ)·sᵢ in ``dtype``, as PEFT's ``get_delta_weight`` forms it."""
     first = mods[0]
-    t = torch.empty((len(mods), *first.shape), dtype=dtype)
+    t = np.empty((len(mods), *first.shape), dtype=dtype)
     for i, m in enumerate(mods):
-        torch.matmul(m.b.to(dtype), m.a.to(dtype), out=t[i])
-        t[i].mul_(m.scale)
+        np.matmul(m.b.astype(dtype, copy=False), m.a.astype(dtype, copy=False), out=t[i])
+        t[i] *= m.scale
     return t
 
 
-def _magnitude_prune_(x: torch.Tensor, density: float) -> None:
+def _magnitude_prune_(x: np.ndarray, density: float) -> None:
     """``merge_utils.magnitude_based_pruning`` in place: keep the top ⌊d·numel⌋ |entries|."""
-    flat = x.view(-1)
-    k = int(density * flat.numel())
-    keep = torch.zeros(flat.shape, dtype=torch.bool)
-    keep[torch.topk(flat.abs(), k=k, largest=True)[1]] = True
-    flat.mul_(keep)
+    size = np.abs(x).reshape(-1)
+    k = int(density * size.size)
+    keep = np.zeros(size.shape, dtype=np.bool_)
+    if k > 0:
+        keep[np.argpartition(size, size.size - k)[size.size - k:]] = True
+    x *= keep.reshape(x.shape)
 
 
-def _random_prune_(x: torch.Tensor, density: float, gen: torch.Generator) -> None:
+def _random_prune_(x: np.ndarray, density: float, gen: CpuGenerator) -> None:
     """``merge_utils.random_pruning(rescale=True)`` in place: x·Bernoulli(d)/d (mask drawn in float32)."""
-    mask = torch.bernoulli(torch.full(x.shape, density, dtype=torch.float32), generator=gen)
-    x.mul_(mask)
-    x.div_(density)
+    x *= gen.bernoulli(x.shape, density)
+    x /= density
 
 
-def _disjoint_(t: torch.Tensor, w: torch.Tensor, how: str) -> torch.Tensor:
+def _disjoint_(t: np.ndarray, w: np.ndarray, how: str) -> np.ndarray:
     """``calculate_majority_sign_mask`` on the unweighted τ, then the weights, then ``disjoint_merge``."""
-    sign = t.sign()
-    mag = t.sum(dim=0) if how == "total" else sign.sum(dim=0)
-    majority = (mag >= 0).to(t.dtype).mul_(2).sub_(1)
+    sign = np.sign(t)
+    mag = t.sum(axis=0) if how == "total" else sign.sum(axis=0)
+    majority = (mag >= 0).astype(t.dtype)
+    majority *= 2
+    majority -= 1
     del mag
     mask = sign == majority
     del sign, majority
-    t.mul_(w)
-    t.mul_(mask)
-    kept = mask.sum(dim=0, dtype=t.dtype).clamp_(min=1.0)
+    t *= w
+    t *= mask
+    kept = mask.sum(axis=0, dtype=t.dtype)
+    np.maximum(kept, 1.0, out=kept)
     del mask
-    return t.sum(dim=0).div_(kept)
+    out = t.sum(axis=0)
+    out /= kept
+    return out
 
 
-def combine(t: torch.Tensor, weights: list[float], spec: DenseSpec, gen: torch.Generator | None = None
-            ) -> torch.Tensor:
+def combine(t: np.ndarray, weights: list[float], spec: DenseSpec, gen: CpuGenerator | None = None) -> np.ndarray:
     """The merged dense ΔW of the stacked updates ``t`` (modified in place) with ``weights``, as
-    ``merge_utils.<method>(list(t), torch.tensor(weights), density[, majority_sign])`` computes it."""
+    ``merge_utils.<method>(list(t), torch.tensor(weights), density[, majority_sign])`` computes it; ``gen``
+    draws DARE's masks (torch's CPU stream: :class:`~lora_inspect.convert.cpu_random.CpuGenerator`)."""
     d = float(spec.density)
     if d < 1:
         for i in range(t.shape[0]):
@@ -153,15 +159,16 @@ def combine(t: torch.Tensor, weights: list[float], spec: DenseSpec, gen: torch.G
                 _random_prune_(t[i], d, gen)
             else:
                 _magnitude_prune_(t[i], d)
-    w = torch.tensor(weights, dtype=t.dtype).view(-1, *([1] * (t.dim() - 1)))
+    w = np.array(weights, dtype=t.dtype).reshape(-1, *([1] * (t.ndim - 1)))
     if spec.method in ("ties", "dare_ties"):
         return _disjoint_(t, w, spec.majority_sign)
-    return t.mul_(w).sum(dim=0)
+    t *= w
+    return t.sum(axis=0)
 
 
-def dense_delta(mods: list[CanonModule], weights: list[float], spec: DenseSpec, key: str) -> torch.Tensor:
+def dense_delta(mods: list[CanonModule], weights: list[float], spec: DenseSpec, key: str) -> np.ndarray:
     """The merged dense ΔW (before any SVD) of one module's present inputs ``mods`` with their weights."""
-    gen = torch.Generator().manual_seed(module_seed(spec.seed, key)) if spec.random else None
+    gen = CpuGenerator(module_seed(spec.seed, key)) if spec.random else None
     return combine(dense_updates(mods, spec.dtype), weights, spec, gen)
 
 
@@ -171,18 +178,18 @@ def _present(row: list[CanonModule | None], weights: list[float]) -> tuple[list[
 
 
 def _svd(mods: list[CanonModule], weights: list[float], spec: DenseSpec, key: str
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     delta = dense_delta(mods, weights, spec, key)
-    if not bool(torch.isfinite(delta).all()):
+    if not bool(np.isfinite(delta).all()):
         raise InspectError(f"module {key!r}: the dense {spec.method} merge is not finite (overflow in the inputs?)")
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, s, vh = np.linalg.svd(delta, full_matrices=False)
     return u, s, vh
 
 
-def _factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(u: np.ndarray, s: np.ndarray, vh: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Balanced split of the rank-k truncation: B = U_k√S_k, A = √S_k V_kᵀ (float64)."""
-    root = s[:k].double().sqrt()
-    return u[:, :k].double() * root, root[:, None] * vh[:k].double()
+    root = np.sqrt(s[:k].astype(np.float64))
+    return u[:, :k].astype(np.float64) * root, root[:, None] * vh[:k].astype(np.float64)
 
 
 def _local_k(sv: np.ndarray, ranks: list[int], spec: TruncateSpec | None) -> int:
@@ -232,7 +239,7 @@ def dense_merge_modules(canons: list[Canon], weights: list[float], spec: Truncat
     for key, row, first in zip(order, rows, firsts):
         mods, ws = _present(row, weights)
         u, s, vh = _svd(mods, ws, dense, key)
-        sv = s.double().numpy().copy()
+        sv = s.astype(np.float64)
         spectra.append(sv)
         k = 0 if budget else min(_local_k(sv, [m.rank for m in mods], spec), numerical_rank(sv, first.shape))
         keep.append(k)

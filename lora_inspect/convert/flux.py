@@ -27,13 +27,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from ..errors import InspectError
 from ..formats.layout import Naming
 from ..kinds import Kind
 from ..units import plural
-from .canon import Canon, CanonModule, times
+from .canon import Canon, CanonModule, numbers, same_values, times
 from .names import kohya_to_dotted
 
 __all__ = ["flux_for_target", "split_to_diffusers", "fuse_to_kohya", "is_bfl_flux", "is_diffusers_flux",
@@ -145,18 +145,18 @@ def _plain(m: CanonModule, what: str) -> None:
                            "(its magnitude would need the base weight's row norms)")
 
 
-def _new(m: CanonModule, component: str | None, path: str, b: torch.Tensor, a: torch.Tensor, scale: float,
+def _new(m: CanonModule, component: str | None, path: str, b: np.ndarray, a: np.ndarray, scale: float,
          source: str) -> CanonModule:
-    return CanonModule(component, path, Kind.LINEAR, b.contiguous(), a.contiguous(), scale, None, 4, m.magnitude,
+    return CanonModule(component, path, Kind.LINEAR, np.ascontiguousarray(b), np.ascontiguousarray(a), scale, None, 4, m.magnitude,
                        source, scale * int(b.shape[1]), False)
 
 
-def _swap_rows(m: CanonModule) -> torch.Tensor:
+def _swap_rows(m: CanonModule) -> np.ndarray:
     if m.shape[0] % 2:
         raise InspectError(f"module {m.source_name or m.name!r}: final-layer modulation with an odd output width "
                            f"{m.shape[0]} cannot be split into shift and scale halves")
     h = m.shape[0] // 2
-    return torch.cat([m.b[h:], m.b[:h]])
+    return np.concatenate([m.b[h:], m.b[:h]])
 
 
 def _split_dims(m: CanonModule, canon: Canon, bfl: str, n: int) -> list[int]:
@@ -184,12 +184,12 @@ def _split(m: CanonModule, dims: list[int], paths: tuple[str, ...]) -> list[Cano
     for d, path in zip(dims, paths):
         bj = m.b[lo:lo + d]
         lo += d
-        cols = (bj != 0).any(dim=0)
+        cols = (numbers(bj) != 0).any(axis=0)
         if bool(cols.any()) and not bool(cols.all()):
             bj, aj = bj[:, cols], m.a[cols]
         else:
             aj = m.a
-        out.append(_new(m, "transformer", path, bj.clone(), aj.clone(), m.scale, m.source_name or m.name))
+        out.append(_new(m, "transformer", path, bj.copy(), aj.copy(), m.scale, m.source_name or m.name))
     return out
 
 
@@ -258,9 +258,9 @@ def _fuse(bfl: str, parts: dict[int, CanonModule], dims: list[int], log: _Log) -
         _plain(parts[j], "q/k/v part")
     s = Counter(parts[j].scale for j in order).most_common(1)[0][0]
     first = parts[order[0]]
-    shared = all(parts[j].a.shape == first.a.shape and torch.equal(parts[j].a, first.a) for j in order)
+    shared = all(same_values(parts[j].a, first.a) for j in order)
     k = first.rank if shared else sum(parts[j].rank for j in order)
-    b = torch.zeros(sum(dims), k, dtype=torch.float64)
+    b = np.zeros((sum(dims), k), dtype=np.float64)
     col = 0
     for j in order:
         p, lo = parts[j], sum(dims[:j])
@@ -268,9 +268,9 @@ def _fuse(bfl: str, parts: dict[int, CanonModule], dims: list[int], log: _Log) -
         if f != 1.0:
             log.baked.append(f"{p.name} (s = {p.scale:.6g}, fused s = {s:.6g})")
         width = k if shared else p.rank
-        b[lo:lo + dims[j], col:col + width] = times(p.b, f)
+        b[lo:lo + dims[j], col:col + width] = numbers(times(p.b, f))
         col += 0 if shared else p.rank
-    a = first.a if shared else torch.cat([parts[j].a for j in order])
+    a = first.a if shared else _cat([parts[j].a for j in order])
     log.zero += [f"{bfl}[{j}]" for j in range(len(dims)) if j not in parts]
     how = "shared A" if shared else "block-diagonal"
     log.ranks[f"rank {'+'.join(str(parts[j].rank) for j in order)} → {k} ({how})"] += 1
@@ -278,7 +278,14 @@ def _fuse(bfl: str, parts: dict[int, CanonModule], dims: list[int], log: _Log) -
     stem = os.path.commonprefix(names).rpartition(".")[0] + "."
     source = names[0] if len(names) == 1 else stem + "{" + ",".join(x[len(stem):] for x in names) + "}"
     path = kohya_to_dotted("lora_unet_" + bfl)[1]
-    return CanonModule("unet", path, Kind.LINEAR, b, a.clone(), s, None, 4, None, source, s * k, False)
+    return CanonModule("unet", path, Kind.LINEAR, b, a.copy(), s, None, 4, None, source, s * k, False)
+
+
+def _cat(xs: list[np.ndarray]) -> np.ndarray:
+    """Rows stacked (``torch.cat``): one stored dtype is kept (bf16 bits too), mixed ones are promoted."""
+    if len({x.dtype for x in xs}) == 1:
+        return np.concatenate(xs)
+    return np.concatenate([numbers(x) for x in xs])
 
 
 def _renamed(m: CanonModule, bfl: str, log: _Log) -> CanonModule:

@@ -22,20 +22,17 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from .. import validate as v
+from ..arrays import BF16, decode, encode
 from ..errors import InspectError
 from ..formats.gguf import HEAD_KEYS, MODEL_TYPE_ARCH, PERMUTE_ARCHS
 from ..optional import require
 from .canon import Canon, CanonModule, times
 from .results import ModuleOut
 from .writers import record, refuse
-
-if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
 
 __all__ = ["GgufPlan", "plan_gguf", "write_gguf", "read_gguf", "llama_permute", "base_config",
            "config_path", "gguf_factors", "canon_factors"]
@@ -112,7 +109,7 @@ def _heads(cfg: dict, where: str) -> tuple[int | None, int | None]:
     return None, None
 
 
-def llama_permute(w: torch.Tensor, n_head: int, n_kv_head: int | None) -> torch.Tensor:
+def llama_permute(w: np.ndarray, n_head: int, n_kv_head: int | None) -> np.ndarray:
     """``convert_hf_to_gguf.py · LlamaModel.permute`` on the rows of ``w``."""
     if n_kv_head is not None and n_head != n_kv_head:
         n_head = n_kv_head
@@ -124,18 +121,18 @@ def _n_blocks(canon: Canon) -> int:
     return max(idx) + 1 if idx else 1
 
 
-def gguf_factors(kind: str, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gguf_factors(kind: str, b: np.ndarray, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(lora_a, lora_b) as numpy-order tensors for llama.cpp from canonical B (out × r), A (r × in):
     (A, B) for a linear module; for an embedding (ΔW vocab × dim) (B (vocab, r), Aᵀ (dim, r))."""
     return (b, a.T) if kind == "embedding" else (a, b)
 
 
-def canon_factors(kind: str, lora_a: torch.Tensor, lora_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def canon_factors(kind: str, lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The inverse of :func:`gguf_factors`: canonical (B, A) from a GGUF's lora_a, lora_b."""
     return (lora_a, lora_b.T) if kind == "embedding" else (lora_b, lora_a)
 
 
-def _permuted(m: CanonModule, b: torch.Tensor, plan: GgufPlan, gname: str) -> tuple[torch.Tensor, list[str]]:
+def _permuted(m: CanonModule, b: np.ndarray, plan: GgufPlan, gname: str) -> tuple[np.ndarray, list[str]]:
     if plan.arch not in PERMUTE_ARCHS or not gname.endswith(("attn_q", "attn_k")):
         return b, []
     if plan.n_head is None:
@@ -146,7 +143,7 @@ def _permuted(m: CanonModule, b: torch.Tensor, plan: GgufPlan, gname: str) -> tu
     return llama_permute(b, plan.n_head, kv), [f"rows permuted as {plan.arch}'s converter does"]
 
 
-def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor, torch.Tensor]], list[ModuleOut]]:
+def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], list[ModuleOut]]:
     """(GGUF tensor name, lora_a, lora_b) per module, with the records."""
     gguf = require("gguf", "writing GGUF")
 
@@ -173,10 +170,11 @@ def _tensors(canon: Canon, plan: GgufPlan) -> tuple[list[tuple[str, torch.Tensor
     return out, records
 
 
-def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> list[ModuleOut]:
+def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: str) -> list[ModuleOut]:
+    """Write ``canon`` as a GGUF LoRA at ``path`` with its factors in ``dtype`` (``"F32"``, ``"F16"`` or ``"BF16"``)."""
     gguf = require("gguf", "writing GGUF")
 
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if dtype not in ("F32", "F16", "BF16"):
         raise InspectError("GGUF output is written as fp32, fp16 or bf16 (--dtype)")
     tensors, records = _tensors(canon, plan)
     w = gguf.GGUFWriter(str(path), arch=plan.arch)
@@ -186,7 +184,7 @@ def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> 
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
         for name, a, b in tensors:
             for suffix, t in ((".lora_a", a), (".lora_b", b)):
-                _add(w, name + suffix, t.to(dtype).contiguous())
+                _add(w, name + suffix, np.ascontiguousarray(encode(t, dtype)))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -195,29 +193,28 @@ def write_gguf(canon: Canon, path: Path, plan: GgufPlan, dtype: torch.dtype) -> 
     return records
 
 
-def _add(w, name: str, t: torch.Tensor) -> None:
-    """numpy has no bfloat16: a BF16 tensor goes in as its uint16 words with ``raw_dtype=BF16`` (gguf 0.19)."""
+def _add(w, name: str, t: np.ndarray) -> None:
+    """numpy has no bfloat16: a BF16 tensor (:data:`lora_inspect.arrays.BF16` bits) goes in as its uint16 words
+    with ``raw_dtype=BF16`` (gguf 0.19)."""
     gguf = require("gguf", "writing GGUF")
 
-    if t.dtype == torch.bfloat16:
-        w.add_tensor(name, t.view(torch.int16).numpy().view("uint16"), raw_dtype=gguf.GGMLQuantizationType.BF16)
+    if t.dtype == BF16:
+        w.add_tensor(name, t.view(np.uint16), raw_dtype=gguf.GGMLQuantizationType.BF16)
     else:
-        w.add_tensor(name, t.numpy())
+        w.add_tensor(name, t)
 
 
-def _array(t) -> "np.ndarray":
+def _array(t) -> np.ndarray:
     """A tensor's values as numpy: GGUFReader (gguf 0.19) gives BF16 data as raw bytes (rows × 2·cols uint8);
     bf16 → float32 is exact (the 16 bits become the float32's high half)."""
     gguf = require("gguf", "reading GGUF")
-    import numpy as np
 
     if t.tensor_type != gguf.GGMLQuantizationType.BF16:
         return t.data
-    words = np.ascontiguousarray(t.data).view(np.uint16)
-    return (words.astype(np.uint32) << 16).view(np.float32)
+    return decode(np.ascontiguousarray(t.data).view(BF16))
 
 
-def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, "np.ndarray"]]:
+def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, np.ndarray]]:
     """(metadata fields, tensors by name as float arrays) as ``gguf.GGUFReader`` sees them."""
     gguf = require("gguf", "reading GGUF")
 

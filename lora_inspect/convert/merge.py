@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import InspectError
 from ..formats import MERGE_TARGETS, check_output, layout_for_target, layout_of
@@ -100,12 +99,12 @@ def merge_modules(canons: list[Canon], weights: list[float], spec: TruncateSpec 
     for key in order:
         row = table[key]
         first = check_row(key, row, paths)
-        b = torch.cat([w * m.scale * m.b for w, m in zip(weights, row) if m is not None], dim=1)
-        a = torch.cat([m.a for m in row if m is not None], dim=0)
+        b = np.concatenate([w * m.scale * m.b for w, m in zip(weights, row) if m is not None], axis=1)
+        a = np.concatenate([m.a for m in row if m is not None], axis=0)
         d = decompose(b, a, 1.0)
         decs.append(d)
         firsts.append(first)
-        spectra.append(d.s.numpy().copy())
+        spectra.append(np.array(d.s, dtype=np.float64))
         slots.append(_Slot("F32", int(b.shape[1]), first.shape))
     keep = [numerical_rank(sv, sl.shape) for sv, sl in zip(spectra, slots)]
     if spec is not None:
@@ -119,8 +118,8 @@ def merge_modules(canons: list[Canon], weights: list[float], spec: TruncateSpec 
                                  float(sv[0]) if len(sv) else 0.0, [float(x) for x in sv]))
         if k > 0:
             bk, ak = d.factors(k)
-            merged.append(CanonModule(first.component, first.path, first.kind, bk.double(), ak.double(), 1.0,
-                                      first.kernel, first.conv_ndim, None, key))
+            merged.append(CanonModule(first.component, first.path, first.kind, bk.astype(np.float64),
+                                      ak.astype(np.float64), 1.0, first.kernel, first.conv_ndim, None, key))
     return merged, facts
 
 

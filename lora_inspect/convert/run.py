@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ..errors import InspectError, OptionError
 from ..files import AtomicOutput
@@ -31,7 +31,7 @@ from .results import ConvertResult, ModuleOut
 
 __all__ = ["convert", "write_canon", "write_gguf_checked", "DTYPES", "default_dtype"]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}  # --dtype → the storage dtype written
 _ST = {"F16": "fp16", "BF16": "bf16"}
 
 
@@ -54,8 +54,7 @@ def _gguf_modules(path: Path, canon: Canon, plan: GgufPlan, records: list[Module
     alpha = float(fields["adapter.lora.alpha"])  # type: ignore[arg-type]
     out = []
     for m, rec in zip(canon.modules, records):
-        b, a = canon_factors(m.kind, *(torch.from_numpy(tensors[rec.target + s].astype("float64"))
-                                       for s in (".lora_a", ".lora_b")))
+        b, a = canon_factors(m.kind, *(tensors[rec.target + s].astype(np.float64) for s in (".lora_a", ".lora_b")))
         if plan.arch in PERMUTE_ARCHS and rec.target.endswith(("attn_q.weight", "attn_k.weight")):
             b = _unpermute(b, plan, rec.target.endswith("attn_k.weight"))
         r = b.shape[1]
@@ -64,12 +63,12 @@ def _gguf_modules(path: Path, canon: Canon, plan: GgufPlan, records: list[Module
     return out
 
 
-def _unpermute(b: torch.Tensor, plan: GgufPlan, is_k: bool) -> torch.Tensor:
+def _unpermute(b: np.ndarray, plan: GgufPlan, is_k: bool) -> np.ndarray:
     assert plan.n_head is not None
-    idx = torch.arange(b.shape[0], dtype=torch.float64).reshape(-1, 1)
-    perm = llama_permute(idx, plan.n_head, plan.n_kv_head if is_k else plan.n_head).reshape(-1).long()
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.shape[0])
+    idx = np.arange(b.shape[0]).reshape(-1, 1)
+    perm = llama_permute(idx, plan.n_head, plan.n_kv_head if is_k else plan.n_head).reshape(-1)
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(perm.shape[0])
     return b[inv]
 
 
@@ -149,7 +148,7 @@ def convert(ad, out: Path, target: str, *, dtype: str | None = None, arch: str |
             place_in(canon, component)
         canon = flux_for_target(canon, layout.naming)  # Flux: BFL fused ↔ diffusers split names
         carry = layout_of(ad).caps.full_tensors
-        extras = {k: ad.source.get(k) for k in canon.extras} if carry and layout.caps.full_tensors else {}
+        extras = {k: ad.source.raw(k) for k in canon.extras} if carry and layout.caps.full_tensors else {}
         opts = WriteOptions(DTYPES[dt_name], extras, unet_names, arch, layout.locate_base(ad, base))
         done = write_canon(canon, out, layout, opts, carry)
     size, files = _size(out)
