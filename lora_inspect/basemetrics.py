@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .cpu_random import CpuGenerator
 from .defaults import FLAG_INTRUDERS, FLAG_LARGE_UPDATE
 from .errors import InspectError
 from .spectrum import all_finite, parallel_map, svd_factors
@@ -105,39 +106,13 @@ class BaseAnalysis:
         return dict(sorted(out.items()))
 
 
-def _uniform53(rs: np.random.RandomState, n: int) -> np.ndarray:
-    """n doubles in [0, 1) as torch's CPU generator draws them: two 32-bit MT19937 words (high, low) per
-    draw, the low 53 bits of the 64 scaled by 2⁻⁵³."""
-    raw = rs.randint(0, 1 << 32, size=2 * n, dtype=np.uint64)
-    r64 = (raw[0::2] << np.uint64(32)) | raw[1::2]
-    return (r64 & np.uint64((1 << 53) - 1)).astype(np.float64) * 2.0**-53
-
-
-def _box_muller16(d: np.ndarray) -> np.ndarray:
-    """torch's ``normal_fill_16`` on blocks of 16 uniforms: the first 8 give the radius, the last 8 the angle."""
-    blk = d.reshape(-1, 16)
-    radius = np.sqrt(-2.0 * np.log(1.0 - blk[:, :8]))
-    theta = 2.0 * np.pi * blk[:, 8:]
-    return np.concatenate([radius * np.cos(theta), radius * np.sin(theta)], axis=1).reshape(-1)
-
-
 def _seeded(shape: tuple[int, int], q: int, dtype: np.dtype) -> np.ndarray:
     """The (in, q) float64 normal start matrix of the subspace iteration, deterministic per shape: the
     numbers ``torch.randn(in, q, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)`` gives
-    (torch seeds MT19937 with the seed's low 32 bits, as numpy's RandomState does; ≥ 16 entries are drawn
-    as uniforms and turned into normals 16 at a time, the last block redrawn when 16 does not divide the
-    size), so results are those of the torch implementation before it."""
+    (:class:`lora_inspect.cpu_random.CpuGenerator`), so results are those of the torch implementation
+    before it."""
     seed = shape[0] * 1_000_003 + shape[1]
-    n = shape[1] * q
-    rs = np.random.RandomState(seed & 0xFFFFFFFF)
-    d = _uniform53(rs, max(n, 16))
-    if n < 16:  # torch draws these one by one (only a 1-column start on < 16 inputs): any normals do
-        return _box_muller16(d)[:n].reshape(shape[1], q).astype(dtype)
-    m = n - n % 16
-    d[:m] = _box_muller16(d[:m])
-    if n % 16:
-        d[n - 16:] = _box_muller16(_uniform53(rs, 16))
-    return d.reshape(shape[1], q).astype(dtype)
+    return CpuGenerator(seed).randn(shape[1], q).astype(dtype)
 
 
 def top_subspace(w: np.ndarray, k: int, iters: int = SUBSPACE_ITERS,

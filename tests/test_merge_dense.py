@@ -18,7 +18,6 @@ import torch
 from peft.utils import merge_utils as mu
 
 from lora_inspect.convert.canon import from_adapter
-from lora_inspect.convert.cpu_random import CpuGenerator
 from lora_inspect.convert.dense_merge import (
     METHODS,
     DenseSpec,
@@ -28,6 +27,7 @@ from lora_inspect.convert.dense_merge import (
     module_seed,
 )
 from lora_inspect.convert.merge import merge
+from lora_inspect.cpu_random import CpuGenerator
 from lora_inspect.formats import load_adapter
 from lora_inspect.rewrite import TruncateSpec
 from tests.builders import build_peft, run_cli

@@ -121,7 +121,7 @@ def test_the_torch_engine_says_in_one_line_how_to_get_torch(sources, env, tmp_pa
             ["truncate", peft, "-o", tmp_path / "c", "--rank", "2", "--calibrate", tmp_path / "adapter_model.bin"],
             ["train", "--help"], ["verify", "--help"]]
     got = run_many_blocked(jobs, tmp_path, env)
-    for job, (code, out, err) in zip(jobs[:3], got[:3]):
+    for job, (code, _out, err) in zip(jobs[:3], got[:3]):
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "needs torch" in lines[0] and "pip install torch" in lines[0], (job, err)
         assert lines[0].startswith(f"lora-inspect: error: lora-inspect {job[0]} needs torch"), lines

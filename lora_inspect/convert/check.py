@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..arrays import decode
+from ..cpu_random import CpuGenerator
 from ..defaults import UNIT_ROUNDOFF
-from .cpu_random import CpuGenerator
 
 __all__ = ["tolerance", "unit_roundoff", "Sketch", "SKETCH_COLUMNS"]
 
@@ -51,7 +51,7 @@ class Sketch:
 
     def probe(self, width: int) -> np.ndarray:
         """X (width × p), float64: ``torch.randn`` of a generator seeded with seed·1000003 + width, as drawn
-        before the port to numpy (:class:`~lora_inspect.convert.cpu_random.CpuGenerator`)."""
+        before the port to numpy (:class:`~lora_inspect.cpu_random.CpuGenerator`)."""
         if width not in self._x:
             self._x[width] = CpuGenerator(self.seed * 1_000_003 + width).randn(width, self.columns)
         return self._x[width]

@@ -19,7 +19,7 @@ types, are gauge-dependent) and, for ``ties``/``dare_*``, not a weighted sum. Th
 rank in general: it is truncated by a dense SVD (Eckart–Young) to max rᵢ of the module's inputs (PEFT's
 ``svd_rank=None`` takes max r over the whole configs, rank patterns included) or by the rank rules of
 ``truncate``. DARE is random: module ``key`` draws what ``torch.Generator().manual_seed(module_seed(seed,
-key))`` draws (:class:`~lora_inspect.convert.cpu_random.CpuGenerator`, the same stream on numpy), so a file
+key))`` draws (:class:`~lora_inspect.cpu_random.CpuGenerator`, the same stream on numpy), so a file
 depends on the seed only, not on the order of the modules; masks are drawn in float32 (as PEFT does on a
 float32 model) whatever the compute dtype. Memory per module is estimated by
 :func:`peak_bytes` and refused above a limit; only one module's dense tensors are alive at a time.
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..cpu_random import CpuGenerator
 from ..errors import InspectError, OptionError
 from ..rewrite.ranks import TruncateSpec, choose_ranks
 from ..spectrum import energy_rank, relative_error, retained_energy
 from .canon import Canon, CanonModule
-from .cpu_random import CpuGenerator
 from .merge import check_row, keyed_modules, numerical_rank
 from .results import MergeModule
 
@@ -149,7 +149,7 @@ def _disjoint_(t: np.ndarray, w: np.ndarray, how: str) -> np.ndarray:
 def combine(t: np.ndarray, weights: list[float], spec: DenseSpec, gen: CpuGenerator | None = None) -> np.ndarray:
     """The merged dense ΔW of the stacked updates ``t`` (modified in place) with ``weights``, as
     ``merge_utils.<method>(list(t), torch.tensor(weights), density[, majority_sign])`` computes it; ``gen``
-    draws DARE's masks (torch's CPU stream: :class:`~lora_inspect.convert.cpu_random.CpuGenerator`)."""
+    draws DARE's masks (torch's CPU stream: :class:`~lora_inspect.cpu_random.CpuGenerator`)."""
     d = float(spec.density)
     if d < 1:
         for i in range(t.shape[0]):
