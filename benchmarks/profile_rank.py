@@ -17,7 +17,9 @@ in fresh processes, alternating, ``--runs`` times; the table gives medians:
   (its eigvalsh and Cholesky), Householder QR (``r_factor``, ill-conditioned factors only), core SVD
   (``core_singular_values``), and the rest: metrics, summary and the JSON output;
 - the CLI's own wall time with its default worker threads (``rank --json`` as users run it), and the read
-  floor: every tensor read from a memory map and decoded bf16 → float32 by numpy, one thread, nothing else.
+  floor: every tensor read from a memory map and decoded bf16 → float32 into one reused buffer by numpy, one
+  thread, nothing else; and peak memory of ``rank --json``: the peak resident set (VmHWM, file pages of the
+  memory map included) and the peak anonymous memory (RssAnon sampled every 5 ms).
 
 Prints the load average before and after; a 1-minute load average above --max-load before starting marks the
 table NOT REPORTABLE (exit status 3). Writes reports/profile_rank.md unless --no-write.
@@ -77,8 +79,34 @@ spent["Gram"] = spent.pop("gram+", 0.0) - spent.get("factorisation", 0.0)
 spent["total"] = t2 - t1
 spent["metrics, summary, output"] = spent["total"] - sum(v for k, v in spent.items() if k != "total")
 spent["torch imported"] = "torch" in sys.modules
+ad = fm.load_adapter(Path(sys.argv[1]))
+syrk = sum((m.shape[0] + m.shape[1]) * m.rank * (m.rank + 1) for m in ad.modules)  # flops of BᵀB and AAᵀ (syrk)
+spent["gram gflops"] = syrk / spent["Gram"] / 1e9
+x = np.random.default_rng(0).standard_normal((2048, 2048))
+x @ x
+t = time.perf_counter(); x @ x; spent["dgemm gflops"] = 2 * 2048**3 / (time.perf_counter() - t) / 1e9
 print(json.dumps(spent))
 '''
+
+_MEMORY = r"""
+import sys, threading, time
+from click.testing import CliRunner
+import lora_inspect.cli as cli
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+peak, done = [0], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], status("RssAnon"))
+        time.sleep(0.005)
+threading.Thread(target=sample, daemon=True).start()
+res = CliRunner().invoke(cli.main, ["rank", sys.argv[1], "--json"], catch_exceptions=False)
+done.set()
+assert res.exit_code == 0
+print(status("VmHWM"), max(peak[0], status("RssAnon")))
+"""
 
 _IMPORTS = ("import lora_inspect.cli, lora_inspect.analysis, lora_inspect.formats, lora_inspect.views.inspect, "
             "lora_inspect.commands.inspect")
@@ -86,7 +114,7 @@ _IMPORTS = ("import lora_inspect.cli, lora_inspect.analysis, lora_inspect.format
 
 def _wall(cmd: list[str], env: dict[str, str]) -> float:
     t = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, cwd=env["PYTHONPATH"])
     return time.perf_counter() - t
 
 
@@ -106,20 +134,19 @@ t = time.perf_counter()
 with open(sys.argv[1], "rb") as f:
     n = struct.unpack("<Q", f.read(8))[0]
     header = json.loads(f.read(n))
+header.pop("__metadata__", None)
 data = np.memmap(sys.argv[1], dtype=np.uint8, mode="r", offset=8 + n)
-for key, e in header.items():
-    if key == "__metadata__":
-        continue
-    s, t_end = e["data_offsets"]
-    bits = data[s:t_end].view(np.uint16)
-    (bits.astype(np.uint32) << 16).view(np.float32)  # bf16 -> float32, the cheapest exact decode
+wide = np.empty(max(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()) // 2, np.uint32)
+for e in header.values():
+    bits = data[e["data_offsets"][0]:e["data_offsets"][1]].view(np.uint16)
+    np.left_shift(bits, 16, out=wide[:bits.size], dtype=np.uint32)  # bf16 -> float32 bits, in a reused buffer
 print(time.perf_counter() - t)
 """
 
 
 def _read_floor(path: Path) -> float:
-    """Seconds to read every tensor of the (bf16) file from a memory map and decode it to float32, in a fresh
-    process, numpy only: what no analysis can beat."""
+    """Seconds to read every tensor of the (bf16) file from a memory map and decode it to float32 bits in one
+    reused buffer, in a fresh process, one thread, numpy only: what no analysis of the file can beat."""
     out = subprocess.run([PY, "-c", _FLOOR, str(path)], check=True, capture_output=True, text=True)
     return float(out.stdout)
 
@@ -128,11 +155,16 @@ def measure(tree: Path, adapter: Path) -> dict[str, float]:
     env1 = _env(tree, "1")
     row = {"interpreter": _wall([PY, "-c", "pass"], env1)}
     row["imports"] = _wall([PY, "-c", _IMPORTS], env1) - row["interpreter"]
-    out = subprocess.run([PY, "-c", _CHILD, str(adapter)], env=env1, check=True, capture_output=True, text=True)
+    # cwd = the tree: ``python -c`` puts the working directory first on sys.path
+    out = subprocess.run([PY, "-c", _CHILD, str(adapter)], env=env1, check=True, capture_output=True, text=True,
+                         cwd=tree)
     inner = json.loads(out.stdout.strip().splitlines()[-1])
-    row.update({k: v for k, v in inner.items() if k in PHASES or k == "total"})
+    row.update({k: v for k, v in inner.items() if k in PHASES or k in ("total", "gram gflops", "dgemm gflops")})
     row["torch imported"] = float(inner["torch imported"])
     row["cli wall"] = _wall([PY, "-m", "lora_inspect", "rank", str(adapter), "--json"], _env(tree, None))
+    mem = subprocess.run([PY, "-c", _MEMORY, str(adapter)], env=_env(tree, None), check=True, capture_output=True,
+                         text=True, cwd=tree).stdout.split()
+    row["peak rss"], row["peak anon"] = float(mem[0]), float(mem[1])
     return row
 
 
@@ -144,9 +176,9 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
-    from common import ensure_adapter  # the 8B-shaped adapter, generated once
+    from common import llama3_8b_adapter  # the 8B-shaped adapter, generated once (imports torch; only here)
 
-    adapter = ensure_adapter()
+    adapter = llama3_8b_adapter(r=64)
     load0 = os.getloadavg()
     print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
     trees = {"before": args.before.resolve(), "after": ROOT}
@@ -180,10 +212,18 @@ def _table(med: dict[str, dict[str, float]], floor: float, load0: tuple, load1: 
         lines.append(f"| {p} | {b:.3f} | {a:.3f} |")
     for key, label in (("total", "in-process total, 1 thread"), ("cli wall", "`rank --json` wall, default threads")):
         lines.append(f"| **{label}** | {med['before'][key]:.3f} | {med['after'][key]:.3f} |")
+    for key, label in (("peak rss", "peak resident set (VmHWM), MB"), ("peak anon", "peak anonymous memory, MB")):
+        lines.append(f"| {label} | {med['before'][key] / 1e6:.0f} | {med['after'][key] / 1e6:.0f} |")
     lines.append(f"| torch imported | {'yes' if med['before']['torch imported'] else 'no'} | "
                  f"{'yes' if med['after']['torch imported'] else 'no'} |")
     analysis = med["after"]["total"] - med["after"]["metrics, summary, output"] - med["after"]["header + layout"]
-    lines += ["", f"Read floor (every tensor read from the memory map and decoded bf16 → float32, numpy, one thread): "
+    g = med["after"]
+    lines += ["", f"Gram after: {g['gram gflops']:.1f} GFLOP/s (the syrk flops of BᵀB and AAᵀ, float64, one thread) "
+              f"against {g['dgemm gflops']:.1f} GFLOP/s for a 2048² float64 matrix product on the same thread "
+              f"({g['gram gflops'] / g['dgemm gflops']:.0%}): the analysis is bound by float64 arithmetic, not by "
+              "reading."]
+    lines += ["", f"Read floor (every tensor read from the memory map and decoded bf16 → float32 into a reused buffer, "
+              "numpy, one thread): "
               f"{floor:.3f} s. "
               f"In-process analysis after (read + decode through core SVD): {analysis:.3f} s = "
               f"{analysis / floor:.2f}× the read floor.", ""]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .adapter import Adapter, LowRankUpdate, Module, module_layer, module_type
+from .arrays import BF16
 from .basemetrics import BaseAnalysis, BasisCache, analyse_base
 from .cholesky import gram_r_factor
 from .defaults import DEFAULT_ENERGY
@@ -164,15 +165,27 @@ def unit_spectrum(sv: np.ndarray) -> np.ndarray:
 _BUFFERS = threading.local()
 
 
+def _buffer(slot: int, n: int, dtype: type) -> np.ndarray:
+    """This thread's reusable buffer ``slot`` of at least ``n`` elements (valid until the next call)."""
+    bufs = getattr(_BUFFERS, "bufs", None)
+    if bufs is None:
+        bufs = _BUFFERS.bufs = {}
+    buf = bufs.get((slot, dtype))
+    if buf is None or buf.size < n:
+        buf = bufs[(slot, dtype)] = np.empty(n, dtype=dtype)
+    return buf[:n]
+
+
 def _into(x: np.ndarray, slot: int) -> np.ndarray:
-    """x converted to float64 in this thread's reusable buffer ``slot`` (valid until the next call):
-    converting into memory already mapped is faster than a fresh array per factor, whose pages the
-    kernel must fault in and zero (reports/scan.md, "rank speed")."""
-    bufs = getattr(_BUFFERS, "bufs", None) or [np.empty(0)] * 2
-    if bufs[slot].size < x.size:
-        bufs[slot] = np.empty(x.size)
-    _BUFFERS.bufs = bufs
-    out = bufs[slot][: x.size].reshape(x.shape)
+    """x (as stored, bf16 bits included) converted to float64 in this thread's reusable buffer ``slot``:
+    decoding into memory already mapped is several times faster than fresh arrays per factor, whose pages
+    the kernel must fault in and zero (reports/profile_rank.md). bf16 goes through a reused uint32 buffer:
+    the bits shifted into the high half of a float32, then widened (both exact)."""
+    if x.dtype == BF16:
+        wide = _buffer(slot, x.size, np.uint32).reshape(x.shape)
+        np.left_shift(x.view(np.uint16), 16, out=wide, dtype=np.uint32)
+        x = wide.view(np.float32)
+    out = _buffer(slot, x.size, np.float64).reshape(x.shape)
     np.copyto(out, x)
     return out
 
@@ -183,7 +196,7 @@ def _factors64(m: Module) -> tuple[np.ndarray, np.ndarray]:
     u = m.update
     if not isinstance(u, LowRankUpdate) or u.e_key is not None:
         return m.factors(np.float64)
-    b, a = u.orient.to_linear(m.source.get(u.a_key), m.source.get(u.b_key))
+    b, a = u.orient.to_linear(m.source.raw(u.a_key), m.source.raw(u.b_key))
     return _into(b, 0), _into(a, 1)
 
 
@@ -199,6 +212,7 @@ def _reduce(m: Module, precision: str, gram: bool) -> tuple[Module, Any, Any, li
     if direct is not None:
         return m, direct, None, [] if direct.any() else [FLAG_ZERO_B]
     b, a = _factors64(m) if gram else m.factors(dtype)
+    m.source.release(m.update.keys)  # read once: stream module by module (the copies above are ours)
     if not (all_finite(b) and all_finite(a)):
         return m, None, None, [FLAG_NON_FINITE]
     rb = gram_r_factor(b) if gram else None

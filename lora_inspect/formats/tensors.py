@@ -81,6 +81,9 @@ class TensorSource:
 
         return decode(self.raw(key))
 
+    def release(self, keys: list[str]) -> None:
+        """The data of these tensors is no longer needed (a memory-mapped source drops its pages)."""
+
     def _known(self, key: str) -> TensorInfo:
         info = self.tensors.get(key)
         if info is None:
@@ -271,6 +274,7 @@ class SafetensorsSource(TensorSource):
         self.tensors, self.metadata, self.data_start = read_safetensors_header(path)
         self.data_len = sum(t.nbytes for t in self.tensors.values())  # the header tiles the data exactly
         self._data: np.ndarray | None = None
+        self._map: mmap.mmap | None = None
 
     def scalar(self, key: str) -> float:
         """Read a one-element tensor straight from the file (no torch), e.g. a kohya ``.alpha``.
@@ -306,10 +310,27 @@ class SafetensorsSource(TensorSource):
                     if size < self.data_start + self.data_len:
                         raise InspectError(f"{self.path}: the file is shorter than its header says (changed since read?)")
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+                    self._map = mm if size else None
             except OSError as e:
                 raise InspectError(f"{self.path}: cannot read: {e.strerror or e}") from e
             self._data = np.frombuffer(mm, dtype=np.uint8, count=self.data_len, offset=self.data_start)
         return self._data
+
+    def release(self, keys: list[str]) -> None:
+        """Drop the pages of these tensors from this process's memory map (``MADV_DONTNEED``): reading
+        streams module by module, so the resident set stays one module's worth, not the file's. Safe for a
+        read-only file mapping — a later read of the same bytes faults them in again from the page cache."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        spans = [self.tensors[k] for k in keys if k in self.tensors]
+        if not spans:
+            return
+        start = self.data_start + min(t.offset for t in spans)
+        end = self.data_start + max(t.offset + t.nbytes for t in spans)
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the span only
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def raw(self, key: str) -> np.ndarray:
         from ..arrays import NUMPY_OF
