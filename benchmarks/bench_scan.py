@@ -77,8 +77,8 @@ def run_scan_cli(hub: Path, out: Path, extra: list[str]) -> tuple[float, dict, l
     wall = time.perf_counter() - t0
     done.set()
     th.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"scan failed: {' '.join(cmd)}")
+    if proc.returncode not in (0, 1):  # 1: some adapters unreadable — the hub holds ~2% corrupt ones on purpose
+        raise SystemExit(f"scan failed (exit {proc.returncode}): {' '.join(cmd)}")
     return wall, json.loads(stdout), samples
 
 
@@ -113,7 +113,9 @@ def kill_and_resume(hub: Path, out: Path, kills: int, total: int, seed: int = 0)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         present.append(len(read_rows(out)))
-    subprocess.run(cmd + ["--resume"], env=ENV, stdout=subprocess.DEVNULL, check=True)
+    res = subprocess.run(cmd + ["--resume"], env=ENV, stdout=subprocess.DEVNULL)
+    if res.returncode not in (0, 1):  # 1: the corrupt adapters the hub holds on purpose
+        raise SystemExit(f"resume failed (exit {res.returncode})")
     return present
 
 

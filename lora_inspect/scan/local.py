@@ -3,9 +3,11 @@
 Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot stop one task that hangs, and one worker
 killed by the kernel (out of memory) breaks the whole pool and every task in flight. Here each worker
 is a process of our own (``multiprocessing`` forkserver context, spawn where there is none) with a pipe;
-the driver sends one path at a time, waits on every pipe and process sentinel with the nearest deadline
-as timeout, and when a task runs past ``timeout`` or its worker dies, that adapter gets an error row,
-the worker is killed and replaced, and the scan goes on. Memory is bounded by what one worker needs for
+the driver keeps :data:`IN_FLIGHT` paths queued at each worker (so that a worker starts its next adapter
+without waiting for the driver to take the last row), waits on every pipe and process sentinel with the
+nearest deadline as timeout, and when an adapter runs past ``timeout`` or its worker dies, that adapter —
+the one the worker was reading — gets an error row, the paths queued behind it go back to the queue, the
+worker is killed and replaced, and the scan goes on. Memory is bounded by what one worker needs for
 the largest adapter times the number of workers; the driver holds rows only.
 
 BLAS runs single-threaded in the workers (the pool is the parallelism): :data:`ONE_BLAS_THREAD` is set in
@@ -22,7 +24,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -61,12 +63,19 @@ def _context():
         return mp.get_context("spawn")
 
 
+IN_FLIGHT = 2  # paths queued at a worker: the one it reads and the next
+
+
 @dataclass
 class _Worker:
     proc: Any
     conn: Any
-    task: tuple[int, str] | None = None
-    deadline: float = 0.0
+    tasks: deque = field(default_factory=deque)  # (index, path) sent, oldest (the one being read) first
+    deadline: float = 0.0  # for tasks[0]: from when the worker started it
+
+    @property
+    def task(self) -> tuple[int, str] | None:
+        return self.tasks[0] if self.tasks else None
 
 
 def _start(ctx, cfg: ScanConfig, memory: int | None) -> _Worker:
@@ -103,39 +112,27 @@ def run_local(paths: list[str], cfg: ScanConfig, on_result: Result, *, jobs: int
     ctx = _context()
     todo = deque(enumerate(paths))
     workers = [_start(ctx, cfg, memory) for _ in range(max(1, min(jobs, len(paths))))]
+    limit = timeout if timeout else float("inf")
     try:
-        while todo or any(w.task for w in workers):
+        while todo or any(w.tasks for w in workers):
             for w in workers:
-                if w.task is None and todo:
-                    w.task = todo.popleft()
-                    w.deadline = time.monotonic() + timeout if timeout else float("inf")
-                    w.conn.send(w.task)
-            busy = [w for w in workers if w.task is not None]
+                while todo and len(w.tasks) < IN_FLIGHT:
+                    if not w.tasks:
+                        w.deadline = time.monotonic() + limit
+                    w.tasks.append(todo.popleft())
+                    w.conn.send(w.tasks[-1])
+            busy = [w for w in workers if w.tasks]
             wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             ready = set(wait([x for w in busy for x in (w.conn, w.proc.sentinel)],
                              None if wait_s == float("inf") else wait_s))
             for i, w in enumerate(workers):
-                if w.task is None:
+                if w.tasks and _collect(w, ready, on_result, limit):
                     continue
-                message = None
-                if w.conn in ready:
-                    try:
-                        index, res = w.conn.recv()
-                        on_result(index, res)
-                        w.task = None
-                        continue
-                    except (EOFError, OSError):
-                        w.proc.join(5)
-                        message = _died(w, memory)
-                elif w.proc.sentinel in ready:
-                    w.proc.join(5)
-                    message = _died(w, memory)
-                elif time.monotonic() >= w.deadline:
-                    message = (f"{w.task[1]}: no result after {timeout:g} s (the per-adapter time limit); "
-                               "its worker was stopped")
-                if message is not None and w.task is not None:
-                    index, path = w.task
+                message = _failure(w, ready, memory, timeout)
+                if message is not None:
+                    index, path = w.tasks.popleft()
                     on_result(index, error_row(path, message, cfg).to_dict())
+                    todo.extendleft(reversed(w.tasks))  # queued behind it, never started: read them again
                     _stop(w)
                     workers[i] = _start(ctx, cfg, memory)
     finally:
@@ -145,3 +142,31 @@ def run_local(paths: list[str], cfg: ScanConfig, on_result: Result, *, jobs: int
         for w in workers:
             w.proc.join(2)
             _stop(w)
+
+
+def _collect(w: _Worker, ready: set, on_result: Result, limit: float) -> bool:
+    """Hand on every row the worker has sent; True when it answered and is well."""
+    if w.conn not in ready:
+        return False
+    try:
+        while w.tasks and w.conn.poll():
+            index, res = w.conn.recv()
+            w.tasks.popleft()
+            w.deadline = time.monotonic() + limit  # the next queued path starts now
+            on_result(index, res)
+    except (EOFError, OSError):
+        return False
+    return True
+
+
+def _failure(w: _Worker, ready: set, memory: int | None, timeout: float | None) -> str | None:
+    """Why the worker's current adapter gets an error row (it died, or ran past the time limit), or None."""
+    if not w.tasks:
+        return None
+    if w.conn in ready or w.proc.sentinel in ready:
+        w.proc.join(5)
+        if w.proc.exitcode is not None:
+            return _died(w, memory)
+    if time.monotonic() >= w.deadline:
+        return f"{w.tasks[0][1]}: no result after {timeout:g} s (the per-adapter time limit); its worker was stopped"
+    return None
