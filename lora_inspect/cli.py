@@ -21,7 +21,7 @@ import click
 
 # One BLAS thread per call, set before numpy loads (the user's own setting wins): modules are reduced in
 # parallel by worker threads (spectrum.parallel_map), and a multi-threaded BLAS under them oversubscribes the
-# cores — rank on the 8B-shaped adapter ran 8× slower on two cores (docs/internals.md, "Threads").
+# cores (docs/internals.md, "Threads").
 for _var in ("OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
     os.environ.setdefault(_var, "1")
 

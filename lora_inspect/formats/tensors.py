@@ -309,8 +309,8 @@ class SafetensorsSource(TensorSource):
                     size = os.fstat(f.fileno()).st_size
                     if size < self.data_start + self.data_len:
                         raise InspectError(f"{self.path}: the file is shorter than its header says (changed since read?)")
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-                    self._map = mm if size else None
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+                    mm = self._map if self._map is not None else b""
             except OSError as e:
                 raise InspectError(f"{self.path}: cannot read: {e.strerror or e}") from e
             self._data = np.frombuffer(mm, dtype=np.uint8, count=self.data_len, offset=self.data_start)
