@@ -11,8 +11,9 @@ process whose working directory is the tree. The outputs are compared file by fi
 - identical bytes: ``same``;
 - otherwise, for safetensors files, tensor by tensor: the same names, dtypes and shapes, and values within
   one unit in the last place of the stored dtype relative to the tensor's largest entry (``rounding``);
-  for a factor pair that differs by more, ΔW = B@A per module is compared instead (an SVD may flip the
-  signs of singular vectors, which changes the factors but not ΔW): ``same ΔW``;
+  for a factor pair that differs by more, ΔW = B@A per module is compared instead, to 16 units in the last
+  place of the stored dtype relative to its largest entry (an SVD may flip the signs of singular vectors,
+  which changes the factors but not ΔW): ``same ΔW``;
 - anything else is ``DIFFERENT`` and the script exits 1.
 """
 
@@ -43,7 +44,7 @@ def _inputs(work: Path) -> dict[str, Path]:
 
     out = {"planted": ROOT / "samples" / "planted", "planted-kohya": ROOT / "samples" / "planted-kohya.safetensors"}
     for name, build in BUILDERS.items():
-        (work / name).mkdir()
+        (work / name).mkdir(parents=True)
         out[name] = build(work / name).path
     b = build_peft(work / "bf16", arch="llama", seed=3, r=6, lora_alpha=12, target_modules=["q_proj", "v_proj"]).path
     weights = b / "adapter_model.safetensors"
@@ -76,7 +77,11 @@ def _tensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
     from lora_inspect.formats.tensors import SafetensorsSource
 
     src = SafetensorsSource(path)
-    return {k: (src.tensors[k].dtype, np.asarray(decode(src.raw(k)), dtype=np.float64)) for k in src.keys()}
+    return {k: (src.tensors[k].dtype, np.asarray(decode(src.raw(k)), dtype=np.float64)) for k in src.tensors}
+
+
+def _delta(up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    return up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
 
 
 def _compare_safetensors(a: Path, b: Path) -> str:
@@ -86,13 +91,17 @@ def _compare_safetensors(a: Path, b: Path) -> str:
     far = [k for k, (d, x) in ta.items() if x.size and np.abs(x - tb[k][1]).max() > ULP.get(d, 0) * max(np.abs(x).max(), 1e-300)]
     if not far:
         return "rounding"
-    for k in far:  # a factor: compare ΔW of its pair
-        pair = k.replace("lora_A", "lora_B") if "lora_A" in k else k.replace("lora_B", "lora_A")
-        if pair == k or pair not in ta:
+    for k in far:  # a factor: compare ΔW = up @ down of its pair (PEFT lora_B/lora_A, kohya lora_up/lora_down)
+        names = next(((up, down) for up, down in (("lora_B", "lora_A"), ("lora_up", "lora_down")) if up in k or down in k),
+                     None)
+        if names is None:
             return f"DIFFERENT ({k})"
-        bk, ak = (pair, k) if "lora_A" in k else (k, pair)
-        da, db = ta[bk][1] @ ta[ak][1].reshape(ta[ak][1].shape[0], -1), tb[bk][1] @ tb[ak][1].reshape(tb[ak][1].shape[0], -1)
-        if np.abs(da - db).max() > 1e-2 * max(np.abs(da).max(), 1e-300):
+        up_key = k.replace(names[1], names[0])
+        down_key = k.replace(names[0], names[1])
+        if up_key not in ta or down_key not in ta:
+            return f"DIFFERENT ({k})"
+        da, db = (_delta(t[up_key][1], t[down_key][1]) for t in (ta, tb))
+        if np.abs(da - db).max() > 16 * ULP.get(ta[k][0], 0) * max(np.abs(da).max(), 1e-300):
             return f"DIFFERENT (ΔW of {k})"
     return "same ΔW"
 
@@ -122,11 +131,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", type=Path, required=True)
     ap.add_argument("--keep", type=Path, help="write the outputs here instead of a temporary folder")
+    ap.add_argument("--only", nargs="*", help="these inputs only (names as printed)")
     args = ap.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="same-outputs-"))
     counts: dict[str, int] = {}
     bad = []
     for name, src in _inputs(work / "in").items():
+        if args.only and name not in args.only:
+            continue
         for label, job in _jobs(src):
             outs = [work / side / name / label for side in ("before", "after")]
             for o in outs:
