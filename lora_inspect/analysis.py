@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .adapter import Adapter, LowRankUpdate, Module, module_layer, module_type
-from .arrays import BF16
+from .arrays import float64_buffer
 from .basemetrics import BaseAnalysis, BasisCache, analyse_base
 from .cholesky import gram_r_factor
 from .defaults import DEFAULT_ENERGY
@@ -162,34 +161,6 @@ def unit_spectrum(sv: np.ndarray) -> np.ndarray:
     return s
 
 
-_BUFFERS = threading.local()
-
-
-def _buffer(slot: int, n: int, dtype: type) -> np.ndarray:
-    """This thread's reusable buffer ``slot`` of at least ``n`` elements (valid until the next call)."""
-    bufs = getattr(_BUFFERS, "bufs", None)
-    if bufs is None:
-        bufs = _BUFFERS.bufs = {}
-    buf = bufs.get((slot, dtype))
-    if buf is None or buf.size < n:
-        buf = bufs[(slot, dtype)] = np.empty(n, dtype=dtype)
-    return buf[:n]
-
-
-def _into(x: np.ndarray, slot: int) -> np.ndarray:
-    """x (as stored, bf16 bits included) converted to float64 in this thread's reusable buffer ``slot``:
-    decoding into memory already mapped is several times faster than fresh arrays per factor, whose pages
-    the kernel must fault in and zero (reports/profile_rank.md). bf16 goes through a reused uint32 buffer:
-    the bits shifted into the high half of a float32, then widened (both exact)."""
-    if x.dtype == BF16:
-        wide = _buffer(slot, x.size, np.uint32).reshape(x.shape)
-        np.left_shift(x.view(np.uint16), 16, out=wide, dtype=np.uint32)
-        x = wide.view(np.float32)
-    out = _buffer(slot, x.size, np.float64).reshape(x.shape)
-    np.copyto(out, x)
-    return out
-
-
 def _factors64(m: Module) -> tuple[np.ndarray, np.ndarray]:
     """(B, A) in float64, linear orientation, as ``m.factors(np.float64)`` but read as stored and
     converted once, into per-thread buffers."""
@@ -197,7 +168,7 @@ def _factors64(m: Module) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(u, LowRankUpdate) or u.e_key is not None:
         return m.factors(np.float64)
     b, a = u.orient.to_linear(m.source.raw(u.a_key), m.source.raw(u.b_key))
-    return _into(b, 0), _into(a, 1)
+    return float64_buffer(b, 0), float64_buffer(a, 1)
 
 
 def _reduce(m: Module, precision: str, gram: bool) -> tuple[Module, Any, Any, list[str]]:

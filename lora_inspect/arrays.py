@@ -3,18 +3,21 @@
 Analysis, rewrites and conversions hold tensor data as numpy arrays; torch is the engine only of
 training, verification, calibration and ``.bin`` pickles, and converts at its door (:func:`to_torch`,
 :func:`from_torch`). numpy has no bfloat16, so a stored bf16 tensor is an array of the marker dtype
-:data:`BF16` — its 16 raw bits, on which arithmetic is refused — until :func:`decode` widens it to
-float32 (exact: bf16 is the high half of an IEEE float32).
+:data:`BF16` — its 16 raw bits, on which arithmetic and casts are refused — until :func:`decode` widens
+it to float32 (exact: bf16 is the high half of an IEEE float32).
 
 :func:`encode` narrows float data to a storage dtype as torch's ``Tensor.to`` does: float64 → float32 →
-bfloat16 with round-to-nearest-even on the dropped 16 bits (c10's ``round_to_nearest_even``; a NaN
-becomes the quiet NaN 0x7FC0), and numpy's own IEEE casts for float16/float32. Storage dtypes are
+bfloat16 with round-to-nearest-even on the dropped 16 bits (c10's ``round_to_nearest_even``), and
+numpy's IEEE casts for float16/float32 — float64 → float16 also through float32, as torch does (the two
+roundings differ from one in one value in ~10⁵ of tests/test_arrays.py). A NaN becomes the quiet NaN 0x7FC0 (torch's NaN payload depends on
+its code path; every rewrite refuses NaN before writing anyway). Storage dtypes are
 named as safetensors names them (``"F32"``, ``"BF16"`` …: :data:`StDtype`); compute dtypes are
 numpy's (``np.float32``, ``np.float64``).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -23,12 +26,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["BF16", "StDtype", "NUMPY_OF", "st_dtype", "decode", "encode", "is_float", "compute_of", "to_torch",
-           "from_torch", "storage_of"]
+           "from_torch", "storage_of", "float64_buffer"]
 
 StDtype = Literal["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "I64", "U64", "F64"]
 
-# bfloat16 as stored: the raw 16 bits, a distinct dtype so that nothing mistakes them for numbers
-BF16 = np.dtype([("bf16", "<u2")])
+# bfloat16 as stored: the raw 16 bits as an opaque 2-byte void, a dtype that numpy refuses to compute with or
+# cast to a number (astype, asarray(dtype=…), norm all raise), so that nothing mistakes the bits for numbers
+BF16 = np.dtype("V2")
 
 NUMPY_OF: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype("u1"), "I8": np.dtype("i1"), "I16": np.dtype("<i2"),
@@ -83,8 +87,11 @@ def encode(x: np.ndarray, st: str) -> np.ndarray:
     target = NUMPY_OF[st]
     if x.dtype == target:
         return x
+    x = np.asarray(decode(x))
     with np.errstate(over="ignore"):
-        return np.asarray(decode(x)).astype(target)
+        if st == "F16" and x.dtype == np.float64:  # torch narrows float64 → float16 through float32 (two roundings)
+            x = x.astype(np.float32)
+        return x.astype(target)
 
 
 def storage_of(x: np.ndarray, like: str) -> np.ndarray:
@@ -109,3 +116,32 @@ def from_torch(t: Any) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(BF16)
     return t.numpy()
+
+
+_BUFFERS = threading.local()
+
+
+def _buffer(slot: int, n: int, dtype: type) -> np.ndarray:
+    """This thread's reusable buffer ``slot`` of at least ``n`` elements (valid until the next call)."""
+    bufs = getattr(_BUFFERS, "bufs", None)
+    if bufs is None:
+        bufs = _BUFFERS.bufs = {}
+    buf = bufs.get((slot, dtype))
+    if buf is None or buf.size < n:
+        buf = bufs[(slot, dtype)] = np.empty(n, dtype=dtype)
+    return buf[:n]
+
+
+def float64_buffer(x: np.ndarray, slot: int) -> np.ndarray:
+    """x (as stored, bf16 bits included) converted to float64 in this thread's reusable buffer ``slot``, valid
+    until the thread's next call with that slot: decoding into memory already mapped is several times faster
+    than fresh arrays per factor, whose pages the kernel must fault in and zero (reports/profile_rank.md).
+    bf16 goes through a reused uint32 buffer: the bits shifted into the high half of a float32, then widened
+    (both exact)."""
+    if x.dtype == BF16:
+        wide = _buffer(slot, x.size, np.uint32).reshape(x.shape)
+        np.left_shift(x.view(np.uint16), 16, out=wide, dtype=np.uint32)
+        x = wide.view(np.float32)
+    out = _buffer(slot, x.size, np.float64).reshape(x.shape)
+    np.copyto(out, x)
+    return out

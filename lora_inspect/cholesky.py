@@ -28,7 +28,10 @@ def gram_r_factor(x: np.ndarray, rows: bool = False) -> np.ndarray | None:
         g = x64 @ x64.T if rows else x64.T @ x64
     if not np.isfinite(g).all():
         return None
-    ev = np.linalg.eigvalsh(g)
+    try:
+        ev = np.linalg.eigvalsh(g)
+    except np.linalg.LinAlgError:  # no convergence (pathological input): Householder QR needs no Gram
+        return None
     if not (np.isfinite(ev).all() and ev[0] > 0 and ev[-1] <= GRAM_MAX_COND**2 * ev[0]):
         return None
     try:

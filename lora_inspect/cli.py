@@ -184,11 +184,10 @@ class _Group(click.Group):
             sys.exit(130)
         except MemoryError:
             _fail_after_traceback(ctx, "out of memory (is the input what it claims to be?)")
-        except ImportError as e:
-            if not is_missing_torch(e):
-                raise
-            _fail_after_traceback(ctx, missing_torch(" ".join(["lora-inspect", *([ctx.invoked_subcommand] if ctx.invoked_subcommand else [])])))
         except Exception as e:  # a bug or an input we did not foresee: still one line
+            if isinstance(e, ImportError) and is_missing_torch(e):  # torch absent, and a torch engine was asked for
+                command = ["lora-inspect", *([ctx.invoked_subcommand] if ctx.invoked_subcommand else [])]
+                _fail_after_traceback(ctx, missing_torch(" ".join(command)))
             first = str(e).splitlines()[0] if str(e) else ""
             hint = "" if _debug_enabled(ctx) else " (run with --debug for details)"
             _fail_after_traceback(ctx, f"unexpected {e.__class__.__name__}: {first}{hint}")

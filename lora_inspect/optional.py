@@ -60,8 +60,8 @@ def missing_torch(purpose: str) -> str:
 
 
 def is_missing_torch(e: ImportError) -> bool:
-    """Whether ``e`` says that torch itself cannot be imported."""
-    return e.name is not None and (e.name == "torch" or e.name.startswith("torch."))
+    """Whether ``e`` says that torch itself is not installed (not a name missing inside an installed torch)."""
+    return isinstance(e, ModuleNotFoundError) and e.name is not None and (e.name == "torch" or e.name.startswith("torch."))
 
 
 def require(module: str, purpose: str) -> ModuleType:

@@ -260,7 +260,10 @@ def _chol_r(x: np.ndarray, xt_first: bool) -> np.ndarray | None:
         g = ((x @ x.T) if xt_first else (x.T @ x)).astype(np.float64)
     if not np.isfinite(g).all():  # the Gram overflows (huge values): Householder needs no Gram
         return None
-    ev = np.linalg.eigvalsh(g)
+    try:
+        ev = np.linalg.eigvalsh(g)
+    except np.linalg.LinAlgError:
+        return None
     if not (np.isfinite(ev).all() and ev[0] > 0):
         return None
     kappa2 = float(ev[-1] / ev[0])

@@ -126,3 +126,21 @@ def test_the_torch_engine_says_in_one_line_how_to_get_torch(sources, env, tmp_pa
         assert code == 2 and len(lines) == 1 and "needs torch" in lines[0] and "pip install torch" in lines[0], (job, err)
         assert lines[0].startswith(f"lora-inspect: error: lora-inspect {job[0]} needs torch"), lines
     assert [code for code, _, _ in got[3:]] == [0, 0] and all("Usage" in out for _, out, _ in got[3:])
+
+
+def test_another_missing_module_is_still_one_line(monkeypatch):
+    """Only a missing torch gets the torch line; any other ImportError inside a command is the usual one line
+    and exit 2, never a traceback."""
+    from pathlib import Path
+
+    import lora_inspect.analysis as analysis
+
+    def broken(*a, **k):
+        raise ModuleNotFoundError("No module named 'scipy'", name="scipy")
+
+    monkeypatch.setattr(analysis, "analyse", broken)
+    planted = Path(__file__).resolve().parents[1] / "samples" / "planted"
+    res = run_cli("rank", planted)
+    lines = res.stderr.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "unexpected ModuleNotFoundError" in lines[0], res.stderr
+    assert "torch" not in lines[0]

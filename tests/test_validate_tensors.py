@@ -267,3 +267,16 @@ def test_any_header_is_read_or_refused_in_one_line(tmp_path_factory, header, dat
         assert str(e).startswith(str(f)) and "\n" not in str(e)
     else:
         assert all(t.nbytes == math.prod(t.shape) * {"F32": 4, "BF16": 2}[t.dtype] for t in tensors.values())
+
+
+def test_a_file_replaced_after_its_header_was_read_is_refused(tmp_path):
+    """The data is mapped only from the file whose header was read: a file replaced in between (same name,
+    other content) is one line, never data read at the old header's offsets."""
+    path = tmp_path / "a.safetensors"
+    save_file({"w": torch.ones(4, 4)}, str(path))
+    src = SafetensorsSource(path)
+    other = tmp_path / "b.safetensors"
+    save_file({"w": torch.full((4, 4), 7.0), "v": torch.zeros(64)}, str(other))
+    os.replace(other, path)
+    with pytest.raises(InspectError, match="changed after its header was read"):
+        src.get("w")

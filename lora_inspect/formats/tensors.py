@@ -13,6 +13,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -273,8 +274,10 @@ class SafetensorsSource(TensorSource):
         self.path = path
         self.tensors, self.metadata, self.data_start = read_safetensors_header(path)
         self.data_len = sum(t.nbytes for t in self.tensors.values())  # the header tiles the data exactly
+        self._identity = _identity(os.stat(path))  # the file the header came from: _open maps only that one
         self._data: np.ndarray | None = None
         self._map: mmap.mmap | None = None
+        self._lock = threading.Lock()
 
     def scalar(self, key: str) -> float:
         """Read a one-element tensor straight from the file (no torch), e.g. a kohya ``.alpha``.
@@ -300,21 +303,26 @@ class SafetensorsSource(TensorSource):
 
     def _open(self) -> np.ndarray:
         """The file's data section as bytes, memory-mapped read-only once (an empty file maps nothing)."""
+        with self._lock:  # worker threads read modules in parallel: one map per file
+            if self._data is None:
+                self._data = self._map_data()
+        return self._data
+
+    def _map_data(self) -> np.ndarray:
         import numpy as np
 
-        if self._data is None:
-            validate.require_regular_file(self.path)
-            try:
-                with validate.open_regular(self.path) as f:
-                    size = os.fstat(f.fileno()).st_size
-                    if size < self.data_start + self.data_len:
-                        raise InspectError(f"{self.path}: the file is shorter than its header says (changed since read?)")
-                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-                    mm = self._map if self._map is not None else b""
-            except OSError as e:
-                raise InspectError(f"{self.path}: cannot read: {e.strerror or e}") from e
-            self._data = np.frombuffer(mm, dtype=np.uint8, count=self.data_len, offset=self.data_start)
-        return self._data
+        validate.require_regular_file(self.path)
+        try:
+            with validate.open_regular(self.path) as f:
+                st = os.fstat(f.fileno())
+                if _identity(st) != self._identity:
+                    raise InspectError(f"{self.path}: the file changed after its header was read (replaced or "
+                                       "rewritten while lora-inspect ran?)")
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else None
+        except OSError as e:
+            raise InspectError(f"{self.path}: cannot read: {e.strerror or e}") from e
+        buffer = self._map if self._map is not None else b""
+        return np.frombuffer(buffer, dtype=np.uint8, count=self.data_len, offset=self.data_start)
 
     def release(self, keys: list[str]) -> None:
         """Drop the pages of these tensors from this process's memory map (``MADV_DONTNEED``): reading
@@ -338,6 +346,10 @@ class SafetensorsSource(TensorSource):
         info = self._known(key)
         data = self._open()[info.offset: info.offset + info.nbytes]
         return data.view(NUMPY_OF[info.dtype]).reshape(info.shape)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def first_line(e: BaseException) -> str:

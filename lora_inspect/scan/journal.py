@@ -3,8 +3,8 @@
 Each row is written as one ``write`` of a complete line and flushed, so a scan killed at any moment
 leaves whole rows plus at most one torn last line (a write cut short): what a killed process wrote is
 in the kernel's page cache and reaches the file. ``fsync`` — which only a crash of the whole machine
-needs — runs at most every :data:`SYNC_EVERY` seconds and at close: such a crash loses at most that much
-work, which ``--resume`` scans again. (An fsync per row took 28% of a 2-worker scan's driver time and
+needs — runs when a row is appended :data:`SYNC_EVERY` seconds or more after the last one, and at close:
+such a crash loses the rows appended since the last fsync, which ``--resume`` scans again. (An fsync per row took 28% of a 2-worker scan's driver time and
 capped its speed-up; reports/scan.md.) On
 opening, a torn last line (no final newline, or not valid JSON) is cut off before anything is
 appended, so the journal always holds exactly the rows finished before the kill. Parquet is written
@@ -92,12 +92,15 @@ class Journal:
             self._synced = now
 
     def close(self) -> None:
+        if self._f.closed:
+            return
         try:
             self._f.flush()
             os.fsync(self._f.fileno())
-        except (OSError, ValueError):  # closed already, or a filesystem without fsync: close anyway
-            pass
-        self._f.close()
+        except OSError as e:  # the rows may not be on disk: say so (the file is closed all the same)
+            raise InspectError(f"{self.path}: cannot write ({e.strerror or e})") from e
+        finally:
+            self._f.close()
 
     def __enter__(self) -> "Journal":
         return self
