@@ -99,6 +99,8 @@ def run_training(
     if is_main:
         lora = {"r": rank, "alpha": alpha, "rslora": rslora, "dropout": dropout, "targets": targets, "modules": wrapped}
         _write_outputs(out, base, base_info, base_sd, t, cfg, lora, summary)
+    if dist.is_initialized():  # every rank returns once rank 0 has written: none tears the group down under it
+        dist.barrier()
     return summary
 
 
