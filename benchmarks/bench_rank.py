@@ -27,21 +27,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PY, ROOT, alternate, llama3_8b_adapter, median, write_section  # noqa: E402
+from common import PY, READ_FLOOR, ROOT, alternate, llama3_8b_adapter, median, write_section  # noqa: E402
 
-FLOOR = """
-import json, struct, sys
-import numpy as np
-with open(sys.argv[1], "rb") as f:
-    n = struct.unpack("<Q", f.read(8))[0]
-    header = json.loads(f.read(n))
-header.pop("__metadata__", None)
-data = np.memmap(sys.argv[1], dtype=np.uint8, mode="r", offset=8 + n)
-wide = np.empty(max(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()) // 2, np.uint32)
-for e in header.values():
-    bits = data[e["data_offsets"][0]:e["data_offsets"][1]].view(np.uint16)
-    np.left_shift(bits, 16, out=wide[:bits.size], dtype=np.uint32)
-"""
+FLOOR = READ_FLOOR
 
 
 def main() -> None:

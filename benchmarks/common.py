@@ -15,6 +15,22 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench-data"  # ignored by git
 
+# The read floor of a bf16 safetensors file (argv[1]), as a script for a fresh process: numpy only, the file
+# memory-mapped, every tensor decoded bf16 → float32 bits into one reused buffer — what any analysis must do.
+READ_FLOOR = """
+import json, struct, sys
+import numpy as np
+with open(sys.argv[1], "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+header.pop("__metadata__", None)
+data = np.memmap(sys.argv[1], dtype=np.uint8, mode="r", offset=8 + n)
+wide = np.empty(max(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()) // 2, np.uint32)
+for e in header.values():
+    bits = data[e["data_offsets"][0]:e["data_offsets"][1]].view(np.uint16)
+    np.left_shift(bits, 16, out=wide[:bits.size], dtype=np.uint32)
+"""
+
 # Llama-3-8B (hidden 4096, intermediate 14336, 32 layers, 8 KV heads of 128): module → (out, in)
 LLAMA3_8B_SHAPES = {
     "self_attn.q_proj": (4096, 4096),

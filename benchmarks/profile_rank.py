@@ -127,27 +127,16 @@ def _env(tree: Path, threads: str | None) -> dict[str, str]:
     return env
 
 
-_FLOOR = r"""
-import json, struct, sys, time
-import numpy as np
-t = time.perf_counter()
-with open(sys.argv[1], "rb") as f:
-    n = struct.unpack("<Q", f.read(8))[0]
-    header = json.loads(f.read(n))
-header.pop("__metadata__", None)
-data = np.memmap(sys.argv[1], dtype=np.uint8, mode="r", offset=8 + n)
-wide = np.empty(max(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values()) // 2, np.uint32)
-for e in header.values():
-    bits = data[e["data_offsets"][0]:e["data_offsets"][1]].view(np.uint16)
-    np.left_shift(bits, 16, out=wide[:bits.size], dtype=np.uint32)  # bf16 -> float32 bits, in a reused buffer
-print(time.perf_counter() - t)
-"""
+
 
 
 def _read_floor(path: Path) -> float:
     """Seconds to read every tensor of the (bf16) file from a memory map and decode it to float32 bits in one
     reused buffer, in a fresh process, one thread, numpy only: what no analysis of the file can beat."""
-    out = subprocess.run([PY, "-c", _FLOOR, str(path)], check=True, capture_output=True, text=True)
+    from common import READ_FLOOR
+
+    code = "import time\n_t = time.perf_counter()\n" + READ_FLOOR + "\nprint(time.perf_counter() - _t)\n"
+    out = subprocess.run([PY, "-c", code, str(path)], check=True, capture_output=True, text=True)
     return float(out.stdout)
 
 
