@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["BF16", "StDtype", "NUMPY_OF", "st_dtype", "decode", "encode", "is_float", "compute_of", "to_torch",
-           "from_torch", "storage_of", "float64_buffer"]
+           "from_torch", "storage_of", "float64_buffer", "scaled"]
 
 StDtype = Literal["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "I64", "U64", "F64"]
 
@@ -92,6 +92,11 @@ def encode(x: np.ndarray, st: str) -> np.ndarray:
         if st == "F16" and x.dtype == np.float64:  # torch narrows float64 → float16 through float32 (two roundings)
             x = x.astype(np.float32)
         return x.astype(target)
+
+
+def scaled(x: np.ndarray, factor: float) -> np.ndarray:
+    """``x`` × ``factor``, computed in float64 and stored back in ``x``'s own storage dtype (bf16 bits included)."""
+    return encode(np.asarray(decode(x), dtype=np.float64) * factor, st_dtype(x))
 
 
 def storage_of(x: np.ndarray, like: str) -> np.ndarray:

@@ -99,7 +99,8 @@ def test_calibrated_truncation_refuses_conv_in_attention_processors_and_writes_n
     assert not out.exists() and sorted(tmp_path.iterdir()) == [attn_procs_conv]
 
 
-def test_truncate_calibrate_refuses_before_loading_the_base(attn_procs_conv, tmp_path, monkeypatch):
+def _base_that_must_not_load(tmp_path: Path, monkeypatch) -> Path:
+    """A Llama base folder whose loading fails the test, and a calibration text beside it (cal.txt)."""
     import lora_inspect.hf.model as hf_model
 
     def never(*args, **kwargs):
@@ -110,6 +111,11 @@ def test_truncate_calibrate_refuses_before_loading_the_base(attn_procs_conv, tmp
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "cal.txt").write_text("some calibration text")
+    return base
+
+
+def test_truncate_calibrate_refuses_before_loading_the_base(attn_procs_conv, tmp_path, monkeypatch):
+    base = _base_that_must_not_load(tmp_path, monkeypatch)
     out = tmp_path / "out.safetensors"
     res = run_cli("truncate", attn_procs_conv, "--rank", "1", "-o", out, "--calibrate", tmp_path / "cal.txt",
                   "--base", base)
@@ -119,16 +125,7 @@ def test_truncate_calibrate_refuses_before_loading_the_base(attn_procs_conv, tmp
 
 def test_truncate_calibrate_refuses_an_existing_out_before_loading_the_base(tmp_path, monkeypatch):
     """Without --force an existing OUT is refused before the model is loaded and the text is read."""
-    import lora_inspect.hf.model as hf_model
-
-    def never(*args, **kwargs):
-        raise AssertionError("the base was loaded before the refusal")
-
-    monkeypatch.setattr(hf_model, "load_hf", never)
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (tmp_path / "cal.txt").write_text("some calibration text")
+    base = _base_that_must_not_load(tmp_path, monkeypatch)
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")

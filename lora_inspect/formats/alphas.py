@@ -8,21 +8,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..arrays import decode, encode, st_dtype
+from ..arrays import encode, scaled
 from ..errors import InspectError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Adapter, Module
 
-__all__ = ["alphas_for_ranks", "alphas_scaled", "scaled_like"]
+__all__ = ["alphas_for_ranks", "alphas_scaled"]
 
 # the storage dtypes a new α tensor takes from its module's factors (torch's dtypes); F32 for any other
 _ALPHA_DTYPES = ("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "I64", "F64")
-
-
-def scaled_like(t: np.ndarray, factor: float) -> np.ndarray:
-    """``t`` × ``factor``, computed in float64 and stored back in ``t``'s own storage dtype."""
-    return encode(np.asarray(decode(t), dtype=np.float64) * factor, st_dtype(t))
 
 
 def alphas_for_ranks(ad: "Adapter", tensors: dict[str, np.ndarray], ranks: dict[str, int]) -> None:
@@ -39,7 +34,7 @@ def alphas_scaled(ad: "Adapter", tensors: dict[str, np.ndarray], factor: float,
     or an error when the layout has no name for it."""
     for m in ad.modules:
         if m.alpha_key:
-            tensors[m.alpha_key] = scaled_like(m.source.raw(m.alpha_key), factor)
+            tensors[m.alpha_key] = scaled(m.source.raw(m.alpha_key), factor)
             continue
         key = new_key(m)
         if key is None:

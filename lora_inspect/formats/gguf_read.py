@@ -31,13 +31,12 @@ import numpy as np
 
 from .. import validate as v
 from ..adapter import Adapter, LowRankUpdate, Module
-from ..arrays import BF16
+from ..arrays import BF16, scaled
 from ..errors import InspectError
 from ..kinds import Kind
 from ..optional import require
 from ..orientation import PEFT, Orientation, OrientName, Shapes
 from ..units import plural, verb
-from .alphas import scaled_like
 from .common import build_module, group_keys
 from .gguf import HEAD_KEYS, MODEL_TYPE_ARCH, PERMUTE_ARCHS, GgufLayout
 from .gguf_source import GgufSource, is_gguf
@@ -330,7 +329,7 @@ class GgufReadLayout(GgufLayout):
         alpha = float(Counter(ranks.values()).most_common(1)[0][0])
         for m in ad.modules:
             if m.name in ranks and ranks[m.name] != alpha:
-                tensors[m.b_key] = scaled_like(tensors[m.b_key], ranks[m.name] / alpha)
+                tensors[m.b_key] = scaled(tensors[m.b_key], ranks[m.name] / alpha)
         return Rewrite(out_fmt, tensors, {}, {_ALPHA: alpha})
 
     def rescaled(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray], factor: float) -> Rewrite:

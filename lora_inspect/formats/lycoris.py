@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..adapter import Adapter, LowRankUpdate, Module
-from ..arrays import encode
+from ..arrays import encode, scaled
 from ..errors import InspectError
 from ..kernels import recover_kernels
 from ..kinds import Kind
 from ..orientation import PEFT
 from ..units import plural, verb
-from .alphas import scaled_like
 from .kohya import KOHYA_PREFIXES, KohyaFormat, KohyaNaming, finish
 from .layout import AlphaHome, Capabilities, Format, Found, Layout, Rewrite
 from .lycoris_bind import adapter_with_base, base_module, base_notes
@@ -346,7 +345,7 @@ class LycorisLayout(KohyaNaming, Layout):
                 tensors[key] = encode(np.array(m.alpha * factor, dtype=np.float64), st)
             else:
                 key = m.update.bake_key
-                tensors[key] = scaled_like(tensors[key], factor)
+                tensors[key] = scaled(tensors[key], factor)
         return Rewrite(out_fmt, tensors, dict(ad.metadata), None)
 
     def baked(self, ad: Adapter, out_fmt: Format, tensors: dict[str, np.ndarray]) -> Rewrite:

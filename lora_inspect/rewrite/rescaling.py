@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..adapter import Adapter, module_type
-from ..arrays import NUMPY_OF, decode, encode, st_dtype
+from ..arrays import NUMPY_OF, decode, scaled
 from ..defaults import SCALE_RANGE
 from ..errors import InspectError, OptionError
 from ..formats import check_output, layout_of, refuse_inexpressible
@@ -102,7 +102,7 @@ def _bake(ad: Adapter, tensors: dict[str, np.ndarray], factor: float) -> None:
         for key in (m.update.bake_key, m.bias_key):
             if key:
                 x = tensors[key]  # as stored: F·x computed in float64, stored back in x's dtype
-                tensors[key] = encode(decode(x).astype(np.float64) * factor, st_dtype(x))
+                tensors[key] = scaled(x, factor)
 
 
 def _records(ad: Adapter, spectra: dict, factor: float, bake: bool) -> tuple[list[ModuleRescale], dict[str, Expected]]:
