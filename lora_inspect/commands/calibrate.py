@@ -1,5 +1,6 @@
-"""``truncate --calibrate FILE --base HF_DIR``: collect the input moments on the base, then truncate
-(wiring; the work is in :mod:`lora_inspect.hf.collect` and :mod:`lora_inspect.rewrite.calibrate`)."""
+"""``truncate --calibrate FILE --base HF_DIR``: the text is split (every 4th chunk held out for the check), the
+base loaded with the adapter bound, then the calibrated truncation runs (wiring; the work is in
+:mod:`lora_inspect.hf.collect` and :mod:`lora_inspect.rewrite.calibrate`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ __all__ = ["calibrated"]
 def calibrated(ad: Adapter, out: str, spec: TruncateSpec, calibrate: str, base: str | None, ridge: float,
                max_tokens: int | None, batch_size: int | None, device: str, force: bool, show: bool) -> TruncateResult:
     from ..hf.apply import bind_adapter
-    from ..hf.collect import input_moments
+    from ..hf.collect import ModelCalibration, hf_feed, split_chunks
     from ..hf.model import is_hf_dir, load_hf
     from ..hf.text import DEFAULT_MAX_TOKENS
     from ..hf.verify import prepare_text
@@ -34,12 +35,10 @@ def calibrated(ad: Adapter, out: str, spec: TruncateSpec, calibrate: str, base: 
     calibration_target(ad, Path(out), force)  # refusals come before the base is loaded
     hf = load_hf(base, device)
     bound = bind_adapter(ad.path, hf.model, ad)
-    chunks = prepare_text(hf, calibrate, max_tokens or DEFAULT_MAX_TOKENS)
+    fit, held = split_chunks(prepare_text(hf, calibrate, max_tokens or DEFAULT_MAX_TOKENS), str(calibrate))
     batch = batch_size or 8
-    with progress((len(chunks) + batch - 1) // batch, "calibrating", enabled=show) as advance:
-        moments, n = input_moments(hf.model, bound, chunks, batch, progress=advance)
-    del hf
-    facts = {"data": str(calibrate), "base": str(base), "tokens": n}
-    with progress(len(ad.modules), "truncating", enabled=show) as advance:
-        return calibrated_truncate(ad, Path(out), spec, moments, ridge=ridge, force=force, calibration=facts,
+    data = ModelCalibration(hf.model, bound, hf_feed(fit, batch, hf.device), hf_feed(held, batch, hf.device))
+    facts = {"data": str(calibrate), "base": str(base)}
+    with progress(len(ad.modules), "calibrating", enabled=show) as advance:
+        return calibrated_truncate(ad, Path(out), spec, data, ridge=ridge, force=force, calibration=facts,
                                    progress=advance)

@@ -173,6 +173,13 @@ def truncate_view(res: TruncateResult, adapter_block: dict, max_rows: int | None
         footer.append(f"calibrated on {_tokens(res.calibration.get('tokens'))} of {res.calibration.get('data')} "
                       f"(ridge {res.calibration.get('ridge'):g}): energies and errors are of the output ‖ΔW·X‖, "
                       "relative; plain truncation at the same k beside it")
+        kl = res.calibration.get("held_out_kl")
+        if isinstance(kl, dict):
+            z = res.calibration.get("z_score")
+            footer.append(f"held-out check on {_tokens(res.calibration.get('held_out_tokens'))}: KL to the adapter "
+                          f"{fmt_float(kl['calibrated'])} calibrated, {fmt_float(kl['plain'])} plain"
+                          + (f" (z = {z:.1f})" if isinstance(z, float) else "")
+                          + f": wrote the {res.calibration.get('chosen')} factors")
     footer.append("self-check passed: the written adapter re-reads with the intended spectrum")
     return View(doc, tables, header=header, footer=footer)
 
