@@ -83,6 +83,10 @@ def _rescale(doc: dict) -> list[str]:
     return [str(m["rank"]) for m in doc["modules"]]
 
 
+def _fit(doc: dict) -> list[str]:
+    return [fmt_float(m["relative_error"]) for m in doc["modules"]] + [f"{doc['kept_share']:.4%}"]
+
+
 def _info(doc: dict) -> list[str]:
     return [f"{doc['params']:,}", str(doc["modules"])]
 
@@ -101,6 +105,7 @@ CASES: dict[str, tuple[list[str], Callable[[dict], list[str]]]] = {
     "convert-kohya": (["convert", PLANTED, "--to", "kohya", "-o", "{out}.safetensors"], _convert),
     "convert-mlx": (["convert", PLANTED, "--to", "mlx", "-o", "{out}"], _convert),
     "merge": (["merge", PLANTED, "{r4}", "-o", "{out}", "--rank", "8"], _merge),
+    "fit": (["fit", PLANTED, "--for", "vllm", "-o", "{out}"], _fit),
     "footprint": (["footprint", PLANTED], _footprint),
     "footprint-base": (["footprint", PLANTED, "--base", "llama-3-8b"], _footprint),
     "diff": (["diff", PLANTED, "{r4}"], _diff),

@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "truncate": "lora_inspect.commands.rewrite:truncate",
     "rescale": "lora_inspect.commands.rewrite:rescale",
     "convert": "lora_inspect.commands.algebra:convert",
+    "fit": "lora_inspect.commands.fit:fit",
     "merge": "lora_inspect.commands.algebra:merge",
     "footprint": "lora_inspect.commands.footprint:footprint",
     "check": "lora_inspect.commands.check:check",

@@ -104,6 +104,31 @@ def _shown(p: Path) -> str:
         return str(p)
 
 
+def _applied(ctx: click.Context, engine: str, adapters: tuple[str, ...], base: str | None, fmt: str) -> None:
+    """``--applied ENGINE``: what the engine applies of one adapter (:mod:`lora_inspect.checks.applied`); exit 1
+    when a module is dropped silently or refused."""
+    from ..checks.applied import applied_report
+    from ..fit.engines import engine_named
+    from ..views.check import applied_check_view
+
+    if len(adapters) != 1:
+        raise click.UsageError("--applied takes one adapter")
+    try:
+        name = str(engine_named(engine).name)
+    except InspectError as e:
+        raise click.UsageError(f"--applied: {e.message}") from e
+    ckpt = None
+    if base is not None:
+        from ..basecheckpoint import open_base_checkpoint
+
+        ckpt = open_base_checkpoint(base)
+    rep = applied_report(name, load_adapter(adapters[0]), ckpt)
+    emit(applied_check_view(rep), fmt)
+    if not rep.ok:
+        sys.stdout.flush()
+        ctx.exit(EXIT_RULE_FAILED)
+
+
 @click.command(
     short_help="Gate adapters against a policy (rank, size, serving, NaN): exit 1 on a failure.",
     context_settings={"max_content_width": 80},
@@ -113,6 +138,7 @@ Examples:
   lora-inspect check ./my-adapter --max-rank 64 --max-params 20M --deny-dora
   lora-inspect check ./my-adapter --min-energy 0.9@16 --base llama-3-8b
   lora-inspect check adapters/ --policy ci/pyproject.toml --format markdown
+  lora-inspect check --applied vllm ./my-adapter --base ./llama-3-8b
 \b
 Policy in pyproject.toml, in [tool.lora-inspect.check] or [tool.lora-inspect]
 (flags override it; an unknown key is an error):
@@ -146,13 +172,16 @@ Exit codes: 0 every rule holds, 1 a rule failed, 2 bad input or usage
               help="vllm[:max_lora_rank], llamacpp, lorax, sglang, ollama (repeatable).")
 @click.option("--base", default=None, metavar="PRESET|CONFIG.json",
               help="Every module must exist in this base with the same shape.")
+@click.option("--applied", "applied", default=None, metavar="ENGINE",
+              help="Instead of the policy: a dry run of ENGINE's key mapping (vllm, lorax, sglang, ollama, "
+                   "llama.cpp, mlx-lm, diffusers, comfyui) on one adapter; --base DIR checks real weight names.")
 @click.option("--policy", "policy_file", default=None, metavar="PYPROJECT",
               help="Read the policy from this pyproject.toml instead of the nearest one.")
 @click.option("--no-config", is_flag=True, help="Ignore the policy in the nearest pyproject.toml.")
 @output_options
 @click.pass_context
 def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, max_size, max_extra_params, min_energy,
-          allow_dora, integrity, require_finite, serving, base, policy_file: str | None, no_config: bool,
+          allow_dora, integrity, require_finite, serving, base, applied, policy_file: str | None, no_config: bool,
           fmt: str) -> None:
     """Gate ADAPTER... (files, adapter directories, or directories of adapters,
     nested ones included, found as `scan` finds them) against a policy.
@@ -163,6 +192,9 @@ def check(ctx: click.Context, adapters: tuple[str, ...], max_rank, max_params, m
     Tensor files without LoRA keys inside a folder (base weights) are skipped, as `scan` does.
     When $GITHUB_STEP_SUMMARY is set, the Markdown report is appended to it.
     """
+    if applied is not None:
+        _applied(ctx, applied, adapters, base, fmt)
+        return
     fields, source = _policy_fields(no_config, policy_file)
     cli = {
         "max_rank": max_rank,

@@ -9,7 +9,7 @@ from .render import Table, View
 from .schemas import CHECK_SCHEMA
 from .words import plural, verb
 
-__all__ = ["check_view"]
+__all__ = ["check_view", "applied_check_view"]
 
 
 def _fmt_value(rule: str, v: Any) -> str:
@@ -68,3 +68,10 @@ def _adapter_table(path: str, rs: list[Result]) -> Table:
     return Table(title, ["rule", "value", "limit", "result", "detail"], rows,
                  justify=["left", "right", "right", "left", "left"], kinds=["text", "text", "text", "fixed", "text"])
 
+
+
+def applied_check_view(rep) -> View:
+    """``check --applied``: the ``lora-inspect/applied/1`` document and its lines (:mod:`lora_inspect.views.fit`)."""
+    from .fit import applied_view
+
+    return applied_view(rep)
