@@ -44,7 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .adapter import Adapter, Module
 
-__all__ = ["BaseCheckpoint", "BaseTensor", "open_base_checkpoint", "QUANTISED_MARKERS"]
+__all__ = ["BaseCheckpoint", "BaseTensor", "open_base_checkpoint", "QUANTISED_MARKERS", "LDM_PREFIXES", "GPT2_CONV1D",
+           "FLOAT_DTYPES"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
@@ -109,7 +110,7 @@ class BaseCheckpoint:
                             out[pre + stem[len(comp) + 1:].replace(".", "_")] = key
                         break
                 else:
-                    for ldm, pre in _LDM_PREFIXES:
+                    for ldm, pre in LDM_PREFIXES:
                         if stem.startswith(ldm):
                             out[pre + stem[len(ldm):].replace(".", "_")] = key
             self._kohya = out
@@ -178,7 +179,7 @@ class BaseCheckpoint:
         return [self.locate(m, ff) for m in (adapter.modules if modules is None else modules)]
 
 
-_LDM_PREFIXES = (  # single-file Stable Diffusion checkpoints (original layout) → kohya prefixes
+LDM_PREFIXES = (  # single-file Stable Diffusion checkpoints (original layout) → kohya prefixes
     ("model.diffusion_model.", "lora_unet_"),
     ("cond_stage_model.transformer.", "lora_te_"),
     ("conditioner.embedders.0.transformer.", "lora_te1_"),

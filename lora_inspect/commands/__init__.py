@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "convert": "lora_inspect.commands.algebra:convert",
     "fit": "lora_inspect.commands.fit:fit",
     "merge": "lora_inspect.commands.algebra:merge",
+    "extract": "lora_inspect.commands.extract:extract",
     "footprint": "lora_inspect.commands.footprint:footprint",
     "check": "lora_inspect.commands.check:check",
     "diff": "lora_inspect.commands.report:diff",

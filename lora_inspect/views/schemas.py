@@ -9,7 +9,8 @@ from __future__ import annotations
 
 __all__ = ["SCHEMAS", "schema_id", "INFO_SCHEMA", "RANK_SCHEMA", "FOOTPRINT_SCHEMA", "CHECK_SCHEMA", "DIFF_SCHEMA",
            "TRUNCATE_SCHEMA", "RESCALE_SCHEMA", "VERIFY_SCHEMA", "TASK_SCHEMA",
-           "SCAN_SCHEMA", "SCAN_ROW_SCHEMA", "CONVERT_SCHEMA", "MERGE_SCHEMA", "FIT_SCHEMA", "APPLIED_SCHEMA"]
+           "SCAN_SCHEMA", "SCAN_ROW_SCHEMA", "CONVERT_SCHEMA", "MERGE_SCHEMA",
+           "EXTRACT_SCHEMA", "FIT_SCHEMA", "APPLIED_SCHEMA"]
 
 SCHEMAS: dict[str, int] = {
     "info": 1,  # `info`: layout, settings, sizes (views.inspect)
@@ -25,6 +26,7 @@ SCHEMAS: dict[str, int] = {
     "scan-row": 1,  # `scan`: one JSONL/Parquet row per adapter (scan.row.ScanRow)
     "convert": 1,  # `convert` (views.algebra)
     "merge": 1,  # `merge` (views.algebra)
+    "extract": 1,  # `extract` (views.extract)
     "fit": 1,  # `fit`: per-module action, error, kept share, serving and applied checks (views.fit)
     "applied": 1,  # `check --applied`: per-module fate and the applied share of ‖ΔW‖² (views.fit)
 }
@@ -50,3 +52,4 @@ CONVERT_SCHEMA = schema_id("convert")
 MERGE_SCHEMA = schema_id("merge")
 FIT_SCHEMA = schema_id("fit")
 APPLIED_SCHEMA = schema_id("applied")
+EXTRACT_SCHEMA = schema_id("extract")

@@ -1,0 +1,100 @@
+"""``extract``: a LoRA from a fine-tuned checkpoint (wiring only; the work lives in
+:mod:`lora_inspect.extract`)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from ..convert.run import DTYPES
+from ..errors import OptionError
+from ..formats import TARGETS
+from ..views.extract import extract_view, stage_progress
+from ..views.render import emit
+from ._options import ENERGY, output_options
+from .rewrite import as_usage, max_size_callback
+
+__all__ = ["extract", "pick_device"]
+
+EMBEDDINGS = ("save", "lora", "skip")
+
+
+def pick_device(device: str) -> str:
+    """``auto``: cuda where an NVIDIA device is present (checked without importing torch), else cpu."""
+    if device != "auto":
+        return device
+    return "cuda" if os.path.exists("/dev/nvidiactl") and _cuda() else "cpu"
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@click.command(
+    "extract",
+    short_help="Extract a LoRA from a fine-tuned checkpoint (best rank-k ΔW).",
+    epilog="""\b
+Examples:
+  lora-inspect extract ./Llama-3.2-1B ./my-finetune -o ./lora --rank 16
+  lora-inspect extract ./base ./tuned -o ./lora --energy 0.9
+  lora-inspect extract ./base ./tuned -o ./lora --max-size 64MB --json
+  lora-inspect extract sd15.safetensors tuned.safetensors \\
+      -o lora.safetensors --rank 32
+  lora-inspect extract ./sdxl-base ./sdxl-tuned -o lora.safetensors \\
+      --rank 64 --dtype bf16
+
+BASE and TUNED: Hugging Face model directories (sharded or not), diffusers
+pipelines, or single .safetensors checkpoints, with the same tensors.
+Output: PEFT for transformers models, kohya for image models (--to).
+""",
+)
+@click.argument("base", type=click.Path())
+@click.argument("tuned", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write the adapter.")
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="Every module at rank min(K, out, in).")
+@click.option("--energy", type=ENERGY, default=None, help="Each module at its energy rank: keeps ≥ τ of ‖ΔW‖².")
+@click.option("--max-size", callback=max_size_callback, default=None,
+              help="Budget for the output (20MB, 512MiB): ranks allocated by σ² per byte.")
+@click.option("--to", "to", type=click.Choice(TARGETS), default=None,
+              help="Output layout (default: peft for transformers models, kohya for image models).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
+              help="Factor dtype; its rounding is included in the reported error.")
+@click.option("--embeddings", type=click.Choice(EMBEDDINGS), default="save", show_default=True,
+              help="Changed embeddings and lm_head: save whole (modules_to_save), as LoRA, or skip.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="cuda: the exact float64 route on a GPU (torch).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Start of the randomised range finder.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
+@output_options
+def extract_cmd(base, tuned, out, rank, energy, max_size, to, dtype, embeddings, device, seed, force, show_all, fmt):
+    """Extract a LoRA adapter of TUNED − BASE into OUT.
+
+    Every changed linear and conv weight becomes a LoRA module: the best rank-k approximation of
+    ΔW = TUNED − BASE (Eckart–Young, float64, with a certificate). Unchanged tensors are skipped;
+    changed norms, biases and embeddings are listed with their share of the change. OUT is written
+    atomically, re-read and checked before it appears.
+    """
+    from ..extract.results import ExtractSpec
+    from ..extract.run import extract
+
+    given = [f for f, v in (("--rank", rank), ("--energy", energy), ("--max-size", max_size)) if v is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --rank, --energy, --max-size"
+                               + (f" (got {', '.join(given)})" if given else ""))
+    spec = ExtractSpec(rank=rank, energy=energy, max_bytes=max_size, to=to, dtype=dtype, embeddings=embeddings,
+                       seed=seed)
+    with stage_progress(fmt == "table") as on_step:
+        try:
+            res = extract(base, tuned, out, spec, force=force, on_step=on_step, device=pick_device(device))
+        except OptionError as e:
+            raise as_usage(e) from e
+    emit(extract_view(res, max_rows=None if show_all or fmt != "table" else 40), fmt)
+
+
+extract = extract_cmd
