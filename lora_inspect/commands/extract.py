@@ -69,10 +69,17 @@ Output: PEFT for transformers models, kohya for image models (--to).
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="cuda: the exact float64 route on a GPU (torch).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Start of the randomised range finder.")
+@click.option("--calibrate", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Text (.txt, .jsonl): least output error on it (transformers BASE; needs torch).")
+@click.option("--reference-rank", type=click.IntRange(min=1), default=None,
+              help="With --calibrate: the rank of the reference extraction (default max(64, 4K)).")
+@click.option("--ridge", type=float, default=1e-2, show_default=True, help="With --calibrate: λ = ridge·tr(Σ)/in.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="With --calibrate: at most N tokens.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--all", "show_all", is_flag=True, help="Show every module in the table (default: at most 40).")
 @output_options
-def extract_cmd(base, tuned, out, rank, energy, max_size, to, dtype, embeddings, device, seed, force, show_all, fmt):
+def extract_cmd(base, tuned, out, rank, energy, max_size, to, dtype, embeddings, device, seed, calibrate,
+                reference_rank, ridge, max_tokens, force, show_all, fmt):
     """Extract a LoRA adapter of TUNED − BASE into OUT.
 
     Every changed linear and conv weight becomes a LoRA module: the best rank-k approximation of
@@ -89,12 +96,65 @@ def extract_cmd(base, tuned, out, rank, energy, max_size, to, dtype, embeddings,
                                + (f" (got {', '.join(given)})" if given else ""))
     spec = ExtractSpec(rank=rank, energy=energy, max_bytes=max_size, to=to, dtype=dtype, embeddings=embeddings,
                        seed=seed)
+    if calibrate is not None:
+        _calibrated(base, tuned, out, spec, calibrate, reference_rank, ridge, max_tokens, pick_device(device), force,
+                    fmt, show_all)
+        return
+    if reference_rank is not None:
+        raise click.UsageError("--reference-rank goes with --calibrate FILE")
     with stage_progress(fmt == "table") as on_step:
         try:
             res = extract(base, tuned, out, spec, force=force, on_step=on_step, device=pick_device(device))
         except OptionError as e:
             raise as_usage(e) from e
     emit(extract_view(res, max_rows=None if show_all or fmt != "table" else 40), fmt)
+
+
+def _calibrated(base, tuned, out, spec, calibrate, reference_rank, ridge, max_tokens, device, force, fmt,
+                show_all) -> None:
+    """``--calibrate``: extract a reference adapter (PEFT, float32, rank R = ``--reference-rank``, default
+    max(64, 4K)) into a temporary directory beside OUT, then run the calibrated truncation of
+    ``truncate --calibrate`` on it against BASE: the propagated fit, and the held-out check that writes the
+    calibrated factors only where they beat plain truncation (docs/calibrate.md)."""
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from ..extract.run import extract
+    from ..formats import load_adapter
+    from ..rewrite import TruncateSpec
+    from ..views import adapter_summary
+    from ..views.extract import calibrated_extract_view
+    from ..views.rewrite import truncate_view
+    from .calibrate import calibrated
+
+    if spec.to not in (None, "peft") or spec.dtype != "fp32":
+        raise click.UsageError("--calibrate writes a float32 PEFT adapter: drop --to and --dtype")
+    from ..files import check_output_path
+    from ..formats import ADAPTER_MARKERS
+
+    for inp in (Path(base), Path(tuned)):
+        if inp.exists():
+            check_output_path(inp, inp, Path(out), force, ADAPTER_MARKERS)
+    ref_rank = reference_rank or max(64, 4 * (spec.rank or 16))
+    parent = Path(out).resolve().parent
+    if not parent.is_dir():
+        raise click.UsageError(f"{parent}: no such directory for OUT")
+    with tempfile.TemporaryDirectory(prefix=".lora-inspect-reference-", dir=parent) as tmp:
+        ref_spec = replace(spec, rank=ref_rank, energy=None, max_bytes=None, to="peft")
+        try:
+            with stage_progress(fmt == "table") as on_step:
+                ref = extract(base, tuned, Path(tmp) / "reference", ref_spec, force=force, on_step=on_step,
+                              device=device)
+            ad = load_adapter(Path(tmp) / "reference")
+            tspec = TruncateSpec(rank=spec.rank, energy=spec.energy, max_bytes=spec.max_bytes)
+            res = calibrated(ad, out, tspec, calibrate, str(base), ridge, max_tokens, None, device, force,
+                             fmt == "table")
+        except OptionError as e:
+            raise as_usage(e) from e
+        view = truncate_view(res, adapter_summary(ad), max_rows=None if show_all or fmt != "table" else 40)
+    spectra = [m.singular_values for m in res.modules]
+    emit(calibrated_extract_view(view, ref, spectra, ref_rank), fmt)
 
 
 extract = extract_cmd

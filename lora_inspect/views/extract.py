@@ -18,7 +18,7 @@ from .render import Table, View
 from .schemas import EXTRACT_SCHEMA
 from .words import plural
 
-__all__ = ["EXTRACT_SCHEMA", "extract_doc", "extract_view", "stage_progress"]
+__all__ = ["EXTRACT_SCHEMA", "extract_doc", "extract_view", "stage_progress", "forecast_rows", "calibrated_extract_view"]
 
 
 def extract_doc(res: ExtractResult) -> dict[str, Any]:
@@ -110,3 +110,32 @@ def stage_progress(enabled: bool = True) -> Iterator[Callable[[str, int, int], N
             bar.update(tasks[stage], completed=done)
 
         yield on_step
+
+
+FORECAST_RANKS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def forecast_rows(spectra: Sequence[Any], upto: int) -> list[tuple[int, str]]:
+    """(k, relative output error if every module kept k directions) from the whitened spectra σ̃ of the
+    calibrated truncation (Eckart–Young on ΔW·L: the error of rank k is √(Σ_{i>k} σ̃ᵢ² / Σ σ̃ᵢ²), summed
+    over modules)."""
+    import numpy as np
+
+    sq = [np.asarray(s, dtype=np.float64) ** 2 for s in spectra]
+    total = sum(float(s.sum()) for s in sq)
+    rows = []
+    for k in [k for k in FORECAST_RANKS if k <= upto]:
+        lost = sum(float(s[k:].sum()) for s in sq)
+        rows.append((k, fmt_float(float(np.sqrt(lost / total)) if total > 0 else 0.0)))
+    return rows
+
+
+def calibrated_extract_view(view: View, ref: ExtractResult, spectra: Sequence[Any], ref_rank: int) -> View:
+    """``extract --calibrate``: the calibrated truncation's view of the reference extraction, with the
+    reference said first and the forecast of the output error per rank."""
+    view.data = dict(view.data, extract_reference=extract_doc(ref))
+    view.header.insert(0, f"reference: {ref.tuned} − {ref.base} extracted at rank ≤ {ref_rank} (keeps "
+                          f"{ref.kept_share:.4f} of the change); calibrated from it:")
+    view.tables.insert(0, Table("forecast: relative output error on the calibration text if every module kept k",
+                                ["k", "output error"], forecast_rows(spectra, ref_rank), kinds=["fixed", "fixed"]))
+    return view
