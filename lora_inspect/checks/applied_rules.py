@@ -3,7 +3,8 @@ and line numbers in docs/serving.md, "What the engine really applies").
 
 A rule takes the module names (and, for vLLM, every tensor key) and a :class:`Names` of the model's
 real module names, and says per module what the engine does: applies it, drops it silently, refuses the
-whole adapter (a loud failure), skips it on purpose, or cannot tell (no base, unknown architecture).
+whole adapter (a loud failure), skips it on purpose, cannot tell (no base, unknown architecture), or applies
+it otherwise than the file says (diffusers, :mod:`.applied_diffusers`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Fate(Choice):
     REFUSED = "refused"  # the engine refuses the whole adapter (loud)
     SKIPPED = "skipped"  # skipped on purpose (vLLM: the whole base embedding PEFT saves beside an embedding LoRA)
     UNVERIFIED = "unverified"  # no base and no known names to check it against
+    ALTERED = "altered"  # loads, but not as the file says: another strength, or its DoRA magnitude dropped
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def applied_doc(rep: AppliedReport) -> dict[str, Any]:
 def _applied_lines(rep: AppliedReport) -> list[str]:
     total = rep.total_energy
     lines = [f"{rep.engine} applies {_share(rep.applied_share)} of ‖ΔW‖² (names checked against {rep.against})"]
-    for fate in (Fate.DROPPED, Fate.REFUSED, Fate.SKIPPED, Fate.UNVERIFIED):
+    for fate in (Fate.DROPPED, Fate.REFUSED, Fate.ALTERED, Fate.SKIPPED, Fate.UNVERIFIED):
         for m in rep.named(fate):
             share = "share unknown" if m.energy is None or not total > 0 else f"{_share(m.energy / total)} of ‖ΔW‖²"
             lines.append(f"{fate}: {m.name} ({share}): {m.reason}")
@@ -44,7 +44,8 @@ def applied_view(rep: AppliedReport) -> View:
     table = Table(f"{rep.adapter} under {rep.engine}: {plural(len(rep.modules), 'module')}", ["fate", "modules"],
                   rows, justify=["left", "right"], kinds=["text", "fixed"])
     verdict = ("✓ nothing is dropped silently" if rep.ok else
-               f"✗ {plural(counts[Fate.DROPPED], 'module')} dropped silently, {counts[Fate.REFUSED]} refused")
+               f"✗ {plural(counts[Fate.DROPPED], 'module')} dropped silently, {counts[Fate.REFUSED]} refused"
+               + (f", {counts[Fate.ALTERED]} altered" if counts[Fate.ALTERED] else ""))
     return View(applied_doc(rep), [table], header=[], footer=_applied_lines(rep) + [verdict])
 
 
