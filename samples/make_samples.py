@@ -1,6 +1,7 @@
 """Regenerate the committed sample adapters (byte for byte on the same machine and kernels; see below).
 
-    python samples/make_samples.py                  # writes samples/planted/, samples/text/, samples/planted-kohya.safetensors
+    python samples/make_samples.py                  # writes samples/planted/, samples/text/, samples/planted-kohya.safetensors,
+                                                    # samples/planted-merged.safetensors
     python samples/make_samples.py --only text --out /tmp/s   # one sample elsewhere (what the test does)
 
 - ``samples/planted/``: r=32 LoRA on all 7 linear types of the tiny model, trained on the planted task
@@ -8,7 +9,11 @@
 - ``samples/text/``: r=8 LoRA on q/k/v/o trained on ``samples/corpus.txt`` (byte-level);
 - ``samples/planted-kohya.safetensors``: the planted adapter converted to kohya layout by hand
   (``lora_te_<path with . → _>.lora_down.weight`` (r, in), ``.lora_up.weight`` (out, r), ``.alpha``;
-  ΔW = (alpha/r)·up@down).
+  ΔW = (alpha/r)·up@down);
+- ``samples/planted-merged.safetensors``: the planted adapter merged into its base, a "fine-tuned checkpoint"
+  for ``extract``: every adapted weight W + (α/r)·B@A computed in float64 and rounded once to float32, the other
+  tensors copied (a float64 product rounded once: byte for byte wherever the float64 matmul's last bits round
+  to the same float32, which held on this machine; the extract tour and tests compare to tolerances).
 
 What regenerates, and where. Byte for byte — every ``.safetensors`` file and ``adapter_config.json``;
 ``task.json`` and ``log.jsonl`` except their wall-clock fields (``elapsed_s``, ``tokens_per_s``) — only
@@ -48,7 +53,7 @@ from lora_inspect.train.io import load_safetensors  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 THREADS = 1
-SAMPLES = ("planted", "text", "kohya")
+SAMPLES = ("planted", "text", "kohya", "merged")
 
 
 def to_kohya(peft_dir: Path, dest: Path) -> None:
@@ -69,6 +74,25 @@ def to_kohya(peft_dir: Path, dest: Path) -> None:
         out[f"{stem}.alpha"] = torch.tensor(float(cfg["lora_alpha"]), dtype=a.dtype)
     tmp = dest.with_name(dest.name + ".tmp")
     write_safetensors(tmp, out, metadata={"format": "pt"})  # deterministic header (sorted keys)
+    tmp.replace(dest)
+
+
+def to_merged(peft_dir: Path, dest: Path) -> None:
+    """The base checkpoint with the adapter merged: W + (α/r)·B@A in float64, rounded once to the base dtype."""
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    scale = float(cfg["lora_alpha"]) / float(cfg["r"])
+    base = load_safetensors(peft_dir / "base" / "model.safetensors")
+    sd = load_safetensors(peft_dir / "adapter_model.safetensors")
+    out = {}
+    for k in sorted(base):
+        w = base[k]
+        a_key = "base_model.model." + k.removesuffix(".weight") + ".lora_A.weight"
+        if a_key in sd:
+            a, b = sd[a_key].double(), sd[a_key.replace(".lora_A.", ".lora_B.")].double()
+            w = (w.double() + scale * (b @ a)).to(w.dtype)
+        out[k] = w.contiguous()
+    tmp = dest.with_name(dest.name + ".tmp")
+    write_safetensors(tmp, out, metadata={"format": "pt"})
     tmp.replace(dest)
 
 
@@ -97,14 +121,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--out", type=Path, default=HERE, help="where to write (default: samples/)")
     ap.add_argument("--only", choices=SAMPLES, action="append",
-                    help="only this sample (repeatable; kohya needs planted, made first when missing)")
+                    help="only this sample (repeatable; kohya and merged need planted, made first when missing)")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     only = set(args.only or SAMPLES)
-    if "kohya" in only and "planted" not in only and not (out / "planted" / "adapter_model.safetensors").is_file():
+    if only & {"kohya", "merged"} and "planted" not in only and not (out / "planted" / "adapter_model.safetensors").is_file():
         only.add("planted")
     for name in ("planted", "text"):
         if name in only and (out / name).exists():
@@ -115,6 +139,8 @@ def main() -> None:
         make_text(out)
     if "kohya" in only:
         to_kohya(out / "planted", out / "planted-kohya.safetensors")
+    if "merged" in only:
+        to_merged(out / "planted", out / "planted-merged.safetensors")
     print(f"wrote {', '.join(sorted(only))} under {out} ({torch.backends.cpu.get_cpu_capability()} kernels, {THREADS} thread)")
 
 

@@ -51,9 +51,9 @@ class Tour:
 
 TOURS: dict[str, Tour] = {
     "info": Tour(("info samples/planted",)),
-    "rank": Tour(("rank samples/planted",), head=8, tail=2),
+    "rank": Tour(("rank samples/planted",), head=6, tail=2),
     "rank-json": Tour(("rank samples/planted --json",), fence="json", prompt=False, json_abridge=True),
-    "truncate": Tour(("truncate samples/planted -o planted-r4 --rank 4",), head=10, tail=3),
+    "truncate": Tour(("truncate samples/planted -o planted-r4 --rank 4",), head=8, tail=3),
     "truncate-budget": Tour(("truncate samples/text -o text-budget --max-params 4k",), head=1, tail=5),
     "rescale": Tour(("rescale samples/planted -o planted-half --factor 0.5",), head=8, tail=2),
     # verify evaluates a float32 torch model over ~2,000 positions: its sums round differently with other
@@ -66,10 +66,16 @@ TOURS: dict[str, Tour] = {
     "check": Tour(("check samples/planted --serving vllm:16 --max-size 1MB",)),
     "check-markdown": Tour(("check planted-r4 --serving vllm:16 --max-size 1MB --min-energy 0.95@4 "
                             "--format markdown",), fence=None, prompt=False),
+    # fit's output (14 rows) abridged; the check that follows it is shown whole
+    "fit": Tour(("fit samples/planted --for vllm -o planted-vllm", "check planted-vllm --serving vllm:16"), head=8,
+                tail=5),
+    "check-applied": Tour(("check --applied vllm samples/planted --base samples/planted/base",)),
     "diff": Tour(("diff samples/planted planted-r4 --format markdown",), fence=None, prompt=False, head=14),
     "report": Tour(("report samples/planted planted-r4 -o report.html",)),
     "scan": Tour(("scan samples -o scan.jsonl",)),
-    "convert": Tour(("convert samples/planted --to mlx -o planted-mlx",), head=8, tail=2),
+    "convert": Tour(("convert samples/planted --to mlx -o planted-mlx",), head=6, tail=2),
+    "extract": Tour(("extract samples/planted/base samples/planted-merged.safetensors -o planted-x4 --rank 4",),
+                    head=7, tail=3),
     "merge": Tour(("merge samples/planted samples/text --weights 0.7,0.3 --rank 8 -o merged",), head=8, tail=4),
     "merge-ties": Tour(("merge samples/planted samples/text --method ties --density 0.5 -o merged-ties",), head=4,
                        tail=5),

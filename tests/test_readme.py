@@ -31,7 +31,7 @@ def _script(*args: str) -> subprocess.CompletedProcess:
 
 def test_every_tour_block_has_a_recipe_and_every_recipe_a_block():
     assert sorted(tour.all_blocks(DOCS)) == sorted(tour.TOURS)
-    assert list(tour.blocks(README)) == ["info", "rank", "truncate", "rescale", "check", "convert"]
+    assert list(tour.blocks(README)) == ["info", "rank", "truncate", "check", "convert", "extract"]
 
 
 def test_every_command_shown_with_a_prompt_is_inside_a_tour_block():
