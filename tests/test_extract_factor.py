@@ -138,6 +138,19 @@ def test_each_proof(small):
     assert proofs == {3: "frobenius", 5: "residual", 8: "cholesky"}
 
 
+def test_deflated_proof_for_a_tail_below_the_gram_rounding(small, monkeypatch):
+    """A strong rank-5 signal over unit noise, k = 8 in the noise: the float32 Gram matrix's rounding
+    (relative to ‖ΔW‖²_F) exceeds the noise eigenvalues, so the proof takes the Gram matrix of ΔW(I − VVᵀ)."""
+    monkeypatch.setattr(factor, "F64_GRAM", 0)
+    monkeypatch.setattr(factor, "GRAM_ROWS", 64)
+    noise = np.random.default_rng(0).standard_normal((300, 250))
+    for amp, proof in ((1e2, "cholesky"), (1e4, "deflated")):
+        a = (planted(300, 250, amp * np.array([5.0, 4.0, 3.0, 2.0, 1.0]), 3) + noise).astype(np.float32)
+        d = decompose(a, rank=8)
+        assert d.route == "randomized" and d.proof == proof
+        check(a, d)
+
+
 def test_zero_matrix():
     for shape in [(40, 30), (700, 600), (0, 5)]:
         d = decompose(np.zeros(shape, dtype=np.float32), rank=4)
@@ -307,8 +320,8 @@ def test_kyfan_bound_against_dense_eigenvalues():
     gb.finish(certificate.gamma(120, certificate.U64))
     w = (t.T @ u) * sig - v * (sig**2 / 2)
     assert 0.5 * lam <= gb.largest(w, v) <= lam * (1 + 1e-5)  # a power-iteration estimate, from below
-    assert gb.holds(w, v, lam * (1 - 1e-6)) is None
-    held = gb.holds(w, v, lam * (1 + 1e-6))
+    assert gb.holds((w, v), lam * (1 - 1e-6)) is None
+    held = gb.holds((w, v), lam * (1 + 1e-6))
     assert held is not None and held >= lam
     assert np.allclose(np.tril(gb.g), np.tril(t.T @ t), rtol=0, atol=1e-12 * (t**2).sum())  # S is kept
 

@@ -1,7 +1,7 @@
 """The contract fuzzer (tests/fuzz) in the suite: a short fixed-seed run, and checks of the fuzzer itself.
 
 The short run: 21 inputs, one per mutation family (``--round-robin``), through info, rank --json, check
-and truncate, with all nine commands on inputs 0 and 11; one forked child per command run (the fork
+and truncate, with every command (extract and fit included) on inputs 0 and 11; one forked child per command run (the fork
 server of tests/fuzz/runner.py), 10 s per run (report 30 s). 25 s alone, ~56 s with other load here.
 The long run is one command (see reports/fuzz.md):
     python -m tests.fuzz --seed 7 --n 5000 --quick --full-every 10 --jobs 2 --out reports/fuzz.md

@@ -25,7 +25,11 @@ is monotone in μ and in GGᵀ (Haynsworth inertia of the Schur complement), so 
   came from (K̂ = Ŝ − SVVᵀ − VVᵀS + VΣ̂²Vᵀ with SV = TᵀUΣ̂ exact): success proves μI − K̂ + ΔH ⪰ 0 with
   |ΔH| ≤ γ_{N+1}|R̂ᵀ||R̂|, so λ_max(K̂) ≤ μ + γ_{N+1}·tr(μI − K̂)/(1 − γ_{N+1}) (Higham, *Accuracy and
   Stability of Numerical Algorithms*, 2nd ed., Thm 10.5 and §10.1.1; Demmel 1989), and λ_max(K) ≤
-  λ_max(K̂) + ‖Ŝ − S‖₂.
+  λ_max(K̂) + ‖Ŝ − S‖₂;
+- ``deflated``: the same test on K̂ formed directly as the float64 Gram matrix of T(I − VVᵀ) (one more pass),
+  whose rounding is relative to tr K instead of ‖T‖²_F: for a k deep in a flat tail that carries a small
+  share of the energy (a merged LoRA's rank exceeded into bf16 rounding noise), where Ŝ's float32 rounding
+  is larger than the eigenvalues that matter.
 
 **Rounding.** Ŝ is accumulated from float32 ``syrk`` blocks of b rows (or in float64): |Ŝ − S| ≤ γ_b|T|ᵀ|T|
 entrywise in the worst case, so ‖Ŝ − S‖₂ ≤ γ_b‖T‖²_F (Higham §3.1, §3.5), added to μ. The float64 steps
@@ -57,8 +61,8 @@ U32 = 2.0**-24  # unit roundoff, float32
 _COPY_BLOCK = 512  # columns per step of the triangle copies
 _BISECT = 14  # bisection steps for the largest admissible μ
 
-# how ``bound`` was obtained: dense SVD (bound 0); Gram eigenvectors; then the three proofs above
-Proof = Literal["svd", "gram-eigh", "frobenius", "residual", "cholesky"]
+# how ``bound`` was obtained: dense SVD (bound 0); Gram eigenvectors; then the proofs above
+Proof = Literal["svd", "gram-eigh", "frobenius", "residual", "cholesky", "deflated"]
 
 
 def gamma(n: int, u: float) -> float:
@@ -140,11 +144,14 @@ def _largest_admissible(ok: Callable[[float], bool], lo: float, hi: float) -> fl
 
 
 def certify(ritz: Ritz, k: int, *, shape: tuple[int, int], total: float, tolerance: float, cap: float,
-            rtimes: Callable[[np.ndarray], np.ndarray], gram: GramBound, estimate: float = 0.0) -> Certified:
+            rtimes: Callable[[np.ndarray], np.ndarray], gram: GramBound, estimate: float = 0.0,
+            deflate: Callable[[Ritz], GramBound] | None = None) -> Certified:
     """A bound on Σ_{i≤k} σᵢ² − Σ_{i≤k} σ̂ᵢ² small enough that :func:`ratio_bound` ≤ 1 + ``tolerance``, by the
     cheapest proof that gives one. In energy mode ``cap`` (τ·‖T‖²_F) must also exceed the bound on
     Σ_{i<k} σᵢ², which proves k is the energy rank. ``rtimes(U)`` = TᵀU in float64; ``estimate``: about
-    λ_max(K) (the next Ritz value of the range finder; 0: estimate it by power iteration on K̂)."""
+    λ_max(K) (the next Ritz value of the range finder; 0: estimate it by power iteration on K̂);
+    ``deflate(ritz)``: K̂ as the float64 Gram matrix of T(I − VVᵀ) itself, for when Ŝ's rounding (relative to
+    ‖T‖²_F) is too coarse for the unseen part's spectrum (relative to tr K)."""
     m, n = shape
     sig = ritz.sigma
     sig2 = sig**2
@@ -173,22 +180,44 @@ def certify(ritz: Ritz, k: int, *, shape: tuple[int, int], total: float, toleran
     # rounding of K̂ beyond Ŝ's own: TᵀU and its products with Σ̂ and V (first order), syr2k, subtraction
     extra = (gram.rel_error + 2 * math.sqrt(width) * gamma(m, U64) + gamma(2 * width, U64)
              + 8 * (width + 1) * U64) * total
-    gam = gamma(n + 1, U64)
-    grow = 1.0 + n * gam / (1.0 - gam)  # Cholesky's margin, with tr(μI − K̂) ≤ Nμ
     theta = max(norm2, estimate if estimate > 0 else gram.largest(w, ritz.v), 0.0)  # λ_max(K) ≳ θ
+    trial = _Trial(verdict, f, theta, outside, n)
+    bound = trial.run(gram, (w, ritz.v), extra)
+    if bound is not None:
+        return Certified(bound, "cholesky", z)
+    if deflate is None or extra <= 0.01 * theta:
+        return Certified(None, "cholesky", z)
+    kgram = deflate(ritz)
+    return Certified(trial.run(kgram, None, kgram.rel_error * total), "deflated", z)
 
-    def ok(mu: float) -> bool:
-        return verdict(f, mu * grow + extra) is not None
 
-    first = 1.1 * theta  # the estimate with a margin: usually enough, and the tightest bound worth proving
-    if theta > 0 and ok(first):
-        held = gram.holds(w, ritz.v, first)
-        if held is not None:
-            return Certified(verdict(f, held + extra), "cholesky", z)
-        theta = first
-    best = _largest_admissible(ok, theta, max(outside, theta))  # the most the tolerance allows
-    held = gram.holds(w, ritz.v, best) if best is not None and best > 1.01 * theta else None
-    return Certified(None if held is None else verdict(f, held + extra), "cholesky", z)
+@dataclass
+class _Trial:
+    """The Cholesky proof of λ_max(K) ≤ μ at 1.1× the estimate θ (the tightest bound worth proving), then, if
+    that fails, at the largest μ the tolerance allows."""
+
+    verdict: Callable[[np.ndarray, float], float | None]
+    f: np.ndarray
+    theta: float
+    outside: float
+    n: int
+
+    def run(self, gram: GramBound, update: tuple[np.ndarray, np.ndarray] | None, extra: float) -> float | None:
+        gam = gamma(self.n + 1, U64)
+        grow = 1.0 + self.n * gam / (1.0 - gam)  # Cholesky's margin, with tr(μI − K̂) ≤ Nμ
+
+        def ok(mu: float) -> bool:
+            return self.verdict(self.f, mu * grow + extra) is not None
+
+        theta, first = self.theta, 1.1 * self.theta
+        if theta > 0 and ok(first):
+            held = gram.holds(update, first)
+            if held is not None:
+                return self.verdict(self.f, held + extra)
+            theta = first
+        best = _largest_admissible(ok, theta, max(self.outside, theta))
+        held = gram.holds(update, best) if best is not None and best > 1.01 * theta else None
+        return None if held is None else self.verdict(self.f, held + extra)
 
 
 class GramBound:
@@ -237,14 +266,17 @@ class GramBound:
         """K̂x = Ŝx − w(vᵀx) − v(wᵀx), where K̂ = Ŝ − wvᵀ − vwᵀ (see :meth:`holds`); Ŝx in float32."""
         return self.mul(x) - w @ (v.T @ x) - v @ (w.T @ x)
 
-    def holds(self, w: np.ndarray, v: np.ndarray, mu: float) -> float | None:
+    def holds(self, update: tuple[np.ndarray, np.ndarray] | None, mu: float) -> float | None:
         """If Cholesky of μI − K̂ succeeds, μ plus Demmel's margin (a certified bound on λ_max(K̂)); else None.
-        K̂ = Ŝ − wvᵀ − vwᵀ, which with v = V′ and w = SV′ − ½V′Σ̂² is (I − V′V′ᵀ)S(I − V′V′ᵀ) + (Ŝ − S)."""
+        K̂ = Ŝ − wvᵀ − vwᵀ for ``update`` (w, v) (with v = V′ and w = SV′ − ½V′Σ̂²: (I − V′V′ᵀ)S(I − V′V′ᵀ) +
+        (Ŝ − S)), or Ŝ itself."""
         g, n = self.g, self.g.shape[0]
         _mirror(g, -1.0)  # upper(g) = −S, from the lower triangle
         g[np.arange(n), np.arange(n)] = mu - self.diag
-        blas.dsyr2k(1.0, np.asfortranarray(w), np.asfortranarray(v), beta=1.0, c=g, trans=0, lower=0,
-                    overwrite_c=1)
+        if update is not None:
+            w, v = update
+            blas.dsyr2k(1.0, np.asfortranarray(w), np.asfortranarray(v), beta=1.0, c=g, trans=0, lower=0,
+                        overwrite_c=1)
         trace = float(g.diagonal().sum())
         _, info = lapack.dpotrf(g, lower=0, clean=0, overwrite_a=1)
         g[np.arange(n), np.arange(n)] = self.diag  # the lower triangle is intact: S again after a mirror

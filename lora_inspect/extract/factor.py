@@ -1,35 +1,32 @@
 """The best rank-k approximation of a dense ΔW (Eckart–Young), with a certificate. numpy/scipy only.
 
-ΔW (m×n) is handled as its tall form T (ΔW, or ΔWᵀ when m < n; M×N, M ≥ N), read in float64 row blocks of
-its own layout and never copied whole except on the small dense route. Everything returned is float64.
+ΔW (m×n) is handled as its tall form T (ΔW, or ΔWᵀ when m < n; M×N, M ≥ N), read in float64 row blocks, never
+copied whole except on the small dense route. Everything returned is float64.
 
-**Randomized route.** The Gram matrix S = TᵀT (N×N: float32 ``syrk`` blocks of ``GRAM_ROWS`` rows accumulated
-in float64, or ``dsyrk`` when cheap), then block Krylov on S: the block Lanczos basis of span[X, SX, …, S^q X]
-with full reorthogonalisation, X Gaussian (``np.random.default_rng(seed)``), and its top l Ritz vectors
-(Golub & Underwood 1977; Musco & Musco, "Randomized block Krylov methods", NeurIPS 2015: every S product is a
-power step TᵀT of Halko, Martinsson & Tropp 2011, Alg. 4.4, and the Krylov space converges like √gap rather
-than gap); when that space would be half of ℝ^N or more, S's own top-l eigenvectors (``syevr``) instead. Then
-a float64 Rayleigh–Ritz step on T itself: B = TV, B = Q_B R_B (CholeskyQR2), R_B = U_r Σ̂ Wᵀ, U = Q_B U_r,
-V′ = VW, so TV′ = UΣ̂ and U_kΣ̂_kV′_kᵀ = T·V′_kV′_kᵀ: ‖T − U_kΣ̂_kV′_kᵀ‖²_F = ‖T‖²_F − Σ_{i≤k} σ̂ᵢ² exactly
-(``residual2``). :mod:`.certificate` proves how far that is from the optimum (reusing S for its Cholesky
-test); when it cannot prove 1 + tolerance, the next attempt of ``SCHEDULE`` starts from TᵀU (a float64 power
-step on T) with a deeper Krylov space and more oversampling, and the last resort is the exact route. Depth q
-(:func:`_depth`) is 6–10, chosen so the space spans ~``KRYLOV_SPAN`` directions: on slowly decaying spectra
-(σᵢ ∝ i^-0.5) that leaves the residual within ~1e-13 of the optimum, below a float32 SVD's own rounding.
+**Randomized route.** S = TᵀT (float32 ``syrk`` blocks of ``GRAM_ROWS`` rows summed in float64; ``dsyrk`` when
+cheap), then block Krylov on S: the fully reorthogonalised block Lanczos basis of span[X, SX, …, S^q X], X
+Gaussian (``np.random.default_rng(seed)``), and its top l Ritz vectors (Golub & Underwood 1977; Musco & Musco,
+"Randomized block Krylov methods", NeurIPS 2015: each S product is a power step TᵀT of Halko, Martinsson &
+Tropp 2011, Alg. 4.4, and the space converges like √gap, not gap); S's own top-l eigenvectors (``syevr``) when
+that space would be half of ℝ^N. Then Rayleigh–Ritz on T in float64: B = TV = Q_B R_B (CholeskyQR2),
+R_B = U_r Σ̂ Wᵀ, U = Q_B U_r, V′ = VW, so U_kΣ̂_kV′_kᵀ = T·V′_kV′_kᵀ and ‖T − U_kΣ̂_kV′_kᵀ‖²_F = ‖T‖²_F −
+Σ_{i≤k} σ̂ᵢ² exactly (``residual2``). :mod:`.certificate` proves the distance to the optimum; failing 1 +
+tolerance, the next attempt of ``SCHEDULE`` starts from TᵀU (a float64 power step on T) deeper and wider, and
+the last resort is the exact route. Depth q (:func:`_depth`, 6–10) makes the space ~``KRYLOV_SPAN`` wide: on
+slowly decaying spectra (σᵢ ∝ i^-0.5) the residual is then within ~1e-13 of the optimum.
 
-**Exact route.** N ≤ ``SMALL_SIDE``: LAPACK ``gesdd`` of T in float64 (``gesvd`` if it does not converge),
-bound 0. Larger: the float64 Gram matrix, its top-k eigenvectors (``eigh`` with ``subset_by_index``) and the
-same Rayleigh–Ritz step on T; Ŝ is accurate to ‖ΔS‖₂ ≤ (γ_M + 4Nu)‖T‖²_F (with ``syevr``'s backward error),
-so the subspace keeps all but 2k‖ΔS‖₂ of the optimal energy: that is its ``bound``. Where that does not fit
-the tolerance (k reaches σᵢ² near the Gram matrix's rounding floor, ~N·u·σ₁²) ``gesdd`` is used instead.
+**Exact route.** N ≤ ``SMALL_SIDE``: ``gesdd`` of T in float64 (``gesvd`` if it does not converge), bound 0.
+Larger: the float64 Gram matrix's top-k eigenvectors (``eigh``, ``subset_by_index``) and the same
+Rayleigh–Ritz step; ‖Ŝ − S‖₂ ≤ (γ_M + 4Nu)‖T‖²_F (with ``syevr``'s backward error), so the subspace keeps all
+but 2k‖Ŝ − S‖₂ of the optimal energy: its ``bound``. When that misses the tolerance (σ_k² near the Gram
+matrix's rounding floor, ~N·u·σ₁²), ``gesdd``.
 
-**Cost model (route choice).** With l = k + p and Krylov depth q, the randomized route costs one Gram matrix
-MN² (float32: ~3× the float64 rate), q + 1 products 2N²l (float32), two passes 2MNl (float64), one Cholesky
-N³/3 and O(N(ql)²) of Gram–Schmidt, all BLAS-3. The exact route costs MN² plus a tridiagonal reduction
-(4/3)N³ at BLAS-2 speed (~10× slower per flop: ~22 s for N = 4096 on 2 busy cores, against 2–4 s for the
-whole randomized route on one), or ~4MN² + 8N³ for ``gesdd``. So the randomized route is taken when
-N > ``SMALL_SIDE`` and l ≤ N/``WIDE_FRACTION``; energy mode grows l and goes exact once l would pass that.
-Memory: ΔW plus the Gram matrix (12N² bytes: float64 and a float32 copy) plus O((M + N)·ql).
+**Cost model.** With l = k + p and depth q the randomized route costs MN² (float32 Gram, ~3× the float64
+rate), q + 1 products 2N²l, two float64 passes 2MNl, a Cholesky N³/3 and O(N(ql)²) Gram–Schmidt, all BLAS-3;
+the exact route MN² plus a tridiagonal reduction (4/3)N³ at BLAS-2 speed (~22 s for N = 4096 on 2 busy
+cores, against 2–4 s for the whole randomized route on one), or ~4MN² + 8N³ (``gesdd``). So: randomized when
+N > ``SMALL_SIDE`` and l ≤ N/``WIDE_FRACTION`` (energy mode grows l, exact once it would pass that). Memory:
+ΔW, the Gram matrix (12N² bytes: float64 and float32; 8N² more for the ``deflated`` proof), O((M + N)·ql).
 """
 
 from __future__ import annotations
@@ -216,6 +213,22 @@ class _Tall:
             gb.finish(gamma(GRAM_ROWS + conv, U32) + gamma(-(-self.m // GRAM_ROWS) + 1, U64))
         return gb
 
+    def deflated(self, rz: Ritz) -> GramBound:
+        """K̂ = XᵀX for X = s·T − UΣ̂Vᵀ = s·T(I − VVᵀ), in float64 (``dsyrk``), with its rounding bound
+        (γ_M·tr K plus the forming of X, relative to ‖T‖²_F): the certificate's last proof."""
+        gb, b, vt = GramBound(self.n), rz.u * rz.sigma, rz.v.T
+        if self.flip:  # rows of T are columns of ΔW
+            step = max(1, ROW_ELEMENTS // self.n)
+            for j in range(0, self.m, step):
+                gb.add_rows(self.a[:, j:j + step].T.astype(np.float64) * self.scale - b[j:j + step] @ vt)
+        else:
+            for sl, x in self.blocks():
+                gb.add_rows(x - b[sl] @ vt)
+        trace, width = float(np.trace(gb.g)), b.shape[1]
+        dx = 4 * (width + 1) * U64 * math.sqrt(width * self.total)  # ‖X̂ − X‖_F, first order
+        gb.finish((gamma(self.m, U64) * trace + 2 * math.sqrt(trace) * dx + dx * dx) / self.total, copy32=False)
+        return gb
+
     def finish(self, d: Decomposition, vectors: bool) -> Decomposition:
         """Orient back to ΔW (ΔW = Tᵀ ≈ V Σ Uᵀ when flipped) and undo the scale."""
         s = self.scale or 1.0
@@ -282,7 +295,8 @@ def _svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _empty(op: _Tall) -> Decomposition:
     if op.scale != 0.0 and math.isnan(op.total):
-        op.times(np.zeros((op.n, 0)))  # sets the total
+        for _ in op.blocks():  # sets the total
+            pass
     z = np.zeros(0)
     return Decomposition(z, np.zeros((op.m, 0)), np.zeros((0, op.n)), op.total if op.scale else 0.0, "exact", 0.0, z)
 
@@ -308,7 +322,7 @@ def _krylov(gram: GramBound, warm: np.ndarray | None, width: int, depth: int,
     n = gram.g.shape[0]
     if 2 * width * (depth + 1) >= n:  # the space would be most of ℝ^N: Ŝ's own top eigenvectors (syevr)
         w, z = sla.eigh(gram.g, subset_by_index=[n - width - 1, n - 1], check_finite=False)
-        return z[:, :0:-1].copy(), float(w[0])
+        return _orth(z[:, :0:-1]), float(w[0])  # syevr's vectors can lose orthogonality in tight clusters
     x = rng.standard_normal((n, width))
     if warm is not None:
         have = min(warm.shape[1], width)
@@ -355,7 +369,7 @@ def _randomized(op: _Tall, want: _Want, tol: float, rng: np.random.Generator) ->
             width, warm = max(2 * width, (k or 0) + _oversampling(k or 0)), rz.v
             continue
         cert = certify(rz, k, shape=(op.m, op.n), total=op.total, tolerance=tol, cap=want.cap(op.total),
-                       rtimes=op.rtimes, gram=gram, estimate=beyond)
+                       rtimes=op.rtimes, gram=gram, estimate=beyond, deflate=op.deflated)
         if cert.bound is not None:
             return Decomposition(rz.sigma[:k].copy(), rz.u[:, :k].copy(), rz.v[:, :k].T.copy(), op.total,
                                  "randomized", cert.bound, rz.sigma.copy(),
@@ -397,7 +411,7 @@ def _exact_gram(op: _Tall, want: _Want, tol: float) -> Decomposition | None:
         k = energy_rank(spectrum, want.energy or 1.0)
     v = sla.eigh(gb.g, subset_by_index=[n - k, n - 1], check_finite=False)[1]
     del gb
-    rz = _ritz(op, v[:, ::-1])
+    rz = _ritz(op, _orth(v[:, ::-1]))  # syevr's vectors can lose orthogonality in tight clusters
     total = op.total  # set by the Rayleigh–Ritz pass
     bound = 2 * k * (gamma(op.m, U64) + 4 * n * U64) * total
     floor = rounding_floor(op.m, n, k, total)

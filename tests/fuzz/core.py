@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .mutations import Mutated, mutate
-from .runner import COMMANDS, Break, Run, clear, execute, judge, leftovers, snapshot
+from .runner import COMMANDS, WRITES_ON_FAILED_RULE, Break, Run, clear, execute, judge, leftovers, snapshot
 from .seeds import Seed, make_seeds
 
 __all__ = ["Config", "InputResult", "Result", "fuzz_one", "run_fuzz"]
@@ -149,6 +149,8 @@ def _judge_output(cfg, run: Run, out: Path, out_dir: Path, cwd: Path, scratch: P
             v = execute(f"info (OUT of {name})", ["info", str(out)], cwd, scratch, cfg.limit, cfg.mode)
             if v.rc != 0:
                 brk("accepted-unreadable-output", name, (v.stderr.strip().splitlines() or ["(timeout)"])[0])
+    elif run.rc == 1 and name.split()[0] in WRITES_ON_FAILED_RULE:  # written, and the rule failed on it: said
+        return
     elif run.rc is not None:  # (a run killed at the time limit may have finished its write: the hang is the break)
         present = [p.name for p in out_dir.iterdir() if not p.name.startswith(".")]
         if present:

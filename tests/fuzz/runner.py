@@ -39,7 +39,8 @@ from pathlib import Path
 
 from .seeds import REPO
 
-__all__ = ["Run", "Break", "COMMANDS", "QUICK", "execute", "judge", "snapshot", "preload", "child_env"]
+__all__ = ["Run", "Break", "COMMANDS", "QUICK", "RULE_COMMANDS", "WRITES_ON_FAILED_RULE", "execute", "judge", "snapshot",
+           "preload", "child_env"]
 
 
 @dataclass
@@ -78,10 +79,15 @@ COMMANDS: dict[str, tuple[list[str], str | None]] = {
     "rescale": (["rescale", "{in}", "--factor", "2", "-o", "{out}"], "adapter"),
     "convert": (["convert", "{in}", "--to", "kohya", "-o", "{out}"], "kohya.safetensors"),
     "merge": (["merge", "{orig}", "{in}", "--to", "kohya", "-o", "{out}"], "kohya.safetensors"),
+    # the unmutated seed as BASE, the mutated one as TUNED: every tensor pair read, compared and factored
+    "extract": (["extract", "{orig}", "{in}", "--rank", "2", "-o", "{out}"], "adapter"),
+    "fit": (["fit", "{in}", "--for", "vllm", "-o", "{out}"], "adapter"),
 }
 QUICK = ["info", "rank --json", "check", "truncate"]
 # the commands whose exit status 1 means "a rule or policy failed" (scan: also "some adapter was unreadable")
-RULE_COMMANDS = ("check", "scan")
+RULE_COMMANDS = ("check", "scan", "fit")
+# the commands that write OUT and still exit 1 when a rule fails on what they wrote (fit: the engine's check fails)
+WRITES_ON_FAILED_RULE = ("fit",)
 
 
 def child_env() -> dict[str, str]:
