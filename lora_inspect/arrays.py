@@ -65,7 +65,7 @@ def decode(x: np.ndarray) -> np.ndarray:
     if x.dtype != BF16:
         return x
     bits = np.ascontiguousarray(x).view(np.uint16)  # (ascontiguousarray makes a 0-d array 1-d: shape restored)
-    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(x.shape)
+    return np.left_shift(bits, 16, dtype=np.uint32).view(np.float32).reshape(x.shape)  # one pass, one array
 
 
 def _to_bf16(x: np.ndarray) -> np.ndarray:

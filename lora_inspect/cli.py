@@ -22,17 +22,14 @@ import click
 # One BLAS thread per call, set before numpy loads (the user's own setting wins): modules are reduced in
 # parallel by worker threads (spectrum.parallel_map), and a multi-threaded BLAS under them oversubscribes the
 # cores (docs/internals.md, "Threads").
-# ``extract`` is the exception: it works on one large matrix at a time, and BLAS threads are its parallelism.
-BLAS_THREADED = ("extract",)
-if next((a for a in sys.argv[1:] if not a.startswith("-")), None) not in BLAS_THREADED:
-    for _var in ("OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
-        os.environ.setdefault(_var, "1")
+for _var in ("OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
 from . import __version__  # noqa: E402 - after the thread setting
 from .errors import EXIT_BAD_INPUT, InspectError  # noqa: E402
 from .optional import is_missing_torch, missing_torch  # noqa: E402
 
-__all__ = ["main", "unknown_command", "HELP_WIDTH", "BLAS_THREADED"]
+__all__ = ["main", "unknown_command", "HELP_WIDTH"]
 
 DEBUG_FLAG = "--debug"
 HELP_WIDTH = 80  # every --help fits 80 columns, however wide the terminal (and wraps to a narrower one)

@@ -54,9 +54,10 @@ def written_residual(d: np.ndarray, b: np.ndarray, a: np.ndarray, dtype: str) ->
     total = 0.0
     step = max(1, dw.BLOCK_BYTES // (8 * max(1, d.shape[1])))
     for i in range(0, d.shape[0], step):
-        blk = d[i:i + step].astype(np.float64)
-        blk -= bt[i:i + step] @ at
-        total += float(np.einsum("ij,ij->", blk, blk))
+        blk = bt[i:i + step] @ at
+        np.subtract(d[i:i + step], blk, out=blk)  # float64 (a float32 ΔW block is widened by the ufunc)
+        flat = blk.reshape(-1)
+        total += float(np.dot(flat, flat))
     return total
 
 

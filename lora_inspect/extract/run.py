@@ -32,7 +32,7 @@ from .pairs import CheckpointPair, Family, Role, TensorPair, open_pair, raw
 from .plan import Plan, plan_tensors
 from .results import ExtractedModule, ExtractResult, ExtractSpec, SetAside
 
-__all__ = ["extract", "check_spec"]
+__all__ = ["extract", "check_spec", "workers_for"]
 
 Advance = Callable[[int], None]
 _BUDGET_DROP = "--max-size keeps no direction of it"
@@ -102,18 +102,31 @@ def _canon(ck: CheckpointPair, done: list[Factored], plan: Plan, base: Path) -> 
     return canon
 
 
+def workers_for(ck: CheckpointPair, lora: list[TensorPair]) -> int:
+    """Modules factored at once (one BLAS thread each, docs/internals.md "Threads"): the usable CPUs (at most 4),
+    fewer where that many float64 ΔW at once would pass the memory plan (2× the largest stored tensor)."""
+    from ..spectrum import worker_count
+
+    biggest = max((8 * p.numel for p in lora), default=0)
+    room = max(2 * ck.largest_bytes, 256 << 20)
+    return max(1, min(worker_count(), room // biggest if biggest else 1))
+
+
 def _factor_all(ck: CheckpointPair, lora: list[TensorPair], ranks: dict[str, int] | None, totals: dict[str, float],
                 spec: ExtractSpec, advance: Advance, device: str) -> list[Factored]:
-    out = []
-    for p in lora:
+    from ..spectrum import parallel_map
+
+    def one(p: TensorPair) -> Factored:
         want = ranks.get(p.key) if ranks is not None else None
         if ranks is not None and not want:
-            out.append(Factored(p, None, None, totals[p.key]))
-        else:
-            out.append(factor_module(ck, p, spec, want, device))
-        dw.release(ck, p)
-        advance(1)
-    return out
+            return Factored(p, None, None, totals[p.key])
+        try:
+            return factor_module(ck, p, spec, want, device)
+        finally:
+            dw.release(ck, p)
+
+    workers = 1 if device != "cpu" else workers_for(ck, lora)
+    return parallel_map(one, lora, workers=workers, progress=advance)
 
 
 def _module_rows(done: list[Factored], total: float) -> list[ExtractedModule]:
