@@ -36,6 +36,7 @@ import numpy as np
 
 from .. import validate
 from ..errors import InspectError
+from ..optional import require
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..adapter import Adapter
@@ -166,7 +167,7 @@ def _mixin_of(cls: type) -> type | None:
 def _pipeline(ad: "Adapter", base: "BaseCheckpoint | None") -> tuple[type | None, str]:
     """The loader mixin of the base's pipeline (``model_index.json`` ``_class_name``), else one guessed from the
     keys: Flux for Flux/transformer names, else SDXL (it loads unet, text_encoder and text_encoder_2)."""
-    from diffusers.loaders import lora_pipeline
+    lora_pipeline = require("diffusers.loaders.lora_pipeline", "check --applied diffusers")
 
     index = base.path / "model_index.json" if base is not None and base.path.is_dir() else None
     name = None
@@ -218,9 +219,10 @@ def _flat_clip() -> bool:
     import torch
 
     try:
-        from transformers import CLIPTextConfig, CLIPTextModel
-    except ImportError:  # no transformers: no CLIP to load into; the names are compared as written
+        tf = require("transformers", "check --applied diffusers")
+    except InspectError:  # no transformers: no CLIP to load into; the names are compared as written
         return False
+    CLIPTextConfig, CLIPTextModel = tf.CLIPTextConfig, tf.CLIPTextModel
     cfg = CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
                          max_position_embeddings=4, projection_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     with torch.device("meta"):
@@ -229,11 +231,9 @@ def _flat_clip() -> bool:
 
 def _component_state(conv: dict[str, Any], comp: str) -> dict[str, Any]:
     """The keys ``comp``'s loader keeps, renamed as it renames them."""
-    from diffusers.utils import (
-        convert_state_dict_to_diffusers,
-        convert_state_dict_to_peft,
-        convert_unet_state_dict_to_peft,
-    )
+    du = require("diffusers.utils", "check --applied diffusers")
+    convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft = (
+        du.convert_state_dict_to_diffusers, du.convert_state_dict_to_peft, du.convert_unet_state_dict_to_peft)
 
     part = {k[len(comp) + 1:]: v for k, v in conv.items() if k.startswith(comp + ".")}
     if not part:
@@ -246,7 +246,7 @@ def _component_state(conv: dict[str, Any], comp: str) -> dict[str, Any]:
 
 def _lora_config(comp: str, part: dict[str, Any], alphas: dict | None, meta: dict | None) -> dict[str, Any]:
     """The LoraConfig arguments diffusers builds for ``comp`` (the file's LoRA metadata when it has some)."""
-    from diffusers.utils.peft_utils import get_peft_kwargs
+    get_peft_kwargs = require("diffusers.utils.peft_utils", "check --applied diffusers").get_peft_kwargs
 
     own = {k[len(comp) + 1:]: v for k, v in (meta or {}).items() if k.startswith(comp + ".")}
     if own:
@@ -265,7 +265,7 @@ def _lora_config(comp: str, part: dict[str, Any], alphas: dict | None, meta: dic
 
 def _scale(cfg: dict[str, Any], name: str, m: LoadedModule) -> None:
     """PEFT's scale for module ``name`` (``LoraModel._create_and_replace``, ``LoraLayer.update_layer``)."""
-    from peft.utils.other import get_pattern_key
+    get_pattern_key = require("peft.utils.other", "check --applied diffusers").get_pattern_key
 
     if not cfg:
         return
@@ -307,7 +307,7 @@ def _metadata(ad: "Adapter") -> dict | None:
 def convert_like_diffusers(ad: "Adapter", base: "BaseCheckpoint | None") -> Converted:
     """Run diffusers' own conversion and loader renaming on ``ad``'s tensors (module docstring); diffusers'
     own log lines are held back (the report names what they would say)."""
-    from diffusers.utils import logging as dlog
+    dlog = require("diffusers.utils.logging", "check --applied diffusers")
 
     level = dlog.get_verbosity()
     dlog.set_verbosity_error()

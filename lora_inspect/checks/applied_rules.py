@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..kinds import Choice
+from ..peft_rules import strip_prefix
 
 __all__ = ["Fate", "Verdict", "Names", "known_names", "vllm_key", "peft_verdicts", "mlx_verdict", "gguf_verdict",
            "comfy_verdict", "names_verdict", "FAMILY_PATTERNS", "VLLM_EMBEDDING_MODULES"]
@@ -87,7 +88,7 @@ def known_names(names: Iterable[str], hint: str | None) -> Names:
 def vllm_key(key: str) -> tuple[str, bool] | None:
     """vLLM's ``parse_fine_tuned_lora_name`` (vllm/lora/utils.py): the module a tensor key belongs to, and
     whether it is a classifier/score full tensor; None for a key vLLM calls "unsupported LoRA weight"."""
-    name = key.replace("base_model.model.", "", 1) if key.startswith("base_model.model.") else key
+    name = strip_prefix(key)
     parts = name.split(".")
     if len(parts) >= 2 and parts[-1] in ("weight", "bias"):
         if parts[-2] in ("lora_A", "lora_B") and parts[-1] == "weight":

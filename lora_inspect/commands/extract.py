@@ -113,10 +113,9 @@ def extract_cmd(base, tuned, out, rank, energy, max_size, to, dtype, embeddings,
 def _calibrated(base, tuned, out, spec, calibrate, reference_rank, ridge, max_tokens, device, force, fmt,
                 show_all) -> None:
     """``--calibrate``: extract a reference adapter (PEFT, float32, rank R = ``--reference-rank``, default
-    max(64, 4K)) into a temporary directory beside OUT, then run the calibrated truncation of
+    max(64, 4K)) into a scratch directory beside OUT (:class:`~lora_inspect.files.AtomicOutput`, never committed), then run the calibrated truncation of
     ``truncate --calibrate`` on it against BASE: the propagated fit, and the held-out check that writes the
     calibrated factors only where they beat plain truncation (docs/calibrate.md)."""
-    import tempfile
     from dataclasses import replace
     from pathlib import Path
 
@@ -130,7 +129,7 @@ def _calibrated(base, tuned, out, spec, calibrate, reference_rank, ridge, max_to
 
     if spec.to not in (None, "peft") or spec.dtype != "fp32":
         raise click.UsageError("--calibrate writes a float32 PEFT adapter: drop --to and --dtype")
-    from ..files import check_output_path
+    from ..files import AtomicOutput, check_output_path
     from ..formats import ADAPTER_MARKERS
 
     for inp in (Path(base), Path(tuned)):
@@ -140,13 +139,14 @@ def _calibrated(base, tuned, out, spec, calibrate, reference_rank, ridge, max_to
     parent = Path(out).resolve().parent
     if not parent.is_dir():
         raise click.UsageError(f"{parent}: no such directory for OUT")
-    with tempfile.TemporaryDirectory(prefix=".lora-inspect-reference-", dir=parent) as tmp:
+    # a scratch directory beside OUT that is never committed: removed on leaving, found as stale if killed
+    with AtomicOutput(Path(out), suffix="-reference") as scratch:
+        reference = scratch.mkdir() / "reference"
         ref_spec = replace(spec, rank=ref_rank, energy=None, max_bytes=None, to="peft")
         try:
             with stage_progress(fmt == "table") as on_step:
-                ref = extract(base, tuned, Path(tmp) / "reference", ref_spec, force=force, on_step=on_step,
-                              device=device)
-            ad = load_adapter(Path(tmp) / "reference")
+                ref = extract(base, tuned, reference, ref_spec, force=force, on_step=on_step, device=device)
+            ad = load_adapter(reference)
             tspec = TruncateSpec(rank=spec.rank, energy=spec.energy, max_bytes=spec.max_bytes)
             res = calibrated(ad, out, tspec, calibrate, str(base), ridge, max_tokens, None, device, force,
                              fmt == "table")

@@ -38,11 +38,12 @@ from typing import Literal
 
 import numpy as np
 import scipy.linalg as sla
-from scipy.linalg import blas, lapack
+from scipy.linalg import blas
 
 from ..errors import NonFiniteUpdate, OptionError
 from ..spectrum import energy_rank
 from .certificate import U32, U64, GramBound, Proof, Ritz, certify, gamma, ratio_bound, rounding_floor
+from .dense import orth, thin_qr, thin_svd
 
 __all__ = ["Route", "Proof", "Decomposition", "decompose", "SMALL_SIDE", "WIDE_FRACTION", "SCHEDULE"]
 
@@ -258,43 +259,6 @@ def _scale(a: np.ndarray) -> float:
     return math.ldexp(1.0, -math.frexp(amax)[1])
 
 
-def _qr(y: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Thin QR of y (M×l) in float64: CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa & Yamamoto 2014: two
-    Cholesky-based passes, BLAS-3, orthogonal to O(u) while κ(y) ≤ 1e6 ≪ u^(-1/2)); Householder (``geqrf``,
-    third item False) when the first Cholesky factor shows κ > 1e6 or fails: then Q completes a
-    rank-deficient y with arbitrary directions."""
-    q = np.array(y, dtype=np.float64, order="F")
-    r = np.eye(q.shape[1])
-    for sweep in range(2):
-        c, info = lapack.dpotrf(blas.dsyrk(1.0, q, trans=1), lower=0, clean=1)
-        d = np.abs(np.diagonal(c))
-        if info != 0 or not np.isfinite(c).all() or (sweep == 0 and d.size and d.max() > 1e6 * d.min()):
-            qh, rh = sla.qr(np.asarray(y, dtype=np.float64), mode="economic", check_finite=False)
-            return qh, rh, False
-        q = blas.dtrsm(1.0, c, q, side=1, lower=0, overwrite_b=1)
-        r = c @ r
-    return q, r, True
-
-
-def _orth(y: np.ndarray, against: np.ndarray | None = None) -> np.ndarray:
-    """An orthonormal basis of range(y); with ``against`` (orthonormal, y already projected off it), a
-    Householder completion of a rank-deficient y is projected off it once more and orthonormalised again."""
-    q, _, clean = _qr(y)
-    if clean or against is None:
-        return q
-    q -= against @ (against.T @ q)
-    return _qr(q)[0]
-
-
-def _svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thin SVD (gesdd; gesvd when gesdd does not converge)."""
-    try:
-        u, s, vt = np.linalg.svd(x, full_matrices=False)
-    except np.linalg.LinAlgError:
-        u, s, vt = sla.svd(x, full_matrices=False, lapack_driver="gesvd")
-    return u, s, vt
-
-
 def _empty(op: _Tall) -> Decomposition:
     if op.scale != 0.0 and math.isnan(op.total):
         for _ in op.blocks():  # sets the total
@@ -309,8 +273,8 @@ def _oversampling(k: int) -> int:
 
 def _ritz(op: _Tall, v: np.ndarray) -> Ritz:
     """Rayleigh–Ritz from the right: B = (s·T)V in float64, B = Q_B R_B, R_B = U_r Σ̂ Wᵀ (float64 SVD)."""
-    qb, rb, _ = _qr(op.times(v))
-    ur, sig, wt = _svd(rb)
+    qb, rb, _ = thin_qr(op.times(v))
+    ur, sig, wt = thin_svd(rb)
     return Ritz(qb @ ur, sig, v @ wt.T)
 
 
@@ -324,14 +288,14 @@ def _krylov(gram: GramBound, warm: np.ndarray | None, width: int, depth: int,
     n = gram.g.shape[0]
     if 2 * width * (depth + 1) >= n:  # the space would be most of ℝ^N: Ŝ's own top eigenvectors (syevr)
         w, z = sla.eigh(gram.g, subset_by_index=[n - width - 1, n - 1], check_finite=False)
-        return _orth(z[:, :0:-1]), float(w[0])  # syevr's vectors can lose orthogonality in tight clusters
+        return orth(z[:, :0:-1]), float(w[0])  # syevr's vectors can lose orthogonality in tight clusters
     x = rng.standard_normal((n, width))
     if warm is not None:
         have = min(warm.shape[1], width)
         x[:, :have] = warm[:, :have]
     size = width * (depth + 1)
     basis, h = np.empty((n, size)), np.zeros((size, size))
-    basis[:, :width] = _orth(x)
+    basis[:, :width] = orth(x)
     for i in range(depth + 1):
         cur, done = slice(i * width, (i + 1) * width), slice(0, (i + 1) * width)
         q, y = basis[:, done], gram.mul(basis[:, cur]).astype(np.float64)
@@ -341,11 +305,11 @@ def _krylov(gram: GramBound, warm: np.ndarray | None, width: int, depth: int,
             c2 = q.T @ y
             y -= q @ c2
             c += c2
-            basis[:, (i + 1) * width:(i + 2) * width] = _orth(y, against=q)
+            basis[:, (i + 1) * width:(i + 2) * width] = orth(y, against=q)
         h[done, cur] = c
     h = np.triu(h) + np.triu(h, 1).T  # symmetric block tridiagonal in exact arithmetic
     w, z = sla.eigh(h, subset_by_index=[max(size - width - 1, 0), size - 1], check_finite=False)
-    return _orth(basis @ z[:, ::-1][:, :width]), float(w[0]) if size > width else 0.0
+    return orth(basis @ z[:, ::-1][:, :width]), float(w[0]) if size > width else 0.0
 
 
 def _depth(width: int) -> int:
@@ -381,7 +345,7 @@ def _randomized(op: _Tall, want: _Want, tol: float, rng: np.random.Generator) ->
         if attempt == len(SCHEDULE) or cert.z is None:
             return None
         width = k + SCHEDULE[attempt][0] * _oversampling(k)
-        warm = _orth(cert.z)  # a float64 power step on T itself: Tᵀ(T V)
+        warm = orth(cert.z)  # a float64 power step on T itself: Tᵀ(T V)
     return None
 
 
@@ -392,7 +356,7 @@ def _exact_dense(op: _Tall, want: _Want, vectors: bool) -> Decomposition:
     if not math.isfinite(total):
         raise NonFiniteUpdate("ΔW has non-finite values")
     if vectors or want.energy is not None:
-        u, s, vt = _svd(t64)
+        u, s, vt = thin_svd(t64)
     else:
         s = np.linalg.svd(t64, compute_uv=False)
         u, vt = np.zeros((op.m, 0)), np.zeros((0, op.n))
@@ -413,7 +377,7 @@ def _exact_gram(op: _Tall, want: _Want, tol: float) -> Decomposition | None:
         k = energy_rank(spectrum, want.energy or 1.0)
     v = sla.eigh(gb.g, subset_by_index=[n - k, n - 1], check_finite=False)[1]
     del gb
-    rz = _ritz(op, _orth(v[:, ::-1]))  # syevr's vectors can lose orthogonality in tight clusters
+    rz = _ritz(op, orth(v[:, ::-1]))  # syevr's vectors can lose orthogonality in tight clusters
     total = op.total  # set by the Rayleigh–Ritz pass
     bound = 2 * k * (gamma(op.m, U64) + 4 * n * U64) * total
     floor = rounding_floor(op.m, n, k, total)

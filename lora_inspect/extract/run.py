@@ -95,7 +95,7 @@ def _naming(family: Family) -> Naming:
 
 def _canon(ck: CheckpointPair, done: list[Factored], plan: Plan, base: Path) -> Canon:
     mods = [f.module for f in done if f.module is not None]
-    cfg: dict = {"modules_to_save": [k.removeprefix("base_model.model.") for k in plan.saved_modules] or None}
+    cfg: dict = {"modules_to_save": list(plan.saved_modules) or None}
     if any(a.endswith("ForCausalLM") for a in ck.architectures):
         cfg["task_type"] = "CAUSAL_LM"
     canon = Canon(mods, _naming(ck.family), str(base), ck.model_type == "gpt2", cfg, list(plan.saved_keys))

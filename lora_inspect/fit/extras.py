@@ -16,6 +16,7 @@ from ..adapter import module_type
 from ..checks.serving import extra_module
 from ..convert.canon import CanonModule
 from ..kinds import Algo, Kind
+from ..peft_rules import strip_prefix
 from .handlers import FitContext, Fitted
 from .lowrank import cut_dense, energy, optimum
 from .results import Action, FitModule
@@ -63,7 +64,7 @@ def _one(ctx: FitContext, ad: "Adapter", key: str) -> tuple[Fitted, str | None]:
         return _dropped(name if key.endswith(".weight") else key, shape,
                         f"a full {'bias' if key.endswith('.bias') else 'tensor'}: no LoRA holds it"), None
     copy = key.endswith(".base_layer.weight")  # PEFT's save_embedding_layers: the base weight beside an embedding LoRA
-    shown = key.removeprefix("base_model.model.") if copy else name
+    shown = strip_prefix(key) if copy else name
     if ctx.base is None:
         return _dropped(shown, shape, ("the base weight PEFT saves beside an embedding LoRA (save_embedding_layers); "
                                        "whether it differs from the base needs --base") if copy
