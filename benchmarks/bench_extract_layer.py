@@ -36,6 +36,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rank_peer import cpu_model  # noqa: E402  (the machine line of every report)
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "reports" / "extract_layer.md"
 SHAPES_8B = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
@@ -278,7 +281,7 @@ def report(args, results, started, before, after, quiet, max_load) -> str:
     cmd = "python benchmarks/bench_extract_layer.py" + (" --quick" if args.quick else "") + \
         ("" if args.ranks is None else f" --ranks {args.ranks}") + f" --threads {args.threads}"
     lines = [f"`{cmd}` — {started:%Y-%m-%d %H:%M} UTC", "",
-             f"- Machine: {_cpu()}, {os.cpu_count()} CPUs; Python {platform.python_version()}; numpy {numpy.__version__}, "
+             f"- Machine: {cpu_model()}, {os.cpu_count()} CPUs; Python {platform.python_version()}; numpy {numpy.__version__}, "
              f"scipy {scipy.__version__}, torch {torch.__version__}; peer: {first['mergekit']}.",
              f"- Load average (1/5/15 min): before {before[0]:.2f}/{before[1]:.2f}/{before[2]:.2f}, after "
              f"{after[0]:.2f}/{after[1]:.2f}/{after[2]:.2f}" + ("" if quiet else
@@ -295,15 +298,6 @@ def report(args, results, started, before, after, quiet, max_load) -> str:
         lines += estimates(rows, args.quick) + [""]
     return "\n".join(lines)
 
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
