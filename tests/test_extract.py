@@ -258,3 +258,23 @@ def test_calibrate_writes_what_beats_plain_on_held_out_text_and_forecasts(tmp_pa
     i = next(j for j, line in enumerate(lines) if line.startswith("forecast:"))
     errs = [float(line.split()[1]) for line in lines[i + 3:i + 7]]  # k = 1, 2, 4, 8
     assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0]
+
+
+def test_usage_errors_are_one_line_exit_2_and_write_nothing(tmp_path):
+    from lora_inspect.errors import InspectError
+    from lora_inspect.extract.results import ExtractSpec
+    from lora_inspect.extract.run import check_spec
+
+    _llama_pair(tmp_path, shard=None)
+    out = tmp_path / "o"
+    for extra, said in ((["--reference-rank", "8"], "--reference-rank goes with --calibrate"),
+                        (["--calibrate", str(tmp_path / "base" / "config.json"), "--to", "kohya"], "--calibrate writes"),
+                        (["--energy", "0"], "--energy")):
+        args = ["--rank", "2"] if extra[0] != "--energy" else []
+        r = run_cli("extract", tmp_path / "base", tmp_path / "tuned", "-o", out, *args, *extra)
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and said in r.stderr, r.stderr
+        assert not out.exists()
+    for bad in (ExtractSpec(rank=0), ExtractSpec(energy=1.5), ExtractSpec(max_bytes=0), ExtractSpec(rank=2, energy=0.5),
+                ExtractSpec(rank=2, dtype="fp8")):
+        with pytest.raises(InspectError):  # OptionError (a value) is an InspectError too
+            check_spec(bad)

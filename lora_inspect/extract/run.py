@@ -25,6 +25,7 @@ from ..errors import InspectError, OptionError
 from ..files import check_output_path
 from ..formats import ADAPTER_MARKERS, layout_for_target
 from ..formats.layout import Naming, WriteOptions
+from ..rewrite.ranks import TruncateSpec
 from . import delta as dw
 from .budget import allocate, header_bytes
 from .factors import Factored, factor_module
@@ -41,17 +42,8 @@ OnStep = Callable[[str, int, int], None]
 
 
 def check_spec(spec: ExtractSpec) -> None:
-    given = [n for n, x in (("rank", spec.rank), ("energy", spec.energy), ("max_bytes", spec.max_bytes))
-             if x is not None]
-    if len(given) != 1:
-        raise OptionError("rank", "give exactly one of --rank, --energy, --max-size"
-                          + (f" (got {len(given)})" if given else ""))
-    if spec.rank is not None and spec.rank < 1:
-        raise OptionError("rank", f"rank must be ≥ 1, got {spec.rank}")
-    if spec.energy is not None and not 0 < spec.energy <= 1:
-        raise OptionError("energy", f"energy must be in (0, 1], got {spec.energy}")
-    if spec.max_bytes is not None and spec.max_bytes < 1:
-        raise OptionError("max_bytes", f"max_bytes must be ≥ 1, got {spec.max_bytes}")
+    # the same rules as truncate's request (one home: rewrite.ranks.TruncateSpec.validate)
+    TruncateSpec(rank=spec.rank, energy=spec.energy, max_bytes=spec.max_bytes).validate()
     if spec.dtype not in DTYPES:
         raise OptionError("dtype", f"dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}")
 
